@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv first.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.ckpt-installed
+
+.PHONY: setup test test-fast demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# torch first, the way this machine allows: a CPU wheel of 2.13.0 lies on disk.
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -e ".[s3,dev]"
+	touch $(STAMP)
+
+test: setup
+	$(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: setup
+	$(VPY) examples/demo.py
+
+bench: setup
+	$(VPY) -m bench $(BENCH_ARGS)
+
+lint: setup
+	$(VPY) -m ruff check ckpt tests bench examples
+	$(VPY) -m mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

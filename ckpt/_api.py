@@ -1,0 +1,230 @@
+"""The public save/load functions and the handle of an asynchronous save."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ckpt._engine._commit import read_manifest
+from ckpt._engine._coord import coordinator
+from ckpt._engine._globalplan import GlobalPlan
+from ckpt._engine._load import Loader, LoadStats
+from ckpt._engine._options import SaveOptions
+from ckpt._engine._pool import HostPool
+from ckpt._engine._save import SaveStats, SnapshotJob, prepare
+from ckpt.errors import SaveInProgressError
+from ckpt.providers import DescribeContext, describe
+from ckpt.providers._base import iter_items
+from ckpt.storage import split_checkpoint_url
+
+__all__ = ["save", "save_async", "load", "SaveHandle", "Snapshotter", "default_snapshotter"]
+
+
+class SaveHandle:
+    """The result of :func:`save_async`: a tiny future.
+
+    ``result(timeout)`` returns :class:`SaveStats` once the checkpoint is durable and
+    committed, or raises the original exception of the failure (on any rank: the
+    others' errors are attached as ``DistributedSaveError`` in ``__cause__``).
+    """
+
+    def __init__(self, job: SnapshotJob | None, *, skipped: bool = False, url: str = "") -> None:
+        self._job = job
+        self.skipped = skipped
+        self.url = job.url if job is not None else url
+
+    @property
+    def stats(self) -> SaveStats:
+        return self._job.stats if self._job is not None else SaveStats()
+
+    @property
+    def step(self) -> int | None:
+        return self._job.step if self._job is not None else None
+
+    def done(self) -> bool:
+        return self._job is None or self._job.done()
+
+    def result(self, timeout: float | None = None) -> SaveStats:
+        if self._job is None:
+            return SaveStats()
+        if not self._job.wait(timeout):
+            raise TimeoutError(f"checkpoint {self.url} not committed within {timeout} s")
+        self._job.error_retrieved = True
+        if self._job.error is not None:
+            raise self._job.error
+        return self._job.stats
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._job is None:
+            return None
+        if not self._job.wait(timeout):
+            raise TimeoutError(f"checkpoint {self.url} not committed within {timeout} s")
+        self._job.error_retrieved = True
+        return self._job.error
+
+    def add_done_callback(self, fn: Callable[[SaveHandle], None]) -> None:
+        if self._job is None:
+            fn(self)
+            return
+        self._job.add_done_callback(lambda _job: fn(self))
+
+    def wait_staged(self) -> float:
+        """Block until the state may be mutated again; the optimizer hook does this for you."""
+        return self._job.wait_staged() if self._job is not None else 0.0
+
+    def __repr__(self) -> str:
+        state = "skipped" if self.skipped else "done" if self.done() else "running"
+        return f"SaveHandle({self.url!r}, {state})"
+
+
+class Snapshotter:
+    """Owns what outlives one snapshot: the host pool, copy streams, the plan cache, the
+    optimizer hooks, and the snapshot in flight (at most one)."""
+
+    def __init__(self, options: SaveOptions | None = None) -> None:
+        self.options = SaveOptions.resolve(options)
+        self._pool: HostPool | None = None
+        self._streams: list[Any] = []
+        self._plan_cache: dict[str, GlobalPlan] = {}
+        self._job: SnapshotJob | None = None
+        self._hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    @property
+    def pool(self) -> HostPool:
+        if self._pool is None:
+            self._pool = HostPool(self.options.pool_bytes, pinned=torch.cuda.is_available())
+        return self._pool
+
+    def _copy_streams(self) -> list[Any]:
+        if not self._streams and torch.cuda.is_available():
+            self._streams = [torch.cuda.Stream() for _ in range(self.options.copy_streams)]
+        return self._streams
+
+    def _hook(self, state: dict[str, Any]) -> None:
+        for obj in state.values():
+            if isinstance(obj, torch.optim.Optimizer) and obj not in self._hooked:
+                ref = weakref.ref(self)
+
+                def pre_step(_opt: Any, _args: Any, _kwargs: Any) -> None:
+                    me = ref()
+                    if me is not None:
+                        me.wait_staged()
+
+                obj.register_step_pre_hook(pre_step)
+                self._hooked.add(obj)
+
+    def wait_staged(self) -> float:
+        job = self._job
+        if job is None or job.done() or job._staged.is_set() and not job._copy_events:
+            return 0.0
+        return job.wait_staged()
+
+    @property
+    def in_flight(self) -> SnapshotJob | None:
+        job = self._job
+        return job if job is not None and not job.done() else None
+
+    def save_async(self, state: dict[str, Any], url: str | os.PathLike[str], *, step: int | None = None,
+                   overwrite: bool = False, allow_pickle: bool = False,
+                   storage_options: dict[str, Any] | None = None, process_group: Any = None,
+                   metadata: dict[str, Any] | None = None, if_busy: str | None = None) -> SaveHandle:
+        t0 = time.perf_counter()
+        policy = if_busy or self.options.if_busy
+        prev = self._job
+        if prev is not None and not prev.done():
+            if policy == "skip":
+                warnings.warn(f"checkpoint {os.fspath(url)} skipped: {prev.url} is still being written",
+                              RuntimeWarning, stacklevel=3)
+                return SaveHandle(None, skipped=True, url=os.fspath(url))
+            if policy == "error":
+                raise SaveInProgressError("the previous snapshot is still being written", path=prev.url,
+                                          hint="wait for its handle, or use if_busy='wait' or 'skip'")
+            prev.wait()
+        if prev is not None and prev.error is not None and not prev.error_retrieved:
+            prev.error_retrieved = True
+            raise prev.error  # a failure nobody looked at surfaces from the next save
+        storage, name = split_checkpoint_url(url, **(storage_options or {}))
+        coord = coordinator(process_group)
+        ctx = DescribeContext(allow_pickle=allow_pickle, rank=coord.rank, world_size=coord.world_size)
+        providers = describe(state, ctx)
+        prep = prepare(list(iter_items(providers)), allow_pickle=allow_pickle, rank=coord.rank)
+        self._hook(state)
+        job = SnapshotJob(prep=prep, storage=storage, name=name, step=step, coord=coord, pool=self.pool,
+                          options=self.options, plan_cache=self._plan_cache, overwrite=overwrite,
+                          user_metadata=dict(metadata or {}), streams=self._copy_streams(), t_call=t0)
+        self._job = job
+        job.start()
+        call = time.perf_counter() - t0
+        job.stats.call_s = call
+        job.stats.blocked_s += call
+        return SaveHandle(job)
+
+    def close(self) -> None:
+        job = self._job
+        if job is not None:
+            job.wait()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
+_default: Snapshotter | None = None
+_default_lock = threading.Lock()
+
+
+def default_snapshotter() -> Snapshotter:
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Snapshotter()
+        return _default
+
+
+def save_async(state: dict[str, Any], url: str | os.PathLike[str], **kwargs: Any) -> SaveHandle:
+    """Snapshot ``state`` to ``url`` in the background; returns once staging is scheduled.
+
+    Until the next optimizer step (which waits for it through a hook) or
+    ``handle.wait_staged()``, do not modify tensors of the state in place other than
+    through that optimizer step. Keyword arguments: ``step``, ``overwrite``,
+    ``allow_pickle``, ``storage_options``, ``process_group``, ``metadata``, ``if_busy``.
+    """
+    return default_snapshotter().save_async(state, url, **kwargs)
+
+
+def save(state: dict[str, Any], url: str | os.PathLike[str], **kwargs: Any) -> SaveStats:
+    """Save ``state`` to ``url``; returns once it is durable and committed."""
+    return save_async(state, url, **kwargs).result()
+
+
+def load(state: dict[str, Any], url: str | os.PathLike[str], *, strict: bool = True, allow_pickle: bool = False,
+         storage_options: dict[str, Any] | None = None, process_group: Any = None) -> LoadStats:
+    """Load the checkpoint at ``url`` into ``state`` in place (modules, optimizers and
+    tensors keep their identity; plain values are replaced in the dict), resharded onto
+    the current layout. ``strict``: missing or unexpected keys are errors."""
+    t0 = time.perf_counter()
+    storage, name = split_checkpoint_url(url, **(storage_options or {}))
+    coord = coordinator(process_group)
+    manifest = read_manifest(storage, name)
+    ctx = DescribeContext(allow_pickle=allow_pickle, rank=coord.rank, world_size=coord.world_size)
+    providers = describe(state, ctx)
+    loader = Loader(storage, name, manifest, strict=strict, allow_pickle=allow_pickle,
+                    rank=coord.rank, world_size=coord.world_size)
+    finalizers = []
+    for p in providers:
+        fin = p.load(loader)
+        if fin is not None:
+            finalizers.append(fin)
+    loader.check_unexpected()
+    stats = loader.execute()
+    for fin in finalizers:
+        fin()
+    stats.total_s = time.perf_counter() - t0
+    return stats

@@ -1,0 +1,319 @@
+"""Loading: providers schedule reads on a :class:`Loader`; it reads only the saved ranges
+that overlap what each destination needs, many at once, with a bounded number of bytes
+in flight, and checks every chunk's crc32c on the way (tensorstore's codec)."""
+
+from __future__ import annotations
+
+import collections
+import math
+import pickle
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckpt._engine._arrays import translate
+from ckpt._engine._plan import ArrayLayout, pack_metadata, zarr_metadata
+from ckpt._format import (
+    Manifest,
+    check_relpath,
+    decode_value,
+    storage_dtype,
+    storage_torch_dtype,
+    torch_dtype,
+)
+from ckpt.errors import (
+    CorruptCheckpointError,
+    DtypeMismatchError,
+    MissingKeyError,
+    PickleNotAllowedError,
+    ReshardError,
+    ShapeMismatchError,
+    UnexpectedKeyError,
+)
+from ckpt.storage import Storage
+
+_MISSING = object()
+Box = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+@dataclass
+class _Read:
+    key: str
+    dest: torch.Tensor  # local destination (any device)
+    box: Box  # global region the destination covers
+
+
+@dataclass
+class LoadStats:
+    bytes_read: int = 0  # bytes of tensor data delivered to destinations
+    bytes_fetched: int = 0  # bytes tensorstore returned (>= bytes_read with partial chunks)
+    reads: int = 0
+    read_s: float = 0.0
+    total_s: float = 0.0
+
+
+class Loader:
+    """The LoadSource of ckpt.providers, over one committed checkpoint."""
+
+    def __init__(self, storage: Storage, name: str, manifest: Manifest, *, strict: bool = True,
+                 allow_pickle: bool = False, rank: int = 0, world_size: int = 1,
+                 inflight_bytes: int = 1 << 30) -> None:
+        self.storage = storage
+        self.name = name
+        self.manifest = manifest
+        self.strict = strict
+        self.allow_pickle = allow_pickle
+        self.rank = rank
+        self.world_size = world_size
+        self.where = storage.describe(name)
+        self.inflight_bytes = inflight_bytes
+        self._reads: list[_Read] = []
+        self._used: set[str] = set()
+        self.stats = LoadStats()
+        self._arrays: dict[str, Any] = {}
+        self._packs: dict[str, np.ndarray] = {}
+
+    # -- LoadSource ---------------------------------------------------------
+    def has(self, key: str) -> bool:
+        return key in self.manifest.entries or any(key in rs for rs in self.manifest.rank_state.values())
+
+    def keys(self, prefix: str = "") -> list[str]:
+        p = prefix.rstrip("/") + "/" if prefix else ""
+        return sorted(k for k in self.manifest.entries if k.startswith(p) or k == prefix)
+
+    def entry(self, key: str) -> dict[str, Any]:
+        try:
+            return self.manifest.entries[key]
+        except KeyError:
+            raise MissingKeyError("the checkpoint has no entry for this key", key=key, path=self.where,
+                                  hint="check the state's keys against `ckpt info`, or load with strict=False") from None
+
+    def missing(self, key: str) -> None:
+        if self.strict:
+            raise MissingKeyError("the state has a key that the checkpoint lacks", key=key, path=self.where,
+                                  hint="load with strict=False to leave it as it is")
+
+    def raw(self, key: str, *, per_rank: bool = False, rank: int | None = None, default: Any = _MISSING) -> Any:
+        if per_rank:
+            r = self.rank if rank is None else rank
+            if self.world_size != self.manifest.world_size and rank is None and default is _MISSING:
+                raise ReshardError(
+                    f"per-rank value saved on {self.manifest.world_size} ranks, loading on {self.world_size}",
+                    key=key, path=self.where,
+                    hint="give this state a resharding policy (see docs/format.md, 'Per-rank state') "
+                         "or drop it from the state before loading")
+            ranks = self.manifest.rank_state.get(str(r), {})
+            if key not in ranks:
+                if default is not _MISSING:
+                    self._used.add(key)
+                    return default
+                raise MissingKeyError(f"rank {r} has no saved value for this key", key=key, path=self.where)
+            self._used.add(key)
+            return ranks[key]
+        e = self.entry(key)
+        self._used.add(key)
+        if e["kind"] == "json":
+            return e["value"]
+        if e["kind"] == "pickle":
+            return {"__ckpt__": "object", "key": key}
+        raise ShapeMismatchError("this key holds a tensor, not a value", key=key, path=self.where)
+
+    def value(self, key: str, *, per_rank: bool = False, rank: int | None = None, default: Any = _MISSING) -> Any:
+        if not per_rank and self.entry(key)["kind"] == "pickle":
+            return self._unpickle(key)
+        v = self.raw(key, per_rank=per_rank, rank=rank, default=default)
+        return v if v is default else decode_value(v)
+
+    def _unpickle(self, key: str) -> Any:
+        e = self.entry(key)
+        self._used.add(key)
+        if not self.allow_pickle:
+            raise PickleNotAllowedError("this value was saved with pickle, which runs code when loaded",
+                                        key=key, path=self.where,
+                                        hint="pass allow_pickle=True to load only if you trust this checkpoint")
+        path = check_relpath(e["path"], key=key)
+        try:
+            data = self.storage.read_bytes(f"{self.name}/{path}")
+        except FileNotFoundError:
+            raise CorruptCheckpointError("a pickled value's object is missing", key=key,
+                                         path=self.storage.describe(f"{self.name}/{path}")) from None
+        return pickle.loads(data)
+
+    def _tensor_entry(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> dict[str, Any]:
+        e = self.entry(key)
+        if e["kind"] != "tensor":
+            raise ShapeMismatchError("this key holds a value, not a tensor", key=key, path=self.where)
+        saved_dtype = torch_dtype(e["dtype"], key)
+        if saved_dtype != dtype:
+            raise DtypeMismatchError(f"saved as {saved_dtype}, loading into {dtype}", key=key, path=self.where,
+                                     hint="build the model with the saved dtype, then convert after loading")
+        if tuple(e["shape"]) != tuple(shape):
+            raise ShapeMismatchError(f"saved shape {list(e['shape'])}, loading into {list(shape)}",
+                                     key=key, path=self.where,
+                                     hint="build the model with the same configuration as the saved one")
+        return e
+
+    def read_into(self, key: str, dest: torch.Tensor, offsets: tuple[int, ...] | None = None,
+                  global_shape: tuple[int, ...] | None = None) -> None:
+        shape = tuple(global_shape if global_shape is not None else dest.shape)
+        self._tensor_entry(key, dest.dtype, shape)
+        offs = tuple(offsets) if offsets is not None else (0,) * dest.dim()
+        if len(offs) != len(shape) or any(o + s > d for o, s, d in zip(offs, dest.shape, shape)):
+            raise ShapeMismatchError(f"box {list(offs)}+{list(dest.shape)} lies outside {list(shape)}",
+                                     key=key, path=self.where)
+        self._used.add(key)
+        self._reads.append(_Read(key, dest, (offs, tuple(dest.shape))))
+
+    def read_new(self, key: str, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+        e = self.entry(key)
+        if e["kind"] != "tensor":
+            raise ShapeMismatchError("this key holds a value, not a tensor", key=key, path=self.where)
+        t = torch.empty(tuple(e["shape"]), dtype=torch_dtype(e["dtype"], key), device=device or "cpu")
+        self.read_into(key, t)
+        return t if dtype is None else t  # conversion is the caller's business
+
+    def unused_keys(self) -> list[str]:
+        return sorted(set(self.manifest.entries) - self._used)
+
+    def check_unexpected(self) -> None:
+        if not self.strict:
+            return
+        extra = self.unused_keys()
+        if extra:
+            raise UnexpectedKeyError(
+                f"the checkpoint holds {len(extra)} entries the state does not ask for: {extra[:5]}",
+                key=extra[0], path=self.where,
+                hint="add the missing objects to the state, or load with strict=False")
+
+    # -- execution -------------------------------------------------------------
+    def execute(self) -> LoadStats:
+        """Run every scheduled read; returns when all destinations are filled."""
+        t0 = time.perf_counter()
+        jobs: list[tuple[_Read, str, Box, Box, ArrayLayout | None]] = []  # read, array path, src region, dest sub-box
+        for r in self._reads:
+            e = self.manifest.entries[r.key]
+            st = e["storage"]
+            if math.prod(r.box[1]) == 0:
+                continue
+            if st["layout"] == "array":
+                lay = ArrayLayout(check_relpath(st["path"], key=r.key), tuple(e["shape"]),
+                                  tuple(st["shard_shape"]), tuple(st["chunk_shape"]))
+                jobs.append((r, lay.path, r.box, ((0,) * len(r.box[0]), r.box[1]), lay))
+            elif st["layout"] == "packed":
+                jobs.append((r, check_relpath(st["path"], key=r.key), r.box, ((0,) * len(r.box[0]), r.box[1]), None))
+            else:
+                jobs.extend(self._piece_jobs(r, e))
+        self._open([(p, lay, self.manifest.entries[r.key]) for r, p, _, _, lay in jobs])
+        window: collections.deque[tuple[Any, _Read, str, Box, Box, int]] = collections.deque()
+        inflight = 0
+        for r, path, src, sub, lay in jobs:
+            nbytes = math.prod(src[1]) * r.dest.element_size()
+            while window and inflight + nbytes > self.inflight_bytes:
+                inflight -= self._complete(window.popleft())
+            if lay is None:
+                window.append((None, r, path, src, sub, nbytes))
+            else:
+                arr = self._arrays[path]
+                fut = arr[tuple(slice(o, o + s) for o, s in zip(src[0], src[1]))].read()
+                window.append((fut, r, path, src, sub, nbytes))
+            inflight += nbytes
+            self.stats.reads += 1
+        while window:
+            self._complete(window.popleft())
+        self.stats.read_s = time.perf_counter() - t0
+        if any(r.dest.device.type == "cuda" for r in self._reads):
+            torch.cuda.synchronize()
+        return self.stats
+
+    def _piece_jobs(self, r: _Read, e: dict[str, Any]) -> list[tuple[_Read, str, Box, Box, ArrayLayout | None]]:
+        out = []
+        need_o, need_s = r.box
+        covered = 0
+        for p in e["storage"]["pieces"]:
+            po, ps = tuple(p["offsets"]), tuple(p["sizes"])
+            lo = tuple(max(a, b) for a, b in zip(need_o, po))
+            hi = tuple(min(a + s, b + t) for a, s, b, t in zip(need_o, need_s, po, ps))
+            if any(h <= lo_ for lo_, h in zip(lo, hi)):
+                continue
+            size = tuple(h - lo_ for lo_, h in zip(lo, hi))
+            covered += math.prod(size)
+            lay = ArrayLayout(check_relpath(p["path"], key=r.key), ps,
+                              tuple(p.get("shard_shape") or ps), tuple(p.get("chunk_shape") or ps))
+            src = (tuple(a - b for a, b in zip(lo, po)), size)
+            sub = (tuple(a - b for a, b in zip(lo, need_o)), size)
+            out.append((r, lay.path, src, sub, lay))
+        if covered < math.prod(need_s):
+            raise ReshardError("the saved pieces do not cover the requested region", key=r.key, path=self.where,
+                               hint="the checkpoint is incomplete or damaged")
+        return out
+
+    def _open(self, wanted: list[tuple[str, ArrayLayout | None, dict[str, Any]]]) -> None:
+        """Open every array once, from the manifest's metadata (no zarr.json reads)."""
+        import tensorstore as ts
+
+        futs = {}
+        ctx = self.storage.ts_context()
+        for path, lay, e in wanted:
+            if path in self._arrays or path in futs:
+                continue
+            if lay is None:
+                continue  # packs are read whole below
+            meta = zarr_metadata(lay, storage_dtype(e["dtype"]), {})
+            spec = {"driver": "zarr3", "kvstore": self.storage.kvstore_spec(f"{self.name}/{path}"), "metadata": meta}
+            futs[path] = ts.open(spec, open=True, assume_metadata=True, context=ctx)
+        packs = {path for path, lay, _ in wanted if lay is None and path not in self._packs}
+        pack_futs = {}
+        for path in packs:
+            nbytes = self._pack_size(path)
+            spec = {"driver": "zarr3", "kvstore": self.storage.kvstore_spec(f"{self.name}/{path}"),
+                    "metadata": pack_metadata(nbytes, {})}
+            pack_futs[path] = ts.open(spec, open=True, assume_metadata=True, context=ctx)
+        for path, f in futs.items():
+            self._arrays[path] = self._result(f, path, None)
+        reads = {p: self._result(f, p, None).read() for p, f in pack_futs.items()}
+        for path, f in reads.items():
+            self._packs[path] = self._result(f, path, None)
+            self.stats.bytes_fetched += self._packs[path].nbytes
+
+    def _pack_size(self, path: str) -> int:
+        end = 0
+        for e in self.manifest.entries.values():
+            st = e.get("storage") or {}
+            if st.get("layout") == "packed" and st.get("path") == path:
+                end = max(end, st["offset"] + st["nbytes"])
+        from ckpt._engine._plan import PACK_ALIGN
+
+        return -(-end // PACK_ALIGN) * PACK_ALIGN
+
+    def _result(self, fut: Any, path: str, key: str | None) -> Any:
+        try:
+            return fut.result()
+        except Exception as e:
+            raise translate(e, key=key, where=self.storage.describe(f"{self.name}/{path}"), reading=True) from e
+
+    def _complete(self, item: tuple[Any, _Read, str, Box, Box, int]) -> int:
+        fut, r, path, src, sub, nbytes = item
+        e = self.manifest.entries[r.key]
+        if fut is None:
+            st = e["storage"]
+            raw = self._packs[path][st["offset"]:st["offset"] + st["nbytes"]]
+            full = torch.from_numpy(raw.copy() if not raw.flags.writeable else raw).view(torch_dtype(e["dtype"]))
+            full = full.reshape(tuple(e["shape"]))
+            data = full[tuple(slice(o, o + s) for o, s in zip(src[0], src[1]))] if full.dim() else full
+        else:
+            arr = self._result(fut, path, r.key)
+            self.stats.bytes_fetched += arr.nbytes
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+            sdt = storage_torch_dtype(e["dtype"])
+            if t.dtype != sdt:
+                t = t.view(sdt)
+            data = t.view(torch_dtype(e["dtype"]))
+        dest = r.dest[tuple(slice(o, o + s) for o, s in zip(sub[0], sub[1]))] if r.dest.dim() else r.dest
+        with torch.no_grad():
+            dest.copy_(data.reshape(dest.shape), non_blocking=dest.device.type == "cuda")
+        self.stats.bytes_read += nbytes
+        return nbytes

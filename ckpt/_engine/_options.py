@@ -1,0 +1,82 @@
+"""Configuration: plain frozen dataclasses; explicit arguments beat ``CKPT_*`` environment
+variables, which beat defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ckpt._engine._plan import PlanConfig
+
+
+def _default_pool_bytes() -> int:
+    """1/8 of physical memory, between 256 MiB and 4 GiB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        total = 16 << 30
+    return int(min(4 << 30, max(256 << 20, total // 8)))
+
+
+def _parse_bytes(text: str) -> int:
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if t and t[-1] in mult:
+        return int(float(t[:-1]) * mult[t[-1]])
+    return int(t)
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    """How snapshots are staged and written.
+
+    ``pool_bytes``: ceiling of host staging memory (pinned on CUDA); the pool may be
+    smaller than the largest tensor. ``max_shard_bytes``: largest storage object of an
+    array (capped at a quarter of the pool). ``chunk_bytes``: inner chunk, the unit of
+    a partial read. ``pack_threshold`` / ``pack_bytes``: tensors up to the threshold are
+    packed into objects of about ``pack_bytes``. ``copy_streams``: CUDA streams used for
+    device-to-host copies. ``if_busy``: what a snapshot requested while the previous one
+    still runs does — ``"wait"`` for it, ``"skip"`` this one with a warning, or
+    ``"error"``.
+    """
+
+    pool_bytes: int = dataclasses.field(default_factory=_default_pool_bytes)
+    max_shard_bytes: int = 64 << 20
+    chunk_bytes: int = 4 << 20
+    pack_threshold: int = 256 << 10
+    pack_bytes: int = 16 << 20
+    copy_streams: int = 2
+    if_busy: Literal["wait", "skip", "error"] = "wait"
+
+    def __post_init__(self) -> None:
+        if self.if_busy not in ("wait", "skip", "error"):
+            raise ValueError(f"if_busy must be 'wait', 'skip' or 'error', got {self.if_busy!r}")
+        if self.pool_bytes < (1 << 20):
+            raise ValueError(f"pool_bytes must be at least 1 MiB, got {self.pool_bytes}")
+        if self.copy_streams < 1:
+            raise ValueError("copy_streams must be >= 1")
+
+    @classmethod
+    def resolve(cls, options: SaveOptions | None = None, **overrides: Any) -> SaveOptions:
+        """Defaults, then ``CKPT_*`` environment variables, then ``options``/overrides."""
+        if options is not None:
+            return dataclasses.replace(options, **overrides) if overrides else options
+        env: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = os.environ.get(f"CKPT_{f.name.upper()}")
+            if raw is None:
+                continue
+            env[f.name] = raw if f.name == "if_busy" else _parse_bytes(raw) if "bytes" in f.name or "threshold" in f.name else int(raw)
+        env.update(overrides)
+        return cls(**env)
+
+    def plan_config(self) -> PlanConfig:
+        shard = max(1 << 20, min(self.max_shard_bytes, self.pool_bytes // 4))
+        return PlanConfig(
+            max_shard_bytes=shard,
+            chunk_bytes=min(self.chunk_bytes, shard),
+            pack_threshold=min(self.pack_threshold, shard),
+            pack_bytes=min(self.pack_bytes, shard),
+        )

@@ -1,0 +1,187 @@
+"""Storage planning: how each global tensor is laid out in zarr arrays and packs.
+
+Rules (docs/format.md, "Arrays"):
+
+* One zarr v3 array per global tensor, with the ``sharding_indexed`` codec. A *shard*
+  is one storage object; shard boundaries fall on every writer's box boundary, so no
+  object ever has two writers. Shards are at most ``max_shard_bytes`` so staging can
+  stream a tensor larger than the host pool, one whole-shard write at a time.
+* Inner chunks (the read unit of a partial, resharded load) are about
+  ``chunk_bytes``, each with its own crc32c.
+* Tensors up to ``pack_threshold`` bytes are packed into per-rank byte arrays so a state
+  of hundreds of biases is a handful of objects.
+* When writer boxes share no useful alignment (shards would be tiny), each box is its
+  own array ("pieces" layout).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from functools import reduce
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    max_shard_bytes: int = 64 << 20
+    chunk_bytes: int = 4 << 20
+    pack_threshold: int = 256 << 10
+    pack_bytes: int = 32 << 20
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` that is <= ``limit`` (at least 1)."""
+    if limit >= n:
+        return n
+    if limit <= 1:
+        return 1
+    best = 1
+    i = 1
+    while i * i <= n:
+        if n % i == 0:
+            if i <= limit:
+                best = max(best, i)
+            j = n // i
+            if j <= limit:
+                best = max(best, j)
+        i += 1
+    return best
+
+
+def choose_block(align: tuple[int, ...], itemsize: int, target: int) -> tuple[int, ...]:
+    """A block shape whose every dim divides ``align`` (so blocks tile any region whose
+    boundaries are multiples of ``align``) and whose bytes are at most ``target`` where
+    possible. Leading dims shrink first so blocks stay contiguous in C order."""
+    block = [max(1, a) for a in align]
+    for d in range(len(block)):
+        rest = math.prod(block[d + 1:]) * itemsize
+        if block[d] * rest <= target:
+            break
+        block[d] = largest_divisor_at_most(block[d], max(1, target // max(1, rest)))
+        if block[d] * rest <= target:
+            break
+    return tuple(block)
+
+
+def box_alignment(shape: tuple[int, ...], boxes: list[Box]) -> tuple[int, ...]:
+    """Per dim, the gcd of every interior box boundary (the dim size if there is none)."""
+    out = []
+    for d, n in enumerate(shape):
+        cuts = {o[d] for o, _ in boxes} | {o[d] + s[d] for o, s in boxes}
+        cuts.discard(0)
+        cuts.discard(n)
+        out.append(reduce(math.gcd, cuts, n) if n else 1)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """One zarr array: where it lives and how it is cut."""
+
+    path: str
+    shape: tuple[int, ...]
+    shard_shape: tuple[int, ...]
+    chunk_shape: tuple[int, ...]
+
+    def shards_in(self, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> list[Box]:
+        """The shard regions inside one box (whose boundaries are shard-aligned)."""
+        ranges = []
+        for o, s, sh, n in zip(offsets, sizes, self.shard_shape, self.shape):
+            starts = range(o, o + s, sh)
+            ranges.append([(a, min(sh, o + s - a, n - a)) for a in starts])
+        return [
+            (tuple(a for a, _ in combo), tuple(b for _, b in combo))
+            for combo in itertools.product(*ranges)
+        ]
+
+    def chunks_in(self, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> int:
+        """How many inner chunks a box touches (read amplification estimates)."""
+        n = 1
+        for o, s, c in zip(offsets, sizes, self.chunk_shape):
+            if s == 0:
+                return 0
+            n *= (o + s - 1) // c - o // c + 1
+        return n
+
+
+def plan_array(path: str, shape: tuple[int, ...], itemsize: int, boxes: list[Box],
+               cfg: PlanConfig) -> ArrayLayout | None:
+    """The array layout for a tensor written as ``boxes``; None if the boxes' alignment is
+    too poor for one array (the caller then stores each box as its own array)."""
+    align = box_alignment(shape, boxes)
+    shard = choose_block(align, itemsize, cfg.max_shard_bytes)
+    chunk = choose_block(shard, itemsize, cfg.chunk_bytes)
+    shard_bytes = math.prod(shard) * itemsize
+    n_shards = math.prod(-(-max(1, n) // s) for n, s in zip(shape, shard))
+    if len(boxes) > 1 and shard_bytes < (256 << 10) and n_shards > 8 * len(boxes):
+        return None
+    return ArrayLayout(path, shape, shard, chunk)
+
+
+def zarr_metadata(layout: ArrayLayout, storage_dtype: str, attributes: dict) -> dict:
+    """The zarr v3 array metadata (zarr.json body) for a layout."""
+    bytes_codec = {"name": "bytes", "configuration": {"endian": "little"}}
+    inner = [bytes_codec, {"name": "crc32c"}]
+    if storage_dtype in ("bool", "uint8", "int8"):
+        inner = [{"name": "bytes"}, {"name": "crc32c"}]
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(layout.shape),
+        "data_type": storage_dtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(layout.shard_shape)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": False if storage_dtype == "bool" else 0,
+        "codecs": [
+            {
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": list(layout.chunk_shape),
+                    "codecs": inner,
+                    "index_codecs": [bytes_codec, {"name": "crc32c"}],
+                    "index_location": "end",
+                },
+            }
+        ],
+        "attributes": attributes,
+    }
+
+
+def pack_metadata(nbytes: int, attributes: dict) -> dict:
+    """zarr.json of a pack: a 1-D uint8 array in a single chunk with a crc32c."""
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": [nbytes],
+        "data_type": "uint8",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(1, nbytes)]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0,
+        "codecs": [{"name": "bytes"}, {"name": "crc32c"}],
+        "attributes": attributes,
+    }
+
+
+PACK_ALIGN = 64
+
+
+@dataclass
+class PackPlan:
+    """Small tensors of one rank grouped into packs: (pack index, offset) per member."""
+
+    sizes: list[int] = field(default_factory=list)            # bytes of each pack
+    placement: list[tuple[int, int]] = field(default_factory=list)  # per member
+
+    @classmethod
+    def build(cls, nbytes: list[int], pack_bytes: int) -> PackPlan:
+        plan = cls()
+        for n in nbytes:
+            if not plan.sizes or (plan.sizes[-1] + n > pack_bytes and plan.sizes[-1] > 0):
+                plan.sizes.append(0)
+            off = plan.sizes[-1]
+            plan.placement.append((len(plan.sizes) - 1, off))
+            plan.sizes[-1] = off + -(-n // PACK_ALIGN) * PACK_ALIGN
+        return plan

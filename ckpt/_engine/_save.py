@@ -1,0 +1,576 @@
+"""One snapshot: stage, write, commit — in the background.
+
+Per rank, a save is (see DESIGN.md, "The flow of a save"):
+
+1. in the caller's thread: describe the state, encode plain values, copy *eager*
+   tensors, record a CUDA event on each producing stream; return a handle;
+2. a stager thread: gather piece lists, plan, then copy every write unit (one shard of
+   an array, or one pack) into a block of the host pool — on dedicated CUDA streams for
+   device tensors, with a GIL-free numpy copy for CPU tensors — waiting when the pool
+   is full;
+3. a writer thread: as each unit's copy completes, hand the block to tensorstore
+   (asynchronous, outside the GIL); a block returns to the pool when its write is
+   durable;
+4. the stager thread again: once every write is durable, report to rank 0 over the
+   side group; rank 0 writes manifest.json last (the commit) and tells every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import queue
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckpt._engine._arrays import open_for_write, translate
+from ckpt._engine._commit import commit
+from ckpt._engine._coord import DistCoordinator, LocalCoordinator
+from ckpt._engine._globalplan import Assignment, GlobalPlan, PieceMeta, build_plan, signature
+from ckpt._engine._options import SaveOptions
+from ckpt._engine._plan import pack_metadata, zarr_metadata
+from ckpt._engine._pool import Block, HostPool
+from ckpt._format import (
+    MANIFEST,
+    TMP_PREFIX,
+    Manifest,
+    NotJSONable,
+    dtype_name,
+    encode_value,
+    key_to_path,
+    storage_dtype,
+)
+from ckpt.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    DistributedSaveError,
+    PickleNotAllowedError,
+    UnsafePathError,
+)
+from ckpt.providers._base import TensorItem, ValueItem
+from ckpt.storage import Storage
+
+
+@dataclass
+class SaveStats:
+    """Figures of one snapshot (seconds and bytes, this rank)."""
+
+    bytes: int = 0  # bytes this rank wrote (tensor data)
+    total_bytes: int = 0  # bytes of the whole checkpoint (all ranks), known after planning
+    blocked_s: float = 0.0  # time the training loop waited: the call + optimizer-hook waits
+    call_s: float = 0.0
+    hook_wait_s: float = 0.0
+    staging_s: float = 0.0  # from the call until every copy into the pool completed
+    write_s: float = 0.0  # until every write is durable
+    commit_s: float = 0.0
+    total_s: float = 0.0  # from the call to committed
+    pool_wait_s: float = 0.0
+    pool_peak_bytes: int = 0
+    objects: int = 0
+
+    @property
+    def throughput_gbps(self) -> float:
+        """Persisted GB/s of this rank: bytes / (time from the call to durable)."""
+        t = self.staging_s + self.write_s if self.write_s else self.total_s
+        return self.bytes / t / 1e9 if t > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        d = dict(self.__dict__)
+        d["throughput_gbps"] = self.throughput_gbps
+        return d
+
+
+@dataclass
+class _Unit:
+    """One storage object's worth of data to stage and write."""
+
+    assignment: Assignment | None
+    region: tuple[tuple[int, ...], tuple[int, ...]]  # region within the target array
+    members: list[tuple[torch.Tensor, int]]  # (source view, byte offset in the block)
+    nbytes: int
+    shape: tuple[int, ...]
+    np_dtype: str
+    path: str
+    key: str
+    block: Block | None = None
+    event: Any = None
+
+
+@dataclass
+class _Prepared:
+    """What the caller's thread captured."""
+
+    tensors: list[TensorItem]
+    values: dict[str, Any]  # encoded JSON values (rank 0 writes)
+    rank_values: dict[str, Any]  # encoded per-rank values
+    pickles: dict[str, bytes]
+    ready_events: dict[Any, Any] = field(default_factory=dict)  # device -> cuda event
+    hooked: list[Any] = field(default_factory=list)
+
+
+def prepare(items: list[Any], *, allow_pickle: bool, rank: int) -> _Prepared:
+    """Validate keys, encode values, copy eager tensors, record CUDA events."""
+    tensors: list[TensorItem] = []
+    values: dict[str, Any] = {}
+    rank_values: dict[str, Any] = {}
+    pickles: dict[str, bytes] = {}
+    seen: set[str] = set()
+    for it in items:
+        if it.key in seen:
+            raise UnsafePathError("two entries of the state have the same key", key=it.key,
+                                  hint="rename one of them")
+        seen.add(it.key)
+        key_to_path(it.key)  # validates
+        if isinstance(it, TensorItem):
+            t = it.tensor
+            dtype_name(t.dtype, it.key)
+            if t.device.type == "meta":
+                raise UnsafePathError("a meta tensor has no data to save", key=it.key,
+                                      hint="materialise the module (to_empty + init) before saving")
+            if it.eager:
+                it = TensorItem(it.key, _eager_copy(t), it.global_shape, it.offsets, it.replica)
+            tensors.append(it)
+            continue
+        assert isinstance(it, ValueItem)
+        target = rank_values if it.per_rank else values
+        if it.encoded:
+            target[it.key] = it.value
+            continue
+        try:
+            target[it.key] = encode_value(it.value)
+        except NotJSONable as e:
+            if not allow_pickle:
+                raise PickleNotAllowedError(
+                    f"a value of type {type(e.obj).__name__} is not JSON and would need pickle", key=it.key,
+                    hint="pass allow_pickle=True to save (and to load), or store it as JSON-able data") from None
+            if it.per_rank:
+                raise PickleNotAllowedError("per-rank values must be JSON-able", key=it.key) from None
+            pickles[it.key] = pickle.dumps(it.value, protocol=pickle.HIGHEST_PROTOCOL)
+    prep = _Prepared(tensors, values, rank_values, pickles)
+    for t in tensors:
+        dev = t.tensor.device
+        if dev.type == "cuda" and dev not in prep.ready_events:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(dev))
+            prep.ready_events[dev] = ev
+    return prep
+
+
+def _eager_copy(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu":
+        return t.detach().clone()
+    # a device tensor: copy on its own stream now (cheap: eager state is small)
+    return t.detach().to("cpu", copy=True)
+
+
+def _bytes_of(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's bytes as a numpy uint8 array (no copy)."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() == 0:
+        return np.empty(0, dtype=np.uint8)
+    return flat.view(torch.uint8).numpy()
+
+
+class SnapshotJob:
+    """The background part of one save on one rank."""
+
+    def __init__(self, *, prep: _Prepared, storage: Storage, name: str, step: int | None,
+                 coord: LocalCoordinator | DistCoordinator, pool: HostPool, options: SaveOptions,
+                 plan_cache: dict[str, GlobalPlan], overwrite: bool, user_metadata: dict[str, Any],
+                 streams: list[Any], t_call: float) -> None:
+        self.prep = prep
+        self.storage = storage
+        self.name = name
+        self.step = step
+        self.coord = coord
+        self.pool = pool
+        self.options = options
+        self.plan_cache = plan_cache
+        self.overwrite = overwrite
+        self.user_metadata = user_metadata
+        self.streams = streams
+        self.t_call = t_call
+        self.stats = SaveStats()
+        self.url = storage.describe(name)
+        self._staged = threading.Event()  # every unit handed to the copy engines
+        self._done = threading.Event()
+        self._cancel = threading.Event()
+        self._error: BaseException | None = None
+        self.error_retrieved = False
+        self._callbacks: list[Callable[[SnapshotJob], None]] = []
+        self._cb_lock = threading.Lock()
+        self._copy_events: list[Any] = []
+        self._plan_obj: GlobalPlan | None = None
+        self._thread = threading.Thread(target=self._run, name=f"ckpt-save-{name}", daemon=True)
+
+    # -- public-ish --------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def add_done_callback(self, fn: Callable[[SnapshotJob], None]) -> None:
+        with self._cb_lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def wait_staged(self) -> float:
+        """Block until no source tensor will be read again; returns seconds waited.
+
+        On CUDA the wait ends once every copy is *issued*; the current stream then waits
+        on the copies' events, so the host does not block on the copies themselves."""
+        t0 = time.perf_counter()
+        self._staged.wait()
+        for ev in self._copy_events:
+            torch.cuda.current_stream().wait_event(ev)
+        waited = time.perf_counter() - t0
+        self.stats.hook_wait_s += waited
+        self.stats.blocked_s += waited
+        return waited
+
+    # -- the background thread ------------------------------------------------
+    def _run(self) -> None:
+        local_error: BaseException | None = None
+        write_dir = self.name
+        try:
+            write_dir = self._agree_on_dir()
+            plan = self._plan()
+            self._plan_obj = plan
+            self._stage_and_write(plan, write_dir)
+        except BaseException as e:  # noqa: BLE001 - reported through the handle
+            local_error = e
+            self._cancel.set()
+        finally:
+            self._staged.set()
+            # sources may be released now: nothing reads them any more
+            self.prep.tensors = []
+        try:
+            self._commit(local_error, write_dir)
+        except BaseException as e:  # noqa: BLE001
+            self._error = e
+        else:
+            self._error = None
+        finally:
+            self.stats.total_s = time.perf_counter() - self.t_call
+            self.stats.pool_peak_bytes = self.pool.peak
+            self._done.set()
+            with self._cb_lock:
+                callbacks, self._callbacks = self._callbacks, []
+            for cb in callbacks:
+                try:
+                    cb(self)
+                except Exception:  # pragma: no cover - user callback
+                    traceback.print_exc()
+
+    def _agree_on_dir(self) -> str:
+        """Rank 0 checks the target and picks the write directory; everyone learns it."""
+        decision: dict[str, Any] = {}
+        if self.coord.rank == 0:
+            try:
+                if self.storage.exists(f"{self.name}/{MANIFEST}") and not self.overwrite:
+                    raise CheckpointExistsError(
+                        "a committed checkpoint already exists here", path=self.url,
+                        hint="save under another step/name, or pass overwrite=True")
+                if self.storage.capabilities.atomic_rename:
+                    decision["dir"] = f"{TMP_PREFIX}{self.name}-{uuid.uuid4().hex[:12]}"
+                else:
+                    decision["dir"] = self.name
+            except BaseException as e:  # noqa: BLE001
+                decision["error"] = e
+        decision = self.coord.broadcast(decision)
+        if "error" in decision:
+            err = decision["error"]
+            raise err if isinstance(err, BaseException) else CheckpointError(str(err), path=self.url)
+        return decision["dir"]
+
+    def _plan(self) -> GlobalPlan:
+        metas = []
+        for it in self.prep.tensors:
+            offs, sizes = it.box
+            metas.append(PieceMeta(it.key, dtype_name(it.tensor.dtype, it.key), it.shape, offs, sizes))
+        everyone = self.coord.all_gather(metas)
+        sig = signature(everyone)
+        plan = self.plan_cache.get(sig)
+        if plan is None:
+            plan = build_plan(everyone, self.options.plan_config())
+            self.plan_cache.clear()
+            self.plan_cache[sig] = plan
+        self.stats.total_bytes = sum(plan.bytes_per_rank.values())
+        return plan
+
+    def _units(self, plan: GlobalPlan) -> list[_Unit]:
+        local = {(it.key, it.box): it for it in self.prep.tensors}
+        units: list[_Unit] = []
+        pack_members: dict[str, list[tuple[torch.Tensor, int]]] = {}
+        for a in plan.per_rank.get(self.coord.rank, []):
+            it = local[(a.key, a.box)]
+            t = it.tensor
+            if a.kind == "pack":
+                pack_members.setdefault(a.path, []).append((t, a.pack_offset))
+                continue
+            assert a.layout is not None
+            sd = storage_dtype(dtype_name(t.dtype))
+            for offs, sizes in a.layout.shards_in(*self._region_box(a)):
+                if math.prod(sizes) == 0:
+                    continue
+                base = self._region_box(a)[0]
+                sl = tuple(slice(o - b, o - b + s) for o, b, s in zip(offs, base, sizes))
+                view = t[sl] if t.dim() else t
+                units.append(_Unit(a, (offs, sizes), [(view, 0)], view.numel() * view.element_size(),
+                                   tuple(sizes), sd, a.path, a.key))
+        for path, nbytes in plan.packs.get(self.coord.rank, []):
+            units.append(_Unit(None, ((0,), (nbytes,)), pack_members.get(path, []), nbytes, (nbytes,),
+                               "uint8", path, f"pack {path}"))
+        return units
+
+    @staticmethod
+    def _region_box(a: Assignment) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        if a.kind == "piece":
+            return (0,) * len(a.box[0]), a.box[1]
+        return a.box
+
+    def _stage_and_write(self, plan: GlobalPlan, write_dir: str) -> None:
+        units = self._units(plan)
+        arrays = self._open_arrays(plan, write_dir)
+        writer_q: queue.Queue[_Unit | None] = queue.Queue()
+        writer = _Writer(self, arrays, writer_q, write_dir)
+        writer.start()
+        try:
+            self._stage(units, writer_q)
+        finally:
+            writer_q.put(None)
+            writer.join()
+        self.stats.staging_s = writer.staged_at - self.t_call if writer.staged_at else 0.0
+        if writer.error is not None:
+            raise writer.error
+        # pickled values (rank 0): small objects, written whole
+        if self.coord.rank == 0:
+            for key, data in self.prep.pickles.items():
+                self.storage.write_bytes(f"{write_dir}/objects/{key_to_path(key)}.pkl", data)
+        self.stats.write_s = time.perf_counter() - self.t_call - self.stats.staging_s
+        self.stats.objects = len(units)
+
+    def _open_arrays(self, plan: GlobalPlan, write_dir: str) -> dict[str, Any]:
+        """Open every array/pack this rank writes (zarr.json by its owner only)."""
+        futures: dict[str, Any] = {}
+        for a in plan.per_rank.get(self.coord.rank, []):
+            if a.kind == "pack" or a.path in futures:
+                continue
+            assert a.layout is not None
+            dt = plan.entries[a.key]["dtype"]
+            meta = zarr_metadata(a.layout, storage_dtype(dt), {"ckpt": {"key": a.key, "dtype": dt}})
+            futures[a.path] = open_for_write(self.storage, f"{write_dir}/{a.path}", meta, create=a.create)
+        for path, nbytes in plan.packs.get(self.coord.rank, []):
+            members = [k for k, e in plan.entries.items() if e.get("storage", {}).get("path") == path]
+            meta = pack_metadata(nbytes, {"ckpt": {"pack": True, "keys": members}})
+            futures[path] = open_for_write(self.storage, f"{write_dir}/{path}", meta, create=True)
+        out = {}
+        for path, fut in futures.items():
+            try:
+                out[path] = fut.result()
+            except Exception as e:
+                raise translate(e, key=None, where=self.storage.describe(f"{write_dir}/{path}"),
+                                reading=False) from e
+        return out
+
+    def _stage(self, units: list[_Unit], writer_q: queue.Queue[_Unit | None]) -> None:
+        streams = self.streams
+        n = 0
+        for u in units:
+            if self._cancel.is_set():
+                return
+            u.block = self.pool.acquire(u.nbytes, cancelled=self._cancel)
+            dev = next((m.device for m, _ in u.members if m.device.type == "cuda"), None)
+            if dev is not None:
+                stream = streams[n % len(streams)]
+                n += 1
+                with torch.cuda.stream(stream):
+                    ready = self.prep.ready_events.get(dev)
+                    if ready is not None:
+                        stream.wait_event(ready)
+                    for src, off in u.members:
+                        _copy_to_block(u.block, off, src, non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(stream)
+                u.event = ev
+                self._copy_events.append(ev)
+            else:
+                for src, off in u.members:
+                    _copy_to_block(u.block, off, src, non_blocking=False)
+            self.stats.bytes += u.nbytes
+            writer_q.put(u)
+        self._staged.set()
+
+    def _commit(self, local_error: BaseException | None, write_dir: str) -> None:
+        t0 = time.perf_counter()
+        report = {"ok": local_error is None, "rank_values": self.prep.rank_values,
+                  "bytes": self.stats.bytes}
+        if local_error is not None:
+            report["error"] = _portable(local_error)
+        try:
+            reports = self.coord.gather(report)
+        except BaseException as e:  # a collective failed: a peer is gone
+            raise DistributedSaveError("the commit could not gather every rank's report", path=self.url,
+                                       failures={self.coord.rank: e}) from (local_error or e)
+        outcome: dict[str, Any] = {"ok": True}
+        if self.coord.rank == 0:
+            assert reports is not None
+            failures = {r: rep.get("error") for r, rep in enumerate(reports) if not rep.get("ok")}
+            if failures:
+                outcome = {"ok": False, "failures": failures}
+                self._cleanup(write_dir)
+            else:
+                try:
+                    plan = self._plan_obj
+                    assert plan is not None
+                    manifest = Manifest(
+                        step=self.step, entries=dict(plan.entries), world_size=self.coord.world_size,
+                        layout={"bytes_per_rank": [plan.bytes_per_rank.get(r, 0) for r in range(self.coord.world_size)]},
+                        rank_state={str(r): rep["rank_values"] for r, rep in enumerate(reports)},
+                        user_metadata=self.user_metadata,
+                    )
+                    for key, value in self.prep.values.items():
+                        manifest.entries[key] = {"kind": "json", "value": value}
+                    for key in self.prep.pickles:
+                        manifest.entries[key] = {"kind": "pickle", "path": f"objects/{key_to_path(key)}.pkl",
+                                                 "format": "pickle"}
+                    commit(self.storage, write_dir, self.name, manifest.to_json(), overwrite=self.overwrite)
+                except BaseException as e:  # noqa: BLE001
+                    outcome = {"ok": False, "failures": {0: _portable(e)}}
+                    self._cleanup(write_dir)
+        outcome = self.coord.broadcast(outcome)
+        self.stats.commit_s = time.perf_counter() - t0
+        if not outcome["ok"]:
+            failures = outcome["failures"]
+            mine = local_error
+            if mine is None and self.coord.world_size == 1:
+                mine = next(iter(failures.values()))
+            if self.coord.world_size == 1 and isinstance(mine, BaseException):
+                raise mine
+            err = DistributedSaveError("the checkpoint was not committed: a rank failed", path=self.url,
+                                       failures=failures)
+            if isinstance(mine, BaseException):
+                raise mine from err  # the original exception, with every rank's error attached
+            raise err
+
+    def _cleanup(self, write_dir: str) -> None:
+        if write_dir == self.name and self.storage.exists(f"{self.name}/{MANIFEST}"):
+            return  # never touch a committed checkpoint
+        try:
+            self.storage.delete_dir(write_dir)
+        except Exception:  # noqa: BLE001 - gc removes it later
+            pass
+
+
+def _portable(e: BaseException) -> BaseException | str:
+    """The exception if it pickles (it travels to rank 0), else its text."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001
+        return "".join(traceback.format_exception_only(type(e), e)).strip()
+
+
+def _copy_to_block(block: Block, offset: int, src: torch.Tensor, *, non_blocking: bool) -> None:
+    nbytes = src.numel() * src.element_size()
+    if nbytes == 0:
+        return
+    if src.device.type == "cpu" and src.is_contiguous():
+        # numpy's copy releases the GIL and does not use torch's intra-op pool, which
+        # the training thread needs.
+        np.copyto(block.array[offset:offset + nbytes], _bytes_of(src))
+        return
+    dst = block.tensor[offset:offset + nbytes].view(src.dtype).view(src.shape)
+    dst.copy_(src, non_blocking=non_blocking)
+
+
+class _Writer(threading.Thread):
+    """Waits for each unit's copy, then writes it with tensorstore; blocks go back to the
+    pool when their write is durable."""
+
+    def __init__(self, job: SnapshotJob, arrays: dict[str, Any], q: queue.Queue[_Unit | None],
+                 write_dir: str) -> None:
+        super().__init__(name="ckpt-writer", daemon=True)
+        self.job = job
+        self.arrays = arrays
+        self.q = q
+        self.write_dir = write_dir
+        self.error: BaseException | None = None
+        self.staged_at: float | None = None
+        self._pending: list[tuple[Any, _Unit]] = []
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._all_done = threading.Condition(self._lock)
+
+    def run(self) -> None:
+        try:
+            while True:
+                u = self.q.get()
+                if u is None:
+                    break
+                if self.error is not None or self.job._cancel.is_set():
+                    self._release(u)
+                    continue
+                if u.event is not None:
+                    u.event.synchronize()
+                self._write(u)
+            self.staged_at = time.perf_counter()
+            with self._all_done:
+                while self._outstanding:
+                    self._all_done.wait()
+        except BaseException as e:  # noqa: BLE001
+            self.error = self.error or e
+            self.job._cancel.set()
+
+    def _write(self, u: _Unit) -> None:
+        assert u.block is not None
+        arr = self.arrays[u.path]
+        data = u.block.array[: u.nbytes].view(np.dtype(u.np_dtype)).reshape(u.shape)
+        offs, sizes = u.region
+        target = arr[tuple(slice(o, o + s) for o, s in zip(offs, sizes))]
+        with self._lock:
+            self._outstanding += 1
+        try:
+            fut = target.write(data, can_reference_source_data_indefinitely=True)
+        except BaseException:
+            self._finish(u, None)
+            raise
+        fut.commit.add_done_callback(lambda f, u=u: self._finish(u, f))
+
+    def _finish(self, u: _Unit, fut: Any) -> None:
+        if fut is not None:
+            try:
+                fut.result()
+            except BaseException as e:  # noqa: BLE001
+                if self.error is None:
+                    where = self.job.storage.describe(f"{self.write_dir}/{u.path}")
+                    self.error = translate(e, key=u.key, where=where, reading=False)
+                self.job._cancel.set()
+        self._release(u)
+        with self._all_done:
+            self._outstanding -= 1
+            self._all_done.notify_all()
+
+    def _release(self, u: _Unit) -> None:
+        if u.block is not None:
+            self.job.pool.release(u.block)
+            u.block = None
+        u.members = []

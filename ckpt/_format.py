@@ -1,0 +1,401 @@
+"""The v1 on-disk format: dtypes, safe paths, the manifest and its checksum.
+
+docs/format.md is the normative description; this module is its implementation and
+the only place that reads or writes manifest.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import torch
+
+from ckpt.errors import FormatVersionError, ManifestError, UnsafePathError, UnsupportedDtypeError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STEP_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+
+# Hard limits that keep an untrusted manifest from asking for absurd work.
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_DIMS = 32
+MAX_ELEMENTS = 1 << 50  # 1 Pi elements: far above any real tensor
+
+# ---------------------------------------------------------------------------
+# dtypes: torch name -> (zarr v3 data_type written on disk, itemsize)
+# Dtypes that zarr v3's core spec lacks are stored as their raw little-endian bits in an
+# unsigned integer of the same width; the logical dtype is kept in the manifest and in
+# the array's attributes (``ckpt.dtype``), so any zarr reader can get the bits back and
+# view them (numpy + ml_dtypes for bfloat16 / float8).
+# ---------------------------------------------------------------------------
+_DTYPES: dict[str, tuple[torch.dtype, str]] = {
+    "bool": (torch.bool, "bool"),
+    "uint8": (torch.uint8, "uint8"),
+    "int8": (torch.int8, "int8"),
+    "int16": (torch.int16, "int16"),
+    "int32": (torch.int32, "int32"),
+    "int64": (torch.int64, "int64"),
+    "float16": (torch.float16, "float16"),
+    "float32": (torch.float32, "float32"),
+    "float64": (torch.float64, "float64"),
+    "complex64": (torch.complex64, "complex64"),
+    "complex128": (torch.complex128, "complex128"),
+    "bfloat16": (torch.bfloat16, "uint16"),
+    "complex32": (torch.complex32, "uint32"),
+}
+for _name in ("uint16", "uint32", "uint64"):
+    if hasattr(torch, _name):
+        _DTYPES[_name] = (getattr(torch, _name), _name)
+for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"):
+    if hasattr(torch, _name):
+        _DTYPES[_name] = (getattr(torch, _name), "uint8")
+
+_BY_TORCH: dict[torch.dtype, str] = {t: n for n, (t, _) in _DTYPES.items()}
+_STORAGE_TORCH: dict[str, torch.dtype] = {
+    "bool": torch.bool, "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16,
+    "int32": torch.int32, "int64": torch.int64, "float16": torch.float16,
+    "float32": torch.float32, "float64": torch.float64, "complex64": torch.complex64,
+    "complex128": torch.complex128,
+}
+for _name in ("uint16", "uint32", "uint64"):
+    if hasattr(torch, _name):
+        _STORAGE_TORCH[_name] = getattr(torch, _name)
+
+
+def dtype_name(dtype: torch.dtype, key: str | None = None) -> str:
+    try:
+        return _BY_TORCH[dtype]
+    except KeyError:
+        raise UnsupportedDtypeError(
+            f"dtype {dtype} cannot be stored", key=key,
+            hint=f"convert the tensor to one of: {', '.join(sorted(_DTYPES))}",
+        ) from None
+
+
+def torch_dtype(name: str, key: str | None = None) -> torch.dtype:
+    try:
+        return _DTYPES[name][0]
+    except KeyError:
+        raise ManifestError(f"unknown dtype {name!r} in the manifest", key=key,
+                            hint="the checkpoint was written by a newer ckpt or is damaged") from None
+
+
+def storage_dtype(name: str) -> str:
+    """The zarr v3 ``data_type`` that holds a logical dtype's bits."""
+    return _DTYPES[name][1]
+
+
+def storage_torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype whose bits equal the stored zarr array's elements."""
+    return _STORAGE_TORCH[storage_dtype(name)]
+
+
+def itemsize(name: str) -> int:
+    return torch.empty((), dtype=torch_dtype(name)).element_size()
+
+
+def supported_dtypes() -> list[str]:
+    return sorted(_DTYPES)
+
+
+# ---------------------------------------------------------------------------
+# keys and paths
+# ---------------------------------------------------------------------------
+_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_.\-%]+$")
+
+
+def key_to_path(key: str) -> str:
+    """A state key -> a relative storage path that cannot leave its directory.
+
+    ``/`` separates components; each component is percent-encoded (``%`` included, so
+    the mapping is injective) and ``.``/``..``/empty components are encoded too.
+    Over-long components are shortened with a hash.
+    """
+    if not key:
+        raise UnsafePathError("an empty key cannot be stored", key=key, hint="give the entry a name")
+    parts = []
+    for comp in key.split("/"):
+        enc = quote(comp, safe="-_.")
+        if comp in ("", ".", ".."):
+            enc = "".join(f"%{ord(c):02X}" for c in comp) or "%00"
+        if len(enc) > 120:
+            enc = enc[:80] + "~" + hashlib.sha256(comp.encode()).hexdigest()[:32]
+        parts.append(enc)
+    return "/".join(parts)
+
+
+def check_relpath(path: Any, *, what: str = "path", key: str | None = None) -> str:
+    """Validate a path read from a manifest: relative, no ``..``, no odd characters."""
+    if not isinstance(path, str) or not path or len(path) > 4096:
+        raise UnsafePathError(f"invalid {what} {path!r} in the manifest", key=key,
+                              hint="the manifest is damaged or hostile; do not load it")
+    if path.startswith("/") or "\\" in path or "\x00" in path or "://" in path:
+        raise UnsafePathError(f"{what} {path!r} is not a relative path inside the checkpoint",
+                              key=key, hint="the manifest is damaged or hostile; do not load it")
+    for comp in path.split("/"):
+        if comp in ("", ".", "..") or not _SAFE_COMPONENT.match(comp.replace("~", "")):
+            raise UnsafePathError(f"{what} {path!r} would leave the checkpoint directory",
+                                  key=key, hint="the manifest is damaged or hostile; do not load it")
+    return path
+
+
+def step_dirname(step: int) -> str:
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    return f"{STEP_PREFIX}{step:09d}"
+
+
+def parse_step_dirname(name: str) -> int | None:
+    if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit():
+        return int(name[len(STEP_PREFIX):])
+    return None
+
+
+# ---------------------------------------------------------------------------
+# plain values: JSON, with a tagged form for what JSON cannot hold losslessly
+# ---------------------------------------------------------------------------
+TAG = "__ckpt__"
+
+
+class NotJSONable(Exception):
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+
+def encode_value(obj: Any) -> Any:
+    """A Python value -> JSON-compatible data that decodes to an equal value of the same
+    types (tuples, int dict keys, inf/nan, bytes, torch dtypes survive). Raises
+    NotJSONable for anything else (which then needs pickle)."""
+    if obj is None or isinstance(obj, bool | str):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return float(obj)
+        return {TAG: "float", "v": repr(obj)}
+    if isinstance(obj, list):
+        return [encode_value(v) for v in obj]
+    if isinstance(obj, tuple):
+        if hasattr(obj, "_fields"):
+            raise NotJSONable(obj)
+        return {TAG: "tuple", "v": [encode_value(v) for v in obj]}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and TAG not in obj and type(obj) is dict:
+            return {k: encode_value(v) for k, v in obj.items()}
+        if type(obj) is not dict:
+            raise NotJSONable(obj)
+        return {TAG: "dict", "v": [[encode_value(k), encode_value(v)] for k, v in obj.items()]}
+    if isinstance(obj, bytes):
+        import base64
+
+        return {TAG: "bytes", "v": base64.b64encode(obj).decode()}
+    if isinstance(obj, torch.dtype):
+        return {TAG: "torch.dtype", "v": str(obj).removeprefix("torch.")}
+    if isinstance(obj, set | frozenset):
+        return {TAG: "set" if isinstance(obj, set) else "frozenset", "v": [encode_value(v) for v in obj]}
+    raise NotJSONable(obj)
+
+
+def decode_value(data: Any) -> Any:
+    if isinstance(data, list):
+        return [decode_value(v) for v in data]
+    if isinstance(data, dict):
+        tag = data.get(TAG)
+        if tag is None:
+            return {k: decode_value(v) for k, v in data.items()}
+        v = data.get("v")
+        if tag == "float":
+            return float(v)  # type: ignore[arg-type]
+        if tag == "tuple":
+            return tuple(decode_value(x) for x in v)  # type: ignore[union-attr]
+        if tag == "dict":
+            return {_hashable(decode_value(k)): decode_value(x) for k, x in v}  # type: ignore[union-attr]
+        if tag == "bytes":
+            import base64
+
+            return base64.b64decode(v)  # type: ignore[arg-type]
+        if tag == "torch.dtype":
+            dt = getattr(torch, str(v), None)
+            if not isinstance(dt, torch.dtype):
+                raise ManifestError(f"unknown torch dtype {v!r} in a stored value")
+            return dt
+        if tag == "set":
+            return {_hashable(decode_value(x)) for x in v}  # type: ignore[union-attr]
+        if tag == "frozenset":
+            return frozenset(_hashable(decode_value(x)) for x in v)  # type: ignore[union-attr]
+        raise ManifestError(f"unknown value tag {tag!r} in the manifest",
+                            hint="the checkpoint was written by a newer ckpt or is damaged")
+    return data
+
+
+def _hashable(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_hashable(x) for x in v)
+    return v
+
+
+# ---------------------------------------------------------------------------
+# the manifest
+# ---------------------------------------------------------------------------
+@dataclass
+class Manifest:
+    """What a committed checkpoint holds. ``entries`` maps key -> entry dict (see
+    docs/format.md for each kind's fields)."""
+
+    step: int | None
+    entries: dict[str, dict[str, Any]]
+    world_size: int = 1
+    layout: dict[str, Any] = field(default_factory=dict)
+    rank_state: dict[str, dict[str, Any]] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+    versions: dict[str, str] = field(default_factory=dict)
+    user_metadata: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> bytes:
+        body = {
+            "format": "ckpt",
+            "format_version": self.format_version,
+            "step": self.step,
+            "created": self.created,
+            "versions": self.versions or default_versions(),
+            "world_size": self.world_size,
+            "layout": self.layout,
+            "entries": self.entries,
+            "rank_state": self.rank_state,
+            "user_metadata": self.user_metadata,
+        }
+        canon = _canonical(body)
+        body["checksum"] = "sha256:" + hashlib.sha256(canon).hexdigest()
+        return json.dumps(body, indent=1, sort_keys=True, allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, where: str) -> Manifest:
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError("manifest.json is larger than any real manifest", path=where,
+                                hint="the file is damaged or hostile")
+        try:
+            body = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"manifest.json is not valid JSON ({e})", path=where,
+                                hint="the checkpoint is damaged; load an earlier one "
+                                     "(CheckpointManager.restore does so on its own)") from e
+        if not isinstance(body, dict) or body.get("format") != "ckpt":
+            raise ManifestError("not a ckpt manifest", path=where,
+                                hint="point at a directory written by ckpt.save")
+        version = body.get("format_version")
+        if not isinstance(version, int) or version < 1:
+            raise ManifestError(f"bad format_version {version!r}", path=where)
+        if version > FORMAT_VERSION:
+            raise FormatVersionError(
+                f"checkpoint format version {version} is newer than this ckpt reads ({FORMAT_VERSION})",
+                path=where, hint="upgrade ckpt (pip install -U ckpt)")
+        checksum = body.pop("checksum", None)
+        expect = "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
+        if checksum != expect:
+            raise ManifestError("manifest.json fails its checksum", path=where,
+                                hint="the manifest was modified or damaged; load an earlier checkpoint")
+        entries = body.get("entries")
+        if not isinstance(entries, dict):
+            raise ManifestError("manifest has no entries table", path=where)
+        for key, entry in entries.items():
+            validate_entry(key, entry, where)
+        step = body.get("step")
+        if step is not None and (not isinstance(step, int) or step < 0):
+            raise ManifestError(f"bad step {step!r}", path=where)
+        ws = body.get("world_size", 1)
+        if not isinstance(ws, int) or ws < 1:
+            raise ManifestError(f"bad world_size {ws!r}", path=where)
+        return cls(
+            step=step, entries=entries, world_size=ws,
+            layout=body.get("layout") or {}, rank_state=body.get("rank_state") or {},
+            created=float(body.get("created") or 0.0), versions=body.get("versions") or {},
+            user_metadata=body.get("user_metadata") or {}, format_version=version,
+        )
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def default_versions() -> dict[str, str]:
+    from ckpt import __version__
+
+    out = {"ckpt": __version__, "torch": torch.__version__}
+    try:
+        from importlib.metadata import version
+
+        import tensorstore  # noqa: F401
+
+        out["tensorstore"] = version("tensorstore")
+    except Exception:  # pragma: no cover - metadata missing in odd installs
+        pass
+    return out
+
+
+_KINDS = {"tensor", "json", "pickle"}
+
+
+def _check_int_list(v: Any, n: int | None, what: str, key: str, where: str) -> list[int]:
+    if not isinstance(v, list) or len(v) > MAX_DIMS or (n is not None and len(v) != n) or not all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v
+    ):
+        raise ManifestError(f"bad {what} {v!r}", key=key, path=where)
+    return v
+
+
+def validate_entry(key: Any, entry: Any, where: str) -> None:
+    """Check one manifest entry's structure, sizes and paths before anything uses it."""
+    if not isinstance(key, str) or not key or not isinstance(entry, dict):
+        raise ManifestError("malformed entry", key=str(key), path=where)
+    kind = entry.get("kind")
+    if kind not in _KINDS:
+        raise ManifestError(f"unknown entry kind {kind!r}", key=key, path=where)
+    if kind == "pickle":
+        check_relpath(entry.get("path"), what="object path", key=key)
+        return
+    if kind == "json":
+        return
+    torch_dtype(entry.get("dtype", ""), key=key)
+    shape = _check_int_list(entry.get("shape"), None, "shape", key, where)
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise ManifestError(f"shape {shape} is absurdly large", key=key, path=where,
+                            hint="the manifest is damaged or hostile")
+    st = entry.get("storage")
+    if not isinstance(st, dict):
+        raise ManifestError("tensor entry without storage", key=key, path=where)
+    layout = st.get("layout")
+    if layout == "array":
+        check_relpath(st.get("path"), what="array path", key=key)
+        _check_int_list(st.get("shard_shape"), len(shape), "shard_shape", key, where)
+        _check_int_list(st.get("chunk_shape"), len(shape), "chunk_shape", key, where)
+    elif layout == "packed":
+        check_relpath(st.get("path"), what="pack path", key=key)
+        off, nb = st.get("offset"), st.get("nbytes")
+        if not (isinstance(off, int) and isinstance(nb, int) and off >= 0 and nb >= 0):
+            raise ManifestError("bad pack offset/nbytes", key=key, path=where)
+        if nb != math.prod(shape) * itemsize(entry["dtype"]):
+            raise ManifestError("pack nbytes disagrees with shape and dtype", key=key, path=where)
+    elif layout == "pieces":
+        pieces = st.get("pieces")
+        if not isinstance(pieces, list) or not pieces:
+            raise ManifestError("pieces layout without pieces", key=key, path=where)
+        for p in pieces:
+            if not isinstance(p, dict):
+                raise ManifestError("malformed piece", key=key, path=where)
+            check_relpath(p.get("path"), what="piece path", key=key)
+            offs = _check_int_list(p.get("offsets"), len(shape), "piece offsets", key, where)
+            sizes = _check_int_list(p.get("sizes"), len(shape), "piece sizes", key, where)
+            if any(o + s > d for o, s, d in zip(offs, sizes, shape)):
+                raise ManifestError("piece lies outside the tensor", key=key, path=where)
+    else:
+        raise ManifestError(f"unknown storage layout {layout!r}", key=key, path=where)

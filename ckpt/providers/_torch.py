@@ -1,0 +1,242 @@
+"""Providers for torch objects: modules, optimizers, plain tensors.
+
+Modules are saved as their ``state_dict`` (parameters and persistent buffers, keyed
+``<prefix>/<fqn>``) and loaded in place. Buffers are captured eagerly: BatchNorm
+statistics and EMA buffers change during forward, which overlaps the background copy.
+
+Optimizers are keyed by parameter *names*, not indices: ``<prefix>/state/<fqn>/<name>``
+and ``param_groups`` with names in ``params``. Names come from the modules in the same
+state; a parameter no module owns keeps its index (``param.<i>``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ckpt.errors import MissingKeyError, ShapeMismatchError, UnexpectedKeyError
+from ckpt.providers._base import DescribeContext, Finalizer, Item, LoadSource, TensorItem, ValueItem
+from ckpt.providers._tree import TreeProvider, flatten, unflatten
+
+
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+class TensorProvider:
+    """One top-level tensor, loaded in place."""
+
+    def __init__(self, tensor: torch.Tensor, prefix: str, ctx: DescribeContext | None = None) -> None:
+        self.tensor = tensor
+        self.prefix = prefix
+
+    def items(self) -> Iterator[Item]:
+        if _is_dtensor(self.tensor):
+            from ckpt.providers._dtensor import dtensor_item
+
+            yield dtensor_item(self.prefix, self.tensor)
+        else:
+            yield TensorItem(self.prefix, self.tensor.detach())
+
+    def load(self, src: LoadSource) -> Finalizer | None:
+        if _is_dtensor(self.tensor):
+            from ckpt.providers._dtensor import read_dtensor
+
+            read_dtensor(src, self.prefix, self.tensor)
+        else:
+            src.read_into(self.prefix, self.tensor.detach())
+        return None
+
+
+class ModuleProvider:
+    def __init__(self, module: torch.nn.Module, prefix: str, ctx: DescribeContext) -> None:
+        self.module = module
+        self.prefix = prefix
+        ctx.add_module(prefix, module)
+
+    def _state(self) -> dict[str, Any]:
+        return self.module.state_dict(keep_vars=True)
+
+    def _buffers(self) -> set[int]:
+        return {id(b) for b in self.module.buffers()}
+
+    def items(self) -> Iterator[Item]:
+        buffers = self._buffers()
+        extra: dict[str, Any] = {}
+        for name, value in self._state().items():
+            key = f"{self.prefix}/{name}"
+            if isinstance(value, torch.Tensor):
+                eager = id(value) in buffers
+                if _is_dtensor(value):
+                    from ckpt.providers._dtensor import dtensor_item
+
+                    yield dtensor_item(key, value, eager=eager)
+                else:
+                    yield TensorItem(key, value.detach(), eager=eager)
+            else:
+                extra[name] = value
+        if extra:
+            out: list[Item] = []
+            structure = flatten(extra, f"{self.prefix}/.extra", out, eager=True)
+            yield ValueItem(f"{self.prefix}/.extra", structure, encoded=True)
+            yield from out
+
+    def load(self, src: LoadSource) -> Finalizer | None:
+        state = self._state()
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        for name, t in tensors.items():
+            key = f"{self.prefix}/{name}"
+            if not src.has(key):
+                src.missing(key)
+                continue
+            if _is_dtensor(t):
+                from ckpt.providers._dtensor import read_dtensor
+
+                read_dtensor(src, key, t)
+            else:
+                src.read_into(key, t.detach())
+        extra_names = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+        extra_key = f"{self.prefix}/.extra"
+        if not extra_names and not src.has(extra_key):
+            return None
+        if not src.has(extra_key):
+            for n in extra_names:
+                src.missing(f"{self.prefix}/{n}")
+            return None
+        pending: list[Any] = []
+        loaded = unflatten(src.raw(extra_key), src, {k: state[k] for k in extra_names}, pending)
+        module = self.module
+
+        def finish() -> None:
+            for name, value in loaded.items():
+                owner, _, attr = name.rpartition(".")
+                sub = module.get_submodule(owner) if owner else module
+                if attr == "_extra_state" and hasattr(sub, "set_extra_state"):
+                    sub.set_extra_state(value)
+
+        return finish
+
+
+class OptimizerProvider:
+    def __init__(self, optim: torch.optim.Optimizer, prefix: str, ctx: DescribeContext) -> None:
+        self.optim = optim
+        self.prefix = prefix
+        self.ctx = ctx
+
+    def _names(self) -> list[str]:
+        """Names of the optimizer's parameters in state_dict index order."""
+        names = []
+        i = 0
+        for group in self.optim.param_groups:
+            for p in group["params"]:
+                names.append(self.ctx.param_names.get(id(p), f"param.{i}"))
+                i += 1
+        return names
+
+    def _by_name(self, sd: dict[str, Any]) -> dict[str, Any]:
+        names = self._names()
+        state = {names[i]: s for i, s in sd["state"].items()}
+        groups = []
+        for g in sd["param_groups"]:
+            g = dict(g)
+            g["params"] = [names[i] for i in g["params"]]
+            groups.append(g)
+        return {"state": state, "param_groups": groups}
+
+    def items(self) -> Iterator[Item]:
+        sd = self._by_name(self.optim.state_dict())
+        out: list[Item] = []
+        # param_groups (lr, betas...) change outside step (schedulers): capture eagerly.
+        groups = flatten(sd["param_groups"], f"{self.prefix}/param_groups", out, eager=True)
+        state = flatten(sd["state"], f"{self.prefix}/state", out)
+        yield ValueItem(self.prefix, {"state": state, "param_groups": groups}, encoded=True)
+        yield from out
+
+    def load(self, src: LoadSource) -> Finalizer | None:
+        if not src.has(self.prefix):
+            src.missing(self.prefix)
+            return None
+        structure = src.raw(self.prefix)
+        names = self._names()
+        index = {n: i for i, n in enumerate(names)}
+        saved_names = list(structure["state"].keys())
+        unknown = [n for n in saved_names if n not in index]
+        if unknown and src.strict:
+            raise UnexpectedKeyError(
+                f"the checkpoint has optimizer state for parameters this optimizer does not have: {unknown[:5]}",
+                key=self.prefix, path=src.where,
+                hint="build the optimizer over the same parameters, or load with strict=False")
+        # Load into the live state tensors when they exist (no extra copy), else new ones
+        # on the parameter's device.
+        live = self._by_name(self.optim.state_dict())["state"]
+        params = [p for g in self.optim.param_groups for p in g["params"]]
+        pending: list[Any] = []
+        state: dict[str, Any] = {}
+        for name in saved_names:
+            if name not in index:
+                continue
+            st = unflatten(structure["state"][name], src, live.get(name, {}), pending, [])
+            state[name] = _to_device(st, params[index[name]])
+        groups = unflatten(structure["param_groups"], src, None, pending)
+        if len(groups) != len(self.optim.param_groups):
+            raise ShapeMismatchError(
+                f"the checkpoint has {len(groups)} parameter groups, this optimizer {len(self.optim.param_groups)}",
+                key=self.prefix, path=src.where, hint="build the optimizer with the same parameter groups")
+        for g, mine in zip(groups, self.optim.param_groups):
+            missing = [n for n in g["params"] if n not in index]
+            if len(g["params"]) != len(mine["params"]) or (missing and src.strict):
+                raise ShapeMismatchError(
+                    "a parameter group of the checkpoint holds other parameters than this optimizer's",
+                    key=self.prefix, path=src.where,
+                    hint="build the optimizer over the same named parameters in the same groups")
+        # param index order must follow this optimizer's groups, not the saved order
+        pos = 0
+        for g, mine in zip(groups, self.optim.param_groups):
+            g["params"] = list(range(pos, pos + len(mine["params"])))
+            pos += len(mine["params"])
+        for n in names:
+            if n not in state and n in live and src.strict and live[n]:
+                raise MissingKeyError("the checkpoint has no optimizer state for a parameter that has some",
+                                      key=f"{self.prefix}/state/{n}", path=src.where,
+                                      hint="load with strict=False to keep the current state")
+        optim = self.optim
+
+        def finish() -> None:
+            optim.load_state_dict({"state": {index[n]: s for n, s in state.items()}, "param_groups": groups})
+
+        return finish
+
+
+def _to_device(state: Any, param: torch.Tensor) -> Any:
+    """Optimizer.load_state_dict casts state to the parameter's device; nothing to do,
+    but new tensors read on CPU are left for it to move."""
+    return state
+
+
+def default_provider(obj: Any, prefix: str, ctx: DescribeContext, parent: dict[str, Any] | None,
+                     name: str | None = None) -> Any:
+    """The built-in choice of provider for one top-level object of the state."""
+    from ckpt.providers._base import registered_factory
+    from ckpt.providers._tree import StatefulProvider
+
+    factory = registered_factory(obj)
+    if factory is not None:
+        return factory(obj, prefix, ctx)
+    if isinstance(obj, torch.nn.Module):
+        return ModuleProvider(obj, prefix, ctx)
+    if isinstance(obj, torch.optim.Optimizer):
+        return OptimizerProvider(obj, prefix, ctx)
+    if isinstance(obj, torch.Tensor):
+        return TensorProvider(obj, prefix, ctx)
+    if hasattr(obj, "items") and hasattr(obj, "load") and callable(obj.items) and callable(obj.load) \
+            and not isinstance(obj, dict):
+        return obj  # already a provider
+    if hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
+        return StatefulProvider(obj, prefix, ctx)
+    def setter(v: Any) -> None:
+        if parent is not None:
+            parent[name if name is not None else prefix] = v
+
+    return TreeProvider(prefix, lambda: obj, setter if parent is not None else None)
