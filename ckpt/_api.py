@@ -109,15 +109,15 @@ class Snapshotter:
         return self._streams
 
     def _hook(self, state: dict[str, Any]) -> None:
+        ref = weakref.ref(self)
+
+        def pre_step(_opt: Any, _args: Any, _kwargs: Any) -> None:
+            me = ref()
+            if me is not None:
+                me.wait_staged()
+
         for obj in state.values():
             if isinstance(obj, torch.optim.Optimizer) and obj not in self._hooked:
-                ref = weakref.ref(self)
-
-                def pre_step(_opt: Any, _args: Any, _kwargs: Any) -> None:
-                    me = ref()
-                    if me is not None:
-                        me.wait_staged()
-
                 obj.register_step_pre_hook(pre_step)
                 self._hooked.add(obj)
 

@@ -109,7 +109,7 @@ def supported_dtypes() -> list[str]:
 # ---------------------------------------------------------------------------
 # keys and paths
 # ---------------------------------------------------------------------------
-_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_.\-%]+$")
+_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_.\-%~]+$")  # what key_to_path emits (quote keeps "~")
 
 
 def key_to_path(key: str) -> str:
@@ -141,7 +141,7 @@ def check_relpath(path: Any, *, what: str = "path", key: str | None = None) -> s
         raise UnsafePathError(f"{what} {path!r} is not a relative path inside the checkpoint",
                               key=key, hint="the manifest is damaged or hostile; do not load it")
     for comp in path.split("/"):
-        if comp in ("", ".", "..") or not _SAFE_COMPONENT.match(comp.replace("~", "")):
+        if comp in ("", ".", "..") or not _SAFE_COMPONENT.match(comp):
             raise UnsafePathError(f"{what} {path!r} would leave the checkpoint directory",
                                   key=key, hint="the manifest is damaged or hostile; do not load it")
     return path
@@ -308,7 +308,10 @@ class Manifest:
         if not isinstance(entries, dict):
             raise ManifestError("manifest has no entries table", path=where)
         for key, entry in entries.items():
-            validate_entry(key, entry, where)
+            try:
+                validate_entry(key, entry, where)
+            except UnsafePathError as e:  # check_relpath does not know the checkpoint's path
+                raise UnsafePathError(e.message, key=e.key, path=where, hint=e.hint) from None
         step = body.get("step")
         if step is not None and (not isinstance(step, int) or step < 0):
             raise ManifestError(f"bad step {step!r}", path=where)

@@ -45,7 +45,7 @@ def translate(exc: BaseException, *, key: str | None, where: str, reading: bool)
         return exc
     text = str(exc)
     low = text.lower()
-    if reading and ("checksum" in low or "crc32c" in low):
+    if reading and ("checksum" in low or "crc32c" in low or "digest mismatch" in low or "data_loss" in low):
         return CorruptCheckpointError(f"stored data fails its checksum ({text})", key=key, path=where,
                                       hint="the checkpoint is damaged; `ckpt verify` lists every bad chunk; "
                                            "load an earlier checkpoint")

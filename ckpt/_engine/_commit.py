@@ -47,7 +47,11 @@ def read_manifest(storage: Storage, name: str) -> Manifest:
     where = storage.describe(name)
     try:
         data = storage.read_bytes(f"{name}/{MANIFEST}")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        if storage.exists(name) and not _holds_ckpt_data(storage, name):
+            raise CheckpointNotFoundError(
+                "this is not a ckpt checkpoint: no manifest.json and no checkpoint data", path=where,
+                hint="point at one checkpoint of a run (RUN/step-000000100); `ckpt ls RUN` lists them") from None
         if storage.exists(name):
             raise IncompleteCheckpointError(
                 "this checkpoint has data but no manifest: its save never committed", path=where,
@@ -55,6 +59,14 @@ def read_manifest(storage: Storage, name: str) -> Manifest:
         raise CheckpointNotFoundError("no checkpoint here", path=where,
                                       hint="check the URL; `ckpt ls RUN` lists committed checkpoints") from None
     return Manifest.from_json(data, where=where)
+
+
+def _holds_ckpt_data(storage: Storage, name: str) -> bool:
+    """Whether ``name`` holds data a ckpt save writes (arrays, packs, pickled objects)."""
+    try:
+        return any(d in ("arrays", "packs", "objects") for d in storage.list_dirs(name))
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)

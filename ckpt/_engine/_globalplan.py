@@ -78,6 +78,9 @@ def build_plan(metas: list[list[PieceMeta]], cfg: PlanConfig) -> GlobalPlan:
     info: dict[str, tuple[str, tuple[int, ...]]] = {}
     for rank, pieces in enumerate(metas):
         for p in pieces:
+            if math.prod(p.sizes) == 0 and math.prod(p.shape) > 0:
+                info.setdefault(p.key, (p.dtype, p.shape))
+                continue  # an empty shard of a non-empty tensor holds nothing to write
             seen = info.setdefault(p.key, (p.dtype, p.shape))
             if seen != (p.dtype, p.shape):
                 raise ShapeMismatchError(

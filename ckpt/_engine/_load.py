@@ -276,7 +276,8 @@ class Loader:
             self._arrays[path] = self._result(f, path, None)
         reads = {p: self._result(f, p, None).read() for p, f in pack_futs.items()}
         for path, f in reads.items():
-            self._packs[path] = self._result(f, path, None)
+            members = [k for k, e in self.manifest.entries.items() if (e.get("storage") or {}).get("path") == path]
+            self._packs[path] = self._result(f, path, ", ".join(members) or None)  # name the keys a bad pack holds
             self.stats.bytes_fetched += self._packs[path].nbytes
 
     def _pack_size(self, path: str) -> int:

@@ -53,7 +53,9 @@ from ckpt.errors import (
     CheckpointExistsError,
     DistributedSaveError,
     PickleNotAllowedError,
+    SnapshotFailedError,
     UnsafePathError,
+    UnsupportedStateError,
 )
 from ckpt.providers._base import TensorItem, ValueItem
 from ckpt.storage import Storage
@@ -94,7 +96,7 @@ class _Unit:
 
     assignment: Assignment | None
     region: tuple[tuple[int, ...], tuple[int, ...]]  # region within the target array
-    members: list[tuple[torch.Tensor, int]]  # (source view, byte offset in the block)
+    members: list[tuple[torch.Tensor, int, str]]  # (source view, byte offset in the block, key)
     nbytes: int
     shape: tuple[int, ...]
     np_dtype: str
@@ -113,7 +115,7 @@ class _Prepared:
     rank_values: dict[str, Any]  # encoded per-rank values
     pickles: dict[str, bytes]
     ready_events: dict[Any, Any] = field(default_factory=dict)  # device -> cuda event
-    hooked: list[Any] = field(default_factory=list)
+    versions: dict[str, int] = field(default_factory=dict)  # key -> tensor._version at snapshot
 
 
 def prepare(items: list[Any], *, allow_pickle: bool, rank: int) -> _Prepared:
@@ -133,7 +135,7 @@ def prepare(items: list[Any], *, allow_pickle: bool, rank: int) -> _Prepared:
             t = it.tensor
             dtype_name(t.dtype, it.key)
             if t.device.type == "meta":
-                raise UnsafePathError("a meta tensor has no data to save", key=it.key,
+                raise UnsupportedStateError("a meta tensor has no data to save", key=it.key,
                                       hint="materialise the module (to_empty + init) before saving")
             if it.eager:
                 it = TensorItem(it.key, _eager_copy(t), it.global_shape, it.offsets, it.replica)
@@ -155,6 +157,7 @@ def prepare(items: list[Any], *, allow_pickle: bool, rank: int) -> _Prepared:
                 raise PickleNotAllowedError("per-rank values must be JSON-able", key=it.key) from None
             pickles[it.key] = pickle.dumps(it.value, protocol=pickle.HIGHEST_PROTOCOL)
     prep = _Prepared(tensors, values, rank_values, pickles)
+    prep.versions = {t.key: t.tensor._version for t in tensors}
     for t in tensors:
         dev = t.tensor.device
         if dev.type == "cuda" and dev not in prep.ready_events:
@@ -250,6 +253,8 @@ class SnapshotJob:
     def _run(self) -> None:
         local_error: BaseException | None = None
         write_dir = self.name
+        self.pool.peak = self.pool.used
+        wait0 = self.pool.wait_s
         try:
             write_dir = self._agree_on_dir()
             plan = self._plan()
@@ -271,6 +276,7 @@ class SnapshotJob:
         finally:
             self.stats.total_s = time.perf_counter() - self.t_call
             self.stats.pool_peak_bytes = self.pool.peak
+            self.stats.pool_wait_s = self.pool.wait_s - wait0
             self._done.set()
             with self._cb_lock:
                 callbacks, self._callbacks = self._callbacks, []
@@ -319,12 +325,12 @@ class SnapshotJob:
     def _units(self, plan: GlobalPlan) -> list[_Unit]:
         local = {(it.key, it.box): it for it in self.prep.tensors}
         units: list[_Unit] = []
-        pack_members: dict[str, list[tuple[torch.Tensor, int]]] = {}
+        pack_members: dict[str, list[tuple[torch.Tensor, int, str]]] = {}
         for a in plan.per_rank.get(self.coord.rank, []):
             it = local[(a.key, a.box)]
             t = it.tensor
             if a.kind == "pack":
-                pack_members.setdefault(a.path, []).append((t, a.pack_offset))
+                pack_members.setdefault(a.path, []).append((t, a.pack_offset, a.key))
                 continue
             assert a.layout is not None
             sd = storage_dtype(dtype_name(t.dtype))
@@ -334,7 +340,7 @@ class SnapshotJob:
                 base = self._region_box(a)[0]
                 sl = tuple(slice(o - b, o - b + s) for o, b, s in zip(offs, base, sizes))
                 view = t[sl] if t.dim() else t
-                units.append(_Unit(a, (offs, sizes), [(view, 0)], view.numel() * view.element_size(),
+                units.append(_Unit(a, (offs, sizes), [(view, 0, a.key)], view.numel() * view.element_size(),
                                    tuple(sizes), sd, a.path, a.key))
         for path, nbytes in plan.packs.get(self.coord.rank, []):
             units.append(_Unit(None, ((0,), (nbytes,)), pack_members.get(path, []), nbytes, (nbytes,),
@@ -398,7 +404,7 @@ class SnapshotJob:
             if self._cancel.is_set():
                 return
             u.block = self.pool.acquire(u.nbytes, cancelled=self._cancel)
-            dev = next((m.device for m, _ in u.members if m.device.type == "cuda"), None)
+            dev = next((m.device for m, _, _ in u.members if m.device.type == "cuda"), None)
             if dev is not None:
                 stream = streams[n % len(streams)]
                 n += 1
@@ -406,18 +412,30 @@ class SnapshotJob:
                     ready = self.prep.ready_events.get(dev)
                     if ready is not None:
                         stream.wait_event(ready)
-                    for src, off in u.members:
+                    for src, off, _ in u.members:
                         _copy_to_block(u.block, off, src, non_blocking=True)
                     ev = torch.cuda.Event()
                     ev.record(stream)
                 u.event = ev
                 self._copy_events.append(ev)
             else:
-                for src, off in u.members:
+                for src, off, _ in u.members:
                     _copy_to_block(u.block, off, src, non_blocking=False)
+                self.check_unchanged(u)
             self.stats.bytes += u.nbytes
             writer_q.put(u)
         self._staged.set()
+
+    def check_unchanged(self, u: _Unit) -> None:
+        """Fail loudly if a source changed before its copy completed: a checkpoint must
+        never hold a torn mix of two steps."""
+        for src, _, key in u.members:
+            if src._version != self.prep.versions.get(key, src._version):
+                raise SnapshotFailedError(
+                    "a tensor was modified in place before the snapshot had copied it", key=key,
+                    path=self.url,
+                    hint="mutate state only through the optimizer step (its hook waits), or call "
+                         "handle.wait_staged() before changing tensors in place")
 
     def _commit(self, local_error: BaseException | None, write_dir: str) -> None:
         t0 = time.perf_counter()
@@ -531,6 +549,7 @@ class _Writer(threading.Thread):
                     continue
                 if u.event is not None:
                     u.event.synchronize()
+                    self.job.check_unchanged(u)
                 self._write(u)
             self.staged_at = time.perf_counter()
             with self._all_done:

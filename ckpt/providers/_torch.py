@@ -168,8 +168,12 @@ class OptimizerProvider:
                 f"the checkpoint has optimizer state for parameters this optimizer does not have: {unknown[:5]}",
                 key=self.prefix, path=src.where,
                 hint="build the optimizer over the same parameters, or load with strict=False")
-        # Load into the live state tensors when they exist (no extra copy), else new ones
-        # on the parameter's device.
+ # Load into the live state tensors (no extra copy, right device and placement):
+        # a fresh optimizer gets its state created first, as DCP does.
+        if saved_names and not self.optim.state:
+            from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+            _init_optim_state(self.optim)
         live = self._by_name(self.optim.state_dict())["state"]
         params = [p for g in self.optim.param_groups for p in g["params"]]
         pending: list[Any] = []
