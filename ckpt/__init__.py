@@ -18,6 +18,7 @@ from ckpt._engine._commit import CheckpointInfo
 from ckpt._engine._load import LoadStats
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._save import SaveStats
+from ckpt._manager import CheckpointManager, EverySeconds, EverySteps, KeepEvery, KeepLast
 from ckpt._run import latest, list_checkpoints, read_manifest
 from ckpt.errors import CheckpointError
 from ckpt.providers import RNGState, Stateful, register_provider
@@ -25,6 +26,11 @@ from ckpt.providers import RNGState, Stateful, register_provider
 __all__ = [
     "save",
     "save_async",
+    "CheckpointManager",
+    "EverySteps",
+    "EverySeconds",
+    "KeepLast",
+    "KeepEvery",
     "load",
     "SaveHandle",
     "SaveStats",

@@ -83,7 +83,7 @@ def dtype_name(dtype: torch.dtype, key: str | None = None) -> str:
 def torch_dtype(name: str, key: str | None = None) -> torch.dtype:
     try:
         return _DTYPES[name][0]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: a non-string (unhashable) dtype in a hostile manifest
         raise ManifestError(f"unknown dtype {name!r} in the manifest", key=key,
                             hint="the checkpoint was written by a newer ckpt or is damaged") from None
 
@@ -276,7 +276,8 @@ class Manifest:
         }
         canon = _canonical(body)
         body["checksum"] = "sha256:" + hashlib.sha256(canon).hexdigest()
-        return json.dumps(body, indent=1, sort_keys=True, allow_nan=False).encode()
+        # Not sorted: dict values keep their key order on load (the checksum is over the sorted form).
+        return json.dumps(body, indent=1, allow_nan=False).encode()
 
     @classmethod
     def from_json(cls, data: bytes, *, where: str) -> Manifest:
@@ -310,8 +311,11 @@ class Manifest:
         for key, entry in entries.items():
             try:
                 validate_entry(key, entry, where)
-            except UnsafePathError as e:  # check_relpath does not know the checkpoint's path
-                raise UnsafePathError(e.message, key=e.key, path=where, hint=e.hint) from None
+            except (UnsafePathError, ManifestError) as e:  # the validators may not know path or fix
+                if e.path and e.hint:
+                    raise
+                raise type(e)(e.message, key=e.key, path=where,
+                              hint=e.hint or "the manifest is damaged or hostile; load an earlier checkpoint") from None
         step = body.get("step")
         if step is not None and (not isinstance(step, int) or step < 0):
             raise ManifestError(f"bad step {step!r}", path=where)

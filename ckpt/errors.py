@@ -65,6 +65,7 @@ class CheckpointError(Exception):
             parts.append(f"fix: {hint}")
         self.message = message
         super().__init__("; ".join(parts))
+        self.path = path  # again: ImportError.__init__ (MissingDependencyError) resets .path to None
 
     def __reduce__(self):  # keeps errors picklable across processes
         return (_rebuild, (type(self), self.message, self.key, self.path, self.hint))

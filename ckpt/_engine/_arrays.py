@@ -30,7 +30,8 @@ def open_for_write(storage: Storage, path: str, metadata: dict[str, Any], *, cre
         kwargs.update(create=True, delete_existing=False)
     else:
         kwargs.update(assume_metadata=True)
-    return ts.open(array_spec(storage, path, metadata), **kwargs)
+    # store chunks equal to the fill value too: a missing object then always means data loss
+    return ts.open({**array_spec(storage, path, metadata), "store_data_equal_to_fill_value": True}, **kwargs)
 
 
 def open_for_read(storage: Storage, path: str) -> Any:

@@ -32,6 +32,7 @@ from ckpt.errors import (
     ReshardError,
     ShapeMismatchError,
     UnexpectedKeyError,
+    UnsupportedStateError,
 )
 from ckpt.storage import Storage
 
@@ -160,6 +161,9 @@ class Loader:
                   global_shape: tuple[int, ...] | None = None) -> None:
         shape = tuple(global_shape if global_shape is not None else dest.shape)
         self._tensor_entry(key, dest.dtype, shape)
+        if dest.device.type == "meta":
+            raise UnsupportedStateError("cannot load into a meta tensor: it has no storage", key=key, path=self.where,
+                                        hint="materialise the module first (module.to_empty(device=...)), then load")
         offs = tuple(offsets) if offsets is not None else (0,) * dest.dim()
         if len(offs) != len(shape) or any(o + s > d for o, s, d in zip(offs, dest.shape, shape)):
             raise ShapeMismatchError(f"box {list(offs)}+{list(dest.shape)} lies outside {list(shape)}",
@@ -263,14 +267,15 @@ class Loader:
             if lay is None:
                 continue  # packs are read whole below
             meta = zarr_metadata(lay, storage_dtype(e["dtype"]), {})
-            spec = {"driver": "zarr3", "kvstore": self.storage.kvstore_spec(f"{self.name}/{path}"), "metadata": meta}
+            spec = {"driver": "zarr3", "kvstore": self.storage.kvstore_spec(f"{self.name}/{path}"), "metadata": meta,
+                    "fill_missing_data_reads": False}  # a deleted object is an error, not zeros
             futs[path] = ts.open(spec, open=True, assume_metadata=True, context=ctx)
         packs = {path for path, lay, _ in wanted if lay is None and path not in self._packs}
         pack_futs = {}
         for path in packs:
             nbytes = self._pack_size(path)
             spec = {"driver": "zarr3", "kvstore": self.storage.kvstore_spec(f"{self.name}/{path}"),
-                    "metadata": pack_metadata(nbytes, {})}
+                    "metadata": pack_metadata(nbytes, {}), "fill_missing_data_reads": False}
             pack_futs[path] = ts.open(spec, open=True, assume_metadata=True, context=ctx)
         for path, f in futs.items():
             self._arrays[path] = self._result(f, path, None)

@@ -134,7 +134,7 @@ def zarr_metadata(layout: ArrayLayout, storage_dtype: str, attributes: dict) -> 
         "data_type": storage_dtype,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(layout.shard_shape)}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": False if storage_dtype == "bool" else 0,
+        "fill_value": False if storage_dtype == "bool" else [0.0, 0.0] if storage_dtype.startswith("complex") else 0,
         "codecs": [
             {
                 "name": "sharding_indexed",

@@ -176,7 +176,8 @@ def _eager_copy(t: torch.Tensor) -> torch.Tensor:
 
 def _bytes_of(t: torch.Tensor) -> np.ndarray:
     """A contiguous CPU tensor's bytes as a numpy uint8 array (no copy)."""
-    flat = t.detach().reshape(-1)
+    # as_strided, not reshape: a "contiguous" tensor may keep any stride on size-1 dims
+    flat = t.detach().as_strided((t.numel(),), (1,))
     if flat.numel() == 0:
         return np.empty(0, dtype=np.uint8)
     return flat.view(torch.uint8).numpy()
@@ -531,6 +532,9 @@ class _Writer(threading.Thread):
         self.arrays = arrays
         self.q = q
         self.write_dir = write_dir
+        # tensorstore may keep referencing a written array; pool blocks are reused, so only
+        # let it where the kvstore copies the bytes out (the memory kvstore keeps them).
+        self.zero_copy = job.storage.kvstore_spec(write_dir).get("driver") != "memory"
         self.error: BaseException | None = None
         self.staged_at: float | None = None
         self._pending: list[tuple[Any, _Unit]] = []
@@ -568,7 +572,7 @@ class _Writer(threading.Thread):
         with self._lock:
             self._outstanding += 1
         try:
-            fut = target.write(data, can_reference_source_data_indefinitely=True)
+            fut = target.write(data, can_reference_source_data_indefinitely=self.zero_copy)
         except BaseException:
             self._finish(u, None)
             raise

@@ -137,6 +137,13 @@ class OptimizerProvider:
 
     def _by_name(self, sd: dict[str, Any]) -> dict[str, Any]:
         names = self._names()
+        if len(set(names)) != len(names):  # two modules with the same parameter names: state would be lost
+            from ckpt.errors import UnsupportedStateError
+
+            dup = sorted({n for n in names if names.count(n) > 1})[:5]
+            raise UnsupportedStateError(
+                f"the optimizer's parameters have ambiguous names {dup} (modules in the state share them)",
+                key=self.prefix, hint="wrap the modules in one nn.ModuleDict/nn.Module in the state")
         state = {names[i]: s for i, s in sd["state"].items()}
         groups = []
         for g in sd["param_groups"]:

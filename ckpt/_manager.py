@@ -1,0 +1,293 @@
+"""Training-loop hooks: when to save, what to keep, where to resume.
+
+    mgr = ckpt.CheckpointManager("s3://bucket/run", every_steps=500, keep_last=3)
+    start = mgr.restore(state)
+    for step in range(start, total):
+        ...; optimizer.step()
+        mgr.step(step, state)
+    mgr.close()
+
+Save and retention rules are small policy objects; a failed background save is logged
+and kept in ``failures`` — it never raises into the training loop. In a distributed job
+every rank calls the same methods at the same steps; decisions that depend on one
+rank's clock or signals are agreed over the side gloo group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from ckpt._api import SaveHandle, Snapshotter, load
+from ckpt._engine._commit import CheckpointInfo, list_run
+from ckpt._engine._coord import coordinator
+from ckpt._engine._options import SaveOptions
+from ckpt._format import MANIFEST, step_dirname
+from ckpt.errors import CheckpointError
+from ckpt.storage import open_storage
+
+log = logging.getLogger("ckpt")
+
+__all__ = ["CheckpointManager", "SavePolicy", "EverySteps", "EverySeconds", "KeepLast", "KeepEvery",
+           "RetentionPolicy"]
+
+
+class SavePolicy(Protocol):
+    def should_save(self, step: int, now: float, last_step: int | None, last_time: float) -> bool: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EverySteps:
+    n: int
+
+    def should_save(self, step: int, now: float, last_step: int | None, last_time: float) -> bool:
+        return self.n > 0 and (step + 1) % self.n == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EverySeconds:
+    seconds: float
+
+    def should_save(self, step: int, now: float, last_step: int | None, last_time: float) -> bool:
+        return now - last_time >= self.seconds
+
+
+class RetentionPolicy(Protocol):
+    def keep(self, steps: Sequence[int]) -> set[int]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepLast:
+    k: int
+
+    def keep(self, steps: Sequence[int]) -> set[int]:
+        return set(sorted(steps)[-self.k:]) if self.k > 0 else set()
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepEvery:
+    m: int
+
+    def keep(self, steps: Sequence[int]) -> set[int]:
+        return {s for s in steps if self.m > 0 and (s + 1) % self.m == 0}
+
+
+class CheckpointManager:
+    """Checkpoints of one run directory (local path or URL).
+
+    ``every_steps`` / ``every_seconds`` / ``policies``: when ``step()`` saves.
+    ``keep_last`` / ``keep_every`` / ``retention``: which committed checkpoints stay (a
+    checkpoint kept by any rule stays; the newest always stays). ``save_on_signals``:
+    on SIGTERM/SIGUSR1 the next ``step()`` saves once, waits for the commit and exits
+    the process with status 0 (``exit_on_preemption=False`` sets ``preempted`` instead).
+    ``save_on_close``: ``close()`` saves the last step if it was not saved.
+    """
+
+    def __init__(self, run: str | os.PathLike[str], *, every_steps: int | None = None,
+                 every_seconds: float | None = None, policies: Iterable[SavePolicy] = (),
+                 keep_last: int | None = None, keep_every: int | None = None,
+                 retention: Iterable[RetentionPolicy] = (),
+                 save_on_signals: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1),
+                 exit_on_preemption: bool = True, save_on_close: bool = True,
+                 options: SaveOptions | None = None, storage_options: dict[str, Any] | None = None,
+                 process_group: Any = None, allow_pickle: bool = False) -> None:
+        self.run = os.fspath(run).rstrip("/")
+        self.policies: list[SavePolicy] = list(policies)
+        if every_steps:
+            self.policies.append(EverySteps(every_steps))
+        if every_seconds:
+            self.policies.append(EverySeconds(every_seconds))
+        self.retention: list[RetentionPolicy] = list(retention)
+        if keep_last:
+            self.retention.append(KeepLast(keep_last))
+        if keep_every:
+            self.retention.append(KeepEvery(keep_every))
+        self.storage_options = dict(storage_options or {})
+        self.storage = open_storage(self.run, **self.storage_options)
+        self.process_group = process_group
+        self.coord = coordinator(process_group)
+        # The manager's own agreement collectives run in the training thread while a
+        # background commit may be using the engine's side group: a group of its own.
+        self._agree_group = None
+        if self.coord.world_size > 1:
+            import torch.distributed as dist
+
+            ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
+            self._agree_group = dist.new_group(ranks=ranks, backend="gloo")
+        self.allow_pickle = allow_pickle
+        self.snapshotter = Snapshotter(options)
+        self.exit_on_preemption = exit_on_preemption
+        self.save_on_close = save_on_close
+        self.preempted = False
+        self.failures: list[tuple[int | None, BaseException]] = []
+        self.handles: list[SaveHandle] = []
+        self.restored_step: int | None = None
+        self.blocked_s: list[float] = []  # per checkpoint: call + hook waits
+        self._signal = threading.Event()
+        self._last_step: int | None = None
+        self._last_saved: int | None = None
+        self._last_time = time.monotonic()
+        self._state: dict[str, Any] | None = None
+        self._closed = False
+        self._old_handlers: dict[int, Any] = {}
+        if save_on_signals and threading.current_thread() is threading.main_thread():
+            for sig in save_on_signals:
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    # -- signals -------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.warning("ckpt: received signal %d: saving at the next step, then exiting", signum)
+        self._signal.set()
+
+    def _agree(self, flags: list[bool]) -> list[bool]:
+        """Element-wise OR of flags over all ranks (one small collective)."""
+        if self.coord.world_size == 1:
+            return flags
+        import torch.distributed as dist
+
+        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._agree_group)
+        return [bool(x) for x in t.tolist()]
+
+    # -- restore ---------------------------------------------------------------
+    def checkpoints(self) -> list[CheckpointInfo]:
+        return list_run(self.storage)
+
+    def restore(self, state: dict[str, Any]) -> int:
+        """Load the newest committed checkpoint that loads cleanly; returns the step to
+        resume from (the saved step + 1), or 0 when there is none. A checkpoint that
+        fails (corrupt chunk, bad manifest) is skipped with a warning naming it."""
+        candidates = self.checkpoints() if self.coord.rank == 0 else None
+        candidates = self.coord.broadcast(candidates)
+        for info in candidates:
+            err: BaseException | None = None
+            try:
+                load(state, info.url, allow_pickle=self.allow_pickle, storage_options=self.storage_options,
+                     process_group=self.process_group)
+            except CheckpointError as e:
+                err = e
+            failed = self._agree([err is not None])[0]
+            if failed:
+                warnings.warn(f"ckpt: skipping checkpoint {info.url}: "
+                              f"{err if err is not None else 'another rank failed to load it'}",
+                              RuntimeWarning, stacklevel=2)
+                continue
+            self.restored_step = info.step
+            self._last_saved = info.step
+            return (info.step or 0) + 1 if info.step is not None else 0
+        return 0
+
+    # -- saving ------------------------------------------------------------------
+    def step(self, step: int, state: dict[str, Any]) -> SaveHandle | None:
+        """Call after the optimizer step of ``step``; saves when a policy says so. The
+        wait for staging happens in the next optimizer step, not here."""
+        self._state = state
+        self._last_step = step
+        now = time.monotonic()
+        due = any(p.should_save(step, now, self._last_saved, self._last_time) for p in self.policies)
+        if self.coord.world_size > 1 and (any(isinstance(p, EverySeconds) for p in self.policies)
+                                          or self._old_handlers):
+            due, preempt = self._agree([due, self._signal.is_set()])
+        else:
+            preempt = self._signal.is_set()
+        if preempt:
+            self._preempt(step, state)
+            return None
+        if not due:
+            return None
+        return self.save(step, state)
+
+    def save(self, step: int, state: dict[str, Any], *, block: bool = False) -> SaveHandle:
+        """Snapshot now (asynchronously unless ``block``)."""
+        self._last_time = time.monotonic()
+        self._last_saved = step
+        url = f"{self.run}/{step_dirname(step)}"
+        handle = self.snapshotter.save_async(state, url, step=step, allow_pickle=self.allow_pickle,
+                                             storage_options=self.storage_options,
+                                             process_group=self.process_group, overwrite=True)
+        self.handles = [h for h in self.handles if not h.done()] + [handle]
+        handle.add_done_callback(lambda h: self._after_commit(h, step))
+        if block:
+            handle.exception()
+        return handle
+
+    def _after_commit(self, handle: SaveHandle, step: int) -> None:
+        err = handle.exception()
+        if err is not None:
+            self.failures.append((step, err))
+            log.warning("ckpt: checkpoint of step %s failed: %r", step, err)
+            return
+        self.blocked_s.append(handle.stats.blocked_s)
+        if self.coord.rank == 0 and self.retention:
+            try:
+                self.apply_retention()
+            except Exception as e:  # noqa: BLE001 - retention must not hurt training
+                log.warning("ckpt: retention failed: %r", e)
+
+    def apply_retention(self) -> list[str]:
+        """Delete committed checkpoints no rule keeps: manifest first, then data."""
+        infos = [i for i in list_run(self.storage) if i.step is not None]
+        steps = [i.step for i in infos if i.step is not None]
+        keep: set[int] = {max(steps)} if steps else set()
+        for rule in self.retention:
+            keep |= rule.keep(steps)
+        if self.restored_step is not None and self._last_saved == self.restored_step:
+            keep.add(self.restored_step)
+        removed = []
+        for info in infos:
+            if info.step not in keep:
+                self.storage.delete(f"{info.name}/{MANIFEST}")
+                self.storage.delete_dir(info.name)
+                removed.append(info.name)
+        return removed
+
+    def _preempt(self, step: int, state: dict[str, Any]) -> None:
+        self.preempted = True
+        if self._last_saved != step:
+            handle = self.save(step, state)
+            err = handle.exception()
+            if err is not None:
+                log.error("ckpt: the preemption checkpoint failed: %r", err)
+        else:
+            self.wait()
+        if self.exit_on_preemption:
+            self._restore_handlers()
+            self.snapshotter.close()
+            raise SystemExit(0)
+
+    def wait(self) -> None:
+        """Block until every pending checkpoint is committed (or failed)."""
+        for h in list(self.handles):
+            h.exception()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.save_on_close and self._state is not None and self._last_step is not None \
+                and self._last_saved != self._last_step:
+            self.save(self._last_step, self._state)
+        self.wait()
+        self.snapshotter.close()
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig, old in self._old_handlers.items():
+                signal.signal(sig, old)
+        self._old_handlers = {}
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""Implementation of :mod:`ckpt.tools` (the library behind the ``ckpt`` command)."""

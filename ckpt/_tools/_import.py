@@ -1,0 +1,239 @@
+"""``import``: a DCP checkpoint, a ``torch.save`` file or safetensors files -> a ckpt checkpoint.
+
+The source is read whole into memory on CPU (as DCP's own ``dcp_to_torch_save`` does),
+then written with ``ckpt.save``. Its nested dicts and lists become ``/``-separated keys:
+``{"model": {"0.weight": t}}`` is stored under ``model/0.weight``, which is where a
+module saved as ``{"model": model}`` keeps that parameter, so
+``ckpt.load({"model": model}, url)`` loads it. Sub-trees without tensors are stored as
+one plain value. Unpickling runs code, so torch.save files and DCP's non-tensor values
+are read with ``weights_only`` unless ``allow_pickle``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckpt._api import save
+from ckpt._format import parse_step_dirname, step_dirname
+from ckpt.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    PickleNotAllowedError,
+    UnsupportedStateError,
+)
+from ckpt.providers._base import Item, TensorItem, ValueItem, component
+
+FORMATS = ("auto", "dcp", "torch", "safetensors")
+
+
+def detect_format(src: Path) -> str:
+    if src.is_dir():
+        if (src / ".metadata").is_file():
+            return "dcp"
+        if any(src.glob("*.safetensors")):
+            return "safetensors"
+        raise CheckpointNotFoundError("cannot tell the format of this directory: no DCP .metadata, no *.safetensors",
+                                      path=str(src), hint="pass --format, or point at the checkpoint itself")
+    if src.suffix == ".safetensors":
+        return "safetensors"
+    return "torch"
+
+
+class _Leaves:
+    """A provider over ready-made (key, tensor or value) pairs: saves them under exactly
+    those keys, with no structure entry of its own."""
+
+    def __init__(self, leaves: list[tuple[str, Any]]) -> None:
+        self.leaves = leaves
+
+    def items(self) -> Iterator[Item]:
+        for key, v in self.leaves:
+            yield TensorItem(key, v.detach()) if isinstance(v, torch.Tensor) else ValueItem(key, v)
+
+    def load(self, src: Any) -> None:  # pragma: no cover - import only saves
+        raise NotImplementedError
+
+
+def _has_tensor(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, dict):
+        return any(_has_tensor(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return any(_has_tensor(v) for v in obj)
+    return False
+
+
+def flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dicts/lists -> (``/``-joined key, leaf) pairs; tensor-free sub-trees stay whole."""
+    if isinstance(obj, torch.Tensor) or not _has_tensor(obj) and prefix:
+        if not prefix:
+            raise UnsupportedStateError("a lone tensor needs a name", hint="pass --prefix NAME")
+        return [(prefix, obj)]
+    if isinstance(obj, dict):
+        pairs = obj.items()
+    elif isinstance(obj, list | tuple):
+        pairs = enumerate(obj)  # type: ignore[assignment]
+    elif not prefix:
+        raise UnsupportedStateError(f"nothing to import from a {type(obj).__name__}",
+                                    hint="the source must hold a dict of tensors (a state dict)")
+    else:
+        return [(prefix, obj)]
+    out = []
+    for k, v in pairs:
+        out.extend(flatten(v, f"{prefix}/{component(k)}" if prefix else component(k)))
+    return out
+
+
+def _read_torch(src: Path, allow_pickle: bool) -> Any:
+    try:
+        try:
+            obj = torch.load(src, map_location="cpu", weights_only=not allow_pickle, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(src, map_location="cpu", weights_only=not allow_pickle)  # legacy format
+    except Exception as e:
+        if not allow_pickle and "weights_only" in str(e):
+            raise PickleNotAllowedError(f"the file holds objects that only a full unpickle can read "
+                                        f"({_unpickle_reason(e)})",
+                                        path=str(src), hint="pass --allow-pickle if you trust this file "
+                                                            "(unpickling runs code)") from None
+        raise
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    return obj
+
+
+def _read_safetensors(src: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    files = sorted(src.glob("*.safetensors")) if src.is_dir() else [src]
+    out: dict[str, Any] = {}
+    for f in files:
+        out.update(load_file(str(f), device="cpu"))
+    return out
+
+
+def _read_dcp(src: Path, allow_pickle: bool) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(src))
+    md = reader.read_metadata()
+    sd: dict[str, Any] = {}
+    for fqn, item in md.state_dict_metadata.items():
+        value = torch.empty(item.size, dtype=item.properties.dtype) if isinstance(item, TensorStorageMetadata) else None
+        _set(sd, (md.planner_data or {}).get(fqn, (fqn,)), value)
+
+    class _Planner(DefaultLoadPlanner):
+        """Non-tensor values through ``weights_only`` unpickling unless pickle is allowed."""
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            fqn = read_item.dest_index.fqn
+            try:
+                obj = torch.load(value, weights_only=not allow_pickle)
+            except Exception as e:
+                if allow_pickle:
+                    raise
+                raise PickleNotAllowedError(f"a non-tensor value of the DCP checkpoint needs a full unpickle "
+                                            f"({_unpickle_reason(e)})",
+                                            key=fqn, path=str(src),
+                                            hint="pass --allow-pickle if you trust this checkpoint") from None
+            if self.flatten_state_dict:
+                _set(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    import warnings
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        try:
+            dcp.load(sd, storage_reader=reader, planner=_Planner(), no_dist=True)
+        except CheckpointException as e:  # a BaseException that wraps the real error with its traceback
+            first = next(iter(e.failures.values()), None)
+            real = first[0] if isinstance(first, tuple) else first
+            if isinstance(real, Exception):
+                raise real from None
+            raise CheckpointError(f"DCP could not read the checkpoint ({real!r})", path=str(src)) from None
+    return sd
+
+
+def _unpickle_reason(e: BaseException) -> str:
+    """The one useful line of torch.load's long weights_only message."""
+    m = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|\n|$)", str(e))
+    return m.group(1).strip().rstrip(".") if m else str(e).splitlines()[0]
+
+
+def _set(root: dict[str, Any], path: Any, value: Any) -> None:
+    """Place ``value`` at a DCP object path (dict keys and list indices)."""
+    cur: Any = root
+    path = tuple(path)
+    for i, k in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        empty: Any = [] if isinstance(nxt, int) else {}
+        if isinstance(cur, list):
+            cur.extend([None] * (k + 1 - len(cur)))
+            if cur[k] is None:
+                cur[k] = empty
+        else:
+            cur.setdefault(k, empty)
+        cur = cur[k]
+    last = path[-1]
+    if isinstance(cur, list):
+        cur.extend([None] * (last + 1 - len(cur)))
+    cur[last] = value
+
+
+def import_(src: str | os.PathLike[str], run_or_ckpt_url: str | os.PathLike[str], format: str = "auto", *,
+            step: int | None = None, prefix: str | None = None, allow_pickle: bool = False,
+            overwrite: bool = False, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Convert ``src`` into a ckpt checkpoint.
+
+    ``run_or_ckpt_url`` is the checkpoint's URL, or with ``step`` the run to write
+    ``step-<step>`` into. ``prefix`` puts every key under it (``--prefix model`` turns a
+    bare model state dict into ``model/...`` keys). Returns ``src``, ``format``,
+    ``url``, ``tensors``, ``values``, ``bytes`` and ``seconds``.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown import format {format!r}; choose one of {', '.join(FORMATS)}")
+    t0 = time.perf_counter()
+    src_p = Path(os.fspath(src))
+    if not src_p.exists():
+        raise CheckpointNotFoundError("the source does not exist", path=str(src_p), hint="check the path")
+    fmt = detect_format(src_p) if format == "auto" else format
+    if fmt == "dcp":
+        obj: Any = _read_dcp(src_p, allow_pickle)
+    elif fmt == "safetensors":
+        obj = _read_safetensors(src_p)
+    else:
+        obj = _read_torch(src_p, allow_pickle)
+    if fmt == "safetensors":  # flat names: "/" in a name is a path separator already
+        leaves = [(k, v) for k, v in obj.items()]
+        if prefix:
+            leaves = [(f"{prefix.strip('/')}/{k}", v) for k, v in leaves]
+    else:
+        leaves = flatten(obj, prefix.strip("/") if prefix else "")
+    url = os.fspath(run_or_ckpt_url).rstrip("/")
+    if step is not None:
+        url = f"{url}/{step_dirname(step)}"
+    else:
+        step = parse_step_dirname(url.rsplit("/", 1)[-1])
+    save({"import": _Leaves(leaves)}, url, step=step, overwrite=overwrite, allow_pickle=allow_pickle,
+         storage_options=storage_options, metadata={"imported_from": str(src_p), "import_format": fmt})
+    tensors = [v for _, v in leaves if isinstance(v, torch.Tensor)]
+    return {"src": str(src_p), "format": fmt, "url": url, "tensors": len(tensors),
+            "values": len(leaves) - len(tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors),
+            "seconds": time.perf_counter() - t0}

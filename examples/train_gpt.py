@@ -1,0 +1,183 @@
+"""A GPT-style model trained data-parallel with ckpt checkpoints; elastic under torchrun.
+
+    torchrun --nnodes=2:3 --nproc-per-node=1 --rdzv-backend=c10d \
+        --rdzv-endpoint=127.0.0.1:29400 examples/train_gpt.py --run-dir /tmp/run --steps 60
+
+Every rank holds the full model (gradients are summed with all_reduce, DDP-style);
+samples come from a synthetic token dataset through ``ElasticSampler``, so a job that
+loses or gains a node continues the epoch on the new world size, each sample once. The
+loss is the mean over the *global* batch, so the update does not depend on the world
+size. Runs unchanged on GPUs (NCCL) and on CPUs (gloo).
+
+Each rank appends JSON lines to ``<run>/log/rank<R>.jsonl`` (steps, samples consumed,
+checkpoint stats); examples/demo.py reads them for its report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import ckpt  # noqa: E402
+from ckpt.elastic import ElasticSampler  # noqa: E402
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), 1)
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int = 256, d: int = 128, layers: int = 2, heads: int = 4, ctx: int = 32) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.tok(idx) + self.pos(pos)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.ln(x))
+
+
+def sample(i: int, ctx: int, vocab: int) -> torch.Tensor:
+    """Sample i of the synthetic dataset: a noisy arithmetic token sequence."""
+    g = torch.Generator().manual_seed(i)
+    start, stride = int(torch.randint(vocab, (1,), generator=g)), int(torch.randint(1, 7, (1,), generator=g))
+    seq = (start + stride * torch.arange(ctx + 1)) % vocab
+    noise = torch.rand(ctx + 1, generator=g) < 0.1
+    return torch.where(noise, torch.randint(vocab, (ctx + 1,), generator=g), seq)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run-dir", dest="run", required=True, help="checkpoint run directory or URL")
+    ap.add_argument("--steps", type=int, default=60, help="stop after this global step")
+    ap.add_argument("--stop-at", type=int, default=None, help="save at this step and exit (planned resize)")
+    ap.add_argument("--every", type=int, default=5, help="checkpoint every N steps")
+    ap.add_argument("--keep-last", type=int, default=3)
+    ap.add_argument("--dataset", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=8, help="samples per rank per step")
+    ap.add_argument("--step-sleep", type=float, default=0.0, help="seconds of extra work per step")
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--log", default=None, help="log directory (default <run>/log when local)")
+    args = ap.parse_args()
+
+    distributed = "WORLD_SIZE" in os.environ
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    torch.set_num_threads(1)
+
+    torch.manual_seed(1234)  # same initial weights on every rank
+    ctx, vocab = 32, 256
+    model = GPT(vocab=vocab, d=args.d, ctx=ctx).to(device)
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / 10))
+    sampler = ElasticSampler(args.dataset, args.batch, rank=rank, world_size=world, seed=7)
+    rng = ckpt.RNGState()
+    state = {"model": model, "optim": optim, "sched": sched, "sampler": sampler, "rng": rng}
+
+    log_dir = args.log or os.path.join(args.run, "log")
+    os.makedirs(log_dir, exist_ok=True)
+    logf = open(os.path.join(log_dir, f"rank{rank}.jsonl"), "a", buffering=1)
+
+    def emit(**rec: object) -> None:
+        rec.update(t=time.time(), rank=rank, world=world, pid=os.getpid())
+        logf.write(json.dumps(rec) + "\n")
+
+    mgr = ckpt.CheckpointManager(args.run, every_steps=args.every, keep_last=args.keep_last)
+    t0 = time.perf_counter()
+    start = mgr.restore(state)
+    emit(event="start", start_step=start, restore_s=time.perf_counter() - t0,
+         restored_from=mgr.restored_step, epoch=sampler.epoch, consumed=sampler.consumed)
+
+    params = [p for p in model.parameters()]
+    it = iter(sampler)
+    step = start
+    while step < args.steps:
+        global_count = min(sampler.dataset_len - sampler.consumed, world * args.batch)
+        if global_count <= 0:
+            it = iter(sampler)  # next epoch
+            continue
+        ids = next(it)
+        t_step = time.perf_counter()
+        optim.zero_grad(set_to_none=False)
+        if ids:
+            batch = torch.stack([sample(i, ctx, vocab) for i in ids]).to(device)
+            logits = model(batch[:, :-1])
+            loss_sum = F.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1), reduction="sum")
+            (loss_sum / (global_count * ctx)).backward()
+            local_loss = float(loss_sum) / ctx
+        else:
+            local_loss = 0.0
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        if distributed:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            dist.all_reduce(flat)
+            off = 0
+            for p in params:
+                n = p.numel()
+                p.grad.copy_(flat[off:off + n].view_as(p))
+                off += n
+        if args.step_sleep:
+            time.sleep(args.step_sleep)  # stands in for a longer forward/backward
+        t_opt = time.perf_counter()
+        optim.step()  # waits here (hook) only if the previous snapshot is still copying
+        opt_s = time.perf_counter() - t_opt
+        sched.step()
+        handle = mgr.step(step, state)
+        emit(event="step", step=step, ids=ids, loss=local_loss, step_s=time.perf_counter() - t_step,
+             opt_s=opt_s, saved=handle is not None,
+             save_call_s=handle.stats.call_s if handle is not None else 0.0)
+        step += 1
+        if args.stop_at is not None and step > args.stop_at:
+            break
+    mgr.close()  # saves the last step if it was not saved (a planned stop)
+    for h in mgr.handles:
+        if h.done() and h.exception() is None and h.stats.total_bytes:
+            emit(event="checkpoint", step=h.step, blocked_s=h.stats.blocked_s, total_s=h.stats.total_s,
+                 bytes=h.stats.bytes, total_bytes=h.stats.total_bytes)
+    emit(event="checkpoints", blocked_s=mgr.blocked_s, failures=[repr(e) for _, e in mgr.failures])
+    if rank == 0:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(log_dir, "final.pt"))
+    emit(event="end", step=step)
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    logf.close()
+    if math.isnan(local_loss):
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

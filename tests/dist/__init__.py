@@ -1,0 +1,1 @@
+"""Multi-rank tests on real gloo process groups (CPU)."""
