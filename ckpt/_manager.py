@@ -96,7 +96,7 @@ class CheckpointManager:
                  every_seconds: float | None = None, policies: Iterable[SavePolicy] = (),
                  keep_last: int | None = None, keep_every: int | None = None,
                  retention: Iterable[RetentionPolicy] = (),
-                 save_on_signals: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1),
+                 save_on_signals: Sequence[int] | None = None,
                  exit_on_preemption: bool = True, save_on_close: bool = True,
                  options: SaveOptions | None = None, storage_options: dict[str, Any] | None = None,
                  process_group: Any = None, allow_pickle: bool = False) -> None:
@@ -125,6 +125,12 @@ class CheckpointManager:
             self._agree_group = dist.new_group(ranks=ranks, backend="gloo")
         self.allow_pickle = allow_pickle
         self.snapshotter = Snapshotter(options)
+        if save_on_signals is None:
+            # Under a torchrun elastic agent SIGTERM means "your group restarts" (a peer
+            # died): a collective save would wait on the dead peer. SIGUSR1 stays a
+            # preemption notice everywhere.
+            elastic = "TORCHELASTIC_RUN_ID" in os.environ
+            save_on_signals = (signal.SIGUSR1,) if elastic else (signal.SIGTERM, signal.SIGUSR1)
         self.exit_on_preemption = exit_on_preemption
         self.save_on_close = save_on_close
         self.preempted = False

@@ -75,13 +75,19 @@ def _memory_backend(request: pytest.FixtureRequest) -> Iterator[UrlFactory]:
     drop(name)
 
 
+def _s3_backend(request: pytest.FixtureRequest) -> Iterator[UrlFactory]:
+    """The local moto server (or CKPT_TEST_S3_ENDPOINT), real S3 protocol over HTTP."""
+    yield UrlFactory(request.getfixturevalue("s3_url"), request.getfixturevalue("s3_options"))
+
+
 _BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Iterator[UrlFactory]]] = {
     "file": _file_backend,
     "memory": _memory_backend,
+    "s3": _s3_backend,
 }
 
 
-@pytest.fixture(params=list(_BACKENDS))
+@pytest.fixture(params=[pytest.param(b, marks=pytest.mark.s3) if b == "s3" else b for b in _BACKENDS])
 def url_factory(request: pytest.FixtureRequest) -> Iterator[UrlFactory]:
     """Fresh checkpoint URLs on one backend (one call per checkpoint: Hypothesis reuses
     the fixture across examples)."""
