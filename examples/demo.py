@@ -89,7 +89,7 @@ def read_logs(log_dir: Path) -> list[dict]:
 def agent_cmd(port: int, run: Path, args: argparse.Namespace, nnodes: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1",
             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=ckpt-demo",
-            "--rdzv-conf=last_call_timeout=2,join_timeout=120,close_timeout=10",
+            "--rdzv-conf=last_call_timeout=3,join_timeout=120,close_timeout=10,keep_alive_interval=1,keep_alive_max_attempt=3",
             "--max-restarts=5", "--monitor-interval=0.2",
             TRAIN, "--run-dir", str(run), "--steps", str(args.steps), "--every", str(args.every),
             "--step-sleep", str(args.step_sleep), "--batch", str(args.batch)]

@@ -175,8 +175,12 @@ def main() -> None:
         dist.barrier()
         dist.destroy_process_group()
     logf.close()
-    if math.isnan(local_loss):
-        sys.exit(3)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is committed and logged. Exit without interpreter teardown: with gloo
+    # groups alive, teardown sometimes aborts in a C++ destructor ("terminate called
+    # without an active exception"), which torchrun would count as a failure.
+    os._exit(3 if math.isnan(local_loss) else 0)
 
 
 if __name__ == "__main__":
