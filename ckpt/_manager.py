@@ -144,6 +144,7 @@ class CheckpointManager:
         self._last_time = time.monotonic()
         self._state: dict[str, Any] | None = None
         self._closed = False
+        self._retention_lock = threading.Lock()
         self._old_handlers: dict[int, Any] = {}
         if save_on_signals and threading.current_thread() is threading.main_thread():
             for sig in save_on_signals:
@@ -241,6 +242,10 @@ class CheckpointManager:
 
     def apply_retention(self) -> list[str]:
         """Delete committed checkpoints no rule keeps: manifest first, then data."""
+        with self._retention_lock:
+            return self._apply_retention()
+
+    def _apply_retention(self) -> list[str]:
         infos = [i for i in list_run(self.storage) if i.step is not None]
         steps = [i.step for i in infos if i.step is not None]
         keep: set[int] = {max(steps)} if steps else set()
@@ -271,9 +276,15 @@ class CheckpointManager:
             raise SystemExit(0)
 
     def wait(self) -> None:
-        """Block until every pending checkpoint is committed (or failed)."""
+        """Block until every pending checkpoint is committed (or failed) and retention
+        has run after it."""
         for h in list(self.handles):
             h.exception()
+        if self.coord.rank == 0 and self.retention:
+            try:
+                self.apply_retention()  # the commit callback may still be on its way
+            except Exception as e:  # noqa: BLE001
+                log.warning("ckpt: retention failed: %r", e)
 
     def close(self) -> None:
         if self._closed:
