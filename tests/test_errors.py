@@ -218,8 +218,6 @@ def test_optimizer_over_other_parameters(committed):
     assert_untouched(committed)
 
 
-@pytest.mark.xfail(strict=True, reason="OptimizerProvider.load creates the optimizer's state "
-                   "(_init_optim_state: a step with zero grads) before it validates the groups")
 def test_failed_optimizer_load_leaves_optimizer_untouched(committed):
     d, _, _ = committed
     m = make_model(seed=1)

@@ -183,7 +183,7 @@ def test_save_async_excludes_the_next_optimizer_step(tmp_path: Path, monkeypatch
     def slow_copy(*args: Any, **kwargs: Any) -> None:
         if not first.is_set():
             first.set()
-            time.sleep(0.3)
+            time.sleep(1.5)  # longer than a forward/backward, even on a loaded machine
         calls.append(time.perf_counter())
         orig_copy(*args, **kwargs)
 

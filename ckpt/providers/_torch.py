@@ -175,21 +175,8 @@ class OptimizerProvider:
                 f"the checkpoint has optimizer state for parameters this optimizer does not have: {unknown[:5]}",
                 key=self.prefix, path=src.where,
                 hint="build the optimizer over the same parameters, or load with strict=False")
- # Load into the live state tensors (no extra copy, right device and placement):
-        # a fresh optimizer gets its state created first, as DCP does.
-        if saved_names and not self.optim.state:
-            from torch.distributed.checkpoint.state_dict import _init_optim_state
-
-            _init_optim_state(self.optim)
-        live = self._by_name(self.optim.state_dict())["state"]
-        params = [p for g in self.optim.param_groups for p in g["params"]]
         pending: list[Any] = []
-        state: dict[str, Any] = {}
-        for name in saved_names:
-            if name not in index:
-                continue
-            st = unflatten(structure["state"][name], src, live.get(name, {}), pending, [])
-            state[name] = _to_device(st, params[index[name]])
+        # Validate the groups before anything touches the optimizer.
         groups = unflatten(structure["param_groups"], src, None, pending)
         if len(groups) != len(self.optim.param_groups):
             raise ShapeMismatchError(
@@ -202,6 +189,20 @@ class OptimizerProvider:
                     "a parameter group of the checkpoint holds other parameters than this optimizer's",
                     key=self.prefix, path=src.where,
                     hint="build the optimizer over the same named parameters in the same groups")
+        # Load into the live state tensors (no extra copy, right device and placement):
+        # a fresh optimizer gets its state created first, as DCP does.
+        if saved_names and not self.optim.state:
+            from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+            _init_optim_state(self.optim)
+        live = self._by_name(self.optim.state_dict())["state"]
+        params = [p for g in self.optim.param_groups for p in g["params"]]
+        state: dict[str, Any] = {}
+        for name in saved_names:
+            if name not in index:
+                continue
+            st = unflatten(structure["state"][name], src, live.get(name, {}), pending, [])
+            state[name] = _to_device(st, params[index[name]])
         # param index order must follow this optimizer's groups, not the saved order
         pos = 0
         for g, mine in zip(groups, self.optim.param_groups):
