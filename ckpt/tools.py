@@ -9,6 +9,7 @@
     tools.gc("runs/a", keep_last=3)                     # debris of crashed saves + retention
     tools.export("runs/a/step-000000100", "out/", only="model")   # safetensors / torch files
     tools.import_("dcp_ckpt/", "runs/b/step-000000000")  # DCP, torch.save or safetensors -> ckpt
+    tools.reshard("runs/a/step-000000100", "runs/a4/step-000000100", world_size=4)
 
 Every function takes ``storage_options=`` (passed to :func:`ckpt.storage.open_storage`,
 e.g. an S3 ``endpoint_url``) and returns plain data (dicts, lists, or a
@@ -22,6 +23,7 @@ from ckpt._tools._copy import cp, gc
 from ckpt._tools._export import export
 from ckpt._tools._import import import_
 from ckpt._tools._inspect import info, ls
+from ckpt._tools._reshard import reshard
 from ckpt._tools._verify import Problem, VerifyReport, verify
 
-__all__ = ["ls", "info", "verify", "VerifyReport", "Problem", "cp", "gc", "export", "import_"]
+__all__ = ["ls", "info", "verify", "VerifyReport", "Problem", "cp", "gc", "export", "import_", "reshard"]

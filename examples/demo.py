@@ -44,8 +44,13 @@ def free_port() -> int:
 
 def env() -> dict[str, str]:
     e = dict(os.environ)
-    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCHELASTIC_ERROR_FILE="")
-    e.pop("TORCHELASTIC_ERROR_FILE")
+    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e.pop("TORCHELASTIC_ERROR_FILE", None)
+    # torchrun's agents share one TCPStore with their workers across rendezvous rounds by
+    # default; after a node dies, the next round's gloo init can read the dead worker's
+    # address left in it and fail ("connectFullMesh ... Connection refused"). A fresh
+    # store per round avoids that.
+    e["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     return e
 
 

@@ -1,5 +1,6 @@
 """A GPT-style model trained data-parallel with ckpt checkpoints; elastic under torchrun.
 
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 \
     torchrun --nnodes=2:3 --nproc-per-node=1 --rdzv-backend=c10d \
         --rdzv-endpoint=127.0.0.1:29400 examples/train_gpt.py --run-dir /tmp/run --steps 60
 

@@ -253,8 +253,18 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_reshard(args: argparse.Namespace) -> int:
-    print("ckpt: reshard is not available yet", file=sys.stderr)
-    return 2
+    from ckpt import tools
+
+    with Progress("reshard") as bar:
+        r = tools.reshard(args.src, args.dst, args.world_size, layout=args.layout, overwrite=args.overwrite,
+                          memory_bytes=args.memory << 20, progress=bar, storage_options=_opts(args))
+    if args.json:
+        print_json(r)
+    else:
+        per = ", ".join(human_bytes(b) for b in r["bytes_per_rank"])
+        print(f"resharded {r['src']} -> {r['dst']} for {r['world_size']} ranks ({r['layout']}): "
+              f"{r['tensors']} tensors, {human_bytes(r['bytes'])} in {r['seconds']:.2f} s; per rank: {per}")
+    return 0
 
 
 # -- the parser ----------------------------------------------------------------------
@@ -328,8 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="unpickle arbitrary objects (runs code: only for sources you trust)")
     sp.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at DST")
 
-    sp = add("reshard", "reshard a checkpoint onto another layout (not available yet)", cmd_reshard, [])
-    sp.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    sp = add("reshard", "rewrite a checkpoint for another world size (objects aligned to the new ranks)",
+             cmd_reshard, [common, js])
+    sp.add_argument("src", metavar="SRC", help="the checkpoint to rewrite")
+    sp.add_argument("dst", metavar="DST", help="the new checkpoint's URL")
+    sp.add_argument("--world-size", type=_positive_int, required=True, help="number of ranks of the target")
+    sp.add_argument("--layout", choices=["shard0", "replicate"], default="shard0",
+                    help="target layout: split dim 0 over the ranks (default) or whole tensors")
+    sp.add_argument("--memory", metavar="MIB", type=_positive_int, default=256,
+                    help="memory budget in MiB (one target shard at a time; default 256)")
+    sp.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at DST")
     return p
 
 
