@@ -45,16 +45,18 @@ class DistCoordinator:
             side = _side_groups.get(base)
             if side is None:
                 ranks = None if group is None else dist.get_process_group_ranks(group)
-                if dist.get_backend(base) == "gloo" and group is not None:
-                    side = base
-                else:
-                    side = dist.new_group(ranks=ranks, backend="gloo",
-                                          timeout=datetime.timedelta(seconds=timeout_s))
+                # Never the caller's group itself, even when it is gloo: the training thread
+                # may run collectives on it while a background commit runs, and two threads
+                # issuing collectives on one group mismatch and hang. Only the members of a
+                # given group take part in creating its side group (local synchronization).
+                side = dist.new_group(ranks=ranks, backend="gloo",
+                                      timeout=datetime.timedelta(seconds=timeout_s),
+                                      use_local_synchronization=group is not None)
                 _side_groups[base] = side
         self.group = side
         self.rank = dist.get_rank(side)
         self.world_size = dist.get_world_size(side)
-        self._global_root = dist.get_global_rank(side, 0) if group is not None else 0
+        self._global_root = dist.get_global_rank(side, 0) if group is not None else 0  # type: ignore[arg-type]
 
     def broadcast(self, obj: Any) -> Any:
         box = [obj]

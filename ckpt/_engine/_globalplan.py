@@ -122,15 +122,15 @@ def build_plan(metas: list[list[PieceMeta]], cfg: PlanConfig) -> GlobalPlan:
                 plan.per_rank[writer[(key, b)]].append(
                     Assignment(key, b, "array", layout.path, layout, create=(i == 0)))
         else:
-            pieces = []
+            piece_entries: list[dict[str, Any]] = []
             for i, b in enumerate(boxes):
                 path = piece_path(key, i)
                 lay = plan_array(path, b[1], isz, [((0,) * len(shape), b[1])], cfg)
                 assert lay is not None
-                pieces.append({"offsets": list(b[0]), "sizes": list(b[1]), "path": path,
-                               "shard_shape": list(lay.shard_shape), "chunk_shape": list(lay.chunk_shape)})
+                piece_entries.append({"offsets": list(b[0]), "sizes": list(b[1]), "path": path,
+                                      "shard_shape": list(lay.shard_shape), "chunk_shape": list(lay.chunk_shape)})
                 plan.per_rank[writer[(key, b)]].append(Assignment(key, b, "piece", path, lay, create=True))
-            entry["storage"] = {"layout": "pieces", "pieces": pieces}
+            entry["storage"] = {"layout": "pieces", "pieces": piece_entries}
 
     for rank, members in sorted(small.items()):
         packs = PackPlan.build([n for _, n in members], cfg.pack_bytes)

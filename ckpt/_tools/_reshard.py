@@ -26,7 +26,15 @@ from ckpt._engine._commit import commit, read_manifest
 from ckpt._engine._globalplan import PieceMeta, build_plan
 from ckpt._engine._load import Loader
 from ckpt._engine._plan import PlanConfig, pack_metadata, zarr_metadata
-from ckpt._format import MANIFEST, TMP_PREFIX, Manifest, check_relpath, itemsize, storage_dtype, torch_dtype
+from ckpt._format import (
+    MANIFEST,
+    TMP_PREFIX,
+    Manifest,
+    check_relpath,
+    itemsize,
+    storage_dtype,
+    torch_dtype,
+)
 from ckpt.errors import CheckpointExistsError
 from ckpt.storage import split_checkpoint_url
 

@@ -22,7 +22,7 @@ from ckpt.providers._base import DescribeContext, Finalizer, Item, LoadSource, V
 def capture() -> dict[str, Any]:
     state: dict[str, Any] = {"python": random.getstate()}
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
-    state["numpy"] = {"name": name, "keys": keys.tolist(), "pos": int(pos),
+    state["numpy"] = {"name": name, "keys": np.asarray(keys).tolist(), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     state["torch"] = bytes(torch.get_rng_state().numpy())
     if torch.cuda.is_available() and torch.cuda.is_initialized():
