@@ -1,0 +1,1 @@
+"""Benchmarks of ckpt against torch.save and torch.distributed.checkpoint (``python -m bench``)."""
