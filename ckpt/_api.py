@@ -18,7 +18,7 @@ from ckpt._engine._globalplan import GlobalPlan
 from ckpt._engine._load import Loader, LoadStats
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._pool import HostPool
-from ckpt._engine._save import SaveStats, SnapshotJob, prepare
+from ckpt._engine._save import SaveStats, SnapshotJob, _Prepared, prepare
 from ckpt.errors import SaveInProgressError
 from ckpt.providers import DescribeContext, describe
 from ckpt.providers._base import iter_items
@@ -154,12 +154,21 @@ class Snapshotter:
         storage, name = split_checkpoint_url(url, **(storage_options or {}))
         coord = coordinator(process_group)
         ctx = DescribeContext(allow_pickle=allow_pickle, rank=coord.rank, world_size=coord.world_size)
-        providers = describe(state, ctx)
-        prep = prepare(list(iter_items(providers)), allow_pickle=allow_pickle, rank=coord.rank)
+        early: Exception | None = None
+        try:
+            providers = describe(state, ctx)
+            prep = prepare(list(iter_items(providers)), allow_pickle=allow_pickle, rank=coord.rank)
+        except Exception as e:
+            if coord.world_size == 1:
+                raise
+            # The peers are entering the save's collectives: take part, failing, so every
+            # rank's handle raises (this one its own error) instead of the peers hanging.
+            prep, early = _Prepared([], {}, {}, {}), e
         self._hook(state)
         job = SnapshotJob(prep=prep, storage=storage, name=name, step=step, coord=coord, pool=self.pool,
                           options=self.options, plan_cache=self._plan_cache, overwrite=overwrite,
-                          user_metadata=dict(metadata or {}), streams=self._copy_streams(), t_call=t0)
+                          user_metadata=dict(metadata or {}), streams=self._copy_streams(), t_call=t0,
+                          early_error=early)
         self._job = job
         job.start()
         call = time.perf_counter() - t0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import pickle
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from ckpt.errors import (
     ReshardError,
     ShapeMismatchError,
     UnexpectedKeyError,
+    UnsafePathError,
     UnsupportedStateError,
 )
 from ckpt.storage import Storage
@@ -50,7 +52,7 @@ class _Read:
 @dataclass
 class LoadStats:
     bytes_read: int = 0  # bytes of tensor data delivered to destinations
-    bytes_fetched: int = 0  # bytes tensorstore returned (>= bytes_read with partial chunks)
+    bytes_fetched: int = 0  # bytes of the stored chunks read (>= bytes_read with partial chunks)
     reads: int = 0
     read_s: float = 0.0
     total_s: float = 0.0
@@ -136,6 +138,7 @@ class Loader:
                                         key=key, path=self.where,
                                         hint="pass allow_pickle=True to load only if you trust this checkpoint")
         path = check_relpath(e["path"], key=key)
+        _refuse_symlinks(self.storage, self.name, path, key)
         try:
             data = self.storage.read_bytes(f"{self.name}/{path}")
         except FileNotFoundError:
@@ -214,15 +217,16 @@ class Loader:
         self._open([(p, lay, self.manifest.entries[r.key]) for r, p, _, _, lay in jobs])
         window: collections.deque[tuple[Any, _Read, str, Box, Box, int]] = collections.deque()
         inflight = 0
-        for r, path, src, sub, lay in jobs:
+        for r, path, src, sub, layout in jobs:
             nbytes = math.prod(src[1]) * r.dest.element_size()
             while window and inflight + nbytes > self.inflight_bytes:
                 inflight -= self._complete(window.popleft())
-            if lay is None:
+            if layout is None:
                 window.append((None, r, path, src, sub, nbytes))
             else:
                 arr = self._arrays[path]
                 fut = arr[tuple(slice(o, o + s) for o, s in zip(src[0], src[1]))].read()
+                self.stats.bytes_fetched += _chunk_elements(layout, src) * r.dest.element_size()
                 window.append((fut, r, path, src, sub, nbytes))
             inflight += nbytes
             self.stats.reads += 1
@@ -234,7 +238,7 @@ class Loader:
         return self.stats
 
     def _piece_jobs(self, r: _Read, e: dict[str, Any]) -> list[tuple[_Read, str, Box, Box, ArrayLayout | None]]:
-        out = []
+        out: list[tuple[_Read, str, Box, Box, ArrayLayout | None]] = []
         need_o, need_s = r.box
         covered = 0
         for p in e["storage"]["pieces"]:
@@ -264,6 +268,7 @@ class Loader:
         for path, lay, e in wanted:
             if path in self._arrays or path in futs:
                 continue
+            _refuse_symlinks(self.storage, self.name, path, None)
             if lay is None:
                 continue  # packs are read whole below
             meta = zarr_metadata(lay, storage_dtype(e["dtype"]), {})
@@ -312,7 +317,6 @@ class Loader:
             data = full[tuple(slice(o, o + s) for o, s in zip(src[0], src[1]))] if full.dim() else full
         else:
             arr = self._result(fut, path, r.key)
-            self.stats.bytes_fetched += arr.nbytes
             t = torch.from_numpy(np.ascontiguousarray(arr))
             sdt = storage_torch_dtype(e["dtype"])
             if t.dtype != sdt:
@@ -323,3 +327,38 @@ class Loader:
             dest.copy_(data.reshape(dest.shape), non_blocking=dest.device.type == "cuda")
         self.stats.bytes_read += nbytes
         return nbytes
+
+
+def _refuse_symlinks(storage: Storage, name: str, path: str, key: str | None) -> None:
+    """Local storage: no object of the checkpoint may be reached through a symlink, which
+    could point anywhere outside it (an untrusted checkpoint must not read other files)."""
+    if not storage.capabilities.local:
+        return
+    p = storage.local_path(name)  # type: ignore[attr-defined]
+    found = None
+    for comp in path.split("/"):
+        p = p / comp
+        if p.is_symlink():
+            found = p
+            break
+    if found is None and p.is_dir():
+        for dirpath, dirs, files in os.walk(p):
+            found = next((os.path.join(dirpath, n) for n in dirs + files
+                          if os.path.islink(os.path.join(dirpath, n))), None)
+            if found:
+                break
+    if found is not None:
+        raise UnsafePathError("the checkpoint holds a symlink, which could lead outside it", key=key,
+                              path=str(found), hint="copy the real files into the checkpoint; "
+                                                    "ckpt does not follow symlinks inside checkpoints")
+
+
+def _chunk_elements(lay: ArrayLayout, src: Box) -> int:
+    """Elements of the inner chunks a read of region ``src`` decodes (each chunk is read
+    whole: its checksum covers all of it)."""
+    n = 1
+    for o, s, c, d in zip(src[0], src[1], lay.chunk_shape, lay.shape):
+        if s == 0:
+            return 0
+        n *= min(-(-(o + s) // c) * c, d) - o // c * c
+    return n

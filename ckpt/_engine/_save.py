@@ -158,8 +158,8 @@ def prepare(items: list[Any], *, allow_pickle: bool, rank: int) -> _Prepared:
             pickles[it.key] = pickle.dumps(it.value, protocol=pickle.HIGHEST_PROTOCOL)
     prep = _Prepared(tensors, values, rank_values, pickles)
     prep.versions = {t.key: t.tensor._version for t in tensors}
-    for t in tensors:
-        dev = t.tensor.device
+    for item in tensors:
+        dev = item.tensor.device
         if dev.type == "cuda" and dev not in prep.ready_events:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(dev))
@@ -189,8 +189,9 @@ class SnapshotJob:
     def __init__(self, *, prep: _Prepared, storage: Storage, name: str, step: int | None,
                  coord: LocalCoordinator | DistCoordinator, pool: HostPool, options: SaveOptions,
                  plan_cache: dict[str, GlobalPlan], overwrite: bool, user_metadata: dict[str, Any],
-                 streams: list[Any], t_call: float) -> None:
+                 streams: list[Any], t_call: float, early_error: Exception | None = None) -> None:
         self.prep = prep
+        self._early_error = early_error  # describing the state failed on this rank
         self.storage = storage
         self.name = name
         self.step = step
@@ -313,7 +314,13 @@ class SnapshotJob:
         for it in self.prep.tensors:
             offs, sizes = it.box
             metas.append(PieceMeta(it.key, dtype_name(it.tensor.dtype, it.key), it.shape, offs, sizes))
-        everyone = self.coord.all_gather(metas)
+        everyone = self.coord.all_gather(metas if self._early_error is None else None)
+        if self._early_error is not None:
+            raise self._early_error
+        failed = [r for r, m in enumerate(everyone) if m is None]
+        if failed:
+            raise DistributedSaveError("another rank failed to describe its state", path=self.url,
+                                       failures=dict.fromkeys(failed, "failed before the save began"))
         sig = signature(everyone)
         plan = self.plan_cache.get(sig)
         if plan is None:

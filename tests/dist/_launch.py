@@ -22,6 +22,7 @@ import os
 import pickle
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -84,24 +85,27 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    result: Any = None
+    code = 0
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=max(10.0, timeout)))
-        try:
-            result = fn(*args)
-        finally:
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+        result = fn(*args)
+        with open(os.path.join(out_dir, f"{rank}.tmp"), "wb") as f:
+            pickle.dump(result, f)
+        os.replace(os.path.join(out_dir, f"{rank}.tmp"), os.path.join(out_dir, f"{rank}.pkl"))
+        dist.barrier()  # nobody leaves while a peer may still talk to it
     except BaseException:
+        code = 1
         with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
-        raise SystemExit(1) from None
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-    with open(os.path.join(out_dir, f"{rank}.tmp"), "wb") as f:
-        pickle.dump(result, f)
-    os.replace(os.path.join(out_dir, f"{rank}.tmp"), os.path.join(out_dir, f"{rank}.pkl"))
+    faulthandler.cancel_dump_traceback_later()
+    # Leave without interpreter finalisation: a gloo worker thread that drops its last
+    # reference to a finished collective (tensors owned by Python) while the interpreter
+    # finalises is killed inside a noexcept destructor, and the process aborts
+    # ("terminate called without an active exception") after all work was done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:

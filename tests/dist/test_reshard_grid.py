@@ -15,6 +15,7 @@ A Hypothesis test (one 3-rank launch) draws random shapes, random box splits on 
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Iterator
@@ -131,8 +132,6 @@ def user_load_boxes(name: str, shape: tuple[int, ...], world: int, rank: int) ->
         inner = sorted(rng.sample(range(1, n), min(n - 1, rng.randint(1, 2)))) if n > 1 else []
         cuts.append([0, *inner, n])
     cells = []
-    import itertools
-
     for idx in itertools.product(*(range(len(c) - 1) for c in cuts)):
         cells.append((tuple(cuts[d][i] for d, i in enumerate(idx)),
                       tuple(cuts[d][i + 1] - cuts[d][i] for d, i in enumerate(idx))))
@@ -390,5 +389,5 @@ def _hyp_example(case: dict[str, Any], url: str, rank: int, world: int, ckpt: An
 
 
 def test_hypothesis_random_boxes(tmp_path: Any) -> None:
-    n = launch(hypothesis_worker, 3, str(tmp_path), 10, timeout=150)
-    assert n[0] >= 10
+    n = launch(hypothesis_worker, 3, str(tmp_path), 25, timeout=150)
+    assert n[0] >= 25
