@@ -37,7 +37,9 @@ class SaveOptions:
     array (capped at a quarter of the pool). ``chunk_bytes``: inner chunk, the unit of
     a partial read. ``pack_threshold`` / ``pack_bytes``: tensors up to the threshold are
     packed into objects of about ``pack_bytes``. ``copy_streams``: CUDA streams used for
-    device-to-host copies. ``if_busy``: what a snapshot requested while the previous one
+    device-to-host copies. ``background_nice``: the niceness added to ckpt's background
+    threads (Linux), so that on a host with few cores the training thread wins the CPU
+    when both want it (0 disables). ``if_busy``: what a snapshot requested while the previous one
     still runs does — ``"wait"`` for it, ``"skip"`` this one with a warning, or
     ``"error"``.
     """
@@ -48,6 +50,7 @@ class SaveOptions:
     pack_threshold: int = 256 << 10
     pack_bytes: int = 16 << 20
     copy_streams: int = 2
+    background_nice: int = 10
     if_busy: Literal["wait", "skip", "error"] = "wait"
 
     def __post_init__(self) -> None:

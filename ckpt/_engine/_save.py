@@ -18,6 +18,7 @@ Per rank, a save is (see DESIGN.md, "The flow of a save"):
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import queue
 import threading
@@ -253,6 +254,7 @@ class SnapshotJob:
 
     # -- the background thread ------------------------------------------------
     def _run(self) -> None:
+        lower_priority(self.options.background_nice)
         local_error: BaseException | None = None
         write_dir = self.name
         self.pool.peak = self.pool.used
@@ -506,6 +508,18 @@ class SnapshotJob:
             pass
 
 
+def lower_priority(nice: int) -> None:
+    """Raise the calling thread's niceness (Linux: per thread) so background staging and
+    writing yield the CPU to the training thread."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:  # pragma: no cover - not permitted: run at normal priority
+        pass
+
+
 def _portable(e: BaseException) -> BaseException | str:
     """The exception if it pickles (it travels to rank 0), else its text."""
     try:
@@ -550,6 +564,7 @@ class _Writer(threading.Thread):
         self._all_done = threading.Condition(self._lock)
 
     def run(self) -> None:
+        lower_priority(self.job.options.background_nice)
         try:
             while True:
                 u = self.q.get()
