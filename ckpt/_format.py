@@ -286,7 +286,7 @@ class Manifest:
                                 hint="the file is damaged or hostile")
         try:
             body = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digits, nesting
             raise ManifestError(f"manifest.json is not valid JSON ({e})", path=where,
                                 hint="the checkpoint is damaged; load an earlier one "
                                      "(CheckpointManager.restore does so on its own)") from e
@@ -301,7 +301,10 @@ class Manifest:
                 f"checkpoint format version {version} is newer than this ckpt reads ({FORMAT_VERSION})",
                 path=where, hint="upgrade ckpt (pip install -U ckpt)")
         checksum = body.pop("checksum", None)
-        expect = "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
+        try:
+            expect = "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
+        except (ValueError, RecursionError) as e:  # NaN/Infinity (never written), absurd nesting
+            raise ManifestError(f"manifest.json holds values ckpt never writes ({e})", path=where) from None
         if checksum != expect:
             raise ManifestError("manifest.json fails its checksum", path=where,
                                 hint="the manifest was modified or damaged; load an earlier checkpoint")
@@ -322,10 +325,13 @@ class Manifest:
         ws = body.get("world_size", 1)
         if not isinstance(ws, int) or ws < 1:
             raise ManifestError(f"bad world_size {ws!r}", path=where)
+        created = body.get("created") or 0.0
+        if not isinstance(created, int | float) or isinstance(created, int) and abs(created) > 1e300:
+            raise ManifestError(f"bad created time {created!r}", path=where)
         return cls(
             step=step, entries=entries, world_size=ws,
             layout=body.get("layout") or {}, rank_state=body.get("rank_state") or {},
-            created=float(body.get("created") or 0.0), versions=body.get("versions") or {},
+            created=float(created), versions=body.get("versions") or {},
             user_metadata=body.get("user_metadata") or {}, format_version=version,
         )
 
@@ -360,12 +366,26 @@ def _check_int_list(v: Any, n: int | None, what: str, key: str, where: str) -> l
     return v
 
 
+MAX_OBJECTS = 1 << 24  # shards of one array, or inner chunks of one shard: far above any real tensor's
+
+
+def _check_grid(shape: list[int], shard: list[int], chunk: list[int], key: str, where: str) -> None:
+    """Shard and chunk dims are >= 1 (ckpt writes no others), and their counts bounded, so
+    a hostile manifest cannot ask for a division by zero or 2**50 storage objects."""
+    if any(s < 1 for s in shard) or any(c < 1 for c in chunk):
+        raise ManifestError(f"bad shard/chunk shape {shard}/{chunk}: every dim must be >= 1", key=key, path=where)
+    if (math.prod(-(-n // s) for n, s in zip(shape, shard)) > MAX_OBJECTS
+            or math.prod(-(-s // c) for s, c in zip(shard, chunk)) > MAX_OBJECTS):
+        raise ManifestError(f"shard/chunk shape {shard}/{chunk} of shape {shape} gives absurdly many objects",
+                            key=key, path=where, hint="the manifest is damaged or hostile")
+
+
 def validate_entry(key: Any, entry: Any, where: str) -> None:
     """Check one manifest entry's structure, sizes and paths before anything uses it."""
     if not isinstance(key, str) or not key or not isinstance(entry, dict):
         raise ManifestError("malformed entry", key=str(key), path=where)
     kind = entry.get("kind")
-    if kind not in _KINDS:
+    if not isinstance(kind, str) or kind not in _KINDS:
         raise ManifestError(f"unknown entry kind {kind!r}", key=key, path=where)
     if kind == "pickle":
         check_relpath(entry.get("path"), what="object path", key=key)
@@ -383,8 +403,8 @@ def validate_entry(key: Any, entry: Any, where: str) -> None:
     layout = st.get("layout")
     if layout == "array":
         check_relpath(st.get("path"), what="array path", key=key)
-        _check_int_list(st.get("shard_shape"), len(shape), "shard_shape", key, where)
-        _check_int_list(st.get("chunk_shape"), len(shape), "chunk_shape", key, where)
+        _check_grid(shape, _check_int_list(st.get("shard_shape"), len(shape), "shard_shape", key, where),
+                    _check_int_list(st.get("chunk_shape"), len(shape), "chunk_shape", key, where), key, where)
     elif layout == "packed":
         check_relpath(st.get("path"), what="pack path", key=key)
         off, nb = st.get("offset"), st.get("nbytes")
@@ -404,5 +424,9 @@ def validate_entry(key: Any, entry: Any, where: str) -> None:
             sizes = _check_int_list(p.get("sizes"), len(shape), "piece sizes", key, where)
             if any(o + s > d for o, s, d in zip(offs, sizes, shape)):
                 raise ManifestError("piece lies outside the tensor", key=key, path=where)
+            if p.get("shard_shape") or p.get("chunk_shape"):
+                _check_grid(sizes, _check_int_list(p.get("shard_shape") or sizes, len(shape), "shard_shape", key, where),
+                            _check_int_list(p.get("chunk_shape") or sizes, len(shape), "chunk_shape", key, where),
+                            key, where)
     else:
         raise ManifestError(f"unknown storage layout {layout!r}", key=key, path=where)

@@ -55,13 +55,15 @@ def translate(exc: BaseException, *, key: str | None, where: str, reading: bool)
                                       hint="an object of the checkpoint was deleted; load an earlier checkpoint")
     if reading and ("error decoding" in low or "invalid" in low or "out of range" in low
                     or "failed to decode" in low or "truncated" in low or "unexpected end" in low
-                    or "error reading shard index" in low or "shard index" in low):
+                    or "error reading shard index" in low or "shard index" in low
+                    or "not enough data" in low):  # a truncated unsharded chunk (a pack)
         return CorruptCheckpointError(f"stored data cannot be decoded ({text})", key=key, path=where,
                                       hint="the checkpoint is damaged; load an earlier checkpoint")
     if "no space left" in low or "enospc" in low or "quota" in low:
         return StorageFullError(f"storage full ({text})", key=key, path=where,
                                 hint="free space or choose a larger location; committed checkpoints are untouched")
-    if "permission denied" in low or "access denied" in low or "forbidden" in low:
+    if ("permission denied" in low or "access denied" in low or "forbidden" in low
+            or "permission_denied" in low or "read-only file system" in low):  # tensorstore's EACCES/EROFS
         return StoragePermissionError(f"permission denied ({text})", key=key, path=where,
                                       hint="check credentials and permissions of the location")
     verb = "reading" if reading else "writing"

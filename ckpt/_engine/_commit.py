@@ -34,7 +34,12 @@ def commit(storage: Storage, write_dir: str, name: str, manifest: bytes, *, over
                 raise CheckpointExistsError("a committed checkpoint appeared here during the save",
                                             path=storage.describe(name),
                                             hint="save under another step/name, or pass overwrite=True")
-        storage.rename_dir(write_dir, name)
+        try:
+            storage.rename_dir(write_dir, name)
+        except FileExistsError:  # another saver of the same name committed between the check and here
+            raise CheckpointExistsError("a committed checkpoint appeared here during the save",
+                                        path=storage.describe(name),
+                                        hint="save under another step/name, or pass overwrite=True") from None
     else:
         if overwrite and storage.exists(f"{name}/{MANIFEST}"):
             # Object stores cannot swap atomically: the new manifest replaces the old one in

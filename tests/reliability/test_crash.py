@@ -1,0 +1,162 @@
+"""Crash consistency with real processes: a child saving (or deleting) is SIGKILLed at
+seeded-random instants or right before a chosen file-system operation. After each kill:
+the listing shows only committed checkpoints, the newest one loads bit-exactly, gc
+leaves no debris and a following save succeeds."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+
+import pytest
+
+import ckpt
+from tests.reliability import (
+    assert_bit_exact,
+    check_after_crash,
+    committed_steps,
+    debris,
+    gc_clean,
+    gc_worker,
+    make_state,
+    retention_worker,
+    run_child,
+    save_kill_worker,
+    save_worker,
+)
+
+SEED = 20240601
+STATS: dict[str, list[int]] = {}  # case family -> [tried, passed]
+
+
+def _count(family: str, ok: bool) -> None:
+    t = STATS.setdefault(family, [0, 0])
+    t[0] += 1
+    t[1] += int(ok)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    for fam, (tried, passed) in sorted(STATS.items()):
+        print(f"\n[reliability] crash/{fam}: {passed}/{tried} cases passed")
+
+
+def _measure(run: str, opts: dict | None = None, env: dict | None = None) -> float:
+    """Duration of one child save, from 'started' to exit (the span kills are spread on)."""
+    from tests.reliability import ctx
+
+    q = ctx().Queue()
+    code, _ = run_child(save_worker, run, 7, env, opts, False, q)
+    assert code == 0
+    status, seconds, msg = q.get(timeout=10)
+    assert status == "ok", msg
+    return seconds
+
+
+def _after(run: str, allowed: set[int], next_step: int, **opts) -> int:
+    newest = check_after_crash(run, allowed, **opts)
+    gc_clean(run, **opts)
+    assert newest in committed_steps(run, **opts)  # gc never removes a committed checkpoint
+    kw = {"storage_options": opts} if opts else {}
+    ckpt.save(make_state(next_step), f"{run}/step-{next_step:09d}", step=next_step, **kw)
+    assert_bit_exact(f"{run}/step-{next_step:09d}", next_step, **kw)
+    return newest
+
+
+def test_kill_during_save_local(tmp_path):
+    duration = _measure(str(tmp_path / "calib"))
+    rng = random.Random(SEED)
+    delays = sorted(rng.uniform(0, duration * 1.1) for _ in range(12))
+    outcomes = []
+    for n, delay in enumerate(delays):
+        run = str(tmp_path / f"run{n}")
+        ckpt.save(make_state(1), f"{run}/step-000000001", step=1)
+        _, killed = run_child(save_worker, run, 2, kill_after=delay)
+        newest = _after(run, {1, 2}, 3)
+        outcomes.append((round(delay, 3), killed, newest))
+        _count("save-local-random-delay", True)
+    print(f"\n[reliability] save duration {duration:.3f}s; (delay, killed, newest committed): {outcomes}")
+    assert any(k for _, k, _ in outcomes), "no kill landed during a save"
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3])
+def test_kill_at_commit_steps(tmp_path, kill_at):
+    """Right before: 1 the manifest write, 2 its rename into place, 3 the directory rename."""
+    run = str(tmp_path / "run")
+    ckpt.save(make_state(1), f"{run}/step-000000001", step=1)
+    code, _ = run_child(save_kill_worker, run, 2, kill_at)
+    assert code == -9, f"the save ended ({code}) before mutation {kill_at}"
+    _after(run, {1}, 3)  # killed before the rename: step 2 must not be listed
+    _count("save-local-commit-point", True)
+
+
+def _template(tmp_path, n: int) -> str:
+    tpl = tmp_path / "tpl"
+    if not tpl.exists():
+        for s in range(1, n + 1):
+            ckpt.save(make_state(s), f"{tpl}/step-{s:09d}", step=s)
+    return str(tpl)
+
+
+def _copy(tpl: str, dst: str, with_debris: bool = False) -> str:
+    shutil.copytree(tpl, dst)
+    if with_debris:  # what crashed saves leave: a temp dir and a step dir without manifest
+        shutil.copytree(f"{tpl}/step-000000001", f"{dst}/.tmp-step-000000009-0123456789ab")
+        os.remove(f"{dst}/.tmp-step-000000009-0123456789ab/manifest.json")
+        shutil.copytree(f"{tpl}/step-000000002", f"{dst}/step-000000008")
+        os.remove(f"{dst}/step-000000008/manifest.json")
+    return dst
+
+
+KILL_POINTS = [1, 2, 3, 5, 8, 13, 21, 34, 55, 400]
+
+
+def test_kill_during_retention(tmp_path):
+    tpl = _template(tmp_path, 4)
+    completed = 0
+    for k in KILL_POINTS:
+        run = _copy(tpl, str(tmp_path / f"ret{k}"))
+        code, _ = run_child(retention_worker, run, 1, k)
+        completed += code == 0
+        # every listed checkpoint is whole (manifest first, then data)
+        for s in committed_steps(run):
+            assert_bit_exact(f"{run}/step-{s:09d}", s)
+        _after(run, {1, 2, 3, 4}, 5)
+        assert 4 in committed_steps(run)  # retention never removes the newest
+        _count("retention-kill-point", True)
+    print(f"\n[reliability] retention: {len(KILL_POINTS) - completed} killed mid-way, {completed} finished")
+
+
+def test_kill_during_gc(tmp_path):
+    tpl = _template(tmp_path, 4)
+    completed = 0
+    for k in KILL_POINTS:
+        run = _copy(tpl, str(tmp_path / f"gc{k}"), with_debris=True)
+        code, _ = run_child(gc_worker, run, 2, k)
+        completed += code == 0
+        for s in committed_steps(run):
+            assert_bit_exact(f"{run}/step-{s:09d}", s)
+        _after(run, {1, 2, 3, 4}, 5)
+        assert {3, 4} <= set(committed_steps(run))
+        _count("gc-kill-point", True)
+    print(f"\n[reliability] gc: {len(KILL_POINTS) - completed} killed mid-way, {completed} finished")
+
+
+def test_kill_during_save_s3(s3_url, s3_options):
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k.lower() == "no_proxy"}
+    duration = _measure(f"{s3_url}/calib", s3_options, env)
+    rng = random.Random(SEED + 1)
+    delays = sorted(rng.uniform(0, duration) for _ in range(5))
+    outcomes = []
+    for n, delay in enumerate(delays):
+        run = f"{s3_url}/run{n}"
+        ckpt.save(make_state(1), f"{run}/step-000000001", step=1, storage_options=s3_options)
+        _, killed = run_child(save_worker, run, 2, env, s3_options, kill_after=delay)
+        newest = _after(run, {1, 2}, 3, **s3_options)
+        assert not debris(run, **s3_options)
+        outcomes.append((round(delay, 3), killed, newest))
+        _count("save-s3-random-delay", True)
+    print(f"\n[reliability] s3 save duration {duration:.3f}s; (delay, killed, newest): {outcomes}")
