@@ -150,6 +150,8 @@ class FileStorage(Storage):
             os.rename(s, d)
             _fsync_dir(d.parent)
         except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another writer renamed first
+                raise FileExistsError(errno.EEXIST, "destination exists", str(d)) from e
             raise _translate(e, "renaming", f"{s} -> {d}") from e
 
     def kvstore_spec(self, path: str) -> dict[str, Any]:
