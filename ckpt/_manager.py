@@ -173,6 +173,12 @@ class CheckpointManager:
         """Load the newest committed checkpoint that loads cleanly; returns the step to
         resume from (the saved step + 1), or 0 when there is none. A checkpoint that
         fails (corrupt chunk, bad manifest) is skipped with a warning naming it."""
+        if self.coord.rank == 0:
+            from ckpt._engine._commit import recover_overwrites
+
+            for name in recover_overwrites(self.storage):
+                warnings.warn(f"ckpt: recovered {name}: an interrupted overwrite had moved it aside",
+                              RuntimeWarning, stacklevel=2)
         candidates = self.checkpoints() if self.coord.rank == 0 else None
         candidates = self.coord.broadcast(candidates)
         for info in candidates:

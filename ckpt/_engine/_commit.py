@@ -25,7 +25,7 @@ def commit(storage: Storage, write_dir: str, name: str, manifest: bytes, *, over
             if not storage.exists(f"{name}/{MANIFEST}"):
                 storage.delete_dir(name)  # debris of an uncommitted save under the final name
             elif overwrite:
-                trash = f"{TMP_PREFIX}trash-{name}-{uuid.uuid4().hex[:8]}"
+                trash = f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
                 storage.rename_dir(name, trash)
                 storage.rename_dir(write_dir, name)
                 storage.delete_dir(trash)
@@ -46,6 +46,32 @@ def commit(storage: Storage, write_dir: str, name: str, manifest: bytes, *, over
             # one PUT; objects whose paths changed are left for `ckpt gc`.
             pass
         storage.write_bytes(f"{name}/{MANIFEST}", manifest)
+
+
+TRASH_PREFIX = f"{TMP_PREFIX}trash-"
+
+
+def recover_overwrites(storage: Storage) -> list[str]:
+    """Put back committed checkpoints that an overwrite moved aside and a crash left there.
+
+    An overwrite renames ``<name>`` to ``.tmp-trash-<name>-<id>``, renames the new
+    checkpoint into place, then deletes the trash. A crash between the two renames leaves
+    ``<name>`` missing and the old, committed checkpoint in the trash: rename it back.
+    Returns the names recovered. Only storage with atomic rename ever has trash."""
+    if not storage.capabilities.atomic_rename:
+        return []
+    recovered = []
+    for d in storage.list_dirs(""):
+        if not d.startswith(TRASH_PREFIX):
+            continue
+        name = d[len(TRASH_PREFIX):].rsplit("-", 1)[0]
+        if name and not storage.exists(name) and storage.exists(f"{d}/{MANIFEST}"):
+            try:
+                storage.rename_dir(d, name)
+                recovered.append(name)
+            except FileExistsError:
+                pass
+    return recovered
 
 
 def read_manifest(storage: Storage, name: str) -> Manifest:

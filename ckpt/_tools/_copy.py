@@ -149,6 +149,11 @@ def gc(run: str | os.PathLike[str], keep_last: int | None = None, dry_run: bool 
         return {"name": name, "url": storage.describe(name), "reason": reason,
                 "bytes": sum(f.size for f in storage.list_files(name))}
 
+    if not dry_run:
+        from ckpt._engine._commit import recover_overwrites
+
+        for name in recover_overwrites(storage):  # never delete a committed checkpoint in limbo
+            kept.append(item(name, "recovered: an interrupted overwrite had moved it aside"))
     infos = list_run(storage, include_incomplete=True)
     for info in infos:
         if info.committed:

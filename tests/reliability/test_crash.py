@@ -160,3 +160,28 @@ def test_kill_during_save_s3(s3_url, s3_options):
         outcomes.append((round(delay, 3), killed, newest))
         _count("save-s3-random-delay", True)
     print(f"\n[reliability] s3 save duration {duration:.3f}s; (delay, killed, newest): {outcomes}")
+
+
+def test_overwrite_interrupted_between_renames_is_recovered(tmp_path):
+    """An overwrite moves the old checkpoint aside before renaming the new one in: a
+    crash in between must not lose the old one (gc and restore put it back)."""
+    import torch
+
+    from ckpt import tools
+    from ckpt.storage import open_storage
+
+    run = tmp_path / "run"
+    w = torch.arange(1000.0)
+    ckpt.save({"w": w}, run / "step-000000005", step=5)
+    storage = open_storage(run)
+    storage.rename_dir("step-000000005", ".tmp-trash-step-000000005-deadbeef")  # the crash point
+    assert ckpt.list_checkpoints(run) == []
+    tools.gc(str(run), grace=0)
+    assert [c.name for c in ckpt.list_checkpoints(run)] == ["step-000000005"]
+    storage.rename_dir("step-000000005", ".tmp-trash-step-000000005-deadbeef")
+    out = {"w": torch.empty(1000)}
+    mgr = ckpt.CheckpointManager(run, save_on_signals=())
+    with pytest.warns(RuntimeWarning, match="recovered"):
+        assert mgr.restore(out) == 6
+    assert torch.equal(out["w"], w)
+    mgr.close()
