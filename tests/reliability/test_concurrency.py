@@ -47,7 +47,7 @@ def _pair(run, steps):
         p = c.Process(target=_gated_save, args=(run, s, go, started, q), daemon=True)
         p.start()
         procs.append((p, started))
-    for p, started in procs:
+    for _p, started in procs:
         assert started.wait(30)
     go.set()
     for p, _ in procs:

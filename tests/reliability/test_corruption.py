@@ -44,7 +44,7 @@ def template(tmp_path_factory):
 def _damage_cases():
     rng = random.Random(SEED)
     cases = []
-    for n in range(8):  # random byte flips in random shards (data or index)
+    for _ in range(8):  # random byte flips in random shards (data or index)
         shard = rng.randrange(4)
         where = rng.choice(["data", "data", "data", "index"])
         cases.append(("flip", f"arrays/w.zarr/c/{shard}/0", where, rng.random(), "w"))
