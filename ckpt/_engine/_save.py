@@ -500,9 +500,9 @@ class SnapshotJob:
             raise err
 
     def _cleanup(self, write_dir: str) -> None:
-        if write_dir == self.name and self.storage.exists(f"{self.name}/{MANIFEST}"):
-            return  # never touch a committed checkpoint
-        try:
+        try:  # a failing check must not replace the save's own error (nor skip the broadcast)
+            if write_dir == self.name and self.storage.exists(f"{self.name}/{MANIFEST}"):
+                return  # never touch a committed checkpoint
             self.storage.delete_dir(write_dir)
         except Exception:  # noqa: BLE001 - gc removes it later
             pass

@@ -15,20 +15,53 @@ Configuration follows the AWS conventions, explicit arguments first:
 There is no atomic rename on S3: a checkpoint commits by the single PUT of its
 manifest (``write_bytes``), which readers see whole or not at all.
 
-Secrets never appear in ``url``, ``repr``, ``describe`` or error messages.
+Secrets never appear in ``url``, ``repr``, ``describe``, log records or error messages.
+
+Resilience (explicit arguments beat ``CKPT_S3_*`` environment variables, which beat
+defaults):
+
+- ``deadline_s`` (``CKPT_S3_DEADLINE_S``, 120): the most time one storage operation
+  (a read, a PUT, a whole multipart upload, a listing page) may take, retries
+  included; past it the operation fails with :class:`~ckpt.errors.StorageError`.
+  Every attempt runs under the remaining time, so a hung connection cannot outlive it.
+- ``max_attempts`` (``CKPT_S3_MAX_ATTEMPTS``, 5; or ``config_kwargs["retries"]``):
+  botocore's own attempts per request (``retry_mode``, ``CKPT_S3_RETRY_MODE``:
+  ``"standard"`` or ``"adaptive"``, which also rate-limits the client when throttled);
+  around them ckpt runs up to as many rounds of its own, with exponential backoff and
+  full jitter, for what botocore and s3fs leave: throttling (``SlowDown``, 503, 429),
+  other 5xx, connection resets and refusals, timeouts, truncated bodies. Errors that
+  retrying cannot fix (missing objects, permissions, a missing bucket) fail at once.
+- Array data goes through tensorstore, whose ``s3_request_retries`` is derived from
+  the same deadline (``initial_delay`` 200 ms doubling up to ``max_delay``, as many
+  retries as fit in ``deadline_s``; ``CKPT_S3_RETRIES`` overrides the count).
+  Tensorstore writes every object (one zarr shard or pack) with a single PUT and no
+  multipart upload, so a shard must stay under S3's 5 GiB PUT limit: ckpt's
+  ``max_shard_bytes`` (64 MiB by default) keeps it far below.
+- ``write_bytes`` of objects from ``multipart_threshold`` bytes on
+  (``CKPT_S3_MULTIPART_THRESHOLD``, 256 MiB) uses a multipart upload of
+  ``part_bytes`` parts (``CKPT_S3_PART_BYTES``, 64 MiB; at least 5 MiB, grown to stay
+  within 10 000 parts), ``upload_concurrency`` at a time
+  (``CKPT_S3_UPLOAD_CONCURRENCY``, 8), each part retried on its own. An upload that
+  fails is aborted, so no invisible parts are left to be billed; the object appears
+  whole when the upload completes, or not at all.
 """
 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import errno
 import functools
 import importlib.util
+import logging
 import os
+import random
 import re
 import shutil
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from ckpt.errors import MissingDependencyError, StorageError, StoragePermissionError
@@ -37,6 +70,24 @@ from ckpt.storage._base import Capabilities, ObjectInfo, Storage
 __all__ = ["S3Storage"]
 
 _MAX_PUT = 5 * 2**30  # S3's limit for one PUT
+_MIN_PART = 5 * 2**20  # S3's smallest part (all but the last)
+_MAX_PARTS = 10_000  # S3's most parts of one upload
+_DEFAULT_DEADLINE_S = 120.0
+_DEFAULT_MAX_ATTEMPTS = 5
+_DEFAULT_PART_BYTES = 64 * 2**20
+_DEFAULT_MULTIPART_THRESHOLD = 256 * 2**20
+_DEFAULT_UPLOAD_CONCURRENCY = 8
+_BACKOFF_BASE_S = 0.1
+_BACKOFF_CAP_S = 10.0
+# Error codes that mean "try again later" (S3 and S3-compatible servers).
+_TRANSIENT_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "TooManyRequests", "TooManyRequestsException", "RequestLimitExceeded", "ServiceUnavailable",
+    "InternalError", "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete",
+    "OperationAborted", "BadGateway", "GatewayTimeout", "EC2ThrottledException",
+    "500", "502", "503", "504", "429", "408",
+}
+log = logging.getLogger("ckpt.storage.s3")
 _DELETE_BATCH = 1000  # S3's limit for one DeleteObjects
 _AWS_HOST = re.compile(r"(^|\.)s3([.-][^/]*)?\.amazonaws\.com(\.cn)?$")
 _PERMISSION_CODES = {
@@ -50,6 +101,27 @@ _CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "Credenti
 
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _setting(explicit: Any, var: str, default: Any, cast: Callable[[str], Any]) -> Any:
+    if explicit is not None:
+        return explicit
+    raw = os.environ.get(var)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        return cast(raw.strip())
+    except ValueError:
+        raise ValueError(f"{var}={raw!r} is not a valid value") from None
+
+
+def _size(text: str) -> int:
+    """``"64MiB"``, ``"5M"``, ``"1G"`` or a plain number of bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if t and t[-1] in mult:
+        return int(float(t[:-1]) * mult[t[-1]])
+    return int(t)
 
 
 class _Secret:
@@ -73,6 +145,11 @@ class S3Storage(Storage):
     ``s3_additional_kwargs``, ``requester_pays``…). Its directory-listing cache is
     always off: ckpt lists right after it writes, and a stale listing would hide a
     checkpoint or show a deleted one.
+
+    ``deadline_s``, ``max_attempts``, ``retry_mode``, ``part_bytes``,
+    ``multipart_threshold`` and ``upload_concurrency`` set retries and multipart uploads
+    (see the module's docstring; each has a ``CKPT_S3_*`` environment variable).
+    ``stats`` counts ckpt's own retries, multipart uploads and aborted uploads.
     """
 
     capabilities = Capabilities(atomic_rename=False)
@@ -90,6 +167,12 @@ class S3Storage(Storage):
         profile: str | None = None,
         anon: bool = False,
         client_kwargs: dict[str, Any] | None = None,
+        deadline_s: float | None = None,
+        max_attempts: int | None = None,
+        retry_mode: str | None = None,
+        part_bytes: int | None = None,
+        multipart_threshold: int | None = None,
+        upload_concurrency: int | None = None,
         **s3fs_options: Any,
     ) -> None:
         if not bucket or "/" in bucket:
@@ -124,6 +207,31 @@ class S3Storage(Storage):
         self._token = _Secret(token) if token is not None else None
         self._client_kwargs = client_kwargs
         self._s3fs_options = s3fs_options
+
+        self.deadline_s = float(_setting(deadline_s, "CKPT_S3_DEADLINE_S", _DEFAULT_DEADLINE_S, float))
+        if not self.deadline_s > 0:
+            raise ValueError(f"deadline_s must be positive, got {self.deadline_s}")
+        user_retries = (s3fs_options.get("config_kwargs") or {}).get("retries") or {}
+        if max_attempts is None and "max_attempts" in user_retries:
+            max_attempts = int(user_retries["max_attempts"])
+        self.max_attempts = int(_setting(max_attempts, "CKPT_S3_MAX_ATTEMPTS", _DEFAULT_MAX_ATTEMPTS, int))
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        mode = retry_mode or user_retries.get("mode")
+        self.retry_mode = str(_setting(mode, "CKPT_S3_RETRY_MODE", "standard", str))
+        if self.retry_mode not in ("standard", "adaptive", "legacy"):
+            raise ValueError(f"retry_mode must be 'standard' or 'adaptive', got {self.retry_mode!r}")
+        self.part_bytes = int(_setting(part_bytes, "CKPT_S3_PART_BYTES", _DEFAULT_PART_BYTES, _size))
+        if not _MIN_PART <= self.part_bytes <= _MAX_PUT:
+            raise ValueError(f"part_bytes must be between 5 MiB and 5 GiB (S3's limits), got {self.part_bytes}")
+        self.multipart_threshold = int(_setting(multipart_threshold, "CKPT_S3_MULTIPART_THRESHOLD",
+                                                _DEFAULT_MULTIPART_THRESHOLD, _size))
+        self.multipart_threshold = min(max(self.multipart_threshold, self.part_bytes), _MAX_PUT)
+        self.upload_concurrency = int(_setting(upload_concurrency, "CKPT_S3_UPLOAD_CONCURRENCY",
+                                               _DEFAULT_UPLOAD_CONCURRENCY, int))
+        if self.upload_concurrency < 1:
+            raise ValueError(f"upload_concurrency must be >= 1, got {self.upload_concurrency}")
+        self.stats = {"retries": 0, "multipart_uploads": 0, "aborted_uploads": 0}
         self._fs: Any = None
         self._bucket_seen = False
         self._lock = threading.Lock()
@@ -148,13 +256,24 @@ class S3Storage(Storage):
         opts["use_listings_cache"] = False
         opts.setdefault("skip_instance_cache", True)  # no process-wide cache holding our keys
         config_kwargs = dict(opts.pop("config_kwargs", None) or {})
+        # botocore retries each request itself (throttling, 5xx, connection errors);
+        # ckpt's own loop (_retry) sits around it, bounded by the deadline.
+        retries = dict(config_kwargs.get("retries") or {})
+        retries.setdefault("mode", self.retry_mode)
+        retries.setdefault("max_attempts", self.max_attempts)
+        config_kwargs["retries"] = retries
+        config_kwargs.setdefault("connect_timeout", min(10.0, self.deadline_s))
+        config_kwargs.setdefault("read_timeout", min(60.0, self.deadline_s))
+        config_kwargs.setdefault("max_pool_connections", max(10, self.upload_concurrency))
+        opts.setdefault("default_block_size", self.part_bytes)
+        opts.setdefault("max_concurrency", self.upload_concurrency)
         if self.endpoint_url:
             # S3-compatible servers (MinIO, moto, Ceph) want path-style requests; tensorstore
             # addresses a custom endpoint path-style too, so both agree.
             config_kwargs.setdefault("s3", {"addressing_style": "path"})
         if self.profile:
             opts["profile"] = self.profile
-        return s3fs.S3FileSystem(
+        fs = s3fs.S3FileSystem(
             anon=self.anon,
             endpoint_url=self.endpoint_url,
             key=self._key.value if self._key else None,
@@ -164,6 +283,10 @@ class S3Storage(Storage):
             config_kwargs=config_kwargs,
             **opts,
         )
+        # s3fs's own retry loop (5 tries, fixed schedule, no deadline) would multiply
+        # botocore's attempts and outlive the deadline: ckpt's loop replaces it.
+        fs.retries = 1
+        return fs
 
     def _full(self, key: str) -> str:
         return f"{self.bucket}/{key}"
@@ -178,11 +301,55 @@ class S3Storage(Storage):
     def _rel(self, key: str) -> str:
         return key[len(self.prefix) + 1:] if self.prefix else key
 
-    def _call(self, method: str, what: str, path: str, **kwargs: Any) -> Any:
-        try:
-            return self.fs.call_s3(method, Bucket=self.bucket, **kwargs)
-        except Exception as e:
-            raise self._error(e, what, path) from e
+    def _call(self, method: str, what: str, path: str, *, deadline: float | None = None,
+              **kwargs: Any) -> Any:
+        """One S3 request, retried until it succeeds, fails for good, or the deadline."""
+        return self._retry(lambda timeout: self.fs.call_s3(method, Bucket=self.bucket, timeout=timeout, **kwargs),
+                           what, path, deadline=deadline)
+
+    def _retry(self, attempt: Callable[[float], Any], what: str, path: str, *,
+               deadline: float | None = None, translate: bool = True) -> Any:
+        """Run ``attempt(timeout)`` until it succeeds, with exponential backoff and full
+        jitter between tries, at most ``max_attempts`` times and never past ``deadline``
+        (``time.monotonic()``; default: ``deadline_s`` from now). Each try gets the time
+        left as its timeout. Errors retrying cannot fix are raised at once."""
+        start = time.monotonic()
+        if deadline is None:
+            deadline = start + self.deadline_s
+        tries = 0
+        while True:
+            tries += 1
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise TimeoutError("no time left")
+                return attempt(max(left, 0.05))
+            except Exception as e:
+                timed_out = _is_timeout(e) or time.monotonic() >= deadline
+                retry = _retryable(e) and not timed_out and tries < self.max_attempts
+                delay = random.uniform(0, min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2 ** tries))
+                if retry and time.monotonic() + delay < deadline:
+                    self.stats["retries"] += 1
+                    log.debug("S3 %s %s failed (%s), try %d; retrying in %.2f s", what, self.describe(path),
+                              self._scrub(_brief(e)), tries, delay)
+                    time.sleep(delay)
+                    continue
+                if not translate:
+                    raise
+                if _retryable(e) or timed_out:
+                    elapsed = time.monotonic() - start
+                    why = (f"no success within the deadline of {self.deadline_s:g} s"
+                           if timed_out or tries < self.max_attempts else f"{tries} rounds of tries failed")
+                    last = ("the endpoint did not answer in time, refused connections or kept failing"
+                            if _is_timeout(e) else self._scrub(_brief(e)))
+                    raise StorageError(
+                        f"S3 request failed while {what}: {why} ({elapsed:.1f} s; {last})",
+                        path=self.describe(path),
+                        hint="check that the endpoint is up and reachable "
+                             f"({self.endpoint_url or 'AWS'}); raise deadline_s= (CKPT_S3_DEADLINE_S) "
+                             "or max_attempts= (CKPT_S3_MAX_ATTEMPTS) for a slow or throttled server; "
+                             "retrying is safe") from e
+                raise self._error(e, what, path) from e
 
     # -- bytes ----------------------------------------------------------------
     def read_bytes(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
@@ -193,50 +360,111 @@ class S3Storage(Storage):
             self.size(path)  # an empty range of a missing object is still missing
             return b""
         full = self._full(self._object_key(path))
-        try:
-            if first == 0 and end is None:
-                return self.fs.cat_file(full, max_concurrency=1)
-            return self.fs.cat_file(full, start=first, end=end)
-        except Exception as e:
-            if _code(e) == "InvalidRange":  # the range starts at or past the end
-                return b""
-            raise self._error(e, "reading", path) from e
+
+        def attempt(timeout: float) -> bytes:
+            try:
+                if first == 0 and end is None:
+                    return bytes(self.fs.cat_file(full, max_concurrency=1, timeout=timeout))
+                return bytes(self.fs.cat_file(full, start=first, end=end, timeout=timeout))
+            except Exception as e:
+                if _code(e) == "InvalidRange":  # the range starts at or past the end
+                    return b""
+                raise
+
+        return self._retry(attempt, "reading", path)
 
     def write_bytes(self, path: str, data: bytes | memoryview) -> None:
         key = self._object_key(path)
         body = data if isinstance(data, bytes) else bytes(data)
-        if len(body) < _MAX_PUT:
+        if len(body) < self.multipart_threshold:
             self._call("put_object", "writing", path, Key=key, Body=body)
         else:
-            # Past one PUT's limit a multipart upload is the only way; S3 makes the
-            # object visible whole when the upload completes, so it is atomic too.
-            try:
-                self.fs.pipe_file(self._full(key), body)
-            except Exception as e:
-                raise self._error(e, "writing", path) from e
+            # S3 makes a multipart object visible whole when the upload completes, so
+            # this is as atomic as one PUT (and the only way past 5 GiB).
+            self._multipart_upload(key, body, path)
         self.fs.invalidate_cache(self._full(key))
+
+    def _multipart_upload(self, key: str, body: bytes, path: str) -> None:
+        deadline = time.monotonic() + self.deadline_s
+        part = max(self.part_bytes, -(-len(body) // _MAX_PARTS))
+        starts = list(range(0, len(body), part))
+        mpu = self._call("create_multipart_upload", "starting a multipart upload of", path, Key=key,
+                         deadline=deadline)
+        upload_id = mpu["UploadId"]
+        self.stats["multipart_uploads"] += 1
+        failed = threading.Event()
+
+        def put_part(i: int) -> dict[str, Any]:
+            if failed.is_set():
+                raise StorageError("another part of the upload failed", path=self.describe(path))
+            chunk = body[starts[i]:starts[i] + part]
+            out = self._call("upload_part", f"uploading part {i + 1}/{len(starts)} of", path, Key=key,
+                             UploadId=upload_id, PartNumber=i + 1, Body=chunk, deadline=deadline)
+            return {"PartNumber": i + 1, "ETag": out["ETag"]}
+
+        try:
+            with concurrent.futures.ThreadPoolExecutor(min(self.upload_concurrency, len(starts)),
+                                                       thread_name_prefix="ckpt-s3-part") as pool:
+                futures = [pool.submit(put_part, i) for i in range(len(starts))]
+                try:
+                    parts = [f.result() for f in futures]
+                except BaseException:
+                    failed.set()
+                    for f in futures:
+                        f.cancel()
+                    raise
+            try:
+                self._call("complete_multipart_upload", "completing the multipart upload of", path, Key=key,
+                           UploadId=upload_id, MultipartUpload={"Parts": parts}, deadline=deadline)
+            except Exception as e:
+                # A retried completion whose first try succeeded finds the upload gone:
+                # the object is there, whole, if its size and part count say so.
+                if _code(e) != "NoSuchUpload" or not self._completed(key, len(body), len(parts)):
+                    raise
+        except BaseException:
+            self._abort(key, upload_id, path)
+            raise
+
+    def _completed(self, key: str, size: int, nparts: int) -> bool:
+        try:
+            head = self.fs.call_s3("head_object", Bucket=self.bucket, Key=key)
+        except Exception:
+            return False
+        return int(head.get("ContentLength", -1)) == size and str(head.get("ETag", "")).strip('"').endswith(
+            f"-{nparts}")
+
+    def _abort(self, key: str, upload_id: str, path: str) -> None:
+        """Abort a failed multipart upload (its parts would otherwise stay, billed and
+        invisible); best effort, with a short deadline of its own."""
+        try:
+            self._call("abort_multipart_upload", "aborting the multipart upload of", path, Key=key,
+                       UploadId=upload_id, deadline=time.monotonic() + min(30.0, self.deadline_s))
+            self.stats["aborted_uploads"] += 1
+        except Exception as e:  # noqa: BLE001 - the upload's own error is the one to raise
+            if _code(e) == "NoSuchUpload":
+                self.stats["aborted_uploads"] += 1
+                return
+            log.warning("could not abort the multipart upload of %s (%s); a bucket lifecycle rule "
+                        "(AbortIncompleteMultipartUpload) removes it later", self.describe(path),
+                        self._scrub(_brief(e)))
 
     def exists(self, path: str) -> bool:
         key = self._object_key(path)
         if key:
             try:
-                self.fs.call_s3("head_object", Bucket=self.bucket, Key=key)
+                self._call("head_object", "checking", path, Key=key)
                 return True
-            except Exception as e:
-                err = self._error(e, "checking", path)
-                if not isinstance(err, FileNotFoundError):
-                    raise err from e
+            except FileNotFoundError:
+                pass
         resp = self._call("list_objects_v2", "listing", path, Prefix=self._dir_key(path), MaxKeys=1)
         return bool(resp.get("Contents") or resp.get("CommonPrefixes"))
 
     def size(self, path: str) -> int:
         try:
-            head = self.fs.call_s3("head_object", Bucket=self.bucket, Key=self._object_key(path))
-        except Exception as e:
-            err = self._error(e, "reading the size of", path)
-            if isinstance(err, FileNotFoundError):
-                self._check_bucket(path)
-            raise err from e
+            head = self._call("head_object", "reading the size of", path, Key=self._object_key(path))
+        except FileNotFoundError as e:
+            self._check_bucket(path)
+            raise e
         return int(head["ContentLength"])
 
     # -- listing and deletion ---------------------------------------------------
@@ -316,8 +544,13 @@ class S3Storage(Storage):
         return spec
 
     def ts_context(self) -> Any:
-        return _s3_context(int(os.environ.get("CKPT_S3_CONCURRENCY", "32")),
-                           int(os.environ.get("CKPT_S3_RETRIES", "10")))
+        """The tensorstore Context for this storage's arrays: one per process and
+        configuration. Retries are derived from ``deadline_s``: exponential backoff from
+        200 ms up to ``max_delay``, as many retries as fit in the deadline."""
+        initial, max_delay, retries = _ts_retries(self.deadline_s)
+        retries = int(_setting(None, "CKPT_S3_RETRIES", retries, int))
+        return _s3_context(int(os.environ.get("CKPT_S3_CONCURRENCY", "32")), max(1, retries),
+                           initial, max_delay)
 
     def _ts_endpoint(self) -> str | None:
         if self.endpoint_url:
@@ -362,9 +595,10 @@ class S3Storage(Storage):
         if self._bucket_seen:
             return
         try:
-            self.fs.call_s3("head_bucket", Bucket=self.bucket)
+            self._call("head_bucket", "checking", path)
         except Exception as e:
-            if isinstance(e, FileNotFoundError) or _code(e) in _NOT_FOUND_CODES | {"NoSuchBucket"}:
+            if isinstance(e, FileNotFoundError) or _code(e) in _NOT_FOUND_CODES | {"NoSuchBucket"} or (
+                    isinstance(e, StorageError) and "does not exist" in str(e)):
                 raise self._no_bucket("checking", path) from e
             return  # e.g. no s3:ListBucket permission: leave it to the caller's error
         self._bucket_seen = True
@@ -435,14 +669,89 @@ def _code(exc: BaseException | None) -> str | None:
     return None
 
 
+def _brief(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+def _status(exc: BaseException | None) -> int | None:
+    """The HTTP status of a botocore ClientError anywhere in ``exc``'s chain."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        resp = getattr(exc, "response", None)
+        if isinstance(resp, dict):
+            status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if status:
+                return int(status)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    out: list[BaseException] = []
+    while exc is not None and all(exc is not x for x in out):
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """The attempt ran out of the deadline (fsspec's sync timeout)."""
+    names = {t.__name__ for e in _chain(exc) for t in type(e).__mro__}
+    return "FSTimeoutError" in names or (isinstance(exc, TimeoutError) and str(exc) == "no time left")
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Whether trying again may succeed: throttling, 5xx, connection trouble, cut bodies."""
+    code = _code(exc)
+    if code in _NOT_FOUND_CODES or code in _PERMISSION_CODES or code in ("NoSuchBucket", "NoSuchUpload"):
+        return False
+    if code in _TRANSIENT_CODES:
+        return True
+    status = _status(exc)
+    if status is not None:
+        return status >= 500 or status in (408, 429)
+    for e in _chain(exc):
+        names = {t.__name__ for t in type(e).__mro__}
+        if names & {"HTTPClientError", "ConnectionError", "ConnectionClosedError", "EndpointConnectionError",
+                    "ReadTimeoutError", "ConnectTimeoutError", "IncompleteReadError", "ResponseStreamingError",
+                    "ResponseParserError", "IncompleteRead", "ClientPayloadError", "ClientConnectionError",
+                    "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError", "RemoteDisconnected"}:
+            return True
+        if isinstance(e, ConnectionError | TimeoutError):
+            return True
+        if "reduce your request rate" in str(e) or "SlowDown" in str(e):
+            return True
+    return False
+
+
+def _ts_retries(deadline_s: float) -> tuple[float, float, int]:
+    """(initial_delay, max_delay, max_retries) for tensorstore: as many exponential
+    backoffs (with tensorstore's jitter of up to ``initial_delay`` each) as fit in the
+    deadline, at least one."""
+    initial = 0.2
+    max_delay = max(initial, min(20.0, deadline_s / 4))
+    total, n = 0.0, 0
+    while n < 64:
+        step = min(initial * 2 ** n, max_delay) + initial
+        if total + step > deadline_s:
+            break
+        total += step
+        n += 1
+    return initial, max_delay, max(1, n)
+
+
 @functools.cache
-def _s3_context(concurrency: int, retries: int) -> Any:
-    """One tensorstore Context per process for S3 arrays: shared connection limits."""
+def _s3_context(concurrency: int, retries: int, initial_delay: float = 0.2, max_delay: float = 20.0) -> Any:
+    """One tensorstore Context per process and configuration for S3 arrays: shared
+    connection limits."""
     import tensorstore as ts
 
     return ts.Context({
         "s3_request_concurrency": {"limit": concurrency},
-        "s3_request_retries": {"max_retries": retries, "initial_delay": "200ms", "max_delay": "20s"},
+        "s3_request_retries": {"max_retries": retries, "initial_delay": f"{round(initial_delay * 1000)}ms",
+                               "max_delay": f"{round(max_delay * 1000)}ms"},
         "data_copy_concurrency": {"limit": max(2, os.cpu_count() or 2)},
         "cache_pool": {"total_bytes_limit": 0},
     })

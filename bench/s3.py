@@ -1,0 +1,194 @@
+"""``python -m bench.s3``: save and load N GiB to a local S3 server (moto, in this
+process, on 127.0.0.1): ckpt vs torch.distributed.checkpoint with its fsspec writer
+vs a plain parallel s3fs upload/download of the same bytes.
+
+The plain s3fs variant is the transfer ceiling: the tensors' bytes are prepared before
+the clock starts and go up as one object per tensor (``fs.pipe``) and come back whole
+(``fs.cat``) on a pool of threads. ckpt and DCP pay for their own serialisation. Every
+load is checked bit for bit after its clock stops. moto keeps objects in memory, so the
+machine needs a few times N GiB of RAM; its speed, not the network's, bounds all three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import uuid
+from typing import Any
+
+import torch
+
+GIB = 1 << 30
+TENSOR_BYTES = 64 << 20  # the state is made of 64 MiB float32 tensors (the last may be smaller)
+THREADS = 8
+
+
+def _env() -> None:
+    """Dummy credentials, no shared config, no proxies: nothing leaves 127.0.0.1."""
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        os.environ.pop(var, None)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench-key", AWS_SECRET_ACCESS_KEY="bench-secret",
+                      AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
+                      AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+                      NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+
+
+def make_state(nbytes: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    state: dict[str, torch.Tensor] = {}
+    left, i = nbytes, 0
+    while left > 0:
+        n = min(TENSOR_BYTES, left) // 4
+        state[f"layer{i:03d}.weight"] = torch.randn(n // 1024, 1024, generator=g) if n >= 1024 else torch.randn(n, generator=g)
+        left -= max(4, n * 4)
+        i += 1
+    return state
+
+
+def _check(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+    for k, w in want.items():
+        if not torch.equal(got[k].view(torch.uint8), w.view(torch.uint8)):
+            raise AssertionError(f"{what}: {k} differs after the round trip")
+
+
+def _time(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run(gib: float, out: str | None, repeats: int = 1) -> dict[str, Any]:
+    _env()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    import boto3
+    import s3fs
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+
+    import ckpt
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    assert host == "127.0.0.1"
+    endpoint = f"http://127.0.0.1:{port}"
+    bucket = f"bench-{uuid.uuid4().hex[:10]}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    s3_opts = {"endpoint_url": endpoint, "region": "us-east-1"}
+    fs_opts = {"endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"},
+               "config_kwargs": {"s3": {"addressing_style": "path"}, "max_pool_connections": 32},
+               "skip_instance_cache": True, "use_listings_cache": False}
+    fs = s3fs.S3FileSystem(**fs_opts)
+
+    state = make_state(int(gib * GIB))
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    results: dict[str, dict[str, float]] = {}
+
+    def clear(prefix: str) -> None:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+
+    def best(name: str, op: str, fn: Any, before: Any = None) -> None:
+        times = []
+        for _ in range(repeats):
+            if before is not None:
+                before()
+            times.append(_time(fn))
+        results.setdefault(name, {})[f"{op}_s"] = min(times)
+        print(f"  {name:<10} {op:<5} {min(times):8.2f} s", flush=True)
+
+    print(f"S3 benchmark: {nbytes / GIB:.2f} GiB in {len(state)} tensors, moto on {endpoint}", flush=True)
+
+    # -- plain s3fs: the bytes, prepared beforehand, one object per tensor ------------
+    payload = {k: t.numpy().tobytes() for k, t in state.items()}
+    pool = concurrent.futures.ThreadPoolExecutor(THREADS)
+
+    def plain_save() -> None:
+        list(pool.map(lambda kv: fs.pipe(f"{bucket}/plain/{kv[0]}", kv[1]), payload.items()))
+
+    def plain_load() -> None:
+        got = dict(zip(payload, pool.map(lambda k: fs.cat(f"{bucket}/plain/{k}"), payload)))
+        assert all(len(got[k]) == len(v) for k, v in payload.items())
+
+    best("s3fs", "save", plain_save, before=lambda: clear("plain/"))
+    best("s3fs", "load", plain_load)
+    payload.clear()
+    clear("plain/")
+
+    # -- ckpt -------------------------------------------------------------------------
+    url = f"s3://{bucket}/ckpt/step-000000001"
+    snap = ckpt.Snapshotter()
+    target = {k: torch.empty_like(t) for k, t in state.items()}
+    best("ckpt", "save", lambda: snap.save_async(state, url, storage_options=s3_opts, overwrite=True).result(),
+         before=lambda: clear("ckpt/"))
+    best("ckpt", "load", lambda: ckpt.load(target, url, storage_options=s3_opts))
+    _check(target, state, "ckpt")
+    snap.close()
+    clear("ckpt/")
+
+    # -- DCP with its fsspec writer -----------------------------------------------------
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+    dcp_url = f"s3://{bucket}/dcp"
+    target = {k: torch.empty_like(t) for k, t in state.items()}
+    best("dcp", "save", lambda: dcp.save(state, storage_writer=FsspecWriter(dcp_url, thread_count=THREADS, **fs_opts),
+                                         no_dist=True), before=lambda: clear("dcp/"))
+    best("dcp", "load", lambda: dcp.load(target, storage_reader=FsspecReader(dcp_url, **fs_opts), no_dist=True))
+    _check(target, state, "dcp")
+    clear("dcp/")
+
+    pool.shutdown()
+    server.stop()
+
+    rows = []
+    for name in ("ckpt", "dcp", "s3fs"):
+        for op in ("save", "load"):
+            s = results[name][f"{op}_s"]
+            base = results["s3fs"][f"{op}_s"]
+            rows.append({"variant": name, "op": op, "seconds": s, "gbps": nbytes / s / 1e9, "ratio_to_s3fs": s / base})
+    print()
+    print("| variant | op | seconds | GB/s | time / plain s3fs |")
+    print("|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['op']} | {r['seconds']:.2f} | {r['gbps']:.3f} | {r['ratio_to_s3fs']:.2f}x |")
+    report = {
+        "benchmark": "s3", "bytes": nbytes, "tensors": len(state), "threads": THREADS, "repeats": repeats,
+        "server": "moto ThreadedMotoServer (in process, 127.0.0.1)",
+        "host": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                 "platform": platform.platform()},
+        "rows": rows,
+    }
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"\nwrote {out}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.s3", description=__doc__.split("\n\n")[0])
+    p.add_argument("--gib", type=float, default=None, help="GiB to save and load (default 1.0; --quick: 0.05)")
+    p.add_argument("--quick", action="store_true", help="a small, fast run (smoke test)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each operation; the minimum is kept")
+    p.add_argument("--out", default="bench/results/s3.json", help="where the JSON report goes")
+    a = p.parse_args(argv)
+    gib = a.gib if a.gib is not None else (0.05 if a.quick else 1.0)
+    if gib <= 0:
+        p.error("--gib must be positive")
+    run(gib, a.out, repeats=max(1, a.repeats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
