@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--dataset", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=8, help="samples per rank per step")
     ap.add_argument("--step-sleep", type=float, default=0.0, help="seconds of extra work per step")
-    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--width", dest="d", type=int, default=128, help="model width")
     ap.add_argument("--log", default=None, help="log directory (default <run>/log when local)")
     args = ap.parse_args()
 

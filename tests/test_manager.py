@@ -148,3 +148,38 @@ def test_elastic_demo_kill_one_of_three_agents(tmp_path):
     assert "exactly-once samples     PASS" in out.stdout
     assert "matches reference run    PASS (bit-exact)" in out.stdout
     assert "on world size 2" in out.stdout
+
+
+@pytest.mark.slow
+def test_kill_all_and_restart_on_same_world_size_is_bit_exact(tmp_path):
+    """All 3 ranks SIGKILLed mid-run, restarted on 3: bit-exact with an uninterrupted run."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import demo  # examples/demo.py: kill_tree, read_logs, env
+
+    def torchrun(run, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
+                str(ROOT / "examples" / "train_gpt.py"), "--run-dir", str(run), "--steps", "20", "--every", "5",
+                "--width", "64", *extra]
+
+    ref = subprocess.run(torchrun(tmp_path / "ref"), env=demo.env(), capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "run"
+    p = subprocess.Popen(torchrun(run, "--step-sleep", "0.1"), env=demo.env(), start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(0.2)
+        recs = demo.read_logs(run / "log") if (run / "log").exists() else []
+        if any(r.get("event") == "step" and r["step"] >= 12 for r in recs):
+            break
+    demo.kill_tree(p.pid)
+    p.wait()
+    done = {r["step"] for r in demo.read_logs(run / "log") if r.get("event") == "step"}
+    assert max(done) < 19, "the job finished before it was killed"
+    again = subprocess.run(torchrun(run), env=demo.env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    starts = [r for r in demo.read_logs(run / "log") if r.get("event") == "start"]
+    assert starts[-1]["restored_from"] is not None and starts[-1]["world"] == 3
+    a = torch.load(tmp_path / "ref" / "log" / "final.pt")
+    b = torch.load(run / "log" / "final.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -133,3 +133,17 @@ def test_reshard_memory_stays_bounded(tmp_path: Path) -> None:
     grew = int(out.stdout.split()[-1])
     assert grew < 128 << 20, f"peak RSS grew by {grew >> 20} MiB rewriting 256 MiB with a 16 MiB budget"
     assert tools.verify(str(tmp_path / "b" / "step-1")).ok
+
+
+@pytest.mark.s3
+def test_reshard_between_local_and_s3(saved, tmp_path: Path, s3_url: str, s3_options: dict) -> None:
+    src, state = saved
+    up = f"{s3_url}/w2/step-000000003"
+    tools.reshard(src, up, 2, memory_bytes=4 << 20, dst_storage_options=s3_options, storage_options={})
+    assert tools.verify(up, storage_options=s3_options).ok
+    down = str(tmp_path / "back" / "step-000000003")
+    tools.reshard(up, down, 3, memory_bytes=4 << 20, storage_options=s3_options, dst_storage_options={})
+    fresh = _state(seed=4)
+    ckpt.load(fresh, down)
+    assert torch.equal(fresh["emb"].view(torch.int16), state["emb"].view(torch.int16))
+    assert ckpt.read_manifest(down).world_size == 3
