@@ -17,12 +17,17 @@ def test_optimizer_step_after_save_async_not_in_checkpoint_on_s3(s3_url, s3_opti
     m = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.BatchNorm1d(1024), torch.nn.Linear(1024, 64))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     x = torch.randn(32, 256)
+    def step() -> None:
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+
     for _ in range(2):
-        opt.zero_grad(); m(x).square().mean().backward(); opt.step()
+        step()
     expected = {k: v.clone() for k, v in m.state_dict().items()}
     snap = ckpt.Snapshotter(ckpt.SaveOptions(pool_bytes=2 << 20, max_shard_bytes=256 << 10))
     h = snap.save_async({"model": m, "optim": opt}, f"{s3_url}/run/step-2", storage_options=s3_options)
-    opt.zero_grad(); m(x).square().mean().backward(); opt.step()  # waits in the hook
+    step()  # waits in the optimizer's pre-step hook
     stats = h.result(timeout=120)
     assert stats.pool_peak_bytes <= 2 << 20
     m2 = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.BatchNorm1d(1024), torch.nn.Linear(1024, 64))
