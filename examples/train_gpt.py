@@ -123,6 +123,7 @@ def main() -> None:
     params = [p for p in model.parameters()]
     it = iter(sampler)
     step = start
+    local_loss = 0.0  # a worker restarted after the last step runs no step at all
     while step < args.steps:
         global_count = min(sampler.dataset_len - sampler.consumed, world * args.batch)
         if global_count <= 0:
