@@ -97,7 +97,7 @@ class _Unit:
 
     assignment: Assignment | None
     region: tuple[tuple[int, ...], tuple[int, ...]]  # region within the target array
-    members: list[tuple[torch.Tensor, int, str]]  # (source view, byte offset in the block, key)
+    members: list[tuple[torch.Tensor, int, tuple[str, Any]]]  # (source view, offset in block, (key, box))
     nbytes: int
     shape: tuple[int, ...]
     np_dtype: str
@@ -116,7 +116,7 @@ class _Prepared:
     rank_values: dict[str, Any]  # encoded per-rank values
     pickles: dict[str, bytes]
     ready_events: dict[Any, Any] = field(default_factory=dict)  # device -> cuda event
-    versions: dict[str, int] = field(default_factory=dict)  # key -> tensor._version at snapshot
+    versions: dict[tuple[str, Any], int] = field(default_factory=dict)  # (key, box) -> _version at snapshot
 
 
 def prepare(items: list[Any], *, allow_pickle: bool, rank: int) -> _Prepared:
@@ -125,12 +125,16 @@ def prepare(items: list[Any], *, allow_pickle: bool, rank: int) -> _Prepared:
     values: dict[str, Any] = {}
     rank_values: dict[str, Any] = {}
     pickles: dict[str, bytes] = {}
-    seen: set[str] = set()
+    seen: dict[str, Any] = {}  # key -> None, or (global shape, boxes) for explicitly placed pieces
     for it in items:
-        if it.key in seen:
+        multi = isinstance(it, TensorItem) and it.offsets is not None
+        prev = seen.get(it.key, ())
+        if prev != () and not (multi and prev is not None and prev[0] == it.shape and it.box not in prev[1]):
             raise UnsafePathError("two entries of the state have the same key", key=it.key,
                                   hint="rename one of them")
-        seen.add(it.key)
+        seen.setdefault(it.key, (it.shape, set()) if multi else None)
+        if multi:
+            seen[it.key][1].add(it.box)
         key_to_path(it.key)  # validates
         if isinstance(it, TensorItem):
             t = it.tensor
@@ -158,7 +162,7 @@ def prepare(items: list[Any], *, allow_pickle: bool, rank: int) -> _Prepared:
                 raise PickleNotAllowedError("per-rank values must be JSON-able", key=it.key) from None
             pickles[it.key] = pickle.dumps(it.value, protocol=pickle.HIGHEST_PROTOCOL)
     prep = _Prepared(tensors, values, rank_values, pickles)
-    prep.versions = {t.key: t.tensor._version for t in tensors}
+    prep.versions = {(t.key, t.box): t.tensor._version for t in tensors}
     for item in tensors:
         dev = item.tensor.device
         if dev.type == "cuda" and dev not in prep.ready_events:
@@ -335,12 +339,12 @@ class SnapshotJob:
     def _units(self, plan: GlobalPlan) -> list[_Unit]:
         local = {(it.key, it.box): it for it in self.prep.tensors}
         units: list[_Unit] = []
-        pack_members: dict[str, list[tuple[torch.Tensor, int, str]]] = {}
+        pack_members: dict[str, list[tuple[torch.Tensor, int, tuple[str, Any]]]] = {}
         for a in plan.per_rank.get(self.coord.rank, []):
             it = local[(a.key, a.box)]
             t = it.tensor
             if a.kind == "pack":
-                pack_members.setdefault(a.path, []).append((t, a.pack_offset, a.key))
+                pack_members.setdefault(a.path, []).append((t, a.pack_offset, (a.key, a.box)))
                 continue
             assert a.layout is not None
             sd = storage_dtype(dtype_name(t.dtype))
@@ -350,7 +354,7 @@ class SnapshotJob:
                 base = self._region_box(a)[0]
                 sl = tuple(slice(o - b, o - b + s) for o, b, s in zip(offs, base, sizes))
                 view = t[sl] if t.dim() else t
-                units.append(_Unit(a, (offs, sizes), [(view, 0, a.key)], view.numel() * view.element_size(),
+                units.append(_Unit(a, (offs, sizes), [(view, 0, (a.key, a.box))], view.numel() * view.element_size(),
                                    tuple(sizes), sd, a.path, a.key))
         for path, nbytes in plan.packs.get(self.coord.rank, []):
             units.append(_Unit(None, ((0,), (nbytes,)), pack_members.get(path, []), nbytes, (nbytes,),
@@ -439,8 +443,9 @@ class SnapshotJob:
     def check_unchanged(self, u: _Unit) -> None:
         """Fail loudly if a source changed before its copy completed: a checkpoint must
         never hold a torn mix of two steps."""
-        for src, _, key in u.members:
-            if src._version != self.prep.versions.get(key, src._version):
+        for src, _, ident in u.members:
+            key = ident[0]
+            if src._version != self.prep.versions.get(ident, src._version):
                 raise SnapshotFailedError(
                     "a tensor was modified in place before the snapshot had copied it", key=key,
                     path=self.url,

@@ -21,6 +21,7 @@ from ckpt.providers._base import (
     component,
     register_provider,
 )
+from ckpt.providers._flat import FlatShard
 from ckpt.providers._rng import RNGProvider, RNGState
 from ckpt.providers._torch import (
     ModuleProvider,
@@ -47,6 +48,7 @@ __all__ = [
     "StatefulProvider",
     "TreeProvider",
     "RNGState",
+    "FlatShard",
 ]
 
 
