@@ -37,45 +37,46 @@ def train(state, steps, mgr=None, start=0):
             mgr.step(step, state)
 
 
-def test_every_steps_keep_last_and_restore(tmp_path):
+def test_every_steps_keep_last_and_restore(run_place):
+    run, opts = run_place.url, run_place.options
     state = make_state()
-    with ckpt.CheckpointManager(tmp_path, every_steps=2, keep_last=2, save_on_signals=()) as mgr:
+    with ckpt.CheckpointManager(run, every_steps=2, keep_last=2, save_on_signals=(), storage_options=opts) as mgr:
         train(state, 7, mgr)
     # saved at steps 1, 3, 5 and the final step 6 on close; the newest two stay
-    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [6, 5]
+    assert [c.step for c in ckpt.list_checkpoints(run, storage_options=opts)] == [6, 5]
     fresh = make_state(seed=1)
-    mgr2 = ckpt.CheckpointManager(tmp_path, save_on_signals=())
+    mgr2 = ckpt.CheckpointManager(run, save_on_signals=(), storage_options=opts)
     assert mgr2.restore(fresh) == 7
     assert torch.equal(fresh["model"].weight, state["model"].weight)
     mgr2.close()
 
 
-def test_keep_every_and_manifest_deleted_first(tmp_path):
+def test_keep_every_and_manifest_deleted_first(run_place):
+    run, opts = run_place.url, run_place.options
     state = make_state()
-    mgr = ckpt.CheckpointManager(tmp_path, every_steps=1, keep_last=1, keep_every=3, save_on_signals=(),
-                                 save_on_close=False)
+    mgr = ckpt.CheckpointManager(run, every_steps=1, keep_last=1, keep_every=3, save_on_signals=(),
+                                 save_on_close=False, storage_options=opts)
     train(state, 7, mgr)
     mgr.close()
-    assert sorted(c.step for c in ckpt.list_checkpoints(tmp_path)) == [2, 5, 6]
-    assert not any(p.name.startswith("step-") and not (p / "manifest.json").exists() for p in tmp_path.iterdir())
+    assert sorted(c.step for c in ckpt.list_checkpoints(run, storage_options=opts)) == [2, 5, 6]
+    # retention left no object behind of the deleted checkpoints (nothing that looks half-there)
+    tops = {f.split("/", 1)[0] for f in run_place.files("")}
+    assert {t for t in tops if t.startswith("step-")} == {"step-000000002", "step-000000005", "step-000000006"}
 
 
-def test_restore_falls_back_past_corrupt_and_uncommitted(tmp_path):
+def test_restore_falls_back_past_corrupt_and_uncommitted(run_place):
+    run, opts = run_place.url, run_place.options
     state = make_state()
-    mgr = ckpt.CheckpointManager(tmp_path, every_steps=1, save_on_signals=(), save_on_close=False)
+    mgr = ckpt.CheckpointManager(run, every_steps=1, save_on_signals=(), save_on_close=False, storage_options=opts)
     train(state, 3, mgr)
     mgr.close()
-    expected = {k: v.clone() for k, v in state["model"].state_dict().items()}  # noqa: F841
     # step 2: flip a byte in a chunk; step 3: a save whose manifest was never written
-    weight_dir = tmp_path / "step-000000002" / "arrays" / "model" / "weight.zarr"
-    chunk = next(p for p in weight_dir.rglob("*") if p.is_file() and p.name != "zarr.json")
-    data = bytearray(chunk.read_bytes())
-    data[100] ^= 0xFF
-    chunk.write_bytes(bytes(data))
-    (tmp_path / "step-000000003" / "arrays").mkdir(parents=True)
-    (tmp_path / "step-000000003" / "arrays" / "junk").write_bytes(b"x")
+    chunk = next(f for f in run_place.files("step-000000002/arrays/model/weight.zarr")
+                 if not f.endswith("zarr.json"))
+    run_place.flip_byte(chunk)
+    run_place.storage().delete("step-000000003/manifest.json")
     fresh = make_state(seed=5)
-    mgr2 = ckpt.CheckpointManager(tmp_path, save_on_signals=())
+    mgr2 = ckpt.CheckpointManager(run, save_on_signals=(), storage_options=opts)
     with pytest.warns(RuntimeWarning, match="step-000000002"):
         start = mgr2.restore(fresh)
     assert start == 2  # step 1's checkpoint

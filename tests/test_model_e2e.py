@@ -132,16 +132,16 @@ def assert_differs(state: dict[str, Any], ref: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_save_load_resume_bit_identical(tmp_path: Path, tied: bool) -> None:
+def test_save_load_resume_bit_identical(run_place: Any, tied: bool) -> None:
     a = build(seed=0, tied=tied)
     if tied:
         assert a["model"].head.weight is a["model"].tok.weight
     train(a, 3)
     assert a["step"] == 3
-    url = tmp_path / "run" / "step-000000003"
+    url, opts = f"{run_place.url}/step-000000003", run_place.options  # local disk, then S3
     ref = capture(a)
     ckpt.save({"model": a["model"], "optim": a["optim"], "sched": a["sched"], "step": 3,
-               "rng": a["rng"]}, url, step=3)
+               "rng": a["rng"]}, url, step=3, storage_options=opts)
     # the original takes its next step straight away
     tokens_a = batch()
     loss_a = train_step(a, tokens_a)
@@ -149,7 +149,7 @@ def test_save_load_resume_bit_identical(tmp_path: Path, tied: bool) -> None:
 
     b = build(seed=1234, tied=tied)  # a different initialisation, and RNG stream
     assert_differs(b, ref)
-    stats = ckpt.load(b, url)
+    stats = ckpt.load(b, url, storage_options=opts)
     assert stats.bytes_read > 0
     if tied:
         assert b["model"].head.weight is b["model"].tok.weight  # tying survives the load
