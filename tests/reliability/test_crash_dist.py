@@ -58,9 +58,9 @@ def blank_dist_state() -> dict[str, Any]:
     return {k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else -1) for k, v in ref.items()}
 
 
-def assert_dist_bit_exact(url: str, step: int) -> None:
+def assert_dist_bit_exact(url: str, step: int, opts: dict[str, Any] | None = None) -> None:
     st = blank_dist_state()
-    ckpt.load(st, url)
+    ckpt.load(st, url, storage_options=opts)
     want = dist_state(step)
     for k, v in want.items():
         if isinstance(v, torch.Tensor):
@@ -69,7 +69,8 @@ def assert_dist_bit_exact(url: str, step: int) -> None:
             assert st[k] == v, (url, k, st[k])
 
 
-def rank_worker(run: str, step: int, started: Any, rank: int, port: int, result: Any) -> None:
+def rank_worker(run: str, step: int, started: Any, rank: int, port: int, result: Any,
+                opts: dict[str, Any] | None = None) -> None:
     """One rank: join the gloo group, build the state, signal ``started``, save."""
     os.environ.update(GLOO_SOCKET_IFNAME="lo", TORCH_CPP_LOG_LEVEL="ERROR")
     import torch.distributed as dist
@@ -84,7 +85,7 @@ def rank_worker(run: str, step: int, started: Any, rank: int, port: int, result:
         dist.barrier()
         started.set()
         t0 = time.perf_counter()
-        snap.save_async(state, f"{run}/step-{step:09d}", step=step).result()
+        snap.save_async(state, f"{run}/step-{step:09d}", step=step, storage_options=opts).result()
         dt = time.perf_counter() - t0
         snap.close()
         dist.barrier()
@@ -100,7 +101,7 @@ def rank_worker(run: str, step: int, started: Any, rank: int, port: int, result:
 
 
 def run_ranks(run: str, step: int, kill: tuple[int, ...] = (), delay: float = 0.0,
-              grace: float = 2.0, timeout: float = 40.0) -> dict[str, Any]:
+              grace: float = 2.0, timeout: float = 40.0, opts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Start 3 ranks saving ``step``. Without ``kill``: wait for all and require success.
     With ``kill``: SIGKILL those ranks ``delay`` s after every rank signalled started,
     then give the survivors ``grace`` s and SIGKILL whatever is left."""
@@ -108,7 +109,7 @@ def run_ranks(run: str, step: int, kill: tuple[int, ...] = (), delay: float = 0.
     port = free_port()
     q = c.Queue()
     evs = [c.Event() for _ in range(WORLD)]
-    procs = [c.Process(target=rank_worker, args=(run, step, evs[r], r, port, q), daemon=True)
+    procs = [c.Process(target=rank_worker, args=(run, step, evs[r], r, port, q, opts), daemon=True)
              for r in range(WORLD)]
     for p in procs:
         p.start()
@@ -149,51 +150,52 @@ def run_ranks(run: str, step: int, kill: tuple[int, ...] = (), delay: float = 0.
     return out
 
 
-def _measure(tmp_path) -> float:
+def _measure(base: str, opts: dict[str, Any] | None = None) -> float:
     """Duration of a 3-rank save (slowest rank, save call to commit), median of 3."""
-    run = str(tmp_path / "calib")
+    run = f"{base}/calib"
     times = []
     for step in (1, 2, 3):
-        r = run_ranks(run, step)
+        r = run_ranks(run, step, opts=opts)
         times.append(max(m[2] for m in r["msgs"] if m[0] == "ok"))
-    assert_dist_bit_exact(f"{run}/step-000000003", 3)
+    assert_dist_bit_exact(f"{run}/step-000000003", 3, opts)
     return sorted(times)[1]
 
 
-def _case(tmp_path, family: str, n: int, kill: tuple[int, ...], delay: float) -> tuple[Any, ...]:
+def _case(base: str, family: str, n: int, kill: tuple[int, ...], delay: float,
+          opts: dict[str, Any] | None = None) -> tuple[Any, ...]:
     from ckpt import tools
 
-    run = str(tmp_path / f"{family}{n}")
-    run_ranks(run, 1)
-    r = run_ranks(run, 2, kill=kill, delay=delay)
-    steps = committed_steps(run)
+    o = opts or {}
+    run = f"{base}/{family}{n}"
+    run_ranks(run, 1, opts=opts)
+    r = run_ranks(run, 2, kill=kill, delay=delay, opts=opts)
+    steps = committed_steps(run, **o)
     assert steps and set(steps) <= {1, 2}, steps
     newest = steps[0]
-    assert_dist_bit_exact(f"{run}/step-{newest:09d}", newest)
+    assert_dist_bit_exact(f"{run}/step-{newest:09d}", newest, opts)
     if 1 in steps:
-        assert_dist_bit_exact(f"{run}/step-000000001", 1)
-    run_ranks(run, 3)  # a fresh 3-rank save after the crash
-    assert_dist_bit_exact(f"{run}/step-000000003", 3)
-    tools.gc(run, grace=0)
-    left = debris(run)
+        assert_dist_bit_exact(f"{run}/step-000000001", 1, opts)
+    run_ranks(run, 3, opts=opts)  # a fresh 3-rank save after the crash
+    assert_dist_bit_exact(f"{run}/step-000000003", 3, opts)
+    tools.gc(run, grace=0, storage_options=opts)
+    left = debris(run, **o)
     assert not left, left
-    assert {newest, 3} <= set(committed_steps(run))  # gc never removes a committed checkpoint
-    assert_dist_bit_exact(f"{run}/step-000000003", 3)
+    assert {newest, 3} <= set(committed_steps(run, **o))  # gc never removes a committed checkpoint
+    assert_dist_bit_exact(f"{run}/step-000000003", 3, opts)
     _count(family, True)
     return round(delay, 3), kill, r["codes"], newest
 
 
-def test_kill_ranks_during_dist_save(tmp_path):
-    duration = _measure(tmp_path)
-    rng = random.Random(SEED)
-    # 4 cases killing one rank (victim rotates), 2 killing all three
-    cases = [("kill-one-rank", (v,), rng.uniform(0, duration * 1.1)) for v in (0, 1, 2, 1)]
-    cases += [("kill-all-ranks", (0, 1, 2), rng.uniform(0, duration)) for _ in range(2)]
+def _kill_cases(base: str, cases: list[tuple[str, tuple[int, ...]]], seed: int,
+                opts: dict[str, Any] | None = None, spread: float = 1.0) -> None:
+    duration = _measure(base, opts)
+    rng = random.Random(seed)
     outcomes = []
-    for n, (family, kill, delay) in enumerate(cases):
+    for n, (family, kill) in enumerate(cases):
         STATS.setdefault(family, [0, 0])
+        delay = rng.uniform(0, duration * spread * (1.1 if len(kill) == 1 else 1.0))
         try:
-            outcomes.append((family, *_case(tmp_path, family, n, kill, delay)))
+            outcomes.append((family, *_case(base, family, n, kill, delay, opts)))
         except BaseException:
             STATS[family][0] += 1
             raise
@@ -201,3 +203,16 @@ def test_kill_ranks_during_dist_save(tmp_path):
     print(f"\n[reliability] 3-rank save duration {duration:.3f}s; {mid} of {len(outcomes)} kills landed "
           f"before the commit; (family, delay, victims, exit codes, newest committed): {outcomes}")
     assert mid, "no kill landed during a save"
+
+
+def test_kill_ranks_during_dist_save(tmp_path):
+    # 4 cases killing one rank (victim rotates), 2 killing all three
+    cases = [("kill-one-rank", (v,)) for v in (0, 1, 2, 1)] + [("kill-all-ranks", (0, 1, 2))] * 2
+    _kill_cases(str(tmp_path), cases, SEED)
+
+
+@pytest.mark.s3
+def test_kill_ranks_during_dist_save_s3(s3_url, s3_options):
+    """The same on S3: no atomic rename there, the manifest written last is the commit."""
+    cases = [("s3-kill-one-rank", (v,)) for v in (0, 2, 1)] + [("s3-kill-all-ranks", (0, 1, 2))]
+    _kill_cases(s3_url, cases, SEED + 1, s3_options, spread=0.7)  # a rank's own clock ends before the commit
