@@ -71,7 +71,8 @@ class SaveStats:
     blocked_s: float = 0.0  # time the training loop waited: the call + optimizer-hook waits
     call_s: float = 0.0
     hook_wait_s: float = 0.0
-    staging_s: float = 0.0  # from the call until every copy into the pool completed
+    copied_s: float = 0.0  # call -> every copy into the pool done (CUDA: issued); what the hook waits for
+    staging_s: float = 0.0  # from the call until every write was issued
     write_s: float = 0.0  # until every write is durable
     commit_s: float = 0.0
     total_s: float = 0.0  # from the call to committed
@@ -389,7 +390,9 @@ class SnapshotJob:
         self.stats.objects = len(units)
 
     def _open_arrays(self, plan: GlobalPlan, write_dir: str) -> dict[str, Any]:
-        """Open every array/pack this rank writes (zarr.json by its owner only)."""
+        """Start opening every array/pack this rank writes (zarr.json by its owner only);
+        returns futures, so staging does not wait for the metadata writes (the writer
+        resolves each future before its first write)."""
         futures: dict[str, Any] = {}
         for a in plan.per_rank.get(self.coord.rank, []):
             if a.kind == "pack" or a.path in futures:
@@ -402,14 +405,7 @@ class SnapshotJob:
             members = [k for k, e in plan.entries.items() if e.get("storage", {}).get("path") == path]
             meta = pack_metadata(nbytes, {"ckpt": {"pack": True, "keys": members}})
             futures[path] = open_for_write(self.storage, f"{write_dir}/{path}", meta, create=True)
-        out = {}
-        for path, fut in futures.items():
-            try:
-                out[path] = fut.result()
-            except Exception as e:
-                raise translate(e, key=None, where=self.storage.describe(f"{write_dir}/{path}"),
-                                reading=False) from e
-        return out
+        return futures
 
     def _stage(self, units: list[_Unit], writer_q: queue.Queue[_Unit | None]) -> None:
         streams = self.streams
@@ -438,6 +434,7 @@ class SnapshotJob:
                 self.check_unchanged(u)
             self.stats.bytes += u.nbytes
             writer_q.put(u)
+        self.stats.copied_s = time.perf_counter() - self.t_call
         self._staged.set()
 
     def check_unchanged(self, u: _Unit) -> None:
@@ -551,11 +548,12 @@ class _Writer(threading.Thread):
     """Waits for each unit's copy, then writes it with tensorstore; blocks go back to the
     pool when their write is durable."""
 
-    def __init__(self, job: SnapshotJob, arrays: dict[str, Any], q: queue.Queue[_Unit | None],
+    def __init__(self, job: SnapshotJob, opening: dict[str, Any], q: queue.Queue[_Unit | None],
                  write_dir: str) -> None:
         super().__init__(name="ckpt-writer", daemon=True)
         self.job = job
-        self.arrays = arrays
+        self.opening = opening  # path -> tensorstore open future
+        self.arrays: dict[str, Any] = {}
         self.q = q
         self.write_dir = write_dir
         # tensorstore may keep referencing a written array; pool blocks are reused, so only
@@ -582,6 +580,8 @@ class _Writer(threading.Thread):
                     u.event.synchronize()
                     self.job.check_unchanged(u)
                 self._write(u)
+            for path in list(self.opening):  # arrays whose zarr.json this rank writes but no chunk
+                self._array(path)
             self.staged_at = time.perf_counter()
             with self._all_done:
                 while self._outstanding:
@@ -590,9 +590,20 @@ class _Writer(threading.Thread):
             self.error = self.error or e
             self.job._cancel.set()
 
+    def _array(self, path: str) -> Any:
+        arr = self.arrays.get(path)
+        if arr is None:
+            fut = self.opening.pop(path)
+            try:
+                arr = self.arrays[path] = fut.result()
+            except Exception as e:
+                raise translate(e, key=None, where=self.job.storage.describe(f"{self.write_dir}/{path}"),
+                                reading=False) from e
+        return arr
+
     def _write(self, u: _Unit) -> None:
         assert u.block is not None
-        arr = self.arrays[u.path]
+        arr = self._array(u.path)
         data = u.block.array[: u.nbytes].view(np.dtype(u.np_dtype)).reshape(u.shape)
         offs, sizes = u.region
         target = arr[tuple(slice(o, o + s) for o, s in zip(offs, sizes))]
