@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ckpt._engine._commit import read_manifest
-from ckpt._engine._coord import coordinator
+from ckpt._engine._coord import coordinator, rank_and_world
 from ckpt._engine._globalplan import GlobalPlan
 from ckpt._engine._load import Loader, LoadStats
 from ckpt._engine._options import SaveOptions
@@ -220,12 +220,12 @@ def load(state: dict[str, Any], url: str | os.PathLike[str], *, strict: bool = T
     the current layout. ``strict``: missing or unexpected keys are errors."""
     t0 = time.perf_counter()
     storage, name = split_checkpoint_url(url, **(storage_options or {}))
-    coord = coordinator(process_group)
+    rank, world_size = rank_and_world(process_group)  # a load needs no collective
     manifest = read_manifest(storage, name)
-    ctx = DescribeContext(allow_pickle=allow_pickle, rank=coord.rank, world_size=coord.world_size)
+    ctx = DescribeContext(allow_pickle=allow_pickle, rank=rank, world_size=world_size)
     providers = describe(state, ctx)
     loader = Loader(storage, name, manifest, strict=strict, allow_pickle=allow_pickle,
-                    rank=coord.rank, world_size=coord.world_size)
+                    rank=rank, world_size=world_size)
     finalizers = []
     for p in providers:
         fin = p.load(loader)

@@ -89,3 +89,16 @@ def coordinator(process_group: Any = None) -> LocalCoordinator | DistCoordinator
     if process_group is None and dist.get_world_size() == 1:
         return LocalCoordinator()
     return DistCoordinator(process_group)
+
+
+def rank_and_world(process_group: Any = None) -> tuple[int, int]:
+    """This process's rank and the world size of ``process_group`` (default: WORLD),
+    without creating the side group: for work that needs no collective (a load)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return 0, 1
+    if process_group is False or not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    group = process_group if process_group is not None else dist.group.WORLD
+    return dist.get_rank(group), dist.get_world_size(group)

@@ -224,8 +224,14 @@ class Loader:
             if layout is None:
                 window.append((None, r, path, src, sub, nbytes))
             else:
-                arr = self._arrays[path]
-                fut = arr[tuple(slice(o, o + s) for o, s in zip(src[0], src[1]))].read()
+                region = self._arrays[path][tuple(slice(o, o + s) for o, s in zip(src[0], src[1]))]
+                target = _direct_target(r.dest, sub, self.manifest.entries[r.key]["dtype"])
+                if target is not None:  # tensorstore decodes straight into the destination
+                    import tensorstore as ts
+
+                    fut = _Direct(ts.array(target, copy=False, write=True).write(region), target)
+                else:
+                    fut = region.read()
                 self.stats.bytes_fetched += _chunk_elements(layout, src) * r.dest.element_size()
                 window.append((fut, r, path, src, sub, nbytes))
             inflight += nbytes
@@ -315,6 +321,10 @@ class Loader:
             full = torch.from_numpy(raw.copy() if not raw.flags.writeable else raw).view(torch_dtype(e["dtype"]))
             full = full.reshape(tuple(e["shape"]))
             data = full[tuple(slice(o, o + s) for o, s in zip(src[0], src[1]))] if full.dim() else full
+        elif isinstance(fut, _Direct):
+            self._result(fut.write, path, r.key)
+            self.stats.bytes_read += nbytes
+            return nbytes
         else:
             arr = self._result(fut, path, r.key)
             t = torch.from_numpy(np.ascontiguousarray(arr))
@@ -327,6 +337,29 @@ class Loader:
             dest.copy_(data.reshape(dest.shape), non_blocking=dest.device.type == "cuda")
         self.stats.bytes_read += nbytes
         return nbytes
+
+
+@dataclass
+class _Direct:
+    """A read that tensorstore writes straight into (a view of) the destination."""
+
+    write: Any  # tensorstore WriteFutures
+    target: np.ndarray  # keeps the destination's numpy view alive until the write is done
+
+
+def _direct_target(dest: torch.Tensor, sub: Box, dtype: str) -> np.ndarray | None:
+    """A numpy view of ``dest[sub]`` in the stored dtype, when tensorstore can fill the
+    destination in place (CPU, same dtype); None where a copy is needed instead."""
+    if dest.device.type != "cpu" or dest.dtype != torch_dtype(dtype) or dest.is_conj() or dest.is_neg():
+        return None
+    view = dest.detach()
+    if view.dim():
+        view = view[tuple(slice(o, o + s) for o, s in zip(sub[0], sub[1]))]
+    sdt = storage_torch_dtype(dtype)
+    try:
+        return (view if view.dtype == sdt else view.view(sdt)).numpy()
+    except (RuntimeError, TypeError):  # a dtype numpy lacks, a view torch refuses
+        return None
 
 
 def _refuse_symlinks(storage: Storage, name: str, path: str, key: str | None) -> None:
