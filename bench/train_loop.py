@@ -1,9 +1,10 @@
 """Scenario "training loop with a checkpoint every k steps" (CPU).
 
 A stack of ``nn.Linear(d, d)`` layers plus AdamW, sized so that parameters + AdamW state
-(exp_avg, exp_avg_sq) come to about ``state_gib``. The batch is chosen so that one
-forward+backward takes about 1.5x the time of a memcpy of the whole state. The same
-number of steps is run
+(exp_avg, exp_avg_sq) come to about the configured size. The batch is chosen so that one
+forward+backward takes about 1.5x the time of a memcpy of the whole state (a "realistic
+step": longer than the copy). For each configuration (every k in ``--every`` at the
+default size, then every size of ``--sizes`` at one k) the same number of steps is run
 
 1. without checkpoints (baseline),
 2. with ``ckpt.Snapshotter().save_async(state, url)`` (the optimizer pre-step hook waits),
@@ -14,20 +15,17 @@ number of steps is run
 each ``repeats`` times, keeping the minimum loop time. A checkpoint is taken after step
 ``i`` when ``(i + 1) % every == 0`` and ``i`` is not the last step, so every checkpoint
 is followed by at least one timed step (where its background work and hook waits land).
-Blocked time per checkpoint = (loop time - baseline loop time) / checkpoints.
+Blocked time per checkpoint = (loop time - baseline loop time) / checkpoints: the call,
+hook waits and the slowdown of overlapped steps (DataStates-LLM's definition).
+End-to-end time = loop time + the wait for pending flushes after the loop.
 """
 
 from __future__ import annotations
 
-import datetime
 import gc
-import importlib.metadata
-import json
 import math
 import os
-import platform
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -38,9 +36,7 @@ import torch
 import torch.nn as nn
 
 import ckpt
-
-GIB = 1 << 30
-
+from bench._common import GIB, Config, Progress, fmt, md_table, ratio
 
 # --------------------------------------------------------------------------- model
 
@@ -220,150 +216,151 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, steps: 
         step_times.append(time.perf_counter() - t0)
     return time.perf_counter() - t_start, step_times, n_ckpt
 
-
-# --------------------------------------------------------------------------- report
-
-
-def machine_info(tmp: str) -> dict[str, Any]:
-    def ver(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "?"
-
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    du = shutil.disk_usage(tmp)
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "ram_gib": round(ram / GIB, 2), "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "tensorstore": ver("tensorstore"), "ckpt": ckpt.__version__,
-        "tmp_dir": tmp, "tmp_disk_free_gib": round(du.free / GIB, 1),
-    }
+# --------------------------------------------------------------------------- scenario
 
 
-def _fmt(v: float | None, unit: str = "", nd: int = 3) -> str:
-    return "-" if v is None else f"{v:.{nd}f}{unit}"
+def configs(cfg: Config) -> list[tuple[float, int]]:
+    """(state GiB, every k): every k at the default size, then the size sweep at one k."""
+    k_sweep = 5 if 5 in cfg.every else cfg.every[0]
+    out = [(cfg.state_gib, k) for k in cfg.every]
+    out += [(g, k_sweep) for g in cfg.sizes_gib if (g, k_sweep) not in out]
+    return out
 
 
-def run(*, state_gib: float, steps: int, every: int, repeats: int, out: str, tmp_dir: str | None,
-        quick: bool) -> dict[str, Any]:
-    torch.set_flush_denormal(True)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=tmp_dir))
-    try:
-        model, opt, shape = build(state_gib)
-        tensors = state_tensors(model, opt)
-        state_bytes = sum(t.numel() * t.element_size() for t in tensors)
-        memcpy_s = memcpy_seconds(tensors)
-        batch, fb_s = pick_batch(model, shape["d"], 1.5 * memcpy_s)
-        x = torch.randn(batch, shape["d"])
-        print(f"state {state_bytes / GIB:.3f} GiB ({shape['layers']} x Linear({shape['d']}, {shape['d']}) + AdamW), "
-              f"memcpy {memcpy_s * 1e3:.1f} ms, batch {batch}: fwd+bwd {fb_s * 1e3:.1f} ms; "
-              f"{steps} steps, checkpoint every {every}", flush=True)
-        train(model, opt, x, 3, every + 3, Variant(model, opt, tmp))  # warm-up steps
+def n_steps(cfg: Config, every: int) -> int:
+    return max(cfg.steps, 2 * every + 1)
 
-        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in VARIANTS}
-        for rep in range(repeats):
-            for name, cls in VARIANTS.items():
-                root = tmp / f"{name}-{rep}"
-                root.mkdir()
-                gc.collect()
-                os.sync()  # flush the previous run's writes before timing this one
-                train(model, opt, x, 2, 3, Variant(model, opt, tmp))  # untimed warm-up steps
-                v = cls(model, opt, root)
-                loop_s, step_times, n_ckpt = train(model, opt, x, steps, every, v)
-                extra = v.finish()  # waits for durability; outside the timed loop
-                runs[name].append({"loop_s": loop_s, "step_s": step_times, "checkpoints": n_ckpt,
-                                   "call_s": v.calls, **extra})
-                print(f"  rep {rep} {name:15s} loop {loop_s:7.3f} s", flush=True)
-                shutil.rmtree(root, ignore_errors=True)
-                del v
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def steps(cfg: Config) -> int:
+    return len(configs(cfg)) * (1 + cfg.repeats * len(VARIANTS))
+
+
+def run_one(cfg: Config, tmp: Path, progress: Progress, state_gib: float, every: int) -> dict[str, Any]:
+    progress.step(f"train loop {state_gib:g} GiB, every {every}: building the model")
+    model, opt, shape = build(state_gib)
+    tensors = state_tensors(model, opt)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    memcpy_s = memcpy_seconds(tensors)
+    del tensors
+    batch, fb_s = pick_batch(model, shape["d"], 1.5 * memcpy_s)
+    x = torch.randn(batch, shape["d"])
+    steps_ = n_steps(cfg, every)
+    train(model, opt, x, 3, every + 3, Variant(model, opt, tmp))  # warm-up steps
+
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in VARIANTS}
+    for rep in range(cfg.repeats):
+        for name, cls in VARIANTS.items():
+            progress.step(f"train loop {state_gib:g} GiB, every {every}: {name} (run {rep + 1})")
+            root = tmp / f"{name}-{rep}"
+            root.mkdir()
+            gc.collect()
+            os.sync()  # flush the previous run's writes before timing this one
+            train(model, opt, x, 2, 3, Variant(model, opt, tmp))  # untimed warm-up steps
+            v = cls(model, opt, root)
+            loop_s, step_times, n_ckpt = train(model, opt, x, steps_, every, v)
+            t0 = time.perf_counter()
+            extra = v.finish()  # waits for pending flushes
+            flush_s = time.perf_counter() - t0
+            runs[name].append({"loop_s": loop_s, "flush_after_loop_s": flush_s, "e2e_s": loop_s + flush_s,
+                               "step_s": step_times, "checkpoints": n_ckpt, "call_s": v.calls, **extra})
+            shutil.rmtree(root, ignore_errors=True)
+            del v
+    del model, opt, x
+    gc.collect()
 
     base = min(r["loop_s"] for r in runs["baseline"])
     summary: dict[str, dict[str, Any]] = {}
     for name in VARIANTS:
         best = min(runs[name], key=lambda r: r["loop_s"])
         n = best["checkpoints"]
-        s: dict[str, Any] = {"loop_s": best["loop_s"], "checkpoints": n}
+        s: dict[str, Any] = {"loop_s": best["loop_s"], "e2e_s": min(r["e2e_s"] for r in runs[name]),
+                             "iter_s": best["loop_s"] / steps_, "checkpoints": n}
         if name != "baseline":
             s["blocked_per_ckpt_s"] = (best["loop_s"] - base) / n
             s["call_s_median"] = sorted(best["call_s"])[len(best["call_s"]) // 2]
+            # DataStates-LLM's "checkpoint throughput": checkpoint bytes / time the loop was blocked
+            s["ckpt_throughput_gbps"] = nbytes / s["blocked_per_ckpt_s"] / 1e9 if s["blocked_per_ckpt_s"] > 0 else None
         if name == "ckpt":
             st = best["stats"]
             s["own_blocked_s_mean"] = sum(x["blocked_s"] for x in st) / n
             s["total_s_mean"] = sum(x["total_s"] for x in st) / n
             s["persisted_gbps_mean"] = sum(x["throughput_gbps"] for x in st) / n
-            s["bytes"] = st[0]["bytes"]
+            s["pool_peak_bytes"] = max(x["pool_peak_bytes"] for x in st)
         if name == "torch.save":
             s["gbps_mean"] = sum(best["gbps"]) / n
-            s["bytes"] = best["bytes"][0]
         if name == "dcp.async_save":
-            s["call_to_durable_s_mean"] = (sum(best["call_to_durable_after_call_s"]) / n
-                                           + sum(best["call_s"]) / n)
+            s["call_to_durable_s_mean"] = (sum(best["call_to_durable_after_call_s"]) / n + sum(best["call_s"]) / n)
         summary[name] = s
-
     ck, ts, dc = summary["ckpt"], summary["torch.save"], summary["dcp.async_save"]
-
-    def ratio(a: float, b: float) -> float | None:
-        return a / b if b > 0 else None
-
     ratios = {
+        "ckpt_blocked_over_torch_save_time": ratio(ck["blocked_per_ckpt_s"], ts["call_s_median"]),
         "ckpt_blocked_over_torch_save_blocked": ratio(ck["blocked_per_ckpt_s"], ts["blocked_per_ckpt_s"]),
         "ckpt_blocked_over_dcp_blocked": ratio(ck["blocked_per_ckpt_s"], dc["blocked_per_ckpt_s"]),
-        "ckpt_own_blocked_over_torch_save_call": ratio(ck["own_blocked_s_mean"], ts["call_s_median"]),
+        "ckpt_own_blocked_over_torch_save_time": ratio(ck["own_blocked_s_mean"], ts["call_s_median"]),
         "ckpt_own_blocked_over_dcp_call": ratio(ck["own_blocked_s_mean"], dc["call_s_median"]),
+        "ckpt_e2e_over_dcp_e2e": ratio(ck["e2e_s"], dc["e2e_s"]),
+        "ckpt_e2e_over_baseline_e2e": ratio(ck["e2e_s"], summary["baseline"]["e2e_s"]),
     }
-    result = {
-        "scenario": "train_loop_ckpt_every_k",
-        "config": {"state_gib": state_gib, "steps": steps, "every": every, "repeats": repeats, "quick": quick,
-                   "batch": batch, **shape, "state_bytes": state_bytes, "memcpy_s": memcpy_s, "fwd_bwd_s": fb_s},
-        "machine": machine_info(str(tmp.parent)),
-        "baseline_loop_s": base,
-        "summary": summary,
-        "ratios": ratios,
-        "runs": runs,
-    }
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
-    table = render(result)
-    (out_dir / "summary.md").write_text(table + "\n")
-    print()
-    print(table)
-    print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'summary.md'}")
-    return result
+    return {"state_gib": state_gib, "every": every, "steps": steps_, "batch": batch, **shape, "state_bytes": nbytes,
+            "memcpy_s": memcpy_s, "fwd_bwd_s": fb_s, "baseline_loop_s": base, "summary": summary, "ratios": ratios,
+            "runs": runs}
+
+
+def warm_up(tmp: Path) -> None:
+    """One untimed checkpoint of a tiny model with every variant: imports, thread pools and
+    other first-use costs of each library are paid here, not by the first timed run."""
+    model, opt, _ = build(0.001)
+    for name, cls in VARIANTS.items():
+        root = tmp / f"warm-up-{name}"
+        root.mkdir()
+        v = cls(model, opt, root)
+        v.save(0)
+        v.finish()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
+    torch.set_flush_denormal(True)
+    warm_up(tmp)
+    results = []
+    for gib, k in configs(cfg):
+        r = run_one(cfg, tmp, progress, gib, k)
+        s = r["summary"]
+        progress.log(f"  train {gib:g} GiB every {k}: blocked/ckpt ckpt {s['ckpt']['blocked_per_ckpt_s'] * 1e3:.0f} ms "
+                     f"(own {s['ckpt']['own_blocked_s_mean'] * 1e3:.1f}), torch.save "
+                     f"{s['torch.save']['blocked_per_ckpt_s'] * 1e3:.0f} ms, dcp.async_save "
+                     f"{s['dcp.async_save']['blocked_per_ckpt_s'] * 1e3:.0f} ms")
+        results.append(r)
+    out = {"scenario": "train_loop", "configs": results}
+    out["markdown"] = render(out)
+    return out
 
 
 def render(r: dict[str, Any]) -> str:
-    c, s, m, q = r["config"], r["summary"], r["machine"], r["ratios"]
     ms = 1e3
+    first = r["configs"][0]
     lines = [
-        f"### Training loop, checkpoint every {c['every']} steps ({r['machine']['date']})",
+        "### Training loop with a checkpoint every k steps",
         "",
-        f"State {c['state_bytes'] / GIB:.3f} GiB ({c['layers']} x Linear({c['d']}, {c['d']}) + AdamW), "
-        f"batch {c['batch']} (fwd+bwd {c['fwd_bwd_s'] * ms:.0f} ms, state memcpy {c['memcpy_s'] * ms:.0f} ms), "
-        f"{c['steps']} steps, {s['ckpt']['checkpoints']} checkpoints per run, min of {c['repeats']} runs. "
-        f"{m['cpu_count']} CPUs, {m['ram_gib']} GiB RAM, torch {m['torch']}, tensorstore {m['tensorstore']}.",
+        f"Linear({first['d']}, {first['d']}) stacks + AdamW; the batch makes fwd+bwd about 1.5x a memcpy of the "
+        "state. Blocked = (loop time - the same steps without checkpoints) / checkpoints: the call, hook waits and "
+        "slowdown of overlapped steps. \"own\" = what ckpt itself measured as the loop's wait (call + optimizer-hook "
+        "waits). Throughput = checkpoint bytes / blocked time (DataStates-LLM's metric). e2e = loop + pending "
+        "flushes. Minimum of the runs.",
         "",
-        "| variant | loop s | blocked / ckpt ms | call ms (median) | to durable s | GB/s |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| baseline (no ckpt) | {s['baseline']['loop_s']:.3f} | - | - | - | - |",
-        f"| ckpt save_async | {s['ckpt']['loop_s']:.3f} | {s['ckpt']['blocked_per_ckpt_s'] * ms:.1f} "
-        f"(own: {s['ckpt']['own_blocked_s_mean'] * ms:.1f}) | {s['ckpt']['call_s_median'] * ms:.1f} | "
-        f"{s['ckpt']['total_s_mean']:.3f} | {s['ckpt']['persisted_gbps_mean']:.2f} |",
-        f"| torch.save | {s['torch.save']['loop_s']:.3f} | {s['torch.save']['blocked_per_ckpt_s'] * ms:.1f} | "
-        f"{s['torch.save']['call_s_median'] * ms:.1f} | {s['torch.save']['call_s_median']:.3f} (no fsync) | "
-        f"{s['torch.save']['gbps_mean']:.2f} |",
-        f"| dcp.async_save | {s['dcp.async_save']['loop_s']:.3f} | "
-        f"{s['dcp.async_save']['blocked_per_ckpt_s'] * ms:.1f} | {s['dcp.async_save']['call_s_median'] * ms:.1f} | "
-        f"{s['dcp.async_save']['call_to_durable_s_mean']:.3f} | - |",
-        "",
-        f"ckpt blocked / torch.save blocked: {_fmt(q['ckpt_blocked_over_torch_save_blocked'], 'x', 3)}; "
-        f"ckpt blocked / DCP async_save blocked: {_fmt(q['ckpt_blocked_over_dcp_blocked'], 'x', 3)} "
-        f"(loop-time deltas; negative = within noise). "
-        f"ckpt own blocked / torch.save call: {_fmt(q['ckpt_own_blocked_over_torch_save_call'], 'x', 3)}; "
-        f"/ DCP call: {_fmt(q['ckpt_own_blocked_over_dcp_call'], 'x', 3)}.",
     ]
+    rows = []
+    for c in r["configs"]:
+        s = c["summary"]
+        head = f"{c['state_bytes'] / GIB:.2f} GiB, k={c['every']} ({c['steps']} steps, iter {c['summary']['baseline']['iter_s'] * ms:.0f} ms)"
+        rows.append([head, "baseline", "-", "-", "-", fmt(s["baseline"]["e2e_s"], 2)])
+        for name in ("ckpt", "torch.save", "dcp.async_save"):
+            v = s[name]
+            blocked = fmt(v["blocked_per_ckpt_s"] * ms, 0)
+            if name == "ckpt":
+                blocked += f" (own {v['own_blocked_s_mean'] * ms:.1f})"
+            rows.append(["", name, blocked, fmt(v["call_s_median"] * ms, 1), fmt(v["ckpt_throughput_gbps"], 2),
+                         fmt(v["e2e_s"], 2)])
+    lines.append(md_table(["state, every k", "variant", "blocked / ckpt ms", "call ms", "ckpt throughput GB/s",
+                           "e2e s"], rows, "llrrrr"))
     return "\n".join(lines)

@@ -1,0 +1,252 @@
+"""``python -m bench.hardware``: the machine's limits, in the same run and over the same
+number of bytes as the other scenarios, so their throughputs can be read against them.
+
+* sequential write of one file under the temp dir in 64 MiB blocks from a preallocated
+  buffer: buffered then ``fsync`` (the time includes the fsync), and with ``O_DIRECT``
+  (page-aligned ``mmap`` buffer, also followed by an fsync for the metadata);
+* sequential read of the same file: buffered after evicting it from the page cache, and
+  with ``O_DIRECT``;
+* host memcpy (``Tensor.copy_`` into a preallocated tensor, pages faulted in first), with
+  torch's threads and with one thread;
+* on CUDA only: pinned device-to-host and host-to-device, and pageable device-to-host.
+
+Bandwidths are bytes moved per second in GB/s (1e9); a memcpy of N bytes counts N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import mmap
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench._common import (
+    GIB,
+    MIB,
+    Config,
+    Progress,
+    best_of,
+    drop_page_cache,
+    fmt,
+    md_table,
+    run_alone,
+)
+
+BLOCK = 64 * MIB  # the I/O block
+ALIGN = 4 * MIB  # sizes are rounded to this, so every O_DIRECT transfer is aligned
+QUICK_BYTES = 32 * MIB
+MEMCPY_REPEATS = 3
+
+
+def nbytes_of(cfg: Config) -> int:
+    raw = QUICK_BYTES if cfg.quick else int(cfg.state_gib * GIB)
+    return max(ALIGN, raw // ALIGN * ALIGN)
+
+
+def steps(cfg: Config) -> int:
+    return 6 + (3 if torch.cuda.is_available() else 0)
+
+
+def _gbps(nbytes: int, seconds: float | None) -> float | None:
+    return None if seconds is None or seconds <= 0 else nbytes / seconds / 1e9
+
+
+def _write_all(fd: int, buf: memoryview, nbytes: int) -> None:
+    """``nbytes`` to ``fd`` in blocks of ``len(buf)`` (the last may be shorter)."""
+    left = nbytes
+    while left > 0:
+        n = min(len(buf), left)
+        done = 0
+        while done < n:
+            done += os.write(fd, buf[done:n])
+        left -= n
+
+
+def _read_all(fd: int, buf: memoryview) -> int:
+    """Read ``fd`` to its end into ``buf``, block after block; returns the bytes read."""
+    total = 0
+    while True:
+        n = os.readv(fd, [buf])
+        if n == 0:
+            return total
+        total += n
+
+
+def _write_file(path: Path, buf: memoryview, nbytes: int, direct: bool) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags, 0o644)
+    try:
+        _write_all(fd, buf, nbytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_file(path: Path, buf: memoryview, nbytes: int, direct: bool) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        got = _read_all(fd, buf)
+    finally:
+        os.close(fd)
+    if got != nbytes:
+        raise OSError(f"read {got} bytes of {path}, expected {nbytes}")
+
+
+def _odirect(what: str, fn: Callable[[], Any]) -> tuple[float | None, str | None]:
+    """Time ``fn`` (best of, via the caller's closure); None and the reason where the
+    filesystem refuses O_DIRECT."""
+    try:
+        return fn(), None
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None, f"O_DIRECT {what} refused by the filesystem: {e.strerror} (errno {e.errno})"
+        raise
+
+
+def _storage(cfg: Config, tmp: Path, progress: Progress, nbytes: int) -> dict[str, Any]:
+    path = tmp / "hardware.bin"
+    mm = mmap.mmap(-1, min(BLOCK, nbytes))  # page-aligned, as O_DIRECT needs
+    buf = memoryview(mm)
+    try:
+        torch.frombuffer(mm, dtype=torch.float32).normal_()  # incompressible, and faulted in
+
+        def fresh() -> None:
+            path.unlink(missing_ok=True)
+            os.sync()
+
+        progress.step("hardware: buffered write + fsync")
+        w_buf = best_of(cfg.repeats, lambda: _write_file(path, buf, nbytes, False), before=fresh)
+        progress.step("hardware: O_DIRECT write")
+        w_dir, w_dir_why = _odirect("write", lambda: best_of(
+            cfg.repeats, lambda: _write_file(path, buf, nbytes, True), before=fresh))
+        if not path.exists() or path.stat().st_size != nbytes:
+            _write_file(path, buf, nbytes, False)
+
+        dropped: list[bool] = []
+        progress.step("hardware: buffered read (page cache dropped)")
+        r_buf = best_of(cfg.repeats, lambda: _read_file(path, buf, nbytes, False),
+                        before=lambda: dropped.append(drop_page_cache(path)))
+        progress.step("hardware: O_DIRECT read")
+        r_dir, r_dir_why = _odirect("read", lambda: best_of(
+            cfg.repeats, lambda: _read_file(path, buf, nbytes, True)))
+    finally:
+        buf.release()
+        mm.close()
+        path.unlink(missing_ok=True)
+    return {
+        "write_fsync_s": w_buf, "write_fsync_gbps": _gbps(nbytes, w_buf),
+        "write_odirect_s": w_dir, "write_odirect_gbps": _gbps(nbytes, w_dir), "write_odirect_note": w_dir_why,
+        "read_s": r_buf, "read_gbps": _gbps(nbytes, r_buf), "page_cache_dropped": all(dropped),
+        "read_odirect_s": r_dir, "read_odirect_gbps": _gbps(nbytes, r_dir), "read_odirect_note": r_dir_why,
+    }
+
+
+def _memcpy(progress: Progress, nbytes: int) -> dict[str, Any]:
+    src = torch.empty(nbytes, dtype=torch.uint8)
+    dst = torch.empty(nbytes, dtype=torch.uint8)
+    src.fill_(7)  # fault every page in before the clock
+    dst.fill_(0)
+    progress.step(f"hardware: memcpy ({torch.get_num_threads()} threads)")
+    t_all = best_of(MEMCPY_REPEATS, lambda: dst.copy_(src))
+    threads = torch.get_num_threads()
+    progress.step("hardware: memcpy (1 thread)")
+    torch.set_num_threads(1)
+    try:
+        t_one = best_of(MEMCPY_REPEATS, lambda: dst.copy_(src))
+    finally:
+        torch.set_num_threads(threads)
+    return {"memcpy_s": t_all, "memcpy_gbps": _gbps(nbytes, t_all), "memcpy_threads": threads,
+            "memcpy_1thread_s": t_one, "memcpy_1thread_gbps": _gbps(nbytes, t_one)}
+
+
+def _cuda(progress: Progress, nbytes: int) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        return {"d2h_pinned_gbps": None, "h2d_pinned_gbps": None, "d2h_pageable_gbps": None, "gpu": None}
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda").fill_(1)
+    pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(0)
+    pageable = torch.empty(nbytes, dtype=torch.uint8).fill_(0)
+
+    def timed_copy(dst: torch.Tensor, src: torch.Tensor) -> float:
+        def once() -> None:
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize()
+        once()  # warm-up
+        return best_of(MEMCPY_REPEATS, once)
+
+    progress.step("hardware: pinned device-to-host")
+    d2h = timed_copy(pinned, dev)
+    progress.step("hardware: pinned host-to-device")
+    h2d = timed_copy(dev, pinned)
+    progress.step("hardware: pageable device-to-host")
+    d2h_pageable = timed_copy(pageable, dev)
+    del dev, pinned, pageable
+    torch.cuda.empty_cache()
+    return {"gpu": torch.cuda.get_device_name(0),
+            "d2h_pinned_s": d2h, "d2h_pinned_gbps": _gbps(nbytes, d2h),
+            "h2d_pinned_s": h2d, "h2d_pinned_gbps": _gbps(nbytes, h2d),
+            "d2h_pageable_s": d2h_pageable, "d2h_pageable_gbps": _gbps(nbytes, d2h_pageable)}
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    n = r["bytes"]
+    rows: list[list[Any]] = [
+        ["write, buffered + fsync", fmt(r["write_fsync_gbps"]), fmt(r["write_fsync_s"], 3), ""],
+        ["write, O_DIRECT (+ fsync)", fmt(r["write_odirect_gbps"]), fmt(r["write_odirect_s"], 3),
+         r["write_odirect_note"] or ""],
+        ["read, buffered", fmt(r["read_gbps"]), fmt(r["read_s"], 3),
+         "page cache dropped" if r["page_cache_dropped"] else "page cache NOT dropped: may be a cached read"],
+        ["read, O_DIRECT", fmt(r["read_odirect_gbps"]), fmt(r["read_odirect_s"], 3), r["read_odirect_note"] or ""],
+        ["memcpy", fmt(r["memcpy_gbps"]), fmt(r["memcpy_s"], 3), f"{r['memcpy_threads']} torch threads"],
+        ["memcpy, 1 thread", fmt(r["memcpy_1thread_gbps"]), fmt(r["memcpy_1thread_s"], 3), ""],
+    ]
+    if r["gpu"] is not None:
+        rows += [["device-to-host, pinned", fmt(r["d2h_pinned_gbps"]), fmt(r["d2h_pinned_s"], 3), r["gpu"]],
+                 ["host-to-device, pinned", fmt(r["h2d_pinned_gbps"]), fmt(r["h2d_pinned_s"], 3), ""],
+                 ["device-to-host, pageable", fmt(r["d2h_pageable_gbps"]), fmt(r["d2h_pageable_s"], 3), ""]]
+    else:
+        rows.append(["device-to-host / host-to-device", "-", "-", "no CUDA device"])
+    return "\n".join([
+        "### Hardware limits",
+        "",
+        f"Sequential I/O on one {n / MIB:.0f} MiB file in the benchmark's temp dir ({r['tmp_dir']}), in "
+        f"{BLOCK // MIB} MiB blocks from a preallocated buffer (best of {r['repeats']}; writes include the "
+        f"fsync), and memory bandwidth over the same bytes (best of {MEMCPY_REPEATS}). GB/s = 1e9 bytes/s; "
+        "a copy of N bytes counts N.",
+        "",
+        md_table(["what", "GB/s", "s", "note"], rows, "lrrl"),
+    ])
+
+
+def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
+    nbytes = nbytes_of(cfg)
+    tmp.mkdir(parents=True, exist_ok=True)
+    r: dict[str, Any] = {"scenario": "hardware", "bytes": nbytes, "repeats": max(1, cfg.repeats),
+                         "tmp_dir": str(tmp), "block_bytes": BLOCK}
+    r.update(_storage(cfg, tmp, progress, nbytes))
+    r.update(_memcpy(progress, nbytes))
+    r.update(_cuda(progress, nbytes))
+    r["markdown"] = _markdown(r)
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.hardware",
+                                description="the machine's storage, memory and PCIe limits")
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_BYTES // MIB} MiB instead of --state-gib")
+    p.add_argument("--state-gib", type=float, default=None, help="bytes to move, in GiB (default 1.0)")
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    a = p.parse_args(argv)
+    cfg = Config.quick_config(Path("/tmp/x")) if a.quick else Config()
+    if a.state_gib is not None:
+        cfg.state_gib = a.state_gib
+    return run_alone(run, steps, cfg, a.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
