@@ -41,17 +41,26 @@ from bench._common import GIB, Config, Progress, fmt, md_table, ratio
 # --------------------------------------------------------------------------- model
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # GPU mode wherever CUDA is
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so a clock that stops measures it (no-op on CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def build(state_gib: float, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any]]:
-    """Linear stack whose params + AdamW state (3x the params) is ~state_gib."""
+    """Linear stack whose params + AdamW state (3x the params) is ~state_gib, on DEVICE."""
     param_bytes = state_gib * GIB / 3
     n_params = param_bytes / 4
     d = 2048 if n_params >= 16 * (2048 * 2048 + 2048) else 1024 if n_params >= 8 * (1024 * 1024 + 1024) else 512
     layers = max(2, round(n_params / (d * d + d)))
     torch.manual_seed(seed)
-    model = nn.Sequential(*[nn.Linear(d, d) for _ in range(layers)])
+    model = nn.Sequential(*[nn.Linear(d, d) for _ in range(layers)]).to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     # One step so the AdamW state exists (and is part of every checkpoint).
-    model(torch.randn(2, d)).pow(2).mean().backward()
+    model(torch.randn(2, d, device=DEVICE)).pow(2).mean().backward()
     opt.step()
     opt.zero_grad(set_to_none=False)  # gradients stay allocated: no page faults in every step
     return model, opt, {"d": d, "layers": layers}
@@ -65,26 +74,32 @@ def state_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Te
 
 
 def memcpy_seconds(tensors: list[torch.Tensor]) -> float:
-    """Time of copying every state tensor into a preallocated buffer (best of 3)."""
-    dst = [torch.empty_like(t) for t in tensors]
+    """Time of copying every state tensor into a preallocated host buffer (pinned on GPU:
+    the device-to-host copy a snapshot makes), best of 3."""
+    gpu = DEVICE.type == "cuda"
+    dst = [torch.empty(t.shape, dtype=t.dtype, pin_memory=gpu) for t in tensors]
     for a, b in zip(dst, tensors, strict=True):
         a.copy_(b)  # fault the pages in
     best = math.inf
     for _ in range(3):
+        sync()
         t0 = time.perf_counter()
         for a, b in zip(dst, tensors, strict=True):
-            a.copy_(b)
+            a.copy_(b, non_blocking=gpu)
+        sync()
         best = min(best, time.perf_counter() - t0)
     del dst
     return best
 
 
 def fwd_bwd_seconds(model: nn.Module, d: int, batch: int, reps: int = 2) -> float:
-    x = torch.randn(batch, d)
+    x = torch.randn(batch, d, device=DEVICE)
     best = math.inf
     for _ in range(reps + 1):  # the first one is a warm-up
+        sync()
         t0 = time.perf_counter()
         model(x).pow(2).mean().backward()
+        sync()
         dt = time.perf_counter() - t0
         model.zero_grad(set_to_none=False)
         best = min(best, dt)
@@ -95,7 +110,7 @@ def pick_batch(model: nn.Module, d: int, target_s: float) -> tuple[int, float]:
     b = 8
     for _ in range(3):
         t = fwd_bwd_seconds(model, d, b)
-        nb = max(1, min(8192, round(b * target_s / max(t, 1e-6))))
+        nb = max(1, min(8192 if DEVICE.type == "cpu" else 1 << 17, round(b * target_s / max(t, 1e-6))))
         if abs(nb - b) <= max(1, b // 10):
             break
         b = nb
@@ -204,6 +219,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, steps: 
           variant: Variant) -> tuple[float, list[float], int]:
     n_ckpt = 0
     step_times = []
+    sync()
     t_start = time.perf_counter()
     for i in range(steps):
         t0 = time.perf_counter()
@@ -213,6 +229,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, steps: 
         if (i + 1) % every == 0 and i < steps - 1:
             variant.save(i)
             n_ckpt += 1
+        sync()  # a step ends when its GPU work does
         step_times.append(time.perf_counter() - t0)
     return time.perf_counter() - t_start, step_times, n_ckpt
 
@@ -243,7 +260,7 @@ def run_one(cfg: Config, tmp: Path, progress: Progress, state_gib: float, every:
     memcpy_s = memcpy_seconds(tensors)
     del tensors
     batch, fb_s = pick_batch(model, shape["d"], 1.5 * memcpy_s)
-    x = torch.randn(batch, shape["d"])
+    x = torch.randn(batch, shape["d"], device=DEVICE)
     steps_ = n_steps(cfg, every)
     train(model, opt, x, 3, every + 3, Variant(model, opt, tmp))  # warm-up steps
 
@@ -284,6 +301,8 @@ def run_one(cfg: Config, tmp: Path, progress: Progress, state_gib: float, every:
             st = best["stats"]
             s["own_blocked_s_mean"] = sum(x["blocked_s"] for x in st) / n
             s["total_s_mean"] = sum(x["total_s"] for x in st) / n
+            # host copy throughput: bytes / (call -> every copy waited for by the writer); on GPU the D2H
+            s["staging_gbps_mean"] = sum(x["bytes"] / x["staging_s"] / 1e9 for x in st if x["staging_s"] > 0) / n
             s["persisted_gbps_mean"] = sum(x["throughput_gbps"] for x in st) / n
             s["pool_peak_bytes"] = max(x["pool_peak_bytes"] for x in st)
         if name == "torch.save":
@@ -301,7 +320,7 @@ def run_one(cfg: Config, tmp: Path, progress: Progress, state_gib: float, every:
         "ckpt_e2e_over_dcp_e2e": ratio(ck["e2e_s"], dc["e2e_s"]),
         "ckpt_e2e_over_baseline_e2e": ratio(ck["e2e_s"], summary["baseline"]["e2e_s"]),
     }
-    return {"state_gib": state_gib, "every": every, "steps": steps_, "batch": batch, **shape, "state_bytes": nbytes,
+    return {"device": str(DEVICE), "state_gib": state_gib, "every": every, "steps": steps_, "batch": batch, **shape, "state_bytes": nbytes,
             "memcpy_s": memcpy_s, "fwd_bwd_s": fb_s, "baseline_loop_s": base, "summary": summary, "ratios": ratios,
             "runs": runs}
 
