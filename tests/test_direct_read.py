@@ -1,6 +1,7 @@
 """The local fast path of loading ("direct reads"): whole inner chunks read with
 os.preadv straight into CPU destinations, crc32c checked there; everything else
-(partial and padded edge chunks, non-contiguous destinations) through tensorstore.
+(boxes cut along trailing dims, non-contiguous destinations) through tensorstore;
+chunks needed in part or padded at the edge go through a checked scratch buffer.
 
 Round trips are bit-exact and say (``LoadStats.bytes_direct``) exactly how many bytes
 took the fast path; damaged shards raise CorruptCheckpointError naming the key, the shard
@@ -87,12 +88,17 @@ def _relayout(url: Path, key: str, t: torch.Tensor, shard_rows: int, chunk_rows:
 
 
 def _expected_direct(n: int, shard: int, chunk: int, lo: int, hi: int, row_bytes: int) -> int:
-    """Bytes of the inner chunks wholly inside rows [lo, hi) that hold no padding."""
+    """Bytes of rows [lo, hi) delivered by direct reads: all of them (chunks needed only in
+    part, or padded at the array's edge, go through a scratch buffer, still direct)."""
+    return (min(hi, n) - lo) * row_bytes
+
+
+def _expected_fetched(n: int, shard: int, chunk: int, lo: int, hi: int, row_bytes: int) -> int:
+    """Stored bytes of the whole chunks overlapping rows [lo, hi)."""
     total = 0
     for s0 in range(0, n, shard):
         for c0 in range(s0, s0 + shard, chunk):
-            c1 = c0 + chunk
-            if c1 <= min(s0 + shard, n) and lo <= c0 and c1 <= hi:
+            if c0 < min(hi, n) and lo < c0 + chunk:
                 total += chunk * row_bytes
     return total
 
@@ -149,6 +155,7 @@ def test_round_trip_takes_the_fast_path(tmp_path: Path, dt: str, shape: str, edg
         out, stats = _load_box(url, "w", offs, sizes, dtype, shp)
         assert _equal(out, t[lo:hi]), (lo, hi)
         assert stats.bytes_direct == _expected_direct(n, shard_rows, chunk_rows, lo, hi, row_bytes), (lo, hi)
+        assert stats.bytes_fetched == _expected_fetched(n, shard_rows, chunk_rows, lo, hi, row_bytes), (lo, hi)
         assert stats.bytes_read == out.numel() * out.element_size()
         assert stats.bytes_read <= stats.bytes_fetched
 
@@ -318,6 +325,21 @@ def test_damage_outside_the_requested_rows_is_not_read(saved) -> None:
     shard.write_bytes(bytes(b))
     out, stats = _load_box(url, "w", (0, 0), (704, COLS), torch.float32, (ROWS, COLS))
     assert torch.equal(out, t[:704]) and stats.bytes_direct == 704 * COLS * 4
+
+
+def test_damage_in_a_chunk_needed_only_in_part_is_caught(saved) -> None:
+    """A resharded rank needing a few rows of a damaged chunk: the whole chunk is read
+    and checked (through the scratch buffer), never just the rows."""
+    url, t, shard = saved
+    raw, idx = _index(shard)
+    b = bytearray(raw)
+    b[int(idx[3, 0]) + 4 * COLS * 40] ^= 0xFF  # row 744 of chunk 3 (rows 704..767); rows 704..709 are intact
+    shard.write_bytes(bytes(b))
+    with pytest.raises(CorruptCheckpointError) as ei:
+        _load_box(url, "w", (700, 0), (10, COLS), torch.float32, (ROWS, COLS))
+    assert "checksum" in str(ei.value) and "chunk 3" in str(ei.value), str(ei.value)
+    out, stats = _load_box(url, "w", (600, 0), (104, COLS), torch.float32, (ROWS, COLS))  # ends before chunk 3
+    assert torch.equal(out, t[600:704]) and stats.bytes_direct == 104 * COLS * 4
 
 
 def test_a_symlinked_shard_is_refused(saved, tmp_path: Path) -> None:

@@ -2,13 +2,14 @@
 that overlap what each destination needs, many at once, with a bounded number of bytes
 in flight, and checks every chunk's crc32c on the way (tensorstore's codec).
 
-Local fast path ("direct reads"): on local storage, an inner chunk that a CPU destination
-needs whole, and that spans whole trailing dims (so it is one run of C-order bytes, as
-ckpt writes it: ``bytes`` + ``crc32c`` codecs), is read with ``os.preadv`` straight into
-the destination's memory and its crc32c checked there, sparing tensorstore's own buffer
-and copy. Everything else (partial or padded edge chunks, other storage, GPU or
-non-contiguous destinations) goes through tensorstore. ``CKPT_DIRECT_READS=0`` turns the
-fast path off."""
+Local fast path ("direct reads"): on local storage, when inner chunks span whole
+trailing dims (each one run of C-order bytes, as ckpt writes them: ``bytes`` + ``crc32c``
+codecs) and the CPU destination is C-contiguous, chunks are read with ``os.preadv``:
+those needed whole straight into the destination's memory, those needed in part (a
+resharded rank's boundary, a padded edge chunk) into a scratch buffer; every chunk's
+crc32c is checked before its rows count as loaded. Everything else (other storage, GPU
+or strided destinations, boxes cut along trailing dims) goes through tensorstore.
+``CKPT_DIRECT_READS=0`` turns the fast path off."""
 
 from __future__ import annotations
 
@@ -239,14 +240,14 @@ class Loader:
                 r, path, src, sub, layout = job
                 split = self._direct_split(r, path, src, sub, layout) if layout is not None else None
                 for run in split[0] if split else ():
-                    while window and inflight + run.nbytes > self.inflight_bytes:
+                    while window and inflight + run.dest_bytes > self.inflight_bytes:
                         inflight -= self._complete(window.popleft())
                     if pool is None:
                         pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
                                                                      thread_name_prefix="ckpt-read")
                     self.stats.bytes_fetched += run.nbytes
-                    window.append((_Pread(pool.submit(self._read_run, run)), r, path, src, sub, run.nbytes))
-                    inflight += run.nbytes
+                    window.append((_Pread(pool.submit(self._read_run, run)), r, path, src, sub, run.dest_bytes))
+                    inflight += run.dest_bytes
                     self.stats.reads += 1
                 for r, path, src, sub, layout in split[1] if split else (job,):
                     nbytes = math.prod(src[1]) * r.dest.element_size()
@@ -281,9 +282,9 @@ class Loader:
     # -- local fast path ---------------------------------------------------------
     def _direct_split(self, r: _Read, path: str, src: Box, sub: Box, lay: ArrayLayout
                       ) -> tuple[list[_Run], list[tuple[_Read, str, Box, Box, ArrayLayout | None]]] | None:
-        """Cut an array read along dim 0 at inner-chunk boundaries: the chunks it needs
-        whole (and that hold no padding) as direct reads, grouped per shard, the rest as
-        tensorstore reads. None where the fast path does not apply at all."""
+        """Cut an array read along dim 0 at inner-chunk boundaries into direct reads,
+        grouped per shard (the second list, tensorstore reads, is empty: kept for layouts
+        the fast path may split in future). None where the fast path does not apply."""
         if self._crc32c is None or r.dest.device.type != "cpu" or not lay.shape:
             return None
         nd = len(lay.shape)
@@ -304,41 +305,34 @@ class Loader:
         n_chunks = -(-sh // c)  # entries of a shard's index (one chunk across every other dim)
         a, b = src[0][0], src[0][0] + src[1][0]
         runs: list[_Run] = []
-        rest: list[tuple[int, int]] = []
         row = a
         while row < b:
             k = row // sh
             s0 = k * sh
             j = (row - s0) // c
             c0 = s0 + j * c
-            c1 = c0 + c
-            if c0 == row and c1 <= min(s0 + sh, n) and c1 <= b:  # needed whole, no padding
-                dst = flat[(c0 - a) * row_bytes:(c1 - a) * row_bytes]
-                last = runs[-1] if runs else None
-                if (last is not None and last.shard == k and last.chunks[-1][0] == j - 1
-                        and last.nbytes + chunk_bytes <= _RUN_BYTES):
-                    last.chunks.append((j, dst))
-                    last.nbytes += chunk_bytes
-                else:
-                    rel = "/".join([f"{self.name}/{path}/c", str(k)] + ["0"] * (nd - 1))
-                    runs.append(_Run(r.key, k, str(self.storage.local_path(rel)),  # type: ignore[attr-defined]
-                                     self.storage.describe(rel), n_chunks, [(j, dst)], chunk_bytes))
-                row = c1
+            hi = min(c0 + c, n, b)
+            # the rows [row, hi) of chunk j: the whole chunk straight into the destination, or
+            # (a chunk only partly needed, or padded at the array's edge) the whole chunk into
+            # a scratch buffer, checked, then the rows copied out: either way every chunk read
+            # is verified, and no rows outside the request are read beyond its own chunks
+            dst = flat[(row - a) * row_bytes:(hi - a) * row_bytes]
+            part = (j, dst, (row - c0) * row_bytes)
+            last = runs[-1] if runs else None
+            if (last is not None and last.shard == k and last.chunks[-1][0] == j - 1
+                    and last.nbytes + chunk_bytes <= _RUN_BYTES):
+                last.chunks.append(part)
+                last.nbytes += chunk_bytes
+                last.dest_bytes += dst.nbytes
             else:
-                hi = min(c1, s0 + sh, n, b)
-                if rest and rest[-1][1] == row:
-                    rest[-1] = (rest[-1][0], hi)
-                else:
-                    rest.append((row, hi))
-                row = hi
+                rel = "/".join([f"{self.name}/{path}/c", str(k)] + ["0"] * (nd - 1))
+                runs.append(_Run(r.key, k, str(self.storage.local_path(rel)),  # type: ignore[attr-defined]
+                                 self.storage.describe(rel), n_chunks, [part], chunk_bytes, chunk_bytes,
+                                 dst.nbytes))
+            row = hi
         if not runs:
             return None
-        tail = src[0][1:], src[1][1:]
-        fallback: list[tuple[_Read, str, Box, Box, ArrayLayout | None]] = [
-            (r, path, ((lo,) + tail[0], (hi - lo,) + tail[1]),
-             ((sub[0][0] + lo - a,) + sub[0][1:], (hi - lo,) + sub[1][1:]), lay)
-            for lo, hi in rest]
-        return runs, fallback
+        return runs, []
 
     def _read_run(self, run: _Run) -> None:
         """Read one shard's run of whole chunks into the destination and check each crc32c
@@ -357,10 +351,10 @@ class Loader:
             index = self._indexes.get(run.file, lambda: _read_index(fd, run, crc32c))
             i = 0
             while i < len(run.chunks):
-                group: list[tuple[int, np.ndarray, bytearray]] = []
+                group: list[tuple[int, np.ndarray, int, np.ndarray, bytearray]] = []
                 start = end = 0
                 while i < len(run.chunks) and len(group) < 256:
-                    j, dst = run.chunks[i]
+                    j, dst, lo = run.chunks[i]
                     off, nb = int(index[j, 0]), int(index[j, 1])
                     if off == _ABSENT and nb == _ABSENT:
                         if group:
@@ -368,31 +362,35 @@ class Loader:
                         raise CorruptCheckpointError(f"stored data is missing (chunk {j} of shard {run.shard} is "
                                                      "absent from the shard index)",
                                                      key=run.key, path=run.where, hint=_HINT_MISSING)
-                    if nb != dst.nbytes + 4:
+                    if nb != run.chunk_bytes + 4:
                         if group:
                             break
                         raise CorruptCheckpointError(
                             f"stored data cannot be decoded (chunk {j} of shard {run.shard} holds {nb} bytes, "
-                            f"expected {dst.nbytes + 4})", key=run.key, path=run.where, hint=_HINT_DAMAGED)
+                            f"expected {run.chunk_bytes + 4})", key=run.key, path=run.where, hint=_HINT_DAMAGED)
                     if group and off != end:
                         break
                     if not group:
                         start = end = off
-                    group.append((j, dst, bytearray(4)))
+                    whole = lo == 0 and dst.nbytes == run.chunk_bytes
+                    buf = dst if whole else np.empty(run.chunk_bytes, dtype=np.uint8)
+                    group.append((j, dst, lo, buf, bytearray(4)))
                     end += nb
                     i += 1
                 bufs: list[Any] = []
-                for _, dst, crc in group:
-                    bufs += [dst, crc]
+                for _, _, _, buf, crc in group:
+                    bufs += [buf, crc]
                 if _preadv_full(fd, bufs, start) != end - start:
                     raise CorruptCheckpointError(
                         f"stored data cannot be decoded (shard truncated at chunk {group[0][0]} of shard {run.shard})",
                         key=run.key, path=run.where, hint=_HINT_DAMAGED)
-                for j, dst, crc in group:
-                    if crc32c(dst) != int.from_bytes(crc, "little"):
+                for j, dst, lo, buf, crc in group:
+                    if crc32c(buf) != int.from_bytes(crc, "little"):
                         raise CorruptCheckpointError(f"stored data fails its checksum (crc32c mismatch in chunk {j} "
                                                      f"of shard {run.shard})", key=run.key, path=run.where,
                                                      hint=_HINT_CHECKSUM)
+                    if buf is not dst:
+                        np.copyto(dst, buf[lo:lo + dst.nbytes])
         except CheckpointError:
             raise
         except OSError as e:
@@ -518,16 +516,18 @@ _HINT_DAMAGED = "the checkpoint is damaged; load an earlier checkpoint"
 
 @dataclass
 class _Run:
-    """Whole inner chunks of one shard, consecutive along dim 0, read straight into the
-    destination (``chunks``: index in the shard, destination bytes)."""
+    """Inner chunks of one shard, consecutive along dim 0, read with one preadv: whole
+    ones straight into the destination, partly needed ones through a scratch buffer."""
 
     key: str
     shard: int  # the shard's index along dim 0
     file: str  # local path of the shard file
     where: str  # the shard file for messages
     n_chunks: int  # entries of the shard's index
-    chunks: list[tuple[int, np.ndarray]]
-    nbytes: int
+    chunks: list[tuple[int, np.ndarray, int]]  # (chunk index, destination bytes, their offset in the chunk)
+    nbytes: int  # stored bytes of the chunks (what is fetched)
+    chunk_bytes: int  # one whole chunk's data
+    dest_bytes: int  # bytes delivered to the destination
 
 
 @dataclass
