@@ -2,14 +2,7 @@
 that overlap what each destination needs, many at once, with a bounded number of bytes
 in flight, and checks every chunk's crc32c on the way (tensorstore's codec).
 
-Local fast path ("direct reads"): on local storage, when inner chunks span whole
-trailing dims (each one run of C-order bytes, as ckpt writes them: ``bytes`` + ``crc32c``
-codecs) and the CPU destination is C-contiguous, chunks are read with ``os.preadv``:
-those needed whole straight into the destination's memory, those needed in part (a
-resharded rank's boundary, a padded edge chunk) into a scratch buffer; every chunk's
-crc32c is checked before its rows count as loaded. Everything else (other storage, GPU
-or strided destinations, boxes cut along trailing dims) goes through tensorstore.
-``CKPT_DIRECT_READS=0`` turns the fast path off."""
+On local disk most array reads take the fast path of :mod:`ckpt._engine._direct`."""
 
 from __future__ import annotations
 
@@ -18,10 +11,7 @@ import concurrent.futures
 import math
 import os
 import pickle
-import sys
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +19,7 @@ import numpy as np
 import torch
 
 from ckpt._engine._arrays import translate
+from ckpt._engine._direct import DirectReader
 from ckpt._engine._plan import ArrayLayout, pack_metadata, zarr_metadata
 from ckpt._format import (
     Manifest,
@@ -39,7 +30,6 @@ from ckpt._format import (
     torch_dtype,
 )
 from ckpt.errors import (
-    CheckpointError,
     CorruptCheckpointError,
     DtypeMismatchError,
     MissingKeyError,
@@ -93,8 +83,6 @@ class Loader:
         self.stats = LoadStats()
         self._arrays: dict[str, Any] = {}
         self._packs: dict[str, np.ndarray] = {}
-        self._crc32c = _direct_crc32c(storage)  # None: no local fast path
-        self._indexes = _IndexCache()
 
     # -- LoadSource ---------------------------------------------------------
     def has(self, key: str) -> bool:
@@ -232,171 +220,51 @@ class Loader:
             else:
                 jobs.extend(self._piece_jobs(r, e))
         self._open([(p, lay, self.manifest.entries[r.key]) for r, p, _, _, lay in jobs])
-        pool: concurrent.futures.ThreadPoolExecutor | None = None
+        direct = DirectReader.for_storage(self.storage, self.name)  # None: tensorstore reads only
         window: collections.deque[tuple[Any, _Read, str, Box, Box, int]] = collections.deque()
         inflight = 0
         try:
-            for job in jobs:
-                r, path, src, sub, layout = job
-                split = self._direct_split(r, path, src, sub, layout) if layout is not None else None
-                for run in split[0] if split else ():
+            for r, path, src, sub, layout in jobs:
+                target = None if layout is None else _direct_target(r.dest, sub, self.manifest.entries[r.key]["dtype"])
+                runs = direct.plan(r.key, path, src, layout, target) if direct and layout and target is not None \
+                    else None
+                for run in runs or ():  # direct reads: preadv into the destination, crc32c checked
                     while window and inflight + run.dest_bytes > self.inflight_bytes:
                         inflight -= self._complete(window.popleft())
-                    if pool is None:
-                        pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
-                                                                     thread_name_prefix="ckpt-read")
+                    assert direct is not None
                     self.stats.bytes_fetched += run.nbytes
-                    window.append((_Pread(pool.submit(self._read_run, run)), r, path, src, sub, run.dest_bytes))
+                    window.append((direct.submit(run), r, path, src, sub, run.dest_bytes))
                     inflight += run.dest_bytes
                     self.stats.reads += 1
-                for r, path, src, sub, layout in split[1] if split else (job,):
-                    nbytes = math.prod(src[1]) * r.dest.element_size()
-                    while window and inflight + nbytes > self.inflight_bytes:
-                        inflight -= self._complete(window.popleft())
-                    if layout is None:
-                        window.append((None, r, path, src, sub, nbytes))
-                    else:
-                        region = self._arrays[path][tuple(slice(o, o + s) for o, s in zip(src[0], src[1]))]
-                        target = _direct_target(r.dest, sub, self.manifest.entries[r.key]["dtype"])
-                        fut: Any
-                        if target is not None:  # tensorstore decodes straight into the destination
-                            import tensorstore as ts
+                if runs:
+                    continue
+                nbytes = math.prod(src[1]) * r.dest.element_size()
+                while window and inflight + nbytes > self.inflight_bytes:
+                    inflight -= self._complete(window.popleft())
+                if layout is None:
+                    window.append((None, r, path, src, sub, nbytes))
+                else:
+                    region = self._arrays[path][tuple(slice(o, o + s) for o, s in zip(src[0], src[1]))]
+                    fut: Any
+                    if target is not None:  # tensorstore decodes straight into the destination
+                        import tensorstore as ts
 
-                            fut = _Direct(ts.array(target, copy=False, write=True).write(region), target)
-                        else:
-                            fut = region.read()
-                        self.stats.bytes_fetched += _chunk_elements(layout, src) * r.dest.element_size()
-                        window.append((fut, r, path, src, sub, nbytes))
-                    inflight += nbytes
-                    self.stats.reads += 1
+                        fut = _Direct(ts.array(target, copy=False, write=True).write(region), target)
+                    else:
+                        fut = region.read()
+                    self.stats.bytes_fetched += _chunk_elements(layout, src) * r.dest.element_size()
+                    window.append((fut, r, path, src, sub, nbytes))
+                inflight += nbytes
+                self.stats.reads += 1
             while window:
                 self._complete(window.popleft())
         finally:
-            if pool is not None:  # no read may still write into a destination once we return
-                pool.shutdown(wait=True, cancel_futures=True)
+            if direct is not None:
+                direct.close()
         self.stats.read_s = time.perf_counter() - t0
         if any(r.dest.device.type == "cuda" for r in self._reads):
             torch.cuda.synchronize()
         return self.stats
-
-    # -- local fast path ---------------------------------------------------------
-    def _direct_split(self, r: _Read, path: str, src: Box, sub: Box, lay: ArrayLayout
-                      ) -> tuple[list[_Run], list[tuple[_Read, str, Box, Box, ArrayLayout | None]]] | None:
-        """Cut an array read along dim 0 at inner-chunk boundaries into direct reads,
-        grouped per shard (the second list, tensorstore reads, is empty: kept for layouts
-        the fast path may split in future). None where the fast path does not apply."""
-        if self._crc32c is None or r.dest.device.type != "cpu" or not lay.shape:
-            return None
-        nd = len(lay.shape)
-        if (len(lay.chunk_shape) != nd or len(lay.shard_shape) != nd
-                or tuple(lay.chunk_shape[1:]) != tuple(lay.shape[1:])
-                or tuple(lay.shard_shape[1:]) != tuple(lay.shape[1:])
-                or any(src[0][1:]) or tuple(src[1][1:]) != tuple(lay.shape[1:])):
-            return None
-        c, sh, n = lay.chunk_shape[0], lay.shard_shape[0], lay.shape[0]
-        if c <= 0 or sh < c:
-            return None
-        target = _direct_target(r.dest, sub, self.manifest.entries[r.key]["dtype"])
-        if target is None or not target.flags.c_contiguous or not target.flags.writeable:
-            return None
-        flat = target.reshape(-1).view(np.uint8)
-        row_bytes = flat.nbytes // max(1, target.shape[0])
-        chunk_bytes = c * row_bytes
-        n_chunks = -(-sh // c)  # entries of a shard's index (one chunk across every other dim)
-        a, b = src[0][0], src[0][0] + src[1][0]
-        runs: list[_Run] = []
-        row = a
-        while row < b:
-            k = row // sh
-            s0 = k * sh
-            j = (row - s0) // c
-            c0 = s0 + j * c
-            hi = min(c0 + c, n, b)
-            # the rows [row, hi) of chunk j: the whole chunk straight into the destination, or
-            # (a chunk only partly needed, or padded at the array's edge) the whole chunk into
-            # a scratch buffer, checked, then the rows copied out: either way every chunk read
-            # is verified, and no rows outside the request are read beyond its own chunks
-            dst = flat[(row - a) * row_bytes:(hi - a) * row_bytes]
-            part = (j, dst, (row - c0) * row_bytes)
-            last = runs[-1] if runs else None
-            if (last is not None and last.shard == k and last.chunks[-1][0] == j - 1
-                    and last.nbytes + chunk_bytes <= _RUN_BYTES):
-                last.chunks.append(part)
-                last.nbytes += chunk_bytes
-                last.dest_bytes += dst.nbytes
-            else:
-                rel = "/".join([f"{self.name}/{path}/c", str(k)] + ["0"] * (nd - 1))
-                runs.append(_Run(r.key, k, str(self.storage.local_path(rel)),  # type: ignore[attr-defined]
-                                 self.storage.describe(rel), n_chunks, [part], chunk_bytes, chunk_bytes,
-                                 dst.nbytes))
-            row = hi
-        if not runs:
-            return None
-        return runs, []
-
-    def _read_run(self, run: _Run) -> None:
-        """Read one shard's run of whole chunks into the destination and check each crc32c
-        (on a worker thread; os.preadv runs without the GIL)."""
-        crc32c = self._crc32c
-        assert crc32c is not None
-        try:
-            fd = os.open(run.file, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"stored data is missing (shard file not found; needed for chunk "
-                                         f"{run.chunks[0][0]} of shard {run.shard})",
-                                         key=run.key, path=run.where, hint=_HINT_MISSING) from None
-        except OSError as e:
-            raise _os_error(e, run) from e
-        try:
-            index = self._indexes.get(run.file, lambda: _read_index(fd, run, crc32c))
-            i = 0
-            while i < len(run.chunks):
-                group: list[tuple[int, np.ndarray, int, np.ndarray, bytearray]] = []
-                start = end = 0
-                while i < len(run.chunks) and len(group) < 256:
-                    j, dst, lo = run.chunks[i]
-                    off, nb = int(index[j, 0]), int(index[j, 1])
-                    if off == _ABSENT and nb == _ABSENT:
-                        if group:
-                            break
-                        raise CorruptCheckpointError(f"stored data is missing (chunk {j} of shard {run.shard} is "
-                                                     "absent from the shard index)",
-                                                     key=run.key, path=run.where, hint=_HINT_MISSING)
-                    if nb != run.chunk_bytes + 4:
-                        if group:
-                            break
-                        raise CorruptCheckpointError(
-                            f"stored data cannot be decoded (chunk {j} of shard {run.shard} holds {nb} bytes, "
-                            f"expected {run.chunk_bytes + 4})", key=run.key, path=run.where, hint=_HINT_DAMAGED)
-                    if group and off != end:
-                        break
-                    if not group:
-                        start = end = off
-                    whole = lo == 0 and dst.nbytes == run.chunk_bytes
-                    buf = dst if whole else np.empty(run.chunk_bytes, dtype=np.uint8)
-                    group.append((j, dst, lo, buf, bytearray(4)))
-                    end += nb
-                    i += 1
-                bufs: list[Any] = []
-                for _, _, _, buf, crc in group:
-                    bufs += [buf, crc]
-                if _preadv_full(fd, bufs, start) != end - start:
-                    raise CorruptCheckpointError(
-                        f"stored data cannot be decoded (shard truncated at chunk {group[0][0]} of shard {run.shard})",
-                        key=run.key, path=run.where, hint=_HINT_DAMAGED)
-                for j, dst, lo, buf, crc in group:
-                    if crc32c(buf) != int.from_bytes(crc, "little"):
-                        raise CorruptCheckpointError(f"stored data fails its checksum (crc32c mismatch in chunk {j} "
-                                                     f"of shard {run.shard})", key=run.key, path=run.where,
-                                                     hint=_HINT_CHECKSUM)
-                    if buf is not dst:
-                        np.copyto(dst, buf[lo:lo + dst.nbytes])
-        except CheckpointError:
-            raise
-        except OSError as e:
-            raise _os_error(e, run) from e
-        finally:
-            os.close(fd)
 
     def _piece_jobs(self, r: _Read, e: dict[str, Any]) -> list[tuple[_Read, str, Box, Box, ArrayLayout | None]]:
         out: list[tuple[_Read, str, Box, Box, ArrayLayout | None]] = []
@@ -476,8 +344,8 @@ class Loader:
             full = torch.from_numpy(raw.copy() if not raw.flags.writeable else raw).view(torch_dtype(e["dtype"]))
             full = full.reshape(tuple(e["shape"]))
             data = full[tuple(slice(o, o + s) for o, s in zip(src[0], src[1]))] if full.dim() else full
-        elif isinstance(fut, _Pread):
-            fut.fut.result()  # raises the worker's CorruptCheckpointError as it is
+        elif isinstance(fut, concurrent.futures.Future):  # a direct read
+            fut.result()  # raises the worker's CorruptCheckpointError as it is
             self.stats.bytes_read += nbytes
             self.stats.bytes_direct += nbytes
             return nbytes
@@ -505,122 +373,6 @@ class _Direct:
 
     write: Any  # tensorstore WriteFutures
     target: np.ndarray  # keeps the destination's numpy view alive until the write is done
-
-
-_RUN_BYTES = 16 << 20  # most bytes one direct read task covers
-_ABSENT = 2**64 - 1  # a shard index entry of an absent chunk
-_HINT_CHECKSUM = "the checkpoint is damaged; `ckpt verify` lists every bad chunk; load an earlier checkpoint"
-_HINT_MISSING = "an object of the checkpoint was deleted; load an earlier checkpoint"
-_HINT_DAMAGED = "the checkpoint is damaged; load an earlier checkpoint"
-
-
-@dataclass
-class _Run:
-    """Inner chunks of one shard, consecutive along dim 0, read with one preadv: whole
-    ones straight into the destination, partly needed ones through a scratch buffer."""
-
-    key: str
-    shard: int  # the shard's index along dim 0
-    file: str  # local path of the shard file
-    where: str  # the shard file for messages
-    n_chunks: int  # entries of the shard's index
-    chunks: list[tuple[int, np.ndarray, int]]  # (chunk index, destination bytes, their offset in the chunk)
-    nbytes: int  # stored bytes of the chunks (what is fetched)
-    chunk_bytes: int  # one whole chunk's data
-    dest_bytes: int  # bytes delivered to the destination
-
-
-@dataclass
-class _Pread:
-    """A direct read running on the loader's thread pool."""
-
-    fut: concurrent.futures.Future[None]
-
-
-class _IndexCache:
-    """Shard indexes read so far in one load, each read once (threads may ask at once)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._entries: dict[str, list[Any]] = {}
-
-    def get(self, file: str, read: Callable[[], np.ndarray]) -> np.ndarray:
-        with self._lock:
-            ent = self._entries.setdefault(file, [threading.Lock(), None])
-        with ent[0]:
-            if ent[1] is None:
-                ent[1] = read()
-            return ent[1]  # type: ignore[no-any-return]
-
-
-def _direct_crc32c(storage: Storage) -> Callable[[Any], int] | None:
-    """The crc32c function direct reads check chunks with; None where they do not apply
-    (storage that is not local, no hardware crc32c, a big-endian host, turned off)."""
-    if os.environ.get("CKPT_DIRECT_READS", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    if not storage.capabilities.local or not hasattr(storage, "local_path") or sys.byteorder != "little" \
-            or not hasattr(os, "preadv"):
-        return None
-    try:
-        import google_crc32c
-    except ImportError:
-        return None
-    if getattr(google_crc32c, "implementation", None) != "c":  # the pure-Python one is far too slow
-        return None
-    fn: Callable[[Any], int] = google_crc32c.value
-    return fn
-
-
-def _read_index(fd: int, run: _Run, crc32c: Callable[[Any], int]) -> np.ndarray:
-    """A shard's index (zarr v3 sharding, index at the end, crc32c'd): (offset, nbytes)
-    per inner chunk, checked against the file's size."""
-    need = run.n_chunks * 16 + 4
-    size = os.fstat(fd).st_size
-    raw = os.pread(fd, need, size - need) if size >= need else b""
-    if len(raw) != need:
-        raise CorruptCheckpointError(f"stored data cannot be decoded (the shard file holds {size} bytes, fewer than "
-                                     f"its index of {run.n_chunks} chunks needs: truncated)",
-                                     key=run.key, path=run.where, hint=_HINT_DAMAGED)
-    if crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-        raise CorruptCheckpointError("stored data fails its checksum (the shard index's crc32c does not match: "
-                                     "the shard is damaged or truncated)", key=run.key, path=run.where,
-                                     hint=_HINT_CHECKSUM)
-    index = np.frombuffer(raw, dtype="<u8", count=run.n_chunks * 2).reshape(run.n_chunks, 2)
-    present = ~((index[:, 0] == _ABSENT) & (index[:, 1] == _ABSENT))
-    limit = np.uint64(size - need)
-    off, nb = index[present, 0], index[present, 1]
-    if np.any(off > limit) or np.any(nb > limit - np.minimum(off, limit)):
-        raise CorruptCheckpointError("stored data cannot be decoded (the shard index points past the shard's data)",
-                                     key=run.key, path=run.where, hint=_HINT_DAMAGED)
-    return index
-
-
-def _preadv_full(fd: int, bufs: list[Any], offset: int) -> int:
-    """Fill ``bufs`` from ``offset`` on (os.preadv, again after a short read); the bytes
-    read, fewer than the buffers hold only at the end of the file."""
-    views = [memoryview(b).cast("B") for b in bufs]
-    total = 0
-    while views:
-        got = os.preadv(fd, views, offset + total)
-        if got <= 0:
-            break
-        total += got
-        while views and got >= len(views[0]):
-            got -= len(views[0])
-            views.pop(0)
-        if got:
-            views[0] = views[0][got:]
-    return total
-
-
-def _os_error(e: OSError, run: _Run) -> BaseException:
-    import errno
-
-    if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
-        return UnsafePathError("the checkpoint holds a symlink, which could lead outside it", key=run.key,
-                               path=run.file, hint="copy the real files into the checkpoint; "
-                                                   "ckpt does not follow symlinks inside checkpoints")
-    return translate(e, key=run.key, where=run.where, reading=True)
 
 
 def _direct_target(dest: torch.Tensor, sub: Box, dtype: str) -> np.ndarray | None:
