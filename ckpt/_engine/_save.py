@@ -8,9 +8,9 @@ Per rank, a save is (see DESIGN.md, "The flow of a save"):
    an array, or one pack) into a block of the host pool — on dedicated CUDA streams for
    device tensors, with a GIL-free numpy copy for CPU tensors — waiting when the pool
    is full;
-3. a writer thread: as each unit's copy completes, hand the block to tensorstore
-   (asynchronous, outside the GIL); a block returns to the pool when its write is
-   durable;
+3. a writer thread (:mod:`ckpt._engine._writer`): as each unit's copy completes,
+   hand the block to tensorstore (asynchronous, outside the GIL); a block returns to
+   the pool when its write is durable;
 4. the stager thread again: once every write is durable, report to rank 0 over the
    side group; rank 0 writes manifest.json last (the commit) and tells every rank.
 """
@@ -18,7 +18,6 @@ Per rank, a save is (see DESIGN.md, "The flow of a save"):
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import queue
 import threading
@@ -32,13 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckpt._engine._arrays import open_for_write, translate
+from ckpt._engine._arrays import open_for_write
 from ckpt._engine._commit import commit
 from ckpt._engine._coord import DistCoordinator, LocalCoordinator
 from ckpt._engine._globalplan import Assignment, GlobalPlan, PieceMeta, build_plan, signature
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import pack_metadata, zarr_metadata
 from ckpt._engine._pool import Block, HostPool
+from ckpt._engine._writer import Writer, WriteUnit, lower_priority
 from ckpt._format import (
     MANIFEST,
     TMP_PREFIX,
@@ -90,22 +90,6 @@ class SaveStats:
         d = dict(self.__dict__)
         d["throughput_gbps"] = self.throughput_gbps
         return d
-
-
-@dataclass
-class _Unit:
-    """One storage object's worth of data to stage and write."""
-
-    assignment: Assignment | None
-    region: tuple[tuple[int, ...], tuple[int, ...]]  # region within the target array
-    members: list[tuple[torch.Tensor, int, tuple[str, Any]]]  # (source view, offset in block, (key, box))
-    nbytes: int
-    shape: tuple[int, ...]
-    np_dtype: str
-    path: str
-    key: str
-    block: Block | None = None
-    event: Any = None
 
 
 @dataclass
@@ -337,9 +321,9 @@ class SnapshotJob:
         self.stats.total_bytes = sum(plan.bytes_per_rank.values())
         return plan
 
-    def _units(self, plan: GlobalPlan) -> list[_Unit]:
+    def _units(self, plan: GlobalPlan) -> list[WriteUnit]:
         local = {(it.key, it.box): it for it in self.prep.tensors}
-        units: list[_Unit] = []
+        units: list[WriteUnit] = []
         pack_members: dict[str, list[tuple[torch.Tensor, int, tuple[str, Any]]]] = {}
         for a in plan.per_rank.get(self.coord.rank, []):
             it = local[(a.key, a.box)]
@@ -355,11 +339,11 @@ class SnapshotJob:
                 base = self._region_box(a)[0]
                 sl = tuple(slice(o - b, o - b + s) for o, b, s in zip(offs, base, sizes))
                 view = t[sl] if t.dim() else t
-                units.append(_Unit(a, (offs, sizes), [(view, 0, (a.key, a.box))], view.numel() * view.element_size(),
-                                   tuple(sizes), sd, a.path, a.key))
+                units.append(WriteUnit(a, (offs, sizes), [(view, 0, (a.key, a.box))],
+                                       view.numel() * view.element_size(), tuple(sizes), sd, a.path, a.key))
         for path, nbytes in plan.packs.get(self.coord.rank, []):
-            units.append(_Unit(None, ((0,), (nbytes,)), pack_members.get(path, []), nbytes, (nbytes,),
-                               "uint8", path, f"pack {path}"))
+            units.append(WriteUnit(None, ((0,), (nbytes,)), pack_members.get(path, []), nbytes, (nbytes,),
+                                   "uint8", path, f"pack {path}"))
         return units
 
     @staticmethod
@@ -371,8 +355,8 @@ class SnapshotJob:
     def _stage_and_write(self, plan: GlobalPlan, write_dir: str) -> None:
         units = self._units(plan)
         arrays = self._open_arrays(plan, write_dir)
-        writer_q: queue.Queue[_Unit | None] = queue.Queue()
-        writer = _Writer(self, arrays, writer_q, write_dir)
+        writer_q: queue.Queue[WriteUnit | None] = queue.Queue()
+        writer = Writer(self, arrays, writer_q, write_dir)
         writer.start()
         try:
             self._stage(units, writer_q)
@@ -407,7 +391,7 @@ class SnapshotJob:
             futures[path] = open_for_write(self.storage, f"{write_dir}/{path}", meta, create=True)
         return futures
 
-    def _stage(self, units: list[_Unit], writer_q: queue.Queue[_Unit | None]) -> None:
+    def _stage(self, units: list[WriteUnit], writer_q: queue.Queue[WriteUnit | None]) -> None:
         streams = self.streams
         n = 0
         for u in units:
@@ -437,7 +421,7 @@ class SnapshotJob:
         self.stats.copied_s = time.perf_counter() - self.t_call
         self._staged.set()
 
-    def check_unchanged(self, u: _Unit) -> None:
+    def check_unchanged(self, u: WriteUnit) -> None:
         """Fail loudly if a source changed before its copy completed: a checkpoint must
         never hold a torn mix of two steps."""
         for src, _, ident in u.members:
@@ -510,18 +494,6 @@ class SnapshotJob:
             pass
 
 
-def lower_priority(nice: int) -> None:
-    """Raise the calling thread's niceness (Linux: per thread) so background staging and
-    writing yield the CPU to the training thread."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except OSError:  # pragma: no cover - not permitted: run at normal priority
-        pass
-
-
 def _portable(e: BaseException) -> BaseException | str:
     """The exception if it pickles (it travels to rank 0), else its text."""
     try:
@@ -542,96 +514,3 @@ def _copy_to_block(block: Block, offset: int, src: torch.Tensor, *, non_blocking
         return
     dst = block.tensor[offset:offset + nbytes].view(src.dtype).view(src.shape)
     dst.copy_(src, non_blocking=non_blocking)
-
-
-class _Writer(threading.Thread):
-    """Waits for each unit's copy, then writes it with tensorstore; blocks go back to the
-    pool when their write is durable."""
-
-    def __init__(self, job: SnapshotJob, opening: dict[str, Any], q: queue.Queue[_Unit | None],
-                 write_dir: str) -> None:
-        super().__init__(name="ckpt-writer", daemon=True)
-        self.job = job
-        self.opening = opening  # path -> tensorstore open future
-        self.arrays: dict[str, Any] = {}
-        self.q = q
-        self.write_dir = write_dir
-        # tensorstore may keep referencing a written array; pool blocks are reused, so only
-        # let it where the kvstore copies the bytes out (the memory kvstore keeps them).
-        self.zero_copy = job.storage.kvstore_spec(write_dir).get("driver") != "memory"
-        self.error: BaseException | None = None
-        self.staged_at: float | None = None
-        self._pending: list[tuple[Any, _Unit]] = []
-        self._lock = threading.Lock()
-        self._outstanding = 0
-        self._all_done = threading.Condition(self._lock)
-
-    def run(self) -> None:
-        lower_priority(self.job.options.background_nice)
-        try:
-            while True:
-                u = self.q.get()
-                if u is None:
-                    break
-                if self.error is not None or self.job._cancel.is_set():
-                    self._release(u)
-                    continue
-                if u.event is not None:
-                    u.event.synchronize()
-                    self.job.check_unchanged(u)
-                self._write(u)
-            for path in list(self.opening):  # arrays whose zarr.json this rank writes but no chunk
-                self._array(path)
-            self.staged_at = time.perf_counter()
-            with self._all_done:
-                while self._outstanding:
-                    self._all_done.wait()
-        except BaseException as e:  # noqa: BLE001
-            self.error = self.error or e
-            self.job._cancel.set()
-
-    def _array(self, path: str) -> Any:
-        arr = self.arrays.get(path)
-        if arr is None:
-            fut = self.opening.pop(path)
-            try:
-                arr = self.arrays[path] = fut.result()
-            except Exception as e:
-                raise translate(e, key=None, where=self.job.storage.describe(f"{self.write_dir}/{path}"),
-                                reading=False) from e
-        return arr
-
-    def _write(self, u: _Unit) -> None:
-        assert u.block is not None
-        arr = self._array(u.path)
-        data = u.block.array[: u.nbytes].view(np.dtype(u.np_dtype)).reshape(u.shape)
-        offs, sizes = u.region
-        target = arr[tuple(slice(o, o + s) for o, s in zip(offs, sizes))]
-        with self._lock:
-            self._outstanding += 1
-        try:
-            fut = target.write(data, can_reference_source_data_indefinitely=self.zero_copy)
-        except BaseException:
-            self._finish(u, None)
-            raise
-        fut.commit.add_done_callback(lambda f, u=u: self._finish(u, f))
-
-    def _finish(self, u: _Unit, fut: Any) -> None:
-        if fut is not None:
-            try:
-                fut.result()
-            except BaseException as e:  # noqa: BLE001
-                if self.error is None:
-                    where = self.job.storage.describe(f"{self.write_dir}/{u.path}")
-                    self.error = translate(e, key=u.key, where=where, reading=False)
-                self.job._cancel.set()
-        self._release(u)
-        with self._all_done:
-            self._outstanding -= 1
-            self._all_done.notify_all()
-
-    def _release(self, u: _Unit) -> None:
-        if u.block is not None:
-            self.job.pool.release(u.block)
-            u.block = None
-        u.members = []

@@ -1,0 +1,144 @@
+"""The writer thread of a snapshot: as each staged unit's copy completes, it hands the
+pool block to tensorstore (asynchronous, outside the GIL); a block returns to the pool
+when its write is durable. See :mod:`ckpt._engine._save` for the whole flow."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ckpt._engine._arrays import translate
+from ckpt._engine._globalplan import Assignment
+from ckpt._engine._pool import Block
+
+if TYPE_CHECKING:
+    from ckpt._engine._save import SnapshotJob
+
+
+@dataclass
+class WriteUnit:
+    """One storage object's worth of data to stage and write."""
+
+    assignment: Assignment | None
+    region: tuple[tuple[int, ...], tuple[int, ...]]  # region within the target array
+    members: list[tuple[torch.Tensor, int, tuple[str, Any]]]  # (source view, offset in block, (key, box))
+    nbytes: int
+    shape: tuple[int, ...]
+    np_dtype: str
+    path: str
+    key: str
+    block: Block | None = None
+    event: Any = None
+
+
+
+def lower_priority(nice: int) -> None:
+    """Raise the calling thread's niceness (Linux: per thread) so background staging and
+    writing yield the CPU to the training thread."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:  # pragma: no cover - not permitted: run at normal priority
+        pass
+
+
+class Writer(threading.Thread):
+    """Waits for each unit's copy, then writes it with tensorstore; blocks go back to the
+    pool when their write is durable."""
+
+    def __init__(self, job: SnapshotJob, opening: dict[str, Any], q: queue.Queue[WriteUnit | None],
+                 write_dir: str) -> None:
+        super().__init__(name="ckpt-writer", daemon=True)
+        self.job = job
+        self.opening = opening  # path -> tensorstore open future
+        self.arrays: dict[str, Any] = {}
+        self.q = q
+        self.write_dir = write_dir
+        # tensorstore may keep referencing a written array; pool blocks are reused, so only
+        # let it where the kvstore copies the bytes out (the memory kvstore keeps them).
+        self.zero_copy = job.storage.kvstore_spec(write_dir).get("driver") != "memory"
+        self.error: BaseException | None = None
+        self.staged_at: float | None = None
+        self._pending: list[tuple[Any, WriteUnit]] = []
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._all_done = threading.Condition(self._lock)
+
+    def run(self) -> None:
+        lower_priority(self.job.options.background_nice)
+        try:
+            while True:
+                u = self.q.get()
+                if u is None:
+                    break
+                if self.error is not None or self.job._cancel.is_set():
+                    self._release(u)
+                    continue
+                if u.event is not None:
+                    u.event.synchronize()
+                    self.job.check_unchanged(u)
+                self._write(u)
+            for path in list(self.opening):  # arrays whose zarr.json this rank writes but no chunk
+                self._array(path)
+            self.staged_at = time.perf_counter()
+            with self._all_done:
+                while self._outstanding:
+                    self._all_done.wait()
+        except BaseException as e:  # noqa: BLE001
+            self.error = self.error or e
+            self.job._cancel.set()
+
+    def _array(self, path: str) -> Any:
+        arr = self.arrays.get(path)
+        if arr is None:
+            fut = self.opening.pop(path)
+            try:
+                arr = self.arrays[path] = fut.result()
+            except Exception as e:
+                raise translate(e, key=None, where=self.job.storage.describe(f"{self.write_dir}/{path}"),
+                                reading=False) from e
+        return arr
+
+    def _write(self, u: WriteUnit) -> None:
+        assert u.block is not None
+        arr = self._array(u.path)
+        data = u.block.array[: u.nbytes].view(np.dtype(u.np_dtype)).reshape(u.shape)
+        offs, sizes = u.region
+        target = arr[tuple(slice(o, o + s) for o, s in zip(offs, sizes))]
+        with self._lock:
+            self._outstanding += 1
+        try:
+            fut = target.write(data, can_reference_source_data_indefinitely=self.zero_copy)
+        except BaseException:
+            self._finish(u, None)
+            raise
+        fut.commit.add_done_callback(lambda f, u=u: self._finish(u, f))
+
+    def _finish(self, u: WriteUnit, fut: Any) -> None:
+        if fut is not None:
+            try:
+                fut.result()
+            except BaseException as e:  # noqa: BLE001
+                if self.error is None:
+                    where = self.job.storage.describe(f"{self.write_dir}/{u.path}")
+                    self.error = translate(e, key=u.key, where=where, reading=False)
+                self.job._cancel.set()
+        self._release(u)
+        with self._all_done:
+            self._outstanding -= 1
+            self._all_done.notify_all()
+
+    def _release(self, u: WriteUnit) -> None:
+        if u.block is not None:
+            self.job.pool.release(u.block)
+            u.block = None
+        u.members = []
