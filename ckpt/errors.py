@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 __all__ = [
     "CheckpointError",
+    "UnsupportedOperationError",
     "CheckpointNotFoundError",
     "CheckpointExistsError",
     "IncompleteCheckpointError",
@@ -155,6 +156,10 @@ class StorageFullError(StorageError):
 
 class StoragePermissionError(StorageError, PermissionError):
     """The storage refused access."""
+
+
+class UnsupportedOperationError(StorageError, NotImplementedError):
+    """The storage backend cannot do this at all (e.g. an atomic rename on S3)."""
 
 
 class SnapshotFailedError(CheckpointError, RuntimeError):

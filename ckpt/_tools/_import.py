@@ -58,8 +58,9 @@ class _Leaves:
         for key, v in self.leaves:
             yield TensorItem(key, v.detach()) if isinstance(v, torch.Tensor) else ValueItem(key, v)
 
-    def load(self, src: Any) -> None:  # pragma: no cover - import only saves
-        raise NotImplementedError
+    def load(self, src: Any) -> None:
+        raise UnsupportedStateError("ready-made leaves are only saved (by `ckpt import`), never loaded into",
+                                    hint="load the imported checkpoint into the model's own state instead")
 
 
 def _has_tensor(obj: Any) -> bool:

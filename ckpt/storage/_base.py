@@ -23,6 +23,8 @@ import abc
 from dataclasses import dataclass
 from typing import Any
 
+from ckpt.errors import UnsupportedOperationError
+
 __all__ = ["Storage", "Capabilities", "ObjectInfo"]
 
 
@@ -90,7 +92,9 @@ class Storage(abc.ABC):
         """Atomically rename a directory (only where ``capabilities.atomic_rename``).
 
         Raises FileExistsError if ``dst`` exists."""
-        raise NotImplementedError(f"{type(self).__name__} cannot rename atomically")
+        raise UnsupportedOperationError(f"{type(self).__name__} cannot rename atomically", path=self.describe(src),
+                                        hint="on storage without atomic rename a checkpoint commits by writing "
+                                             "its manifest last; check `capabilities.atomic_rename` first")
 
     # -- tensorstore ---------------------------------------------------------
     @abc.abstractmethod

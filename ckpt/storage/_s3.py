@@ -48,17 +48,13 @@ defaults):
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import errno
-import functools
 import importlib.util
 import logging
 import os
 import random
 import re
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -66,6 +62,16 @@ from typing import Any
 
 from ckpt.errors import MissingDependencyError, StorageError, StoragePermissionError
 from ckpt.storage._base import Capabilities, ObjectInfo, Storage
+from ckpt.storage._s3_errors import (
+    CREDENTIAL_ERRORS,
+    NOT_FOUND_CODES,
+    PERMISSION_CODES,
+    brief,
+    error_code,
+    is_timeout,
+    retryable,
+)
+from ckpt.storage._s3_tensorstore import private_profile, s3_context, ts_retries
 
 __all__ = ["S3Storage"]
 
@@ -79,24 +85,9 @@ _DEFAULT_MULTIPART_THRESHOLD = 256 * 2**20
 _DEFAULT_UPLOAD_CONCURRENCY = 8
 _BACKOFF_BASE_S = 0.1
 _BACKOFF_CAP_S = 10.0
-# Error codes that mean "try again later" (S3 and S3-compatible servers).
-_TRANSIENT_CODES = {
-    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
-    "TooManyRequests", "TooManyRequestsException", "RequestLimitExceeded", "ServiceUnavailable",
-    "InternalError", "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete",
-    "OperationAborted", "BadGateway", "GatewayTimeout", "EC2ThrottledException",
-    "500", "502", "503", "504", "429", "408",
-}
 log = logging.getLogger("ckpt.storage.s3")
 _DELETE_BATCH = 1000  # S3's limit for one DeleteObjects
 _AWS_HOST = re.compile(r"(^|\.)s3([.-][^/]*)?\.amazonaws\.com(\.cn)?$")
-_PERMISSION_CODES = {
-    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-    "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "AccountProblem", "403",
-}
-_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
-_CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
-                      "ProfileNotFound", "UnauthorizedSSOTokenError", "TokenRetrievalError"}
 
 
 def _truthy(value: str | None) -> bool:
@@ -325,23 +316,23 @@ class S3Storage(Storage):
                     raise TimeoutError("no time left")
                 return attempt(max(left, 0.05))
             except Exception as e:
-                timed_out = _is_timeout(e) or time.monotonic() >= deadline
-                retry = _retryable(e) and not timed_out and tries < self.max_attempts
+                timed_out = is_timeout(e) or time.monotonic() >= deadline
+                retry = retryable(e) and not timed_out and tries < self.max_attempts
                 delay = random.uniform(0, min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2 ** tries))
                 if retry and time.monotonic() + delay < deadline:
                     self.stats["retries"] += 1
                     log.debug("S3 %s %s failed (%s), try %d; retrying in %.2f s", what, self.describe(path),
-                              self._scrub(_brief(e)), tries, delay)
+                              self._scrub(brief(e)), tries, delay)
                     time.sleep(delay)
                     continue
                 if not translate:
                     raise
-                if _retryable(e) or timed_out:
+                if retryable(e) or timed_out:
                     elapsed = time.monotonic() - start
                     why = (f"no success within the deadline of {self.deadline_s:g} s"
                            if timed_out or tries < self.max_attempts else f"{tries} rounds of tries failed")
                     last = ("the endpoint did not answer in time, refused connections or kept failing"
-                            if _is_timeout(e) else self._scrub(_brief(e)))
+                            if is_timeout(e) else self._scrub(brief(e)))
                     raise StorageError(
                         f"S3 request failed while {what}: {why} ({elapsed:.1f} s; {last})",
                         path=self.describe(path),
@@ -367,7 +358,7 @@ class S3Storage(Storage):
                     return bytes(self.fs.cat_file(full, max_concurrency=1, timeout=timeout))
                 return bytes(self.fs.cat_file(full, start=first, end=end, timeout=timeout))
             except Exception as e:
-                if _code(e) == "InvalidRange":  # the range starts at or past the end
+                if error_code(e) == "InvalidRange":  # the range starts at or past the end
                     return b""
                 raise
 
@@ -419,7 +410,7 @@ class S3Storage(Storage):
             except Exception as e:
                 # A retried completion whose first try succeeded finds the upload gone:
                 # the object is there, whole, if its size and part count say so.
-                if _code(e) != "NoSuchUpload" or not self._completed(key, len(body), len(parts)):
+                if error_code(e) != "NoSuchUpload" or not self._completed(key, len(body), len(parts)):
                     raise
         except BaseException:
             self._abort(key, upload_id, path)
@@ -441,12 +432,12 @@ class S3Storage(Storage):
                        UploadId=upload_id, deadline=time.monotonic() + min(30.0, self.deadline_s))
             self.stats["aborted_uploads"] += 1
         except Exception as e:  # noqa: BLE001 - the upload's own error is the one to raise
-            if _code(e) == "NoSuchUpload":
+            if error_code(e) == "NoSuchUpload":
                 self.stats["aborted_uploads"] += 1
                 return
             log.warning("could not abort the multipart upload of %s (%s); a bucket lifecycle rule "
                         "(AbortIncompleteMultipartUpload) removes it later", self.describe(path),
-                        self._scrub(_brief(e)))
+                        self._scrub(brief(e)))
 
     def exists(self, path: str) -> bool:
         key = self._object_key(path)
@@ -511,7 +502,7 @@ class S3Storage(Storage):
                 first = failed[0]
                 where = self.describe(self._rel(first.get("Key", "")))
                 msg = f"{len(failed)} object(s) were not deleted (first: {first.get('Code')})"
-                if first.get("Code") in _PERMISSION_CODES:
+                if first.get("Code") in PERMISSION_CODES:
                     raise StoragePermissionError(msg, path=where, hint="check s3:DeleteObject permission")
                 raise StorageError(msg, path=where, hint="retry; deleting is idempotent")
         self.fs.invalidate_cache(self._full(self._object_key(prefix)))
@@ -547,9 +538,9 @@ class S3Storage(Storage):
         """The tensorstore Context for this storage's arrays: one per process and
         configuration. Retries are derived from ``deadline_s``: exponential backoff from
         200 ms up to ``max_delay``, as many retries as fit in the deadline."""
-        initial, max_delay, retries = _ts_retries(self.deadline_s)
+        initial, max_delay, retries = ts_retries(self.deadline_s)
         retries = int(_setting(None, "CKPT_S3_RETRIES", retries, int))
-        return _s3_context(int(os.environ.get("CKPT_S3_CONCURRENCY", "32")), max(1, retries),
+        return s3_context(int(os.environ.get("CKPT_S3_CONCURRENCY", "32")), max(1, retries),
                            initial, max_delay)
 
     def _ts_endpoint(self) -> str | None:
@@ -574,7 +565,7 @@ class S3Storage(Storage):
         if self.anon:
             return {"type": "anonymous"}
         if self._key is not None and self._secret is not None:
-            return _private_profile(self._key.value, self._secret.value,
+            return private_profile(self._key.value, self._secret.value,
                                     self._token.value if self._token else None)
         if self.profile:
             home = os.path.expanduser("~")
@@ -597,7 +588,7 @@ class S3Storage(Storage):
         try:
             self._call("head_bucket", "checking", path)
         except Exception as e:
-            if isinstance(e, FileNotFoundError) or _code(e) in _NOT_FOUND_CODES | {"NoSuchBucket"} or (
+            if isinstance(e, FileNotFoundError) or error_code(e) in NOT_FOUND_CODES | {"NoSuchBucket"} or (
                     isinstance(e, StorageError) and "does not exist" in str(e)):
                 raise self._no_bucket("checking", path) from e
             return  # e.g. no s3:ListBucket permission: leave it to the caller's error
@@ -612,14 +603,14 @@ class S3Storage(Storage):
 
     def _error(self, exc: BaseException, what: str, path: str) -> Exception:
         """Translate an s3fs/botocore error into the builtin or ckpt error it means."""
-        code = _code(exc)
+        code = error_code(exc)
         where = self.describe(path)
         if code == "NoSuchBucket":
             return self._no_bucket(what, path)
-        if code in _NOT_FOUND_CODES or (code is None and isinstance(exc, FileNotFoundError)):
+        if code in NOT_FOUND_CODES or (code is None and isinstance(exc, FileNotFoundError)):
             return FileNotFoundError(errno.ENOENT, "no such object", where)
         names = {t.__name__ for t in type(exc).__mro__}
-        if code in _PERMISSION_CODES or names & _CREDENTIAL_ERRORS or isinstance(exc, PermissionError):
+        if code in PERMISSION_CODES or names & CREDENTIAL_ERRORS or isinstance(exc, PermissionError):
             detail = code or type(exc).__name__
             return StoragePermissionError(
                 f"S3 refused access while {what} ({detail})", path=where,
@@ -655,152 +646,3 @@ class S3Storage(Storage):
         self._lock = threading.Lock()
 
 
-def _code(exc: BaseException | None) -> str | None:
-    """The S3 error code of a botocore ClientError anywhere in ``exc``'s chain."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        resp = getattr(exc, "response", None)
-        if isinstance(resp, dict):
-            code = resp.get("Error", {}).get("Code")
-            if code:
-                return str(code)
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _brief(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) < 300 else text[:300] + "..."
-
-
-def _status(exc: BaseException | None) -> int | None:
-    """The HTTP status of a botocore ClientError anywhere in ``exc``'s chain."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        resp = getattr(exc, "response", None)
-        if isinstance(resp, dict):
-            status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-            if status:
-                return int(status)
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _chain(exc: BaseException | None) -> list[BaseException]:
-    out: list[BaseException] = []
-    while exc is not None and all(exc is not x for x in out):
-        out.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return out
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    """The attempt ran out of the deadline (fsspec's sync timeout)."""
-    names = {t.__name__ for e in _chain(exc) for t in type(e).__mro__}
-    return "FSTimeoutError" in names or (isinstance(exc, TimeoutError) and str(exc) == "no time left")
-
-
-def _retryable(exc: BaseException) -> bool:
-    """Whether trying again may succeed: throttling, 5xx, connection trouble, cut bodies."""
-    code = _code(exc)
-    if code in _NOT_FOUND_CODES or code in _PERMISSION_CODES or code in ("NoSuchBucket", "NoSuchUpload"):
-        return False
-    if code in _TRANSIENT_CODES:
-        return True
-    status = _status(exc)
-    if status is not None:
-        return status >= 500 or status in (408, 429)
-    for e in _chain(exc):
-        names = {t.__name__ for t in type(e).__mro__}
-        if names & {"HTTPClientError", "ConnectionError", "ConnectionClosedError", "EndpointConnectionError",
-                    "ReadTimeoutError", "ConnectTimeoutError", "IncompleteReadError", "ResponseStreamingError",
-                    "ResponseParserError", "IncompleteRead", "ClientPayloadError", "ClientConnectionError",
-                    "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError", "RemoteDisconnected"}:
-            return True
-        if isinstance(e, ConnectionError | TimeoutError):
-            return True
-        if "reduce your request rate" in str(e) or "SlowDown" in str(e):
-            return True
-    return False
-
-
-def _ts_retries(deadline_s: float) -> tuple[float, float, int]:
-    """(initial_delay, max_delay, max_retries) for tensorstore: as many exponential
-    backoffs (with tensorstore's jitter of up to ``initial_delay`` each) as fit in the
-    deadline, at least one."""
-    initial = 0.2
-    max_delay = max(initial, min(20.0, deadline_s / 4))
-    total, n = 0.0, 0
-    while n < 64:
-        step = min(initial * 2 ** n, max_delay) + initial
-        if total + step > deadline_s:
-            break
-        total += step
-        n += 1
-    return initial, max_delay, max(1, n)
-
-
-@functools.cache
-def _s3_context(concurrency: int, retries: int, initial_delay: float = 0.2, max_delay: float = 20.0) -> Any:
-    """One tensorstore Context per process and configuration for S3 arrays: shared
-    connection limits."""
-    import tensorstore as ts
-
-    return ts.Context({
-        "s3_request_concurrency": {"limit": concurrency},
-        "s3_request_retries": {"max_retries": retries, "initial_delay": f"{round(initial_delay * 1000)}ms",
-                               "max_delay": f"{round(max_delay * 1000)}ms"},
-        "data_copy_concurrency": {"limit": max(2, os.cpu_count() or 2)},
-        "cache_pool": {"total_bytes_limit": 0},
-    })
-
-
-# -- explicit keys for tensorstore ------------------------------------------------------
-_creds_lock = threading.Lock()
-_creds_dirs: dict[tuple[str, str, str | None], tuple[str, int]] = {}
-_creds_atexit = False
-
-
-def _private_profile(key: str, secret: str, token: str | None) -> dict[str, Any]:
-    for v in (key, secret, token or ""):
-        if any(c in v for c in "\r\n\0"):
-            raise ValueError("S3 credentials must not contain line breaks or NUL characters")
-    global _creds_atexit
-    ident = (key, secret, token)
-    with _creds_lock:
-        d, pid = _creds_dirs.get(ident, ("", 0))
-        if pid != os.getpid() or not os.path.isdir(d):  # a forked child makes its own
-            shm = "/dev/shm"
-            base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-            d = tempfile.mkdtemp(prefix="ckpt-s3-", dir=base)  # mode 0700
-            text = f"[ckpt]\naws_access_key_id = {key}\naws_secret_access_key = {secret}\n"
-            if token:
-                text += f"aws_session_token = {token}\n"
-            _write_private(os.path.join(d, "credentials"), text)
-            _write_private(os.path.join(d, "config"), "")
-            if not _creds_atexit:
-                atexit.register(_remove_private_profiles)
-                _creds_atexit = True
-            _creds_dirs[ident] = (d, os.getpid())
-    return {
-        "type": "profile",
-        "profile": "ckpt",
-        "credentials_file": os.path.join(d, "credentials"),
-        "config_file": os.path.join(d, "config"),
-    }
-
-
-def _write_private(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-
-
-def _remove_private_profiles() -> None:
-    with _creds_lock:
-        for ident, (d, pid) in list(_creds_dirs.items()):
-            if pid == os.getpid():  # a forked child leaves its parent's files alone
-                shutil.rmtree(d, ignore_errors=True)
-                del _creds_dirs[ident]

@@ -447,3 +447,13 @@ def test_help_documents_exit_codes() -> None:
     assert "exit codes" in p.stdout and "2  bad usage" in p.stdout
     for cmd in ("ls", "info", "verify", "cp", "gc", "export", "import", "reshard"):
         assert cmd in p.stdout
+
+
+def test_imported_leaves_are_never_loaded_into() -> None:
+    """The provider `ckpt import` saves through holds ready-made leaves: loading into it is
+    a typed error, not a silent no-op."""
+    from ckpt._tools._import import _Leaves
+    from ckpt.errors import UnsupportedStateError
+
+    with pytest.raises(UnsupportedStateError, match="only saved"):
+        _Leaves([("w", torch.zeros(2))]).load(None)

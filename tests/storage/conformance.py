@@ -19,6 +19,7 @@ import tensorstore as ts
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
+from ckpt.errors import StorageError
 from ckpt.storage import ObjectInfo, Storage
 
 MIB = 1 << 20
@@ -285,8 +286,9 @@ class StorageConformance:
     # -- rename (commit by rename) ------------------------------------------------------------
     def test_rename_dir(self, storage: Storage) -> None:
         if not storage.capabilities.atomic_rename:
-            with pytest.raises(NotImplementedError):
+            with pytest.raises(NotImplementedError) as ei:
                 storage.rename_dir("tmp", "final")
+            assert isinstance(ei.value, StorageError) and ei.value.hint  # typed, with a fix
             return
         storage.write_bytes(".tmp-1/manifest.json", b"{}")
         storage.write_bytes(".tmp-1/arr/c/0", b"chunk")
