@@ -169,6 +169,19 @@ def render_goals(gs: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------- plots
 
 
+def _finish(plt: Any, fig: Any, ax: Any, path: Path, ylabel: str, title: str) -> str:
+    """Label (x: state size), save and close one plot; its file name."""
+    ax.set_xlabel("state GiB")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def plots(results: dict[str, Any], cfg: Config, out: Path) -> list[str]:
     try:
         import matplotlib
@@ -191,16 +204,9 @@ def plots(results: dict[str, Any], cfg: Config, out: Path) -> list[str]:
             ax.plot([c["state_bytes"] / (1 << 30) for c in cs],
                     [max(1e-4, c["summary"]["ckpt"]["own_blocked_s_mean"]) for c in cs], "o--",
                     label="ckpt (own wait)")
-            ax.set_xlabel("state GiB")
-            ax.set_ylabel("blocked time per checkpoint, s")
             ax.set_yscale("log")
-            ax.set_title(f"Training loop, checkpoint every {k} steps")
-            ax.legend()
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(out / "blocked_vs_size.png", dpi=110)
-            plt.close(fig)
-            written.append("blocked_vs_size.png")
+            written.append(_finish(plt, fig, ax, out / "blocked_vs_size.png", "blocked time per checkpoint, s",
+                                   f"Training loop, checkpoint every {k} steps"))
     du = results.get("durable")
     if du and du.get("sizes"):
         sizes = sorted(du["sizes"], key=lambda s: s["bytes"])
@@ -210,15 +216,8 @@ def plots(results: dict[str, Any], cfg: Config, out: Path) -> list[str]:
         hw = results.get("hardware")
         if hw and hw.get("write_fsync_gbps"):
             ax.axhline(hw["write_fsync_gbps"], color="gray", ls=":", label="storage write + fsync")
-        ax.set_xlabel("state GiB")
-        ax.set_ylabel("persisted GB/s (call to durable)")
-        ax.set_title("Time to durable")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "throughput_vs_size.png", dpi=110)
-        plt.close(fig)
-        written.append("throughput_vs_size.png")
+        written.append(_finish(plt, fig, ax, out / "throughput_vs_size.png", "persisted GB/s (call to durable)",
+                               "Time to durable"))
     return written
 
 

@@ -196,12 +196,32 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b <= 0 else a / b
 
 
+def standalone_parser(prog: str, description: str, quick_help: str) -> Any:
+    """The command line every ``python -m bench.<scenario>`` shares (add its own flags)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--state-gib", type=float, default=None, help="state size in GiB (default 1.0)")
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    return p
+
+
 def run_alone(run: Callable[[Config, Path, Progress], dict[str, Any]], steps: Callable[[Config], int],
-              cfg: Config, as_json: bool = False) -> int:
-    """``python -m bench.<scenario>``: one scenario in a temp dir, its markdown (or JSON) printed."""
+              args: Any) -> int:
+    """``python -m bench.<scenario>``: one scenario in a temp dir, configured by the
+    :func:`standalone_parser` flags (plus ``sizes_gib`` / ``repeats`` where a parser has
+    them); its markdown (or JSON) printed."""
     import json
     import tempfile
 
+    cfg = Config.quick_config(Path("/tmp/x")) if args.quick else Config()
+    if args.state_gib is not None:
+        cfg.state_gib = args.state_gib
+    if getattr(args, "sizes_gib", None):
+        cfg.sizes_gib = tuple(args.sizes_gib)
+    if getattr(args, "repeats", None) is not None:
+        cfg.repeats = max(1, args.repeats)
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as d:
         progress = Progress(steps(cfg))
         t0 = time.perf_counter()
@@ -209,6 +229,6 @@ def run_alone(run: Callable[[Config, Path, Progress], dict[str, Any]], steps: Ca
             r = run(cfg, Path(d), progress)
         finally:
             progress.close()
-    print(json.dumps(r, indent=1) if as_json else r["markdown"])
+    print(json.dumps(r, indent=1) if args.json else r["markdown"])
     print(f"\n({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0

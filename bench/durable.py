@@ -11,7 +11,6 @@ Persisted GB/s = state bytes / time to durable (1e9).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import shutil
@@ -36,6 +35,7 @@ from bench._common import (
     md_table,
     ratio,
     run_alone,
+    standalone_parser,
     state_bytes,
 )
 
@@ -88,38 +88,37 @@ def _ckpt(cfg: Config, snap: ckpt.Snapshotter, state: dict[str, torch.Tensor], r
                   stats_total_s=st.total_s, pool_peak_bytes=st.pool_peak_bytes, objects=st.objects)
 
 
-def _torch_save(cfg: Config, state: dict[str, torch.Tensor], root: Path, nbytes: int) -> dict[str, Any]:
-    path = root / "state.pt"  # alone in its directory: fsync_tree syncs the file and that directory
+def _save_and_fsync(cfg: Config, root: Path, nbytes: int, save: Callable[[], Any], synced: Path) -> dict[str, Any]:
+    """Time ``save`` followed by an fsync of everything under ``synced`` (baselines that do
+    not fsync themselves); also reports the call alone."""
     calls: list[tuple[float, float]] = []
 
     def once() -> None:
         root.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        torch.save(state, path)
+        save()
         t1 = time.perf_counter()
-        fsync_tree(path)
+        fsync_tree(synced)
         calls.append((time.perf_counter() - t0, t1 - t0))
 
     cold, t = _measure(cfg, root, once)
     return _entry(nbytes, t, cold, call_no_fsync_s=min(calls[1:])[1])
+
+
+def _torch_save(cfg: Config, state: dict[str, torch.Tensor], root: Path, nbytes: int) -> dict[str, Any]:
+    path = root / "state.pt"  # alone in its directory: fsync_tree syncs the file and that directory
+    return _save_and_fsync(cfg, root, nbytes, lambda: torch.save(state, path), path)
 
 
 def _dcp_save(cfg: Config, state: dict[str, torch.Tensor], root: Path, nbytes: int) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
-    calls: list[tuple[float, float]] = []
-
-    def once() -> None:
-        t0 = time.perf_counter()
+    def save() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.save(state, checkpoint_id=str(root), no_dist=True)
-        t1 = time.perf_counter()
-        fsync_tree(root)
-        calls.append((time.perf_counter() - t0, t1 - t0))
 
-    cold, t = _measure(cfg, root, once)
-    return _entry(nbytes, t, cold, call_no_fsync_s=min(calls[1:])[1])
+    return _save_and_fsync(cfg, root, nbytes, save, root)
 
 
 def _torchsnapshot(cfg: Config, state: dict[str, torch.Tensor], root: Path, nbytes: int) -> dict[str, Any]:
@@ -225,22 +224,11 @@ def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.durable",
-                                description="time to durable: ckpt vs torch.save vs DCP, over state sizes")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, one run each")
+    p = standalone_parser("python -m bench.durable", "time to durable: ckpt vs torch.save vs DCP, over state sizes",
+                          "tiny sizes, one run each")
     p.add_argument("--sizes-gib", type=float, nargs="+", default=None, help="state sizes (default 0.25 0.5 1 2)")
-    p.add_argument("--state-gib", type=float, default=None, help="the size the ratios are taken at")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    a = p.parse_args(argv)
-    cfg = Config.quick_config(Path("/tmp/x")) if a.quick else Config()
-    if a.sizes_gib:
-        cfg.sizes_gib = tuple(a.sizes_gib)
-    if a.state_gib is not None:
-        cfg.state_gib = a.state_gib
-    if a.repeats is not None:
-        cfg.repeats = a.repeats
-    return run_alone(run, steps, cfg, a.json)
+    return run_alone(run, steps, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Bandwidths are bytes moved per second in GB/s (1e9); a memcpy of N bytes counts 
 
 from __future__ import annotations
 
-import argparse
 import errno
 import mmap
 import os
@@ -36,6 +35,7 @@ from bench._common import (
     fmt,
     md_table,
     run_alone,
+    standalone_parser,
 )
 
 BLOCK = 64 * MIB  # the I/O block
@@ -236,16 +236,9 @@ def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.hardware",
-                                description="the machine's storage, memory and PCIe limits")
-    p.add_argument("--quick", action="store_true", help=f"{QUICK_BYTES // MIB} MiB instead of --state-gib")
-    p.add_argument("--state-gib", type=float, default=None, help="bytes to move, in GiB (default 1.0)")
-    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    a = p.parse_args(argv)
-    cfg = Config.quick_config(Path("/tmp/x")) if a.quick else Config()
-    if a.state_gib is not None:
-        cfg.state_gib = a.state_gib
-    return run_alone(run, steps, cfg, a.json)
+    p = standalone_parser("python -m bench.hardware", "the machine's storage, memory and PCIe limits",
+                          f"{QUICK_BYTES // MIB} MiB instead of --state-gib")
+    return run_alone(run, steps, p.parse_args(argv))
 
 
 if __name__ == "__main__":

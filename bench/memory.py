@@ -44,6 +44,7 @@ from bench._common import (
     make_state,
     md_table,
     run_alone,
+    standalone_parser,
     state_bytes,
 )
 
@@ -265,11 +266,8 @@ def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.memory", description="peak host memory during a save")
-    p.add_argument("--quick", action="store_true",
-                   help=f"{STATE_QUICK // MIB} MiB state, {POOL_QUICK // MIB} MiB pool")
-    p.add_argument("--state-gib", type=float, default=None, help="state size in GiB (default 1.0)")
-    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    p = standalone_parser("python -m bench.memory", "peak host memory during a save",
+                          f"{STATE_QUICK // MIB} MiB state, {POOL_QUICK // MIB} MiB pool")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--bytes", type=int, help=argparse.SUPPRESS)
     p.add_argument("--pool", type=int, help=argparse.SUPPRESS)
@@ -278,10 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         print(json.dumps(child(a.child, a.bytes, a.pool, Path(a.dir))))
         return 0
-    cfg = Config.quick_config(Path("/tmp/x")) if a.quick else Config()
-    if a.state_gib is not None:
-        cfg.state_gib = a.state_gib
-    return run_alone(run, steps, cfg, a.json)
+    return run_alone(run, steps, a)
 
 
 if __name__ == "__main__":
