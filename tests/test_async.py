@@ -155,6 +155,13 @@ class _FaultyStorage(FileStorage):
             return {"driver": "file", "path": str(blocker / path) + "/"}
         return super().kvstore_spec(path)
 
+    def local_path(self, path=""):  # where direct writes put array data (ckpt/_engine/_direct_write.py)
+        if type(self).fail_arrays and ("/arrays/" in path or "/packs/" in path):
+            blocker = self.root / "blocker"
+            blocker.write_text("a file where a directory should be")
+            return blocker / path
+        return super().local_path(path)
+
     def write_bytes(self, path, data):
         if path.endswith("manifest.json") and type(self).fail_manifest is not None:
             raise type(self).fail_manifest
@@ -171,7 +178,9 @@ def faulty(tmp_path):
     _FaultyStorage.fail_manifest = None
 
 
-def test_write_error_surfaces_from_handle_training_continues(faulty, tmp_path):
+@pytest.mark.parametrize("writes", ["direct", "tensorstore"])
+def test_write_error_surfaces_from_handle_training_continues(faulty, tmp_path, monkeypatch, writes):
+    monkeypatch.setenv("CKPT_DIRECT_WRITES", "1" if writes == "direct" else "0")
     m, opt = model_and_optim()
     x = torch.randn(32, 256)
     state = {"model": m, "optim": opt}

@@ -77,7 +77,9 @@ class SaveOptions:
         return cls(**env)
 
     def plan_config(self) -> PlanConfig:
-        shard = max(1 << 20, min(self.max_shard_bytes, self.pool_bytes // 4))
+        # at least 1 MiB, but never the whole pool: a block holds a shard plus its crc32c's
+        # and index (direct writes), so a 1 MiB pool gets 512 KiB shards
+        shard = max(min(1 << 20, self.pool_bytes // 2), min(self.max_shard_bytes, self.pool_bytes // 4))
         return PlanConfig(
             max_shard_bytes=shard,
             chunk_bytes=min(self.chunk_bytes, shard),

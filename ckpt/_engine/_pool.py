@@ -1,7 +1,7 @@
 """A bounded, reused pool of host staging memory.
 
-One contiguous buffer (pinned when CUDA is in use, so device-to-host copies are true
-DMA) is allocated on first use and carved into blocks by a first-fit allocator with
+One contiguous, page-aligned buffer (pinned when CUDA is in use, so device-to-host
+copies are true DMA; aligned so direct writes can use O_DIRECT) is allocated on first use and carved into blocks by a first-fit allocator with
 coalescing. ``acquire`` blocks while the pool is full: that is the back-pressure that
 keeps host memory bounded by configuration, never by model size.
 """
@@ -51,7 +51,12 @@ class HostPool:
 
     def _ensure(self) -> None:
         if self._buf is None:
-            self._buf = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pinned)
+            if self.pinned:  # page-locked memory is page-aligned
+                self._buf = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=True)
+            else:  # align the base so every block can be written with O_DIRECT
+                raw = torch.empty(self.capacity + _ALIGN, dtype=torch.uint8)
+                skip = -raw.data_ptr() % _ALIGN
+                self._buf = raw[skip:skip + self.capacity]
             self._np = self._buf.numpy()
 
     @property

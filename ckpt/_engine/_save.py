@@ -34,6 +34,7 @@ import torch
 from ckpt._engine._arrays import open_for_write
 from ckpt._engine._commit import commit
 from ckpt._engine._coord import DistCoordinator, LocalCoordinator
+from ckpt._engine._direct_write import DirectWriter, ObjectImage, pack_image, shard_image
 from ckpt._engine._globalplan import Assignment, GlobalPlan, PieceMeta, build_plan, signature
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import pack_metadata, zarr_metadata
@@ -48,6 +49,7 @@ from ckpt._format import (
     encode_value,
     key_to_path,
     storage_dtype,
+    storage_torch_dtype,
 )
 from ckpt.errors import (
     CheckpointError,
@@ -321,7 +323,7 @@ class SnapshotJob:
         self.stats.total_bytes = sum(plan.bytes_per_rank.values())
         return plan
 
-    def _units(self, plan: GlobalPlan) -> list[WriteUnit]:
+    def _units(self, plan: GlobalPlan, write_dir: str, direct: DirectWriter | None) -> list[WriteUnit]:
         local = {(it.key, it.box): it for it in self.prep.tensors}
         units: list[WriteUnit] = []
         pack_members: dict[str, list[tuple[torch.Tensor, int, tuple[str, Any]]]] = {}
@@ -339,11 +341,18 @@ class SnapshotJob:
                 base = self._region_box(a)[0]
                 sl = tuple(slice(o - b, o - b + s) for o, b, s in zip(offs, base, sizes))
                 view = t[sl] if t.dim() else t
-                units.append(WriteUnit(a, (offs, sizes), [(view, 0, (a.key, a.box))],
-                                       view.numel() * view.element_size(), tuple(sizes), sd, a.path, a.key))
+                u = WriteUnit(a, (offs, sizes), [(view, 0, (a.key, a.box))],
+                              view.numel() * view.element_size(), tuple(sizes), sd, a.path, a.key)
+                if direct is not None and _direct_ok(a):
+                    u.image = shard_image(f"{write_dir}/{a.path}", a.layout, (offs, sizes), view.element_size())
+                    u.storage_dtype = storage_torch_dtype(dtype_name(t.dtype))
+                units.append(u)
         for path, nbytes in plan.packs.get(self.coord.rank, []):
-            units.append(WriteUnit(None, ((0,), (nbytes,)), pack_members.get(path, []), nbytes, (nbytes,),
-                                   "uint8", path, f"pack {path}"))
+            u = WriteUnit(None, ((0,), (nbytes,)), pack_members.get(path, []), nbytes, (nbytes,),
+                          "uint8", path, f"pack {path}")
+            if direct is not None:
+                u.image = pack_image(f"{write_dir}/{path}", nbytes)
+            units.append(u)
         return units
 
     @staticmethod
@@ -353,16 +362,22 @@ class SnapshotJob:
         return a.box
 
     def _stage_and_write(self, plan: GlobalPlan, write_dir: str) -> None:
-        units = self._units(plan)
-        arrays = self._open_arrays(plan, write_dir)
-        writer_q: queue.Queue[WriteUnit | None] = queue.Queue()
-        writer = Writer(self, arrays, writer_q, write_dir)
-        writer.start()
+        nice = self.options.background_nice
+        direct = DirectWriter.for_storage(self.storage, initializer=lambda: lower_priority(nice))
         try:
-            self._stage(units, writer_q)
+            units = self._units(plan, write_dir, direct)
+            arrays = self._open_arrays(plan, write_dir, direct)
+            writer_q: queue.Queue[WriteUnit | None] = queue.Queue()
+            writer = Writer(self, arrays, writer_q, write_dir, direct)
+            writer.start()
+            try:
+                self._stage(units, writer_q)
+            finally:
+                writer_q.put(None)
+                writer.join()
         finally:
-            writer_q.put(None)
-            writer.join()
+            if direct is not None:
+                direct.close()
         self.stats.staging_s = writer.staged_at - self.t_call if writer.staged_at else 0.0
         if writer.error is not None:
             raise writer.error
@@ -373,10 +388,11 @@ class SnapshotJob:
         self.stats.write_s = time.perf_counter() - self.t_call - self.stats.staging_s
         self.stats.objects = len(units)
 
-    def _open_arrays(self, plan: GlobalPlan, write_dir: str) -> dict[str, Any]:
+    def _open_arrays(self, plan: GlobalPlan, write_dir: str, direct: DirectWriter | None) -> dict[str, Any]:
         """Start opening every array/pack this rank writes (zarr.json by its owner only);
         returns futures, so staging does not wait for the metadata writes (the writer
-        resolves each future before its first write)."""
+        resolves each future before its first write). With direct writes the future is
+        the write of zarr.json itself (nothing to write for arrays another rank creates)."""
         futures: dict[str, Any] = {}
         for a in plan.per_rank.get(self.coord.rank, []):
             if a.kind == "pack" or a.path in futures:
@@ -384,10 +400,17 @@ class SnapshotJob:
             assert a.layout is not None
             dt = plan.entries[a.key]["dtype"]
             meta = zarr_metadata(a.layout, storage_dtype(dt), {"ckpt": {"key": a.key, "dtype": dt}})
+            if direct is not None and _direct_ok(a):
+                if a.create:
+                    futures[a.path] = direct.submit(direct.write_json, f"{write_dir}/{a.path}/zarr.json", meta)
+                continue
             futures[a.path] = open_for_write(self.storage, f"{write_dir}/{a.path}", meta, create=a.create)
         for path, nbytes in plan.packs.get(self.coord.rank, []):
             members = [k for k, e in plan.entries.items() if e.get("storage", {}).get("path") == path]
             meta = pack_metadata(nbytes, {"ckpt": {"pack": True, "keys": members}})
+            if direct is not None:
+                futures[path] = direct.submit(direct.write_json, f"{write_dir}/{path}/zarr.json", meta)
+                continue
             futures[path] = open_for_write(self.storage, f"{write_dir}/{path}", meta, create=True)
         return futures
 
@@ -397,7 +420,8 @@ class SnapshotJob:
         for u in units:
             if self._cancel.is_set():
                 return
-            u.block = self.pool.acquire(u.nbytes, cancelled=self._cancel)
+            u.block = self.pool.acquire(u.image.block_bytes if u.image is not None else u.nbytes,
+                                        cancelled=self._cancel)
             dev = next((m.device for m, _, _ in u.members if m.device.type == "cuda"), None)
             if dev is not None:
                 stream = streams[n % len(streams)]
@@ -406,15 +430,13 @@ class SnapshotJob:
                     ready = self.prep.ready_events.get(dev)
                     if ready is not None:
                         stream.wait_event(ready)
-                    for src, off, _ in u.members:
-                        _copy_to_block(u.block, off, src, non_blocking=True)
+                    _copy_unit(u, non_blocking=True)
                     ev = torch.cuda.Event()
                     ev.record(stream)
                 u.event = ev
                 self._copy_events.append(ev)
             else:
-                for src, off, _ in u.members:
-                    _copy_to_block(u.block, off, src, non_blocking=False)
+                _copy_unit(u, non_blocking=False)
                 self.check_unchanged(u)
             self.stats.bytes += u.nbytes
             writer_q.put(u)
@@ -501,6 +523,67 @@ def _portable(e: BaseException) -> BaseException | str:
         return e
     except Exception:  # noqa: BLE001
         return "".join(traceback.format_exception_only(type(e), e)).strip()
+
+
+def _direct_ok(a: Assignment) -> bool:
+    """Whether an array is written directly (when direct writes apply at all): every
+    array with at least one dim (a 0-d one, rare above the pack threshold, stays on
+    tensorstore)."""
+    return a.layout is not None and len(a.layout.shape) > 0
+
+
+def _copy_unit(u: WriteUnit, *, non_blocking: bool) -> None:
+    """Copy a unit's sources into its block: at their offsets, or (an array shard written
+    directly) chunk by chunk into the layout of the shard object."""
+    assert u.block is not None
+    img = u.image
+    if u.assignment is None:  # a pack: zeros between members, never stale pool bytes
+        u.block.array[:u.nbytes].fill(0)
+    if img is None or u.assignment is None:  # raw bytes (a pack's image is its bytes too)
+        for src, off, _ in u.members:
+            _copy_to_block(u.block, off, src, non_blocking=non_blocking)
+        return
+    assert u.storage_dtype is not None
+    src = u.members[0][0].detach().view(u.storage_dtype)
+    chunks = img.chunks
+    whole = _whole_rows(img, src)
+    if whole:  # every whole chunk in one GIL-free copy: rows of the source into rows of the image
+        cn = img.chunk_nbytes
+        dst = u.block.array[:whole * (cn + 4)].reshape(whole, cn + 4)[:, :cn]
+        np.copyto(dst, _bytes_of(src)[:whole * cn].reshape(whole, cn))
+        chunks = chunks[whole:]
+    for off, region, padded in chunks:
+        _copy_chunk(u.block, off, img, src[region], padded, u.storage_dtype, non_blocking)
+
+
+def _whole_rows(img: ObjectImage, src: torch.Tensor) -> int:
+    """How many leading chunks of a CPU shard are consecutive whole runs of the (C-contiguous)
+    source's bytes, in order: chunks that span every trailing dim. 0 where that does not hold."""
+    if src.device.type != "cpu" or not src.is_contiguous() or src.dim() == 0:
+        return 0
+    if tuple(img.chunk_shape[1:]) != tuple(src.shape[1:]):
+        return 0
+    return sum(1 for _, _, padded in img.chunks if not padded)
+
+
+def _copy_chunk(block: Block, off: int, img: ObjectImage, src: torch.Tensor, padded: bool,
+                dtype: torch.dtype, non_blocking: bool) -> None:
+    n = img.chunk_nbytes
+    if padded:  # an edge chunk is stored at full chunk shape, the rest filled with zeros
+        block.array[off:off + n].fill(0)
+    part = tuple(slice(0, s) for s in src.shape)
+    if src.device.type == "cpu":
+        dst: np.ndarray = block.array[off:off + n].view(_NP_OF[dtype]).reshape(img.chunk_shape)
+        np.copyto(dst[part], src.numpy())  # GIL-free, and not torch's intra-op pool
+        return
+    dst_t = block.tensor[off:off + n].view(dtype).view(img.chunk_shape)
+    dst_t[part].copy_(src, non_blocking=non_blocking)
+
+
+_NP_OF = {torch.uint8: np.uint8, torch.int8: np.int8, torch.bool: np.bool_, torch.int16: np.int16,
+          torch.uint16: np.uint16, torch.int32: np.int32, torch.uint32: np.uint32, torch.int64: np.int64,
+          torch.uint64: np.uint64, torch.float16: np.float16, torch.float32: np.float32,
+          torch.float64: np.float64, torch.complex64: np.complex64, torch.complex128: np.complex128}
 
 
 def _copy_to_block(block: Block, offset: int, src: torch.Tensor, *, non_blocking: bool) -> None:

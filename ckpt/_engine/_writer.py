@@ -4,6 +4,7 @@ when its write is durable. See :mod:`ckpt._engine._save` for the whole flow."""
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from ckpt._engine._arrays import translate
+from ckpt._engine._direct_write import DirectWriter, ObjectImage
 from ckpt._engine._globalplan import Assignment
 from ckpt._engine._pool import Block
 
@@ -36,6 +38,8 @@ class WriteUnit:
     key: str
     block: Block | None = None
     event: Any = None
+    image: ObjectImage | None = None  # written directly: the block holds this object's bytes
+    storage_dtype: torch.dtype | None = None  # the elements' stored bits (direct array shards)
 
 
 
@@ -56,13 +60,14 @@ class Writer(threading.Thread):
     pool when their write is durable."""
 
     def __init__(self, job: SnapshotJob, opening: dict[str, Any], q: queue.Queue[WriteUnit | None],
-                 write_dir: str) -> None:
+                 write_dir: str, direct: DirectWriter | None = None) -> None:
         super().__init__(name="ckpt-writer", daemon=True)
         self.job = job
         self.opening = opening  # path -> tensorstore open future
         self.arrays: dict[str, Any] = {}
         self.q = q
         self.write_dir = write_dir
+        self.direct = direct
         # tensorstore may keep referencing a written array; pool blocks are reused, so only
         # let it where the kvstore copies the bytes out (the memory kvstore keeps them).
         self.zero_copy = job.storage.kvstore_spec(write_dir).get("driver") != "memory"
@@ -86,13 +91,18 @@ class Writer(threading.Thread):
                 if u.event is not None:
                     u.event.synchronize()
                     self.job.check_unchanged(u)
-                self._write(u)
-            for path in list(self.opening):  # arrays whose zarr.json this rank writes but no chunk
+                if u.image is not None:
+                    self._write_direct(u)
+                else:
+                    self._write(u)
+            for path in list(self.opening):  # zarr.json writes; arrays whose zarr.json this rank writes but no chunk
                 self._array(path)
             self.staged_at = time.perf_counter()
             with self._all_done:
                 while self._outstanding:
                     self._all_done.wait()
+            if self.direct is not None and self.error is None:
+                self.direct.finish()
         except BaseException as e:  # noqa: BLE001
             self.error = self.error or e
             self.job._cancel.set()
@@ -122,6 +132,17 @@ class Writer(threading.Thread):
             self._finish(u, None)
             raise
         fut.commit.add_done_callback(lambda f, u=u: self._finish(u, f))
+
+    def _write_direct(self, u: WriteUnit) -> None:
+        assert u.block is not None and u.image is not None and self.direct is not None
+        with self._lock:
+            self._outstanding += 1
+        try:
+            fut = self.direct.submit(self.direct.write_object, u.image, u.block.array, u.key)
+        except BaseException:
+            self._finish(u, None)
+            raise
+        fut.add_done_callback(functools.partial(self._finish, u))
 
     def _finish(self, u: WriteUnit, fut: Any) -> None:
         if fut is not None:

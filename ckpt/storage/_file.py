@@ -27,7 +27,7 @@ def _translate(exc: OSError, what: str, where: str) -> Exception:
     return StorageError(f"I/O error while {what}: {exc}", path=where)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -79,7 +79,7 @@ class FileStorage(Storage):
             finally:
                 os.close(fd)
             os.replace(tmp, p)
-            _fsync_dir(p.parent)
+            fsync_dir(p.parent)
         except OSError as e:
             try:
                 tmp.unlink()
@@ -148,7 +148,7 @@ class FileStorage(Storage):
         try:
             d.parent.mkdir(parents=True, exist_ok=True)
             os.rename(s, d)
-            _fsync_dir(d.parent)
+            fsync_dir(d.parent)
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another writer renamed first
                 raise FileExistsError(errno.EEXIST, "destination exists", str(d)) from e
