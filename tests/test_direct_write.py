@@ -211,3 +211,36 @@ def test_a_failing_object_write_names_the_key_and_object(tmp_path, monkeypatch):
     back = {"w": torch.zeros(512, 512)}
     ckpt.load(back, tmp_path / "step-1")
     assert torch.equal(back["w"], state["w"])
+
+
+def test_file_systems_without_o_direct_get_buffered_writes(tmp_path, monkeypatch):
+    """Where open(O_DIRECT) fails with EINVAL (file systems without direct I/O), the
+    object is written through the page cache instead, with the same bytes, and later
+    objects of the save do not try O_DIRECT again."""
+    import errno
+
+    real_open = os.open
+    tried = []
+
+    def no_direct_open(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            tried.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct_open)
+    w = _writer(tmp_path)
+    img = pack_image("packs/r00000-0000", 256)
+    raw = np.zeros(img.block_bytes + ALIGN, dtype=np.uint8)
+    block = raw[(-raw.ctypes.data) % ALIGN:][:img.block_bytes]
+    block[:256] = np.arange(256, dtype=np.uint8)
+    try:
+        w.write_object(img, block, "pack")
+        img2 = pack_image("packs/r00000-0001", 256)
+        w.write_object(img2, block, "pack")
+    finally:
+        w.close()
+    payload = bytes(range(256))
+    for name in ("r00000-0000", "r00000-0001"):
+        assert (tmp_path / "packs" / name / "c" / "0").read_bytes() == payload + _crc(payload)
+    assert len(tried) == 1 and not w.o_direct
