@@ -171,6 +171,8 @@ class Snapshotter:
                           early_error=early)
         self._job = job
         job.start()
+        if job.inline:  # SaveOptions.cpu_staging: the copy happens now, on every core
+            job._staged.wait()
         call = time.perf_counter() - t0
         job.stats.call_s = call
         job.stats.blocked_s += call

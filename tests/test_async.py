@@ -20,6 +20,11 @@ from ckpt.storage import register_storage
 from ckpt.storage._file import FileStorage
 
 
+# where CPU state is copied into the pool (SaveOptions.cpu_staging): both paths keep a
+# snapshot exact under mutation
+STAGINGS = ["background", "inline"]
+
+
 def small_options(**kw):
     base = dict(pool_bytes=4 << 20, max_shard_bytes=1 << 20, chunk_bytes=256 << 10)
     base.update(kw)
@@ -56,11 +61,12 @@ def assert_state_equals(m, opt, expected):
             assert torch.equal(t, osd[i][n]), (i, n)
 
 
-def test_optimizer_step_right_after_save_async_is_not_in_checkpoint(tmp_path):
+@pytest.mark.parametrize("staging", STAGINGS)
+def test_optimizer_step_right_after_save_async_is_not_in_checkpoint(tmp_path, staging):
     m, opt = model_and_optim()
     x = torch.randn(64, 256)
     train_step(m, opt, x)
-    snap = ckpt.Snapshotter(small_options())
+    snap = ckpt.Snapshotter(small_options(cpu_staging=staging))
     state = {"model": m, "optim": opt}
     expected = snapshot_of(state)
     handle = snap.save_async(state, tmp_path / "step-1")
@@ -75,10 +81,11 @@ def test_optimizer_step_right_after_save_async_is_not_in_checkpoint(tmp_path):
     snap.close()
 
 
-def test_in_place_change_after_wait_staged_is_not_in_checkpoint(tmp_path):
+@pytest.mark.parametrize("staging", STAGINGS)
+def test_in_place_change_after_wait_staged_is_not_in_checkpoint(tmp_path, staging):
     w = torch.randn(1024, 1024)
     before = w.clone()
-    snap = ckpt.Snapshotter(small_options())
+    snap = ckpt.Snapshotter(small_options(cpu_staging=staging))
     h = snap.save_async({"w": w}, tmp_path / "c")
     h.wait_staged()
     w.mul_(2)
@@ -89,12 +96,13 @@ def test_in_place_change_after_wait_staged_is_not_in_checkpoint(tmp_path):
     snap.close()
 
 
-def test_in_place_change_during_copy_fails_loudly_never_torn(tmp_path):
+@pytest.mark.parametrize("staging", STAGINGS)
+def test_in_place_change_during_copy_fails_loudly_never_torn(tmp_path, staging):
     """Mutating without waiting either lands after the copy (checkpoint exact) or fails the
     snapshot with a clear error; it never commits a mix."""
     w = torch.zeros(4096, 1024)  # 16 MiB through a 2 MiB pool: the copy takes many rounds
     gate = threading.Event()
-    snap = ckpt.Snapshotter(small_options(pool_bytes=2 << 20, max_shard_bytes=512 << 10))
+    snap = ckpt.Snapshotter(small_options(pool_bytes=2 << 20, max_shard_bytes=512 << 10, cpu_staging=staging))
     h = snap.save_async({"w": w}, tmp_path / "c")
     w.add_(1)  # not allowed: no wait_staged
     gate.set()
@@ -109,9 +117,10 @@ def test_in_place_change_during_copy_fails_loudly_never_torn(tmp_path):
     snap.close()
 
 
-def test_pool_smaller_than_largest_tensor(tmp_path):
+@pytest.mark.parametrize("staging", STAGINGS)
+def test_pool_smaller_than_largest_tensor(tmp_path, staging):
     big = torch.randn(2048, 2048)  # 16 MiB
-    snap = ckpt.Snapshotter(small_options(pool_bytes=2 << 20, max_shard_bytes=512 << 10))
+    snap = ckpt.Snapshotter(small_options(pool_bytes=2 << 20, max_shard_bytes=512 << 10, cpu_staging=staging))
     stats = snap.save_async({"big": big, "b": torch.randn(3)}, tmp_path / "c").result(timeout=120)
     assert stats.pool_peak_bytes <= 2 << 20
     assert stats.objects >= 16  # streamed shard by shard (1 MiB shards)
@@ -294,3 +303,44 @@ def test_env_configures_options(monkeypatch):
     with pytest.raises(ValueError):
         ckpt.SaveOptions(if_busy="sometimes")
     del os.environ["CKPT_POOL_BYTES"]
+
+
+def test_cpu_staging_option_and_auto_rule(monkeypatch):
+    from ckpt._engine._save import inline_staging, usable_cores
+    from ckpt.providers._base import TensorItem
+
+    monkeypatch.setenv("CKPT_CPU_STAGING", "inline")
+    assert ckpt.SaveOptions.resolve().cpu_staging == "inline"
+    with pytest.raises(ValueError, match="cpu_staging"):
+        ckpt.SaveOptions(cpu_staging="sometimes")
+    cpu = [TensorItem("w", torch.zeros(4))]
+    assert inline_staging("inline", cpu) and not inline_staging("background", cpu)
+    threads = torch.get_num_threads()
+    try:  # auto: inline exactly when torch's intra-op threads fill every usable core
+        torch.set_num_threads(usable_cores())
+        assert inline_staging("auto", cpu)
+        if usable_cores() > 1:
+            torch.set_num_threads(usable_cores() - 1)
+            assert not inline_staging("auto", cpu)
+    finally:
+        torch.set_num_threads(threads)
+    meta = [TensorItem("w", torch.zeros(4, device="meta"))]
+    assert not inline_staging("inline", meta)  # only CPU state is copied in the call
+
+
+def test_inline_staging_copies_in_the_call(tmp_path):
+    """With cpu_staging='inline' the call returns with every copy done: the tensors may
+    change at once (no optimizer hook or wait_staged needed), and the checkpoint holds
+    the values of the call."""
+    w = torch.randn(2048, 1024)  # 8 MiB through a 4 MiB pool: copies wait for writes
+    before = w.clone()
+    snap = ckpt.Snapshotter(small_options(cpu_staging="inline"))
+    h = snap.save_async({"w": w}, tmp_path / "c")
+    assert h.stats.copied_s > 0 and h.stats.copied_s <= h.stats.call_s
+    assert h.stats.hook_wait_s == 0.0
+    w.mul_(3)
+    h.result(timeout=60)
+    out = torch.empty_like(w)
+    ckpt.load({"w": out}, tmp_path / "c")
+    assert torch.equal(out, before)
+    snap.close()

@@ -167,7 +167,10 @@ def test_save_load_resume_bit_identical(run_place: Any, tied: bool) -> None:
     assert_bit_identical(b, {**after_a, "step": 4})
 
 
-def test_save_async_excludes_the_next_optimizer_step(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("staging", ["background", "inline"])
+def test_save_async_excludes_the_next_optimizer_step(tmp_path: Path, monkeypatch, staging: str) -> None:
+    """Background staging: the optimizer's pre-step hook holds the step until the copy is
+    done. Inline staging (SaveOptions.cpu_staging): the call itself returns only then."""
     import ckpt._engine._save as save_mod
 
     a = build(seed=0, tied=True)
@@ -190,16 +193,22 @@ def test_save_async_excludes_the_next_optimizer_step(tmp_path: Path, monkeypatch
     monkeypatch.setattr(save_mod, "_copy_to_block", slow_copy)
 
     ref = capture(a)  # the state right before the step
-    handle = ckpt.save_async({"model": a["model"], "optim": a["optim"], "sched": a["sched"], "step": 3,
+    snap = ckpt.Snapshotter(ckpt.SaveOptions(cpu_staging=staging))
+    handle = snap.save_async({"model": a["model"], "optim": a["optim"], "sched": a["sched"], "step": 3,
                               "rng": a["rng"]}, url, step=3)
+    returned_at = time.perf_counter()
     tokens_a = batch()
     loss_a = train_step(a, tokens_a)  # forward/backward overlap the copy; step waits for it
     stepped_at = time.perf_counter()
     stats = handle.result(timeout=60)
     after_a = capture(a)
 
+    snap.close()
     assert calls and max(calls) < stepped_at, "the step ran before staging finished"
-    assert stats.hook_wait_s > 0
+    if staging == "background":
+        assert stats.hook_wait_s > 0
+    else:
+        assert max(calls) < returned_at and stats.hook_wait_s == 0 and stats.call_s > 1.0
     assert_differs({"model": a["model"]}, ref)  # the step did change the live model
 
     c = build(seed=99, tied=True)

@@ -182,8 +182,16 @@ class DirectWriter:
         data = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()  # as tensorstore writes it
         self._write_file(rel, memoryview(data), len(data), key=None, o_direct=False)
 
-    def write_object(self, img: ObjectImage, block: np.ndarray, key: str) -> None:
-        """Fill in the crc32c of every chunk and the shard index, then write the object."""
+    def write_object(self, img: ObjectImage, block: np.ndarray, key: str, *, sealed: bool = False) -> None:
+        """Write the object (first :meth:`seal` it, unless that was done)."""
+        if not sealed:
+            self.seal(img, block)
+        aligned = self.o_direct and block.ctypes.data % ALIGN == 0
+        length = img.block_bytes if aligned else img.nbytes
+        self._write_file(img.file, memoryview(block[:length]), img.nbytes, key=key, o_direct=aligned)  # type: ignore[arg-type]
+
+    def seal(self, img: ObjectImage, block: np.ndarray) -> None:
+        """Fill in the crc32c of every chunk, and the shard index with its crc32c."""
         base = block.ctypes.data
         crc = self.crc
         for off, _, _ in img.chunks:
@@ -195,9 +203,6 @@ class DirectWriter:
             block[at:at + raw.nbytes] = raw
             block[at + raw.nbytes:img.nbytes] = np.frombuffer(
                 crc(0, base + at, raw.nbytes).to_bytes(4, "little"), dtype=np.uint8)
-        aligned = self.o_direct and base % ALIGN == 0
-        length = img.block_bytes if aligned else img.nbytes
-        self._write_file(img.file, memoryview(block[:length]), img.nbytes, key=key, o_direct=aligned)  # type: ignore[arg-type]
 
     def _write_file(self, rel: str, data: memoryview, size: int, *, key: str | None, o_direct: bool) -> None:
         path = self.storage.local_path(rel)  # type: ignore[attr-defined]

@@ -42,7 +42,14 @@ class SaveOptions:
     steps to a longer wait in the optimizer hook (measured with `python -m bench`), and on
     GPU hosts the CPU is mostly idle anyway. ``if_busy``: what a snapshot requested while the previous one
     still runs does — ``"wait"`` for it, ``"skip"`` this one with a warning, or
-    ``"error"``.
+    ``"error"``. ``cpu_staging``: where a state of CPU tensors is copied into the pool —
+    ``"background"`` (a stager thread, while the loop runs on), ``"inline"`` (in the
+    ``save_async`` call, on as many threads as there are cores, checksums included), or
+    ``"auto"`` (default): inline when torch's intra-op threads already fill every core
+    this process may run on. There a background copy can only take those cores from the
+    training threads, and costs the loop several times its own duration (measured with
+    ``python -m bench``); in the call it costs just its duration. States with CUDA
+    tensors always stage in the background (their copies are DMA).
     """
 
     pool_bytes: int = dataclasses.field(default_factory=_default_pool_bytes)
@@ -53,10 +60,14 @@ class SaveOptions:
     copy_streams: int = 2
     background_nice: int = 0
     if_busy: Literal["wait", "skip", "error"] = "wait"
+    cpu_staging: Literal["auto", "background", "inline"] = "auto"
 
     def __post_init__(self) -> None:
         if self.if_busy not in ("wait", "skip", "error"):
             raise ValueError(f"if_busy must be 'wait', 'skip' or 'error', got {self.if_busy!r}")
+        if self.cpu_staging not in ("auto", "background", "inline"):
+            raise ValueError(f"cpu_staging must be 'auto', 'background' or 'inline', got {self.cpu_staging!r} "
+                             "(SaveOptions.cpu_staging / CKPT_CPU_STAGING)")
         if self.pool_bytes < (1 << 20):
             raise ValueError(f"pool_bytes must be at least 1 MiB, got {self.pool_bytes}")
         if self.copy_streams < 1:
@@ -72,7 +83,7 @@ class SaveOptions:
             raw = os.environ.get(f"CKPT_{f.name.upper()}")
             if raw is None:
                 continue
-            env[f.name] = raw if f.name == "if_busy" else _parse_bytes(raw) if "bytes" in f.name or "threshold" in f.name else int(raw)
+            env[f.name] = raw if f.name in ("if_busy", "cpu_staging") else _parse_bytes(raw) if "bytes" in f.name or "threshold" in f.name else int(raw)
         env.update(overrides)
         return cls(**env)
 

@@ -17,7 +17,9 @@ Per rank, a save is (see DESIGN.md, "The flow of a save"):
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import os
 import pickle
 import queue
 import threading
@@ -206,6 +208,8 @@ class SnapshotJob:
         self._cb_lock = threading.Lock()
         self._copy_events: list[Any] = []
         self._plan_obj: GlobalPlan | None = None
+        self.inline = inline_staging(options.cpu_staging, prep.tensors)
+        self._direct: DirectWriter | None = None
         self._thread = threading.Thread(target=self._run, name=f"ckpt-save-{name}", daemon=True)
 
     # -- public-ish --------------------------------------------------------
@@ -364,6 +368,7 @@ class SnapshotJob:
     def _stage_and_write(self, plan: GlobalPlan, write_dir: str) -> None:
         nice = self.options.background_nice
         direct = DirectWriter.for_storage(self.storage, initializer=lambda: lower_priority(nice))
+        self._direct = direct
         try:
             units = self._units(plan, write_dir, direct)
             arrays = self._open_arrays(plan, write_dir, direct)
@@ -415,6 +420,9 @@ class SnapshotJob:
         return futures
 
     def _stage(self, units: list[WriteUnit], writer_q: queue.Queue[WriteUnit | None]) -> None:
+        if self.inline:
+            self._stage_inline(units, writer_q)
+            return
         streams = self.streams
         n = 0
         for u in units:
@@ -440,6 +448,53 @@ class SnapshotJob:
                 self.check_unchanged(u)
             self.stats.bytes += u.nbytes
             writer_q.put(u)
+        self.stats.copied_s = time.perf_counter() - self.t_call
+        self._staged.set()
+
+    def _stage_inline(self, units: list[WriteUnit], writer_q: queue.Queue[WriteUnit | None]) -> None:
+        """Copy (and checksum, for direct writes) CPU units on one thread per core while
+        the caller waits in ``save_async``: the cores are the training's anyway."""
+        todo = iter(units)
+        lock = threading.Lock()
+
+        def work() -> None:
+            lower_priority(self.options.background_nice)
+            while not self._cancel.is_set():
+                with lock:
+                    u = next(todo, None)
+                if u is None:
+                    return
+                u.block = self.pool.acquire(u.image.block_bytes if u.image is not None else u.nbytes,
+                                            cancelled=self._cancel)
+                try:
+                    _copy_unit(u, non_blocking=False)
+                    self.check_unchanged(u)
+                    if u.image is not None and self._direct is not None:
+                        self._direct.seal(u.image, u.block.array)
+                        u.sealed = True
+                except BaseException:
+                    self.pool.release(u.block)
+                    u.block = None
+                    raise
+                with lock:
+                    self.stats.bytes += u.nbytes
+                writer_q.put(u)
+
+        n = max(1, min(4, usable_cores(), len(units)))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=n - 1 or 1, thread_name_prefix="ckpt-stage") as ex:
+            helpers = [ex.submit(work) for _ in range(n - 1)]
+            try:
+                work()
+            except BaseException:
+                self._cancel.set()
+                raise
+            finally:
+                for f in helpers:
+                    f.exception()  # wait for every helper before anything reuses the pool
+            for f in helpers:
+                if f.exception() is not None:
+                    self._cancel.set()
+                    raise f.exception()  # type: ignore[misc]
         self.stats.copied_s = time.perf_counter() - self.t_call
         self._staged.set()
 
@@ -523,6 +578,21 @@ def _portable(e: BaseException) -> BaseException | str:
         return e
     except Exception:  # noqa: BLE001
         return "".join(traceback.format_exception_only(type(e), e)).strip()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def inline_staging(mode: str, tensors: list[TensorItem]) -> bool:
+    """Whether a snapshot copies in the call (``SaveOptions.cpu_staging``): never with CUDA
+    tensors; with ``auto``, when torch's intra-op threads fill every usable core."""
+    if mode == "background" or any(t.tensor.device.type != "cpu" for t in tensors):
+        return False
+    return mode == "inline" or torch.get_num_threads() >= usable_cores()
 
 
 def _direct_ok(a: Assignment) -> bool:

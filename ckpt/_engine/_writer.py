@@ -40,6 +40,7 @@ class WriteUnit:
     event: Any = None
     image: ObjectImage | None = None  # written directly: the block holds this object's bytes
     storage_dtype: torch.dtype | None = None  # the elements' stored bits (direct array shards)
+    sealed: bool = False  # the image's crc32c's and index are filled in already
 
 
 
@@ -138,7 +139,8 @@ class Writer(threading.Thread):
         with self._lock:
             self._outstanding += 1
         try:
-            fut = self.direct.submit(self.direct.write_object, u.image, u.block.array, u.key)
+            fut = self.direct.submit(functools.partial(self.direct.write_object, u.image, u.block.array, u.key,
+                                                       sealed=u.sealed))
         except BaseException:
             self._finish(u, None)
             raise
