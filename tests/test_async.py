@@ -19,7 +19,6 @@ from ckpt.errors import SaveInProgressError, SnapshotFailedError, StorageError
 from ckpt.storage import register_storage
 from ckpt.storage._file import FileStorage
 
-
 # where CPU state is copied into the pool (SaveOptions.cpu_staging): both paths keep a
 # snapshot exact under mutation
 STAGINGS = ["background", "inline"]
@@ -306,7 +305,7 @@ def test_env_configures_options(monkeypatch):
 
 
 def test_cpu_staging_option_and_auto_rule(monkeypatch):
-    from ckpt._engine._save import inline_staging, usable_cores
+    from ckpt._engine._staging import inline_staging, usable_cores
     from ckpt.providers._base import TensorItem
 
     monkeypatch.setenv("CKPT_CPU_STAGING", "inline")

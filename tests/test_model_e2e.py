@@ -171,7 +171,7 @@ def test_save_load_resume_bit_identical(run_place: Any, tied: bool) -> None:
 def test_save_async_excludes_the_next_optimizer_step(tmp_path: Path, monkeypatch, staging: str) -> None:
     """Background staging: the optimizer's pre-step hook holds the step until the copy is
     done. Inline staging (SaveOptions.cpu_staging): the call itself returns only then."""
-    import ckpt._engine._save as save_mod
+    import ckpt._engine._staging as staging_mod
 
     a = build(seed=0, tied=True)
     train(a, 3)
@@ -179,7 +179,7 @@ def test_save_async_excludes_the_next_optimizer_step(tmp_path: Path, monkeypatch
 
     # Make staging slow, so the optimizer step below really arrives while the snapshot
     # still reads the live tensors: only the pre-step hook keeps it out.
-    orig_copy = save_mod._copy_to_block
+    orig_copy = staging_mod._copy_to_block
     calls = []
     first = threading.Event()
 
@@ -190,7 +190,7 @@ def test_save_async_excludes_the_next_optimizer_step(tmp_path: Path, monkeypatch
         calls.append(time.perf_counter())
         orig_copy(*args, **kwargs)
 
-    monkeypatch.setattr(save_mod, "_copy_to_block", slow_copy)
+    monkeypatch.setattr(staging_mod, "_copy_to_block", slow_copy)
 
     ref = capture(a)  # the state right before the step
     snap = ckpt.Snapshotter(ckpt.SaveOptions(cpu_staging=staging))

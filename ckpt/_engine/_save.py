@@ -6,11 +6,15 @@ Per rank, a save is (see DESIGN.md, "The flow of a save"):
    tensors, record a CUDA event on each producing stream; return a handle;
 2. a stager thread: gather piece lists, plan, then copy every write unit (one shard of
    an array, or one pack) into a block of the host pool — on dedicated CUDA streams for
-   device tensors, with a GIL-free numpy copy for CPU tensors — waiting when the pool
-   is full;
+   device tensors, with a GIL-free numpy copy for CPU tensors (:mod:`._staging`) —
+   waiting when the pool is full. A CPU state staged *inline*
+   (``SaveOptions.cpu_staging``) is copied and checksummed on one thread per core while
+   the caller waits, instead of alongside the training;
 3. a writer thread (:mod:`ckpt._engine._writer`): as each unit's copy completes,
-   hand the block to tensorstore (asynchronous, outside the GIL); a block returns to
-   the pool when its write is durable;
+   write it — on local disk directly (:mod:`._direct_write`: the block already holds
+   the object's bytes; pwrite, O_DIRECT where possible, fsync), elsewhere through
+   tensorstore (asynchronous, outside the GIL); a block returns to the pool when its
+   write is durable;
 4. the stager thread again: once every write is durable, report to rank 0 over the
    side group; rank 0 writes manifest.json last (the commit) and tells every rank.
 """
@@ -19,7 +23,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-import os
 import pickle
 import queue
 import threading
@@ -30,17 +33,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from ckpt._engine._arrays import open_for_write
 from ckpt._engine._commit import commit
 from ckpt._engine._coord import DistCoordinator, LocalCoordinator
-from ckpt._engine._direct_write import DirectWriter, ObjectImage, pack_image, shard_image
+from ckpt._engine._direct_write import DirectWriter, pack_image, shard_image
 from ckpt._engine._globalplan import Assignment, GlobalPlan, PieceMeta, build_plan, signature
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import pack_metadata, zarr_metadata
-from ckpt._engine._pool import Block, HostPool
+from ckpt._engine._pool import HostPool
+from ckpt._engine._staging import copy_unit, direct_ok, inline_staging, usable_cores
 from ckpt._engine._writer import Writer, WriteUnit, lower_priority
 from ckpt._format import (
     MANIFEST,
@@ -166,15 +169,6 @@ def _eager_copy(t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone()
     # a device tensor: copy on its own stream now (cheap: eager state is small)
     return t.detach().to("cpu", copy=True)
-
-
-def _bytes_of(t: torch.Tensor) -> np.ndarray:
-    """A contiguous CPU tensor's bytes as a numpy uint8 array (no copy)."""
-    # as_strided, not reshape: a "contiguous" tensor may keep any stride on size-1 dims
-    flat = t.detach().as_strided((t.numel(),), (1,))
-    if flat.numel() == 0:
-        return np.empty(0, dtype=np.uint8)
-    return flat.view(torch.uint8).numpy()
 
 
 class SnapshotJob:
@@ -347,7 +341,7 @@ class SnapshotJob:
                 view = t[sl] if t.dim() else t
                 u = WriteUnit(a, (offs, sizes), [(view, 0, (a.key, a.box))],
                               view.numel() * view.element_size(), tuple(sizes), sd, a.path, a.key)
-                if direct is not None and _direct_ok(a):
+                if direct is not None and direct_ok(a):
                     u.image = shard_image(f"{write_dir}/{a.path}", a.layout, (offs, sizes), view.element_size())
                     u.storage_dtype = storage_torch_dtype(dtype_name(t.dtype))
                 units.append(u)
@@ -405,7 +399,7 @@ class SnapshotJob:
             assert a.layout is not None
             dt = plan.entries[a.key]["dtype"]
             meta = zarr_metadata(a.layout, storage_dtype(dt), {"ckpt": {"key": a.key, "dtype": dt}})
-            if direct is not None and _direct_ok(a):
+            if direct is not None and direct_ok(a):
                 if a.create:
                     futures[a.path] = direct.submit(direct.write_json, f"{write_dir}/{a.path}/zarr.json", meta)
                 continue
@@ -438,13 +432,13 @@ class SnapshotJob:
                     ready = self.prep.ready_events.get(dev)
                     if ready is not None:
                         stream.wait_event(ready)
-                    _copy_unit(u, non_blocking=True)
+                    copy_unit(u, non_blocking=True)
                     ev = torch.cuda.Event()
                     ev.record(stream)
                 u.event = ev
                 self._copy_events.append(ev)
             else:
-                _copy_unit(u, non_blocking=False)
+                copy_unit(u, non_blocking=False)
                 self.check_unchanged(u)
             self.stats.bytes += u.nbytes
             writer_q.put(u)
@@ -467,7 +461,7 @@ class SnapshotJob:
                 u.block = self.pool.acquire(u.image.block_bytes if u.image is not None else u.nbytes,
                                             cancelled=self._cancel)
                 try:
-                    _copy_unit(u, non_blocking=False)
+                    copy_unit(u, non_blocking=False)
                     self.check_unchanged(u)
                     if u.image is not None and self._direct is not None:
                         self._direct.seal(u.image, u.block.array)
@@ -578,92 +572,3 @@ def _portable(e: BaseException) -> BaseException | str:
         return e
     except Exception:  # noqa: BLE001
         return "".join(traceback.format_exception_only(type(e), e)).strip()
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def inline_staging(mode: str, tensors: list[TensorItem]) -> bool:
-    """Whether a snapshot copies in the call (``SaveOptions.cpu_staging``): never with CUDA
-    tensors; with ``auto``, when torch's intra-op threads fill every usable core."""
-    if mode == "background" or any(t.tensor.device.type != "cpu" for t in tensors):
-        return False
-    return mode == "inline" or torch.get_num_threads() >= usable_cores()
-
-
-def _direct_ok(a: Assignment) -> bool:
-    """Whether an array is written directly (when direct writes apply at all): every
-    array with at least one dim (a 0-d one, rare above the pack threshold, stays on
-    tensorstore)."""
-    return a.layout is not None and len(a.layout.shape) > 0
-
-
-def _copy_unit(u: WriteUnit, *, non_blocking: bool) -> None:
-    """Copy a unit's sources into its block: at their offsets, or (an array shard written
-    directly) chunk by chunk into the layout of the shard object."""
-    assert u.block is not None
-    img = u.image
-    if u.assignment is None:  # a pack: zeros between members, never stale pool bytes
-        u.block.array[:u.nbytes].fill(0)
-    if img is None or u.assignment is None:  # raw bytes (a pack's image is its bytes too)
-        for src, off, _ in u.members:
-            _copy_to_block(u.block, off, src, non_blocking=non_blocking)
-        return
-    assert u.storage_dtype is not None
-    src = u.members[0][0].detach().view(u.storage_dtype)
-    chunks = img.chunks
-    whole = _whole_rows(img, src)
-    if whole:  # every whole chunk in one GIL-free copy: rows of the source into rows of the image
-        cn = img.chunk_nbytes
-        dst = u.block.array[:whole * (cn + 4)].reshape(whole, cn + 4)[:, :cn]
-        np.copyto(dst, _bytes_of(src)[:whole * cn].reshape(whole, cn))
-        chunks = chunks[whole:]
-    for off, region, padded in chunks:
-        _copy_chunk(u.block, off, img, src[region], padded, u.storage_dtype, non_blocking)
-
-
-def _whole_rows(img: ObjectImage, src: torch.Tensor) -> int:
-    """How many leading chunks of a CPU shard are consecutive whole runs of the (C-contiguous)
-    source's bytes, in order: chunks that span every trailing dim. 0 where that does not hold."""
-    if src.device.type != "cpu" or not src.is_contiguous() or src.dim() == 0:
-        return 0
-    if tuple(img.chunk_shape[1:]) != tuple(src.shape[1:]):
-        return 0
-    return sum(1 for _, _, padded in img.chunks if not padded)
-
-
-def _copy_chunk(block: Block, off: int, img: ObjectImage, src: torch.Tensor, padded: bool,
-                dtype: torch.dtype, non_blocking: bool) -> None:
-    n = img.chunk_nbytes
-    if padded:  # an edge chunk is stored at full chunk shape, the rest filled with zeros
-        block.array[off:off + n].fill(0)
-    part = tuple(slice(0, s) for s in src.shape)
-    if src.device.type == "cpu":
-        dst: np.ndarray = block.array[off:off + n].view(_NP_OF[dtype]).reshape(img.chunk_shape)
-        np.copyto(dst[part], src.numpy())  # GIL-free, and not torch's intra-op pool
-        return
-    dst_t = block.tensor[off:off + n].view(dtype).view(img.chunk_shape)
-    dst_t[part].copy_(src, non_blocking=non_blocking)
-
-
-_NP_OF = {torch.uint8: np.uint8, torch.int8: np.int8, torch.bool: np.bool_, torch.int16: np.int16,
-          torch.uint16: np.uint16, torch.int32: np.int32, torch.uint32: np.uint32, torch.int64: np.int64,
-          torch.uint64: np.uint64, torch.float16: np.float16, torch.float32: np.float32,
-          torch.float64: np.float64, torch.complex64: np.complex64, torch.complex128: np.complex128}
-
-
-def _copy_to_block(block: Block, offset: int, src: torch.Tensor, *, non_blocking: bool) -> None:
-    nbytes = src.numel() * src.element_size()
-    if nbytes == 0:
-        return
-    if src.device.type == "cpu" and src.is_contiguous():
-        # numpy's copy releases the GIL and does not use torch's intra-op pool, which
-        # the training thread needs.
-        np.copyto(block.array[offset:offset + nbytes], _bytes_of(src))
-        return
-    dst = block.tensor[offset:offset + nbytes].view(src.dtype).view(src.shape)
-    dst.copy_(src, non_blocking=non_blocking)

@@ -1,0 +1,119 @@
+"""Staging: copying a write unit's sources into its pool block, and where that runs.
+
+A unit's block holds either raw bytes (a pack; a shard written through tensorstore) or,
+for direct local writes, the very bytes of its storage object (:mod:`._direct_write`):
+each inner chunk at its place, whole-row chunks of a CPU shard in one strided copy.
+CPU copies use numpy (GIL-free, and not torch's intra-op pool, which training needs);
+device tensors are copied with ``copy_`` on the caller's current (copy) stream.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ckpt._engine._direct_write import ObjectImage
+from ckpt._engine._globalplan import Assignment
+from ckpt._engine._pool import Block
+from ckpt._engine._writer import WriteUnit
+from ckpt.providers._base import TensorItem
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def inline_staging(mode: str, tensors: list[TensorItem]) -> bool:
+    """Whether a snapshot copies in the call (``SaveOptions.cpu_staging``): never with CUDA
+    tensors; with ``auto``, when torch's intra-op threads fill every usable core."""
+    if mode == "background" or any(t.tensor.device.type != "cpu" for t in tensors):
+        return False
+    return mode == "inline" or torch.get_num_threads() >= usable_cores()
+
+
+def direct_ok(a: Assignment) -> bool:
+    """Whether an array is written directly (when direct writes apply at all): every
+    array with at least one dim (a 0-d one, rare above the pack threshold, stays on
+    tensorstore)."""
+    return a.layout is not None and len(a.layout.shape) > 0
+
+
+def copy_unit(u: WriteUnit, *, non_blocking: bool) -> None:
+    """Copy a unit's sources into its block: at their offsets, or (an array shard written
+    directly) chunk by chunk into the layout of the shard object."""
+    assert u.block is not None
+    img = u.image
+    if u.assignment is None:  # a pack: zeros between members, never stale pool bytes
+        u.block.array[:u.nbytes].fill(0)
+    if img is None or u.assignment is None:  # raw bytes (a pack's image is its bytes too)
+        for src, off, _ in u.members:
+            _copy_to_block(u.block, off, src, non_blocking=non_blocking)
+        return
+    assert u.storage_dtype is not None
+    src = u.members[0][0].detach().view(u.storage_dtype)
+    chunks = img.chunks
+    whole = _whole_rows(img, src)
+    if whole:  # every whole chunk in one GIL-free copy: rows of the source into rows of the image
+        cn = img.chunk_nbytes
+        dst = u.block.array[:whole * (cn + 4)].reshape(whole, cn + 4)[:, :cn]
+        np.copyto(dst, _bytes_of(src)[:whole * cn].reshape(whole, cn))
+        chunks = chunks[whole:]
+    for off, region, padded in chunks:
+        _copy_chunk(u.block, off, img, src[region], padded, u.storage_dtype, non_blocking)
+
+
+def _whole_rows(img: ObjectImage, src: torch.Tensor) -> int:
+    """How many leading chunks of a CPU shard are consecutive whole runs of the (C-contiguous)
+    source's bytes, in order: chunks that span every trailing dim. 0 where that does not hold."""
+    if src.device.type != "cpu" or not src.is_contiguous() or src.dim() == 0:
+        return 0
+    if tuple(img.chunk_shape[1:]) != tuple(src.shape[1:]):
+        return 0
+    return sum(1 for _, _, padded in img.chunks if not padded)
+
+
+def _copy_chunk(block: Block, off: int, img: ObjectImage, src: torch.Tensor, padded: bool,
+                dtype: torch.dtype, non_blocking: bool) -> None:
+    n = img.chunk_nbytes
+    if padded:  # an edge chunk is stored at full chunk shape, the rest filled with zeros
+        block.array[off:off + n].fill(0)
+    part = tuple(slice(0, s) for s in src.shape)
+    if src.device.type == "cpu":
+        dst: np.ndarray = block.array[off:off + n].view(_NP_OF[dtype]).reshape(img.chunk_shape)
+        np.copyto(dst[part], src.numpy())  # GIL-free, and not torch's intra-op pool
+        return
+    dst_t = block.tensor[off:off + n].view(dtype).view(img.chunk_shape)
+    dst_t[part].copy_(src, non_blocking=non_blocking)
+
+
+_NP_OF = {torch.uint8: np.uint8, torch.int8: np.int8, torch.bool: np.bool_, torch.int16: np.int16,
+          torch.uint16: np.uint16, torch.int32: np.int32, torch.uint32: np.uint32, torch.int64: np.int64,
+          torch.uint64: np.uint64, torch.float16: np.float16, torch.float32: np.float32,
+          torch.float64: np.float64, torch.complex64: np.complex64, torch.complex128: np.complex128}
+
+
+def _copy_to_block(block: Block, offset: int, src: torch.Tensor, *, non_blocking: bool) -> None:
+    nbytes = src.numel() * src.element_size()
+    if nbytes == 0:
+        return
+    if src.device.type == "cpu" and src.is_contiguous():
+        # numpy's copy releases the GIL and does not use torch's intra-op pool, which
+        # the training thread needs.
+        np.copyto(block.array[offset:offset + nbytes], _bytes_of(src))
+        return
+    dst = block.tensor[offset:offset + nbytes].view(src.dtype).view(src.shape)
+    dst.copy_(src, non_blocking=non_blocking)
+
+
+def _bytes_of(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's bytes as a numpy uint8 array (no copy)."""
+    # as_strided, not reshape: a "contiguous" tensor may keep any stride on size-1 dims
+    flat = t.detach().as_strided((t.numel(),), (1,))
+    if flat.numel() == 0:
+        return np.empty(0, dtype=np.uint8)
+    return flat.view(torch.uint8).numpy()
