@@ -52,7 +52,11 @@ class DirectReader:
             return None
         if getattr(google_crc32c, "implementation", None) != "c":  # the pure-Python one is far too slow
             return None
-        return cls(storage, name, google_crc32c.value)
+        from ckpt._engine._direct_write import crc32c_value
+
+        # google_crc32c.value holds the GIL for the whole buffer; through ctypes, reads on
+        # many threads check their chunks in parallel
+        return cls(storage, name, crc32c_value() or google_crc32c.value)
 
     def plan(self, key: str, path: str, src: Box, lay: ArrayLayout, target: np.ndarray) -> list[Run] | None:
         """Cut the read of ``src`` (into ``target``, a numpy view of the destination) along

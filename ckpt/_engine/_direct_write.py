@@ -135,6 +135,22 @@ def crc32c_extend() -> Callable[[int, int, int], int] | None:
         return _CRC[0]
 
 
+def crc32c_value() -> Callable[[Any], int] | None:
+    """``value(buffer)``: the crc32c of a contiguous buffer (numpy array, bytes,
+    bytearray), computed without the GIL; None where the C library is not found."""
+    extend = crc32c_extend()
+    if extend is None:
+        return None
+
+    def value(buf: Any) -> int:
+        arr = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, dtype=np.uint8)
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        return extend(0, arr.ctypes.data, arr.nbytes) if arr.nbytes else 0
+
+    return value
+
+
 def mode() -> str:
     """``direct``, ``buffered`` or ``off`` (CKPT_DIRECT_WRITES)."""
     raw = os.environ.get("CKPT_DIRECT_WRITES", "1").strip().lower()
