@@ -244,3 +244,59 @@ def test_file_systems_without_o_direct_get_buffered_writes(tmp_path, monkeypatch
     for name in ("r00000-0000", "r00000-0001"):
         assert (tmp_path / "packs" / name / "c" / "0").read_bytes() == payload + _crc(payload)
     assert len(tried) == 1 and not w.o_direct
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128, torch.bfloat16, torch.bool, torch.int8])
+def test_device_chunk_copies_match_cpu_ones_at_unaligned_offsets(dtype):
+    """Device sources are copied as raw bytes (_copy_chunk_bytes): a chunk's offset in the
+    block is a multiple of chunk bytes + 4, unaligned for 8- and 16-byte dtypes. The byte
+    copy, run here on CPU tensors, must fill the block exactly as the numpy path does,
+    for whole, padded and non-contiguous chunks."""
+    from ckpt._engine._staging import _copy_chunk, _copy_chunk_bytes
+    from ckpt._format import dtype_name, storage_torch_dtype
+
+    g = torch.Generator().manual_seed(1)
+    full = torch.randn(30, 14, generator=g).to(dtype) if dtype != torch.complex128 else \
+        torch.randn(30, 14, generator=g, dtype=torch.complex128)
+    if dtype in (torch.bool, torch.int8):
+        full = torch.randint(0, 2 if dtype == torch.bool else 100, (30, 14), generator=g).to(dtype)
+    sdt = storage_torch_dtype(dtype_name(dtype))
+    src_c = full.view(sdt)  # contiguous source
+    src_t = full.t().contiguous().t().view(sdt)  # same values, column-major: non-contiguous
+    lay = ArrayLayout("arrays/x.zarr", (30, 14), (16, 14), (4, 4))  # chunks cut both dims
+    img = shard_image("arrays/x.zarr", lay, ((16, 0), (14, 14)), full.element_size())  # edge shard
+    if full.element_size() >= 8:  # the case a wide-dtype torch view of the block cannot take
+        assert any(off % full.element_size() for off, _, _ in img.chunks)
+    pool = HostPool(1 << 20)
+    a, b = pool.acquire(img.block_bytes), pool.acquire(img.block_bytes)
+    try:
+        a.array[:] = 7
+        b.array[:] = 9
+        for src in (src_c, src_t):
+            region_src = src[16:30]
+            for off, region, padded in img.chunks:
+                _copy_chunk(a, off, img, region_src[region], padded, sdt, False)  # numpy path (CPU)
+                if padded:
+                    b.array[off:off + img.chunk_nbytes].fill(0)
+                _copy_chunk_bytes(b, off, img, region_src[region], False)
+            for off, _, _ in img.chunks:
+                assert bytes(a.array[off:off + img.chunk_nbytes]) == bytes(b.array[off:off + img.chunk_nbytes])
+    finally:
+        pool.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_state_writes_the_same_objects_as_the_cpu_state(tmp_path, monkeypatch):
+    """CUDA tensors go through the pinned pool, copy streams and byte copies into the
+    objects' layout; the objects must be the bytes the same state on CPU writes."""
+    cpu = _state()
+    gpu = {k: v.cuda() for k, v in cpu.items()}
+    _save(cpu, tmp_path / "cpu", "1", monkeypatch)
+    _save(gpu, tmp_path / "gpu", "1", monkeypatch)
+    a, b = _objects(tmp_path / "cpu"), _objects(tmp_path / "gpu")
+    assert {k: v for k, v in a.items() if "/c/" in k} == {k: v for k, v in b.items() if "/c/" in k}
+    back = {k: torch.zeros_like(v) for k, v in gpu.items()}
+    ckpt.load(back, tmp_path / "gpu")
+    for k, v in gpu.items():
+        assert torch.equal(back[k], v), k

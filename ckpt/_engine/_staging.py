@@ -87,8 +87,20 @@ def _copy_chunk(block: Block, off: int, img: ObjectImage, src: torch.Tensor, pad
         dst: np.ndarray = block.array[off:off + n].view(_NP_OF[dtype]).reshape(img.chunk_shape)
         np.copyto(dst[part], src.numpy())  # GIL-free, and not torch's intra-op pool
         return
-    dst_t = block.tensor[off:off + n].view(dtype).view(img.chunk_shape)
-    dst_t[part].copy_(src, non_blocking=non_blocking)
+    _copy_chunk_bytes(block, off, img, src, non_blocking)
+
+
+def _copy_chunk_bytes(block: Block, off: int, img: ObjectImage, src: torch.Tensor, non_blocking: bool) -> None:
+    """A chunk copied with torch as raw bytes (device sources): a chunk's offset in the
+    block is a multiple of chunk bytes + 4, which is not aligned for 8- and 16-byte
+    dtypes, and torch views only aligned storage as a wider dtype."""
+    isz = src.element_size()
+    shape = img.chunk_shape
+    dst = block.tensor[off:off + img.chunk_nbytes].view(*shape[:-1], shape[-1] * isz)
+    if src.stride(-1) != 1:  # a byte view needs unit stride in the last dim
+        src = src.contiguous()
+    part = tuple(slice(0, e) for e in src.shape[:-1]) + (slice(0, src.shape[-1] * isz),)
+    dst[part].copy_(src.view(torch.uint8), non_blocking=non_blocking)
 
 
 _NP_OF = {torch.uint8: np.uint8, torch.int8: np.int8, torch.bool: np.bool_, torch.int16: np.int16,
