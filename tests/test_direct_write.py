@@ -18,6 +18,7 @@ from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import ArrayLayout
 from ckpt._engine._pool import HostPool
 from ckpt.storage._file import FileStorage
+from tests.test_errors import snapshot
 
 # small chunks and shards, so every case below has many shards, edge chunks and packs
 OPTS = SaveOptions(chunk_bytes=64 << 10, max_shard_bytes=1 << 20, pack_threshold=4 << 10, pool_bytes=8 << 20)
@@ -38,13 +39,7 @@ def _state() -> dict[str, torch.Tensor]:
     }
 
 
-def _objects(root: Path) -> dict[str, bytes]:
-    out = {}
-    for dp, _, files in os.walk(root):
-        for f in files:
-            p = Path(dp) / f
-            out[p.relative_to(root).as_posix()] = p.read_bytes()
-    return out
+_objects = snapshot  # every file under a root: relative path -> bytes
 
 
 def _save(state: dict, url: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -275,7 +270,7 @@ def test_device_chunk_copies_match_cpu_ones_at_unaligned_offsets(dtype):
         for src in (src_c, src_t):
             region_src = src[16:30]
             for off, region, padded in img.chunks:
-                _copy_chunk(a, off, img, region_src[region], padded, sdt, False)  # numpy path (CPU)
+                _copy_chunk(a, off, img, region_src[region], padded, False)  # numpy path (CPU)
                 if padded:
                     b.array[off:off + img.chunk_nbytes].fill(0)
                 _copy_chunk_bytes(b, off, img, region_src[region], False)

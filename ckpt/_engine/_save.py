@@ -451,8 +451,7 @@ class SnapshotJob:
         todo = iter(units)
         lock = threading.Lock()
 
-        def work() -> None:
-            lower_priority(self.options.background_nice)
+        def work() -> None:  # the caller waits for these threads: normal priority
             while not self._cancel.is_set():
                 with lock:
                     u = next(todo, None)
@@ -480,15 +479,13 @@ class SnapshotJob:
             try:
                 work()
             except BaseException:
-                self._cancel.set()
+                self._cancel.set()  # the helpers stop at their next unit
                 raise
-            finally:
-                for f in helpers:
-                    f.exception()  # wait for every helper before anything reuses the pool
-            for f in helpers:
-                if f.exception() is not None:
-                    self._cancel.set()
-                    raise f.exception()  # type: ignore[misc]
+            finally:  # every helper is done before anything reuses the pool
+                errors = [e for e in (f.exception() for f in helpers) if e is not None]
+            if errors:
+                self._cancel.set()
+                raise errors[0]
         self.stats.copied_s = time.perf_counter() - self.t_call
         self._staged.set()
 

@@ -64,7 +64,7 @@ def copy_unit(u: WriteUnit, *, non_blocking: bool) -> None:
         np.copyto(dst, _bytes_of(src)[:whole * cn].reshape(whole, cn))
         chunks = chunks[whole:]
     for off, region, padded in chunks:
-        _copy_chunk(u.block, off, img, src[region], padded, u.storage_dtype, non_blocking)
+        _copy_chunk(u.block, off, img, src[region], padded, non_blocking)
 
 
 def _whole_rows(img: ObjectImage, src: torch.Tensor) -> int:
@@ -78,14 +78,15 @@ def _whole_rows(img: ObjectImage, src: torch.Tensor) -> int:
 
 
 def _copy_chunk(block: Block, off: int, img: ObjectImage, src: torch.Tensor, padded: bool,
-                dtype: torch.dtype, non_blocking: bool) -> None:
+                non_blocking: bool) -> None:
     n = img.chunk_nbytes
     if padded:  # an edge chunk is stored at full chunk shape, the rest filled with zeros
         block.array[off:off + n].fill(0)
     part = tuple(slice(0, s) for s in src.shape)
     if src.device.type == "cpu":
-        dst: np.ndarray = block.array[off:off + n].view(_NP_OF[dtype]).reshape(img.chunk_shape)
-        np.copyto(dst[part], src.numpy())  # GIL-free, and not torch's intra-op pool
+        values = src.numpy()  # the stored bits' dtype (bf16 as uint16...): numpy has them all
+        dst: np.ndarray = block.array[off:off + n].view(values.dtype).reshape(img.chunk_shape)
+        np.copyto(dst[part], values)  # GIL-free, and not torch's intra-op pool
         return
     _copy_chunk_bytes(block, off, img, src, non_blocking)
 
@@ -101,12 +102,6 @@ def _copy_chunk_bytes(block: Block, off: int, img: ObjectImage, src: torch.Tenso
         src = src.contiguous()
     part = tuple(slice(0, e) for e in src.shape[:-1]) + (slice(0, src.shape[-1] * isz),)
     dst[part].copy_(src.view(torch.uint8), non_blocking=non_blocking)
-
-
-_NP_OF = {torch.uint8: np.uint8, torch.int8: np.int8, torch.bool: np.bool_, torch.int16: np.int16,
-          torch.uint16: np.uint16, torch.int32: np.int32, torch.uint32: np.uint32, torch.int64: np.int64,
-          torch.uint64: np.uint64, torch.float16: np.float16, torch.float32: np.float32,
-          torch.float64: np.float64, torch.complex64: np.complex64, torch.complex128: np.complex128}
 
 
 def _copy_to_block(block: Block, offset: int, src: torch.Tensor, *, non_blocking: bool) -> None:

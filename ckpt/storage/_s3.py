@@ -49,12 +49,10 @@ defaults):
 from __future__ import annotations
 
 import concurrent.futures
-import errno
 import importlib.util
 import logging
 import os
 import random
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -63,15 +61,16 @@ from typing import Any
 from ckpt.errors import MissingDependencyError, StorageError, StoragePermissionError
 from ckpt.storage._base import Capabilities, ObjectInfo, Storage
 from ckpt.storage._s3_errors import (
-    CREDENTIAL_ERRORS,
     NOT_FOUND_CODES,
     PERMISSION_CODES,
     brief,
     error_code,
     is_timeout,
+    no_bucket,
     retryable,
+    translate,
 )
-from ckpt.storage._s3_tensorstore import private_profile, s3_context, ts_retries
+from ckpt.storage._s3_tensorstore import credentials_spec, custom_endpoint, s3_context, ts_retries
 
 __all__ = ["S3Storage"]
 
@@ -87,7 +86,6 @@ _BACKOFF_BASE_S = 0.1
 _BACKOFF_CAP_S = 10.0
 log = logging.getLogger("ckpt.storage.s3")
 _DELETE_BATCH = 1000  # S3's limit for one DeleteObjects
-_AWS_HOST = re.compile(r"(^|\.)s3([.-][^/]*)?\.amazonaws\.com(\.cn)?$")
 
 
 def _truthy(value: str | None) -> bool:
@@ -547,12 +545,7 @@ class S3Storage(Storage):
         if self.endpoint_url:
             return self.endpoint_url
         # An endpoint from the shared config file: botocore knows it, tensorstore does not.
-        resolved = getattr(getattr(self.fs.s3, "meta", None), "endpoint_url", None)
-        if resolved:
-            host = resolved.split("://", 1)[-1].split("/", 1)[0]
-            if not _AWS_HOST.search(host):
-                return str(resolved).rstrip("/")
-        return None
+        return custom_endpoint(getattr(getattr(self.fs.s3, "meta", None), "endpoint_url", None))
 
     def _config_region(self) -> str | None:
         try:
@@ -562,23 +555,9 @@ class S3Storage(Storage):
             return None
 
     def _ts_credentials(self) -> dict[str, Any]:
-        if self.anon:
-            return {"type": "anonymous"}
-        if self._key is not None and self._secret is not None:
-            return private_profile(self._key.value, self._secret.value,
-                                    self._token.value if self._token else None)
-        if self.profile:
-            home = os.path.expanduser("~")
-            return {
-                "type": "profile",
-                "profile": self.profile,
-                "credentials_file": os.environ.get("AWS_SHARED_CREDENTIALS_FILE")
-                or os.path.join(home, ".aws", "credentials"),
-                "config_file": os.environ.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config"),
-            }
-        if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-            return {"type": "environment"}
-        return {"type": "default"}
+        return credentials_spec(anon=self.anon, key=self._key.value if self._key else None,
+                                secret=self._secret.value if self._secret else None,
+                                token=self._token.value if self._token else None, profile=self.profile)
 
     # -- errors -----------------------------------------------------------------
     def _check_bucket(self, path: str) -> None:
@@ -595,31 +574,12 @@ class S3Storage(Storage):
         self._bucket_seen = True
 
     def _no_bucket(self, what: str, path: str) -> StorageError:
-        return StorageError(
-            f"bucket {self.bucket!r} does not exist (while {what})", path=self.describe(path),
-            hint="create the bucket, or check the bucket name and the endpoint "
-                 f"({self.endpoint_url or 'AWS'}; set by endpoint_url= or AWS_ENDPOINT_URL_S3)",
-        )
+        return no_bucket(self.bucket, self.endpoint_url, what, self.describe(path))
 
     def _error(self, exc: BaseException, what: str, path: str) -> Exception:
         """Translate an s3fs/botocore error into the builtin or ckpt error it means."""
-        code = error_code(exc)
-        where = self.describe(path)
-        if code == "NoSuchBucket":
-            return self._no_bucket(what, path)
-        if code in NOT_FOUND_CODES or (code is None and isinstance(exc, FileNotFoundError)):
-            return FileNotFoundError(errno.ENOENT, "no such object", where)
-        names = {t.__name__ for t in type(exc).__mro__}
-        if code in PERMISSION_CODES or names & CREDENTIAL_ERRORS or isinstance(exc, PermissionError):
-            detail = code or type(exc).__name__
-            return StoragePermissionError(
-                f"S3 refused access while {what} ({detail})", path=where,
-                hint="check the credentials (key=/secret=, AWS_ACCESS_KEY_ID, AWS_PROFILE) "
-                     "and the bucket's policy",
-            )
-        text = self._scrub(str(exc)) or type(exc).__name__
-        return StorageError(f"S3 request failed while {what}: {text}", path=where,
-                            hint="check the endpoint and the network; retrying is safe")
+        return translate(exc, what, self.describe(path), bucket=self.bucket, endpoint_url=self.endpoint_url,
+                         scrub=self._scrub)
 
     def _scrub(self, text: str) -> str:
         for s in (self._secret, self._token, self._key):

@@ -1,7 +1,12 @@
 """How ckpt reads S3 failures: the error code and HTTP status anywhere in an exception's
-chain, and whether trying again may succeed."""
+chain, whether trying again may succeed, and the builtin or ckpt error each one means."""
 
 from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+
+from ckpt.errors import StorageError, StoragePermissionError
 
 # Error codes that mean "try again later" (S3 and S3-compatible servers).
 TRANSIENT_CODES = {
@@ -89,3 +94,33 @@ def retryable(exc: BaseException) -> bool:
         if "reduce your request rate" in str(e) or "SlowDown" in str(e):
             return True
     return False
+
+
+def no_bucket(bucket: str, endpoint_url: str | None, what: str, where: str) -> StorageError:
+    return StorageError(
+        f"bucket {bucket!r} does not exist (while {what})", path=where,
+        hint="create the bucket, or check the bucket name and the endpoint "
+             f"({endpoint_url or 'AWS'}; set by endpoint_url= or AWS_ENDPOINT_URL_S3)",
+    )
+
+
+def translate(exc: BaseException, what: str, where: str, *, bucket: str, endpoint_url: str | None,
+              scrub: Callable[[str], str]) -> Exception:
+    """An s3fs/botocore error as the builtin or ckpt error it means (``scrub`` removes
+    secrets from the text)."""
+    code = error_code(exc)
+    if code == "NoSuchBucket":
+        return no_bucket(bucket, endpoint_url, what, where)
+    if code in NOT_FOUND_CODES or (code is None and isinstance(exc, FileNotFoundError)):
+        return FileNotFoundError(errno.ENOENT, "no such object", where)
+    names = {t.__name__ for t in type(exc).__mro__}
+    if code in PERMISSION_CODES or names & CREDENTIAL_ERRORS or isinstance(exc, PermissionError):
+        detail = code or type(exc).__name__
+        return StoragePermissionError(
+            f"S3 refused access while {what} ({detail})", path=where,
+            hint="check the credentials (key=/secret=, AWS_ACCESS_KEY_ID, AWS_PROFILE) "
+                 "and the bucket's policy",
+        )
+    text = scrub(str(exc)) or type(exc).__name__
+    return StorageError(f"S3 request failed while {what}: {text}", path=where,
+                        hint="check the endpoint and the network; retrying is safe")

@@ -1,16 +1,53 @@
 """tensorstore's side of S3 storage: its retry settings derived from ckpt's deadline, one
-shared Context per configuration, and explicit keys handed over as a private profile
-(files in a 0700 directory, on /dev/shm where there is one, removed at exit)."""
+shared Context per configuration, the endpoint and credentials specs that match how the
+s3fs side authenticates, and explicit keys handed over as a private profile (files in a
+0700 directory, on /dev/shm where there is one, removed at exit)."""
 
 from __future__ import annotations
 
 import atexit
 import functools
 import os
+import re
 import shutil
 import tempfile
 import threading
 from typing import Any
+
+_AWS_HOST = re.compile(r"(^|\.)s3([.-][^/]*)?\.amazonaws\.com(\.cn)?$")
+
+
+def custom_endpoint(resolved: str | None) -> str | None:
+    """The endpoint botocore resolved, for tensorstore, unless it is AWS's own (which
+    tensorstore derives itself from bucket and region)."""
+    if resolved:
+        host = resolved.split("://", 1)[-1].split("/", 1)[0]
+        if not _AWS_HOST.search(host):
+            return str(resolved).rstrip("/")
+    return None
+
+
+def credentials_spec(*, anon: bool, key: str | None, secret: str | None, token: str | None,
+                     profile: str | None) -> dict[str, Any]:
+    """tensorstore's ``aws_credentials`` for the way the storage authenticates:
+    anonymous, explicit keys (as a private profile), a named profile, the environment,
+    or AWS's default chain."""
+    if anon:
+        return {"type": "anonymous"}
+    if key is not None and secret is not None:
+        return private_profile(key, secret, token)
+    if profile:
+        home = os.path.expanduser("~")
+        return {
+            "type": "profile",
+            "profile": profile,
+            "credentials_file": os.environ.get("AWS_SHARED_CREDENTIALS_FILE")
+            or os.path.join(home, ".aws", "credentials"),
+            "config_file": os.environ.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config"),
+        }
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        return {"type": "environment"}
+    return {"type": "default"}
 
 
 def ts_retries(deadline_s: float) -> tuple[float, float, int]:
