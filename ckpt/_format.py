@@ -6,6 +6,7 @@ the only place that reads or writes manifest.json.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -119,6 +120,11 @@ def key_to_path(key: str) -> str:
     the mapping is injective) and ``.``/``..``/empty components are encoded too.
     Over-long components are shortened with a hash.
     """
+    return _key_to_path(key)
+
+
+@functools.lru_cache(maxsize=1 << 16)  # every save validates every key: keys repeat
+def _key_to_path(key: str) -> str:
     if not key:
         raise UnsafePathError("an empty key cannot be stored", key=key, hint="give the entry a name")
     parts = []

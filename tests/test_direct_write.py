@@ -4,6 +4,7 @@ zarr-python and tensorstore, and written with O_DIRECT from an aligned pool."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -42,9 +43,9 @@ def _state() -> dict[str, torch.Tensor]:
 _objects = snapshot  # every file under a root: relative path -> bytes
 
 
-def _save(state: dict, url: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def _save(state: dict, url: Path, mode: str, monkeypatch: pytest.MonkeyPatch, staging: str = "auto") -> None:
     monkeypatch.setenv("CKPT_DIRECT_WRITES", mode)
-    snap = ckpt.Snapshotter(OPTS)
+    snap = ckpt.Snapshotter(dataclasses.replace(OPTS, cpu_staging=staging))
     try:
         snap.save_async(state, url).result(timeout=120)
     finally:
@@ -52,16 +53,27 @@ def _save(state: dict, url: Path, mode: str, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_objects_are_the_bytes_tensorstore_writes(tmp_path, monkeypatch):
+    """Whichever way the block is filled: staged in the background and sealed by the writer,
+    or copied in the call with each whole-row chunk checksummed as it is copied."""
+    from ckpt._engine import _staging
+
+    fused = []
+    real = _staging._copy_rows_sealed
+    monkeypatch.setattr(_staging, "_copy_rows_sealed", lambda *a: (fused.append(a[2]), real(*a)))
     state = _state()
     _save(state, tmp_path / "ts", "0", monkeypatch)
-    _save(state, tmp_path / "direct", "1", monkeypatch)
+    _save(state, tmp_path / "direct", "1", monkeypatch, "background")
+    assert not fused
+    _save(state, tmp_path / "inline", "1", monkeypatch, "inline")
+    assert sum(fused) >= 10  # whole-row chunks took the fused copy + crc32c
     _save(state, tmp_path / "buffered", "buffered", monkeypatch)
-    ts, direct, buffered = (_objects(tmp_path / n) for n in ("ts", "direct", "buffered"))
-    assert set(ts) == set(direct) == set(buffered)
+    ts, direct, inline, buffered = (_objects(tmp_path / n) for n in ("ts", "direct", "inline", "buffered"))
+    assert set(ts) == set(direct) == set(inline) == set(buffered)
     data = [k for k in ts if "/c/" in k]
     assert len(data) >= 12  # every array, several with more than one shard, and the pack
     for k in data:
         assert direct[k] == ts[k], f"{k} differs from what tensorstore writes"
+        assert inline[k] == ts[k], f"{k} (inline staging) differs from what tensorstore writes"
         assert buffered[k] == ts[k], k
     for k in ts:
         if k.endswith("zarr.json"):  # the same metadata (tensorstore drops defaults when it stores it)

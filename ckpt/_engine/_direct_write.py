@@ -206,11 +206,12 @@ class DirectWriter:
         length = img.block_bytes if aligned else img.nbytes
         self._write_file(img.file, memoryview(block[:length]), img.nbytes, key=key, o_direct=aligned)  # type: ignore[arg-type]
 
-    def seal(self, img: ObjectImage, block: np.ndarray) -> None:
-        """Fill in the crc32c of every chunk, and the shard index with its crc32c."""
+    def seal(self, img: ObjectImage, block: np.ndarray, *, skip: int = 0) -> None:
+        """Fill in the crc32c of every chunk (but the first ``skip``, whose crc32c the
+        copy wrote), and the shard index with its crc32c."""
         base = block.ctypes.data
         crc = self.crc
-        for off, _, _ in img.chunks:
+        for off, _, _ in img.chunks[skip:]:
             block[off + img.chunk_nbytes:off + img.chunk_nbytes + 4] = np.frombuffer(
                 crc(0, base + off, img.chunk_nbytes).to_bytes(4, "little"), dtype=np.uint8)
         if img.index is not None:

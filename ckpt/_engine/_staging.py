@@ -10,6 +10,7 @@ device tensors are copied with ``copy_`` on the caller's current (copy) stream.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -43,9 +44,18 @@ def direct_ok(a: Assignment) -> bool:
     return a.layout is not None and len(a.layout.shape) > 0
 
 
-def copy_unit(u: WriteUnit, *, non_blocking: bool) -> None:
+# Fused copy + checksum: a chunk is copied in pieces that stay in a core's L2 cache, each
+# checksummed right after its copy, so the crc32c reads cache and not memory again.
+FUSE_BYTES = 512 << 10
+
+
+def copy_unit(u: WriteUnit, *, non_blocking: bool, crc: Callable[[int, int, int], int] | None = None) -> int:
     """Copy a unit's sources into its block: at their offsets, or (an array shard written
-    directly) chunk by chunk into the layout of the shard object."""
+    directly) chunk by chunk into the layout of the shard object.
+
+    With ``crc`` (``crc32c_extend``), whole-row chunks of a CPU shard are checksummed as
+    they are copied, their crc32c written after them; returns how many leading chunks of
+    the image that sealed (the rest, and the index, are :meth:`DirectWriter.seal`'s)."""
     assert u.block is not None
     img = u.image
     if u.assignment is None:  # a pack: zeros between members, never stale pool bytes
@@ -53,18 +63,37 @@ def copy_unit(u: WriteUnit, *, non_blocking: bool) -> None:
     if img is None or u.assignment is None:  # raw bytes (a pack's image is its bytes too)
         for src, off, _ in u.members:
             _copy_to_block(u.block, off, src, non_blocking=non_blocking)
-        return
+        return 0
     assert u.storage_dtype is not None
     src = u.members[0][0].detach().view(u.storage_dtype)
     chunks = img.chunks
     whole = _whole_rows(img, src)
-    if whole:  # every whole chunk in one GIL-free copy: rows of the source into rows of the image
-        cn = img.chunk_nbytes
+    cn = img.chunk_nbytes
+    if whole and crc is not None:
+        _copy_rows_sealed(u.block.array, _bytes_of(src), whole, cn, crc)
+        chunks = chunks[whole:]
+    elif whole:  # every whole chunk in one GIL-free copy: rows of the source into rows of the image
         dst = u.block.array[:whole * (cn + 4)].reshape(whole, cn + 4)[:, :cn]
         np.copyto(dst, _bytes_of(src)[:whole * cn].reshape(whole, cn))
         chunks = chunks[whole:]
     for off, region, padded in chunks:
         _copy_chunk(u.block, off, img, src[region], padded, non_blocking)
+    return whole if crc is not None else 0
+
+
+def _copy_rows_sealed(block: np.ndarray, src: np.ndarray, rows: int, cn: int,
+                      crc: Callable[[int, int, int], int]) -> None:
+    """Chunk ``i`` of ``src`` (``cn`` bytes each) to ``i * (cn + 4)`` of ``block``, its
+    crc32c after it; copy and crc piece by piece (both release the GIL)."""
+    base = block.ctypes.data
+    out = block[:rows * (cn + 4)].reshape(rows, cn + 4)
+    for i in range(rows):
+        at, c = i * (cn + 4), 0
+        for lo in range(0, cn, FUSE_BYTES):
+            hi = min(cn, lo + FUSE_BYTES)
+            np.copyto(block[at + lo:at + hi], src[i * cn + lo:i * cn + hi])
+            c = crc(c, base + at + lo, hi - lo)
+        out[i, cn:] = np.frombuffer(c.to_bytes(4, "little"), dtype=np.uint8)
 
 
 def _whole_rows(img: ObjectImage, src: torch.Tensor) -> int:

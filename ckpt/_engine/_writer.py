@@ -86,6 +86,7 @@ class Writer(threading.Thread):
                 u = self.q.get()
                 if u is None:
                     break
+                self.job.io_open.wait()
                 if self.error is not None or self.job._cancel.is_set():
                     self._release(u)
                     continue
