@@ -358,6 +358,34 @@ def test_cpu_staging_option_and_auto_rule(monkeypatch):
     assert not inline_staging("inline", meta)  # only CPU state is copied in the call
 
 
+def test_auto_staging_counts_every_rank_on_the_host(monkeypatch):
+    """torchrun's ranks on one host share its cores: a rank with one thread each of
+    LOCAL_WORLD_SIZE ranks fills them as much as one rank with that many threads."""
+    from ckpt._engine import _staging
+    from ckpt.providers._base import TensorItem
+
+    cpu = [TensorItem("w", torch.zeros(4))]
+    monkeypatch.setattr(_staging, "usable_cores", lambda: 4)
+    monkeypatch.setattr(_staging.os, "cpu_count", lambda: 4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        assert not _staging.inline_staging("auto", cpu) and _staging.staging_threads(10) == 4
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        assert _staging.inline_staging("auto", cpu)
+        assert _staging.staging_threads(10) == 1  # each rank copies on its share of the cores
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert not _staging.inline_staging("auto", cpu)
+        monkeypatch.setattr(_staging.os, "cpu_count", lambda: 16)  # pinned to 4 of 16 cores
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        assert not _staging.inline_staging("auto", cpu) and _staging.staging_threads(10) == 4
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "many")
+        assert _staging.local_ranks() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_inline_staging_copies_in_the_call(tmp_path):
     """With cpu_staging='inline' the call returns with every copy done: the tensors may
     change at once (no optimizer hook or wait_staged needed), and the checkpoint holds

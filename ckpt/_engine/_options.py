@@ -45,8 +45,9 @@ class SaveOptions:
     ``"error"``. ``cpu_staging``: where a state of CPU tensors is copied into the pool —
     ``"background"`` (a stager thread, while the loop runs on), ``"inline"`` (in the
     ``save_async`` call, on as many threads as there are cores, checksums included), or
-    ``"auto"`` (default): inline when torch's intra-op threads already fill every core
-    this process may run on. There a background copy can only take those cores from the
+    ``"auto"`` (default): inline when the training already fills every core this process
+    may run on (torch's intra-op threads, times torchrun's ``LOCAL_WORLD_SIZE`` ranks when
+    they share the host's cores). There a background copy can only take those cores from the
     training threads, and costs the loop several times its own duration (measured with
     ``python -m bench``); in the call it costs just its duration. States with CUDA
     tensors always stage in the background (their copies are DMA).

@@ -43,7 +43,7 @@ from ckpt._engine._globalplan import Assignment, GlobalPlan, PieceMeta, build_pl
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import pack_metadata, zarr_metadata
 from ckpt._engine._pool import HostPool
-from ckpt._engine._staging import copy_unit, direct_ok, inline_staging, usable_cores
+from ckpt._engine._staging import copy_unit, direct_ok, inline_staging, staging_threads
 from ckpt._engine._writer import Writer, WriteUnit, lower_priority
 from ckpt._format import (
     MANIFEST,
@@ -487,7 +487,7 @@ class SnapshotJob:
                     self.stats.bytes += u.nbytes
                 writer_q.put(u)
 
-        n = max(1, min(4, usable_cores(), len(units)))
+        n = staging_threads(len(units))
         with concurrent.futures.ThreadPoolExecutor(max_workers=n - 1 or 1, thread_name_prefix="ckpt-stage") as ex:
             helpers = [ex.submit(work) for _ in range(n - 1)]
             try:
