@@ -79,7 +79,7 @@ def _ckpt(cfg: Config, snap: ckpt.Snapshotter, state: dict[str, torch.Tensor], r
 
     def once() -> None:
         t0 = time.perf_counter()
-        st = snap.save_async(state, str(url), overwrite=True).result()  # what ckpt.save does
+        st = snap.save(state, str(url), overwrite=True)  # what ckpt.save does
         runs.append((time.perf_counter() - t0, st))
 
     cold, t = _measure(cfg, root, once)
@@ -166,7 +166,7 @@ def _markdown(r: dict[str, Any]) -> str:
         "### Time to durable and persisted throughput",
         "",
         "Wall time from the call until the state is durable on local disk (best of "
-        f"{r['repeats']}): ckpt's save (`Snapshotter().save_async(...).result()`, i.e. `ckpt.save`) "
+        f"{r['repeats']}): ckpt's save (`Snapshotter().save(...)`, i.e. `ckpt.save`) "
         "returns once every object is fsync'd and the manifest committed "
         f"(default pool, {r['ckpt_pool_bytes'] / GIB:.3g} GiB); `torch.save` and DCP `save(no_dist=True)` "
         "are followed by an fsync of every file and directory they wrote, inside the clock. Before each run "

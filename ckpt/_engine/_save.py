@@ -177,7 +177,8 @@ class SnapshotJob:
     def __init__(self, *, prep: _Prepared, storage: Storage, name: str, step: int | None,
                  coord: LocalCoordinator | DistCoordinator, pool: HostPool, options: SaveOptions,
                  plan_cache: dict[str, GlobalPlan], overwrite: bool, user_metadata: dict[str, Any],
-                 streams: list[Any], t_call: float, early_error: Exception | None = None) -> None:
+                 streams: list[Any], t_call: float, early_error: Exception | None = None,
+                 hold_writes: bool = True) -> None:
         self.prep = prep
         self._early_error = early_error  # describing the state failed on this rank
         self.storage = storage
@@ -194,8 +195,9 @@ class SnapshotJob:
         self.stats = SaveStats()
         self.url = storage.describe(name)
         self._staged = threading.Event()  # every unit handed to the copy engines
-        # Writes wait for this. Inline staging holds them back while it copies (file I/O
-        # alongside makes the copy ~2x slower on a small VM), unless the pool runs full.
+        # Writes wait for this. Inline staging in save_async holds them back while it
+        # copies (file I/O alongside made the copy ~2x slower on a small VM: the training
+        # loop waits for it), unless the pool runs full; a blocking save overlaps them.
         self.io_open = threading.Event()
         self._done = threading.Event()
         self._cancel = threading.Event()
@@ -206,7 +208,7 @@ class SnapshotJob:
         self._copy_events: list[Any] = []
         self._plan_obj: GlobalPlan | None = None
         self.inline = inline_staging(options.cpu_staging, prep.tensors)
-        if not self.inline:
+        if not (self.inline and hold_writes):
             self.io_open.set()
         self._direct: DirectWriter | None = None
         self._thread = threading.Thread(target=self._run, name=f"ckpt-save-{name}", daemon=True)
