@@ -71,10 +71,10 @@ def _positive_int(text: str) -> int:
 
 
 def _size(text: str) -> int:
-    from ckpt._engine._options import _parse_bytes
+    from ckpt._engine._options import parse_bytes
 
     try:
-        v = _parse_bytes(text)
+        v = parse_bytes(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a size such as 2GiB or 500MB, got {text!r}") from None
     if v < 1:

@@ -20,7 +20,8 @@ def _default_pool_bytes() -> int:
     return int(min(4 << 30, max(256 << 20, total // 8)))
 
 
-def _parse_bytes(text: str) -> int:
+def parse_bytes(text: str) -> int:
+    """``"64MiB"``, ``"5M"``, ``"1G"`` or a plain number of bytes (CKPT_* settings)."""
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     if t and t[-1] in mult:
@@ -84,7 +85,7 @@ class SaveOptions:
             raw = os.environ.get(f"CKPT_{f.name.upper()}")
             if raw is None:
                 continue
-            env[f.name] = raw if f.name in ("if_busy", "cpu_staging") else _parse_bytes(raw) if "bytes" in f.name or "threshold" in f.name else int(raw)
+            env[f.name] = raw if f.name in ("if_busy", "cpu_staging") else parse_bytes(raw) if "bytes" in f.name or "threshold" in f.name else int(raw)
         env.update(overrides)
         return cls(**env)
 

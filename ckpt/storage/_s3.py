@@ -58,6 +58,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ckpt._engine._options import parse_bytes
 from ckpt.errors import MissingDependencyError, StorageError, StoragePermissionError
 from ckpt.storage._base import Capabilities, ObjectInfo, Storage
 from ckpt.storage._s3_errors import (
@@ -102,15 +103,6 @@ def _setting(explicit: Any, var: str, default: Any, cast: Callable[[str], Any]) 
         return cast(raw.strip())
     except ValueError:
         raise ValueError(f"{var}={raw!r} is not a valid value") from None
-
-
-def _size(text: str) -> int:
-    """``"64MiB"``, ``"5M"``, ``"1G"`` or a plain number of bytes."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    if t and t[-1] in mult:
-        return int(float(t[:-1]) * mult[t[-1]])
-    return int(t)
 
 
 class _Secret:
@@ -210,11 +202,11 @@ class S3Storage(Storage):
         self.retry_mode = str(_setting(mode, "CKPT_S3_RETRY_MODE", "standard", str))
         if self.retry_mode not in ("standard", "adaptive", "legacy"):
             raise ValueError(f"retry_mode must be 'standard' or 'adaptive', got {self.retry_mode!r}")
-        self.part_bytes = int(_setting(part_bytes, "CKPT_S3_PART_BYTES", _DEFAULT_PART_BYTES, _size))
+        self.part_bytes = int(_setting(part_bytes, "CKPT_S3_PART_BYTES", _DEFAULT_PART_BYTES, parse_bytes))
         if not _MIN_PART <= self.part_bytes <= _MAX_PUT:
             raise ValueError(f"part_bytes must be between 5 MiB and 5 GiB (S3's limits), got {self.part_bytes}")
         self.multipart_threshold = int(_setting(multipart_threshold, "CKPT_S3_MULTIPART_THRESHOLD",
-                                                _DEFAULT_MULTIPART_THRESHOLD, _size))
+                                                _DEFAULT_MULTIPART_THRESHOLD, parse_bytes))
         self.multipart_threshold = min(max(self.multipart_threshold, self.part_bytes), _MAX_PUT)
         self.upload_concurrency = int(_setting(upload_concurrency, "CKPT_S3_UPLOAD_CONCURRENCY",
                                                _DEFAULT_UPLOAD_CONCURRENCY, int))
