@@ -224,9 +224,10 @@ class CheckpointManager:
         self._last_time = time.monotonic()
         self._last_saved = step
         url = f"{self.run}/{step_dirname(step)}"
-        handle = self.snapshotter.save_async(state, url, step=step, allow_pickle=self.allow_pickle,
-                                             storage_options=self.storage_options,
-                                             process_group=self.process_group, overwrite=True)
+        # a blocking save lets writes overlap the inline copy (Snapshotter.save does too)
+        handle = self.snapshotter._submit(state, url, step=step, allow_pickle=self.allow_pickle,
+                                          storage_options=self.storage_options,
+                                          process_group=self.process_group, overwrite=True, hold_writes=not block)
         self.handles = [h for h in self.handles if not h.done()] + [handle]
         handle.add_done_callback(lambda h: self._after_commit(h, step))
         if block:
@@ -270,7 +271,7 @@ class CheckpointManager:
     def _preempt(self, step: int, state: dict[str, Any]) -> None:
         self.preempted = True
         if self._last_saved != step:
-            handle = self.save(step, state)
+            handle = self.save(step, state, block=True)  # the grace period runs: durable soonest
             err = handle.exception()
             if err is not None:
                 log.error("ckpt: the preemption checkpoint failed: %r", err)

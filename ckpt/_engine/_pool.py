@@ -1,9 +1,10 @@
 """A bounded, reused pool of host staging memory.
 
 One contiguous, page-aligned buffer (pinned when CUDA is in use, so device-to-host
-copies are true DMA; aligned so direct writes can use O_DIRECT) is allocated on first use and carved into blocks by a first-fit allocator with
-coalescing. ``acquire`` blocks while the pool is full: that is the back-pressure that
-keeps host memory bounded by configuration, never by model size.
+copies are true DMA; aligned so direct writes can use O_DIRECT) is allocated on first
+use and carved into blocks by a first-fit allocator with coalescing. ``acquire`` blocks
+while the pool is full: that is the back-pressure that keeps host memory bounded by
+configuration, never by model size.
 """
 
 from __future__ import annotations
