@@ -8,7 +8,12 @@ number of bytes as the other scenarios, so their throughputs can be read against
   with ``O_DIRECT``;
 * host memcpy (``Tensor.copy_`` into a preallocated tensor, pages faulted in first), with
   torch's threads and with one thread;
-* on CUDA only: pinned device-to-host and host-to-device, and pageable device-to-host.
+* on CUDA only: pinned device-to-host and host-to-device, and pageable device-to-host;
+* metadata: creating ``METADATA_ARRAYS`` zarr-array-like trees (a directory, zarr.json,
+  one shard: what a checkpoint creates per tensor) in a fresh directory, and again right
+  after deleting as many. On ext4 without a journal, allocation skips inodes freed in the
+  last minutes (``recently_deleted``), scanning past them in the bitmap, so a checkpoint
+  written soon after an old one was deleted pays for every inode freed.
 
 Bandwidths are bytes moved per second in GB/s (1e9); a memcpy of N bytes counts N.
 """
@@ -42,6 +47,7 @@ BLOCK = 64 * MIB  # the I/O block
 ALIGN = 4 * MIB  # sizes are rounded to this, so every O_DIRECT transfer is aligned
 QUICK_BYTES = 32 * MIB
 MEMCPY_REPEATS = 3
+METADATA_ARRAYS = 200  # 600 inodes: a checkpoint of ~200 tensors
 
 
 def nbytes_of(cfg: Config) -> int:
@@ -50,7 +56,7 @@ def nbytes_of(cfg: Config) -> int:
 
 
 def steps(cfg: Config) -> int:
-    return 6 + (3 if torch.cuda.is_available() else 0)
+    return 7 + (3 if torch.cuda.is_available() else 0)
 
 
 def _gbps(nbytes: int, seconds: float | None) -> float | None:
@@ -147,6 +153,62 @@ def _storage(cfg: Config, tmp: Path, progress: Progress, nbytes: int) -> dict[st
     }
 
 
+def _create_tree(root: Path, arrays: int) -> None:
+    root.mkdir()
+    for i in range(arrays):
+        d = root / f"{i}.zarr"
+        d.mkdir()
+        for name in ("zarr.json", "c.0.0"):
+            os.close(os.open(d / name, os.O_WRONLY | os.O_CREAT, 0o644))
+
+
+def _cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _metadata(tmp: Path, progress: Progress) -> dict[str, Any]:
+    """Wall and CPU seconds to create METADATA_ARRAYS trees fresh, then after deleting."""
+    import shutil
+    import time
+
+    progress.step("hardware: metadata (file and directory creation)")
+    out: dict[str, Any] = {"metadata_inodes": 3 * METADATA_ARRAYS, "fs": _file_system(tmp)}
+    for what, before in (("fresh", None), ("after_delete", tmp / "meta-old")):
+        if before is not None:
+            _create_tree(before, METADATA_ARRAYS)
+            shutil.rmtree(before)
+        root = tmp / f"meta-{what}"
+        c0, t0 = _cpu_s(), time.perf_counter()
+        _create_tree(root, METADATA_ARRAYS)
+        out[f"metadata_{what}_s"], out[f"metadata_{what}_cpu_s"] = time.perf_counter() - t0, _cpu_s() - c0
+    shutil.rmtree(tmp / "meta-fresh")
+    shutil.rmtree(tmp / "meta-after_delete")
+    return out
+
+
+def _file_system(path: Path) -> str:
+    """The file system type of ``path`` (from /proc/mounts), and for ext4 whether it has a
+    journal; "" where that is not known."""
+    try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return ""
+    real = os.path.realpath(path)
+    best = max((m for m in mounts if len(m) > 2 and (real == m[1] or real.startswith(m[1].rstrip("/") + "/"))),
+               key=lambda m: len(m[1]), default=None)
+    if best is None:
+        return ""
+    fs = best[2]
+    if fs == "ext4":
+        task = Path("/sys/fs/ext4") / os.path.basename(best[0]) / "journal_task"
+        try:
+            fs += " (no journal)" if task.read_text().strip() == "<none>" else " (journal)"
+        except OSError:
+            pass
+    return fs
+
+
 def _memcpy(progress: Progress, nbytes: int) -> dict[str, Any]:
     src = torch.empty(nbytes, dtype=torch.uint8)
     dst = torch.empty(nbytes, dtype=torch.uint8)
@@ -211,13 +273,20 @@ def _markdown(r: dict[str, Any]) -> str:
                  ["device-to-host, pageable", fmt(r["d2h_pageable_gbps"]), fmt(r["d2h_pageable_s"], 3), ""]]
     else:
         rows.append(["device-to-host / host-to-device", "-", "-", "no CUDA device"])
+    if "metadata_fresh_s" in r:
+        k = r["metadata_inodes"]
+        for what, label in (("fresh", "fresh directory"), ("after_delete", f"right after deleting {k}")):
+            s, cpu = r[f"metadata_{what}_s"], r[f"metadata_{what}_cpu_s"]
+            rows.append([f"create {k} inodes, {label}", "-", fmt(s, 3),
+                         f"{s / k * 1e6:.0f} us per inode, {cpu / k * 1e6:.0f} us CPU; {r['fs'] or 'file system ?'}"])
     return "\n".join([
         "### Hardware limits",
         "",
         f"Sequential I/O on one {n / MIB:.0f} MiB file in the benchmark's temp dir ({r['tmp_dir']}), in "
         f"{BLOCK // MIB} MiB blocks from a preallocated buffer (best of {r['repeats']}; writes include the "
         f"fsync), and memory bandwidth over the same bytes (best of {MEMCPY_REPEATS}). GB/s = 1e9 bytes/s; "
-        "a copy of N bytes counts N.",
+        "a copy of N bytes counts N. Metadata: a directory + 2 empty files per array, as a checkpoint "
+        "creates per tensor (one pass each, CPU = the process's user + system time).",
         "",
         md_table(["what", "GB/s", "s", "note"], rows, "lrrl"),
     ])
@@ -231,6 +300,7 @@ def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
     r.update(_storage(cfg, tmp, progress, nbytes))
     r.update(_memcpy(progress, nbytes))
     r.update(_cuda(progress, nbytes))
+    r.update(_metadata(tmp, progress))
     r["markdown"] = _markdown(r)
     return r
 

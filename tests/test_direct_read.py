@@ -216,7 +216,7 @@ def saved(tmp_path: Path) -> tuple[Path, torch.Tensor, Path]:
     _save({"w": t}, url, DAMAGE_OPTS)
     st = _storage_of(url, "w")
     assert st["shard_shape"] == [256, COLS] and st["chunk_shape"] == [64, COLS], st
-    return url, t, url / st["path"] / "c" / "2" / "0"
+    return url, t, url / st["path"] / "c.2.0"
 
 
 def _index(shard: Path) -> tuple[bytes, np.ndarray]:
@@ -235,7 +235,7 @@ def _load_fails(url: Path, *words: str) -> str:
         ckpt.load({"w": torch.zeros(ROWS, COLS)}, str(url))
     msg = str(ei.value)
     assert ei.value.key == "w" and "'w'" in msg, msg
-    assert "arrays/w.zarr/c/2/0" in msg and ei.value.hint, msg
+    assert "arrays/w.zarr/c.2.0" in msg and ei.value.hint, msg
     for w in words:
         assert w in msg, (w, msg)
     return msg

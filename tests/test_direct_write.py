@@ -69,7 +69,7 @@ def test_objects_are_the_bytes_tensorstore_writes(tmp_path, monkeypatch):
     _save(state, tmp_path / "buffered", "buffered", monkeypatch)
     ts, direct, inline, buffered = (_objects(tmp_path / n) for n in ("ts", "direct", "inline", "buffered"))
     assert set(ts) == set(direct) == set(inline) == set(buffered)
-    data = [k for k in ts if "/c/" in k]
+    data = [k for k in ts if "/c." in k]
     assert len(data) >= 12  # every array, several with more than one shard, and the pack
     for k in data:
         assert direct[k] == ts[k], f"{k} differs from what tensorstore writes"
@@ -116,7 +116,7 @@ def test_checkpoint_bytes_do_not_depend_on_what_the_pool_held(tmp_path, monkeypa
     finally:
         snap.close()
     a, b = _objects(tmp_path / "first"), _objects(tmp_path / "second")
-    assert {k: v for k, v in a.items() if "/c/" in k} == {k: v for k, v in b.items() if "/c/" in k}
+    assert {k: v for k, v in a.items() if "/c." in k} == {k: v for k, v in b.items() if "/c." in k}
 
 
 def test_pool_is_aligned_for_o_direct():
@@ -147,7 +147,7 @@ def test_shard_object_layout(tmp_path, aligned):
     chunks padded, chunks wholly outside the array absent, the index crc32c'd at the end."""
     lay = ArrayLayout("arrays/x.zarr", (10, 6), (8, 6), (4, 3))
     img = shard_image("arrays/x.zarr", lay, ((8, 0), (2, 6)), 4)  # the edge shard: rows 8..9
-    assert img.file == "arrays/x.zarr/c/1/0"
+    assert img.file == "arrays/x.zarr/c.1.0"
     assert len(img.chunks) == 2  # chunks (0,0) (0,1); rows 4..7 are outside the array
     raw = np.zeros(img.block_bytes + ALIGN, dtype=np.uint8)
     skip = (-raw.ctypes.data) % ALIGN + (0 if aligned else 8)
@@ -186,7 +186,7 @@ def test_pack_object_layout(tmp_path):
     finally:
         w.close()
     payload = bytes(range(128))
-    assert (tmp_path / "packs/r00000-0000/c/0").read_bytes() == payload + _crc(payload)
+    assert (tmp_path / "packs/r00000-0000/c.0").read_bytes() == payload + _crc(payload)
 
 
 def test_direct_writes_off_and_elsewhere(tmp_path, monkeypatch):
@@ -214,7 +214,7 @@ def test_a_failing_object_write_names_the_key_and_object(tmp_path, monkeypatch):
     finally:
         w.close()
     assert ei.value.key == "w"
-    assert "bad/w.zarr/c/0" in str(ei.value)
+    assert "bad/w.zarr/c.0" in str(ei.value)
     back = {"w": torch.zeros(512, 512)}
     ckpt.load(back, tmp_path / "step-1")
     assert torch.equal(back["w"], state["w"])
@@ -249,7 +249,7 @@ def test_file_systems_without_o_direct_get_buffered_writes(tmp_path, monkeypatch
         w.close()
     payload = bytes(range(256))
     for name in ("r00000-0000", "r00000-0001"):
-        assert (tmp_path / "packs" / name / "c" / "0").read_bytes() == payload + _crc(payload)
+        assert (tmp_path / "packs" / name / "c.0").read_bytes() == payload + _crc(payload)
     assert len(tried) == 1 and not w.o_direct
 
 
@@ -302,7 +302,7 @@ def test_gpu_state_writes_the_same_objects_as_the_cpu_state(tmp_path, monkeypatc
     _save(cpu, tmp_path / "cpu", "1", monkeypatch)
     _save(gpu, tmp_path / "gpu", "1", monkeypatch)
     a, b = _objects(tmp_path / "cpu"), _objects(tmp_path / "gpu")
-    assert {k: v for k, v in a.items() if "/c/" in k} == {k: v for k, v in b.items() if "/c/" in k}
+    assert {k: v for k, v in a.items() if "/c." in k} == {k: v for k, v in b.items() if "/c." in k}
     back = {k: torch.zeros_like(v) for k, v in gpu.items()}
     ckpt.load(back, tmp_path / "gpu")
     for k, v in gpu.items():

@@ -106,9 +106,8 @@ def test_layouts_are_as_planned(saved: tuple[Path, dict, dict]) -> None:
     multi = _storage(manifest, "multi")
     assert multi["shard_shape"] == [256, 1024]
     assert multi["chunk_shape"] == [64, 1024]
-    shards = sorted(p.relative_to(url / multi["path"]).as_posix()
-                    for p in (url / multi["path"] / "c").rglob("*") if p.is_file())
-    assert shards == ["c/0/0", "c/1/0", "c/2/0"]  # one storage object per shard
+    shards = sorted(p.name for p in (url / multi["path"]).iterdir() if p.is_file())
+    assert shards == ["c.0.0", "c.1.0", "c.2.0", "zarr.json"]  # one storage object per shard, no subdirectories
 
 
 def test_zarr_json_has_crc32c(saved: tuple[Path, dict, dict]) -> None:
@@ -224,8 +223,8 @@ def test_flipped_byte_is_detected(tmp_path: Path) -> None:
     manifest = json.loads((url / "manifest.json").read_text())
     arr_path = url / manifest["entries"]["w"]["storage"]["path"]
     pack_path = url / manifest["entries"]["b"]["storage"]["path"]
-    _flip(arr_path / "c" / "0" / "0", 100)  # inside the first inner chunk's data
-    _flip(pack_path / "c" / "0", 3)
+    _flip(arr_path / "c.0.0", 100)  # inside the first inner chunk's data
+    _flip(pack_path / "c.0", 3)
 
     for p in (arr_path, pack_path):
         with pytest.raises(ValueError, match="checksum"):
@@ -249,7 +248,63 @@ def test_untouched_neighbour_still_loads(tmp_path: Path) -> None:
     url = tmp_path / "step-000000001"
     ckpt.save(dict(state), str(url))
     manifest = json.loads((url / "manifest.json").read_text())
-    _flip(url / manifest["entries"]["w"]["storage"]["path"] / "c" / "0" / "0", 100)
+    _flip(url / manifest["entries"]["w"]["storage"]["path"] / "c.0.0", 100)
     dest = torch.empty(300, 400)
     ckpt.load({"v": dest}, str(url), strict=False)
     assert torch.equal(dest, state["v"])
+
+
+def _to_format_1(url: Path) -> int:
+    """Rewrite a checkpoint as format 1 wrote it: shards under ``c/<i>/<j>``, zarr.json's
+    separator "/", ``format_version`` 1 (checksum recomputed). Returns the shards moved."""
+    from ckpt._format import Manifest
+
+    moved = 0
+    for meta in url.rglob("zarr.json"):
+        body = json.loads(meta.read_text())
+        body["chunk_key_encoding"]["configuration"]["separator"] = "/"
+        meta.write_text(json.dumps(body, sort_keys=True, separators=(",", ":")))
+        for shard in meta.parent.glob("c.*"):
+            dest = meta.parent.joinpath("c", *shard.name.split(".")[1:])
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shard.rename(dest)
+            moved += 1
+    m = Manifest.from_json((url / "manifest.json").read_bytes(), where=str(url))
+    m.format_version = 1
+    (url / "manifest.json").write_bytes(m.to_json())
+    return moved
+
+
+@pytest.mark.parametrize("reads", ["direct", "tensorstore"])
+def test_format_1_checkpoints_still_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reads: str) -> None:
+    """Format 2 moved shards from ``c/1/0`` to ``c.1.0`` (two directories fewer per array);
+    a checkpoint written by format 1 loads, verifies and reshards as before."""
+    from ckpt import tools
+
+    state = {"multi": _make(torch.float32, MULTI_SHAPE, 5), "b": _make(torch.float32, (10,), 6),
+             "h": _make(torch.bfloat16, (400, 400), 7)}
+    url = tmp_path / "step-000000001"
+    snap = ckpt.Snapshotter(SMALL_SHARDS)
+    try:
+        snap.save(dict(state), str(url), step=1)
+    finally:
+        snap.close()
+    assert ckpt.read_manifest(str(url)).format_version == 2
+    assert not list(url.rglob("c")), "format 2 writes no c/ directories"
+    assert _to_format_1(url) == 3 + 1 + 1  # multi's 3 shards, h's one, the pack
+    assert ckpt.read_manifest(str(url)).format_version == 1
+    monkeypatch.setenv("CKPT_DIRECT_READS", "1" if reads == "direct" else "0")
+    back = {k: torch.zeros_like(v) for k, v in state.items()}
+    stats = ckpt.load(back, str(url))
+    for k, v in state.items():
+        assert torch.equal(back[k].view(torch.uint8), v.view(torch.uint8)), k
+    assert (stats.bytes_direct > 0) == (reads == "direct")
+    tools.reshard(str(url), str(tmp_path / "step-000000002"), 3)  # reads format 1, writes format 2
+    again = {k: torch.zeros_like(v) for k, v in state.items()}
+    ckpt.load(again, str(tmp_path / "step-000000002"))
+    assert all(torch.equal(again[k].view(torch.uint8), v.view(torch.uint8)) for k, v in state.items())
+    assert ckpt.read_manifest(str(tmp_path / "step-000000002")).format_version == 2
+    report = tools.verify(str(url))
+    assert report.ok, report.problems
+    (url / "arrays" / "multi.zarr" / "c" / "1" / "0").unlink()
+    assert not tools.verify(str(url)).ok  # verify looks where format 1 put the shards

@@ -97,7 +97,7 @@ class DirectReader:
                 last.nbytes += chunk_bytes
                 last.dest_bytes += dst.nbytes
             else:
-                rel = "/".join([f"{self.name}/{path}/c", str(k)] + ["0"] * (nd - 1))
+                rel = f"{self.name}/{path}/{lay.shard_key([k] + [0] * (nd - 1))}"
                 runs.append(Run(key, k, str(self.storage.local_path(rel)),  # type: ignore[attr-defined]
                                 self.storage.describe(rel), n_chunks, [part], chunk_bytes, chunk_bytes, dst.nbytes))
             row = hi

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ckpt._engine._arrays import translate
-from ckpt._engine._plan import ArrayLayout
+from ckpt._engine._plan import SEPARATOR, ArrayLayout
 from ckpt.storage import Storage
 from ckpt.storage._file import fsync_dir
 
@@ -87,14 +87,13 @@ def shard_image(file: str, layout: ArrayLayout, region: tuple[tuple[int, ...], t
         chunks.append((pos, tuple(slice(st, st + e) for st, e in zip(starts, ext)), ext != list(chunk)))
         index[i] = (pos, chunk_nbytes + 4)
         pos += chunk_nbytes + 4
-    grid_key = [str(o // s) for o, s in zip(offs, shard)]
-    return ObjectImage(f"{file}/c/{'/'.join(grid_key)}", chunks, chunk_nbytes, tuple(chunk), index,
+    return ObjectImage(f"{file}/{layout.shard_key([o // s for o, s in zip(offs, shard)])}", chunks, chunk_nbytes, tuple(chunk), index,
                        pos + index.nbytes + 4)
 
 
 def pack_image(file: str, nbytes: int) -> ObjectImage:
     """A pack's object: its bytes, then their crc32c (a 1-D array of one chunk)."""
-    return ObjectImage(f"{file}/c/0", [(0, (slice(0, nbytes),), False)], nbytes, (nbytes,), None, nbytes + 4)
+    return ObjectImage(f"{file}/c{SEPARATOR}0", [(0, (slice(0, nbytes),), False)], nbytes, (nbytes,), None, nbytes + 4)
 
 
 def _crc32c_function() -> Callable[[int, int, int], int] | None:

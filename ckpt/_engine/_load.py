@@ -24,6 +24,7 @@ from ckpt._engine._plan import ArrayLayout, pack_metadata, zarr_metadata
 from ckpt._format import (
     Manifest,
     check_relpath,
+    chunk_separator,
     decode_value,
     storage_dtype,
     storage_torch_dtype,
@@ -72,6 +73,7 @@ class Loader:
         self.storage = storage
         self.name = name
         self.manifest = manifest
+        self._separator = chunk_separator(manifest.format_version)
         self.strict = strict
         self.allow_pickle = allow_pickle
         self.rank = rank
@@ -213,7 +215,7 @@ class Loader:
                 continue
             if st["layout"] == "array":
                 lay = ArrayLayout(check_relpath(st["path"], key=r.key), tuple(e["shape"]),
-                                  tuple(st["shard_shape"]), tuple(st["chunk_shape"]))
+                                  tuple(st["shard_shape"]), tuple(st["chunk_shape"]), self._separator)
                 jobs.append((r, lay.path, r.box, ((0,) * len(r.box[0]), r.box[1]), lay))
             elif st["layout"] == "packed":
                 jobs.append((r, check_relpath(st["path"], key=r.key), r.box, ((0,) * len(r.box[0]), r.box[1]), None))
@@ -279,7 +281,7 @@ class Loader:
             size = tuple(h - lo_ for lo_, h in zip(lo, hi))
             covered += math.prod(size)
             lay = ArrayLayout(check_relpath(p["path"], key=r.key), ps,
-                              tuple(p.get("shard_shape") or ps), tuple(p.get("chunk_shape") or ps))
+                              tuple(p.get("shard_shape") or ps), tuple(p.get("chunk_shape") or ps), self._separator)
             src = (tuple(a - b for a, b in zip(lo, po)), size)
             sub = (tuple(a - b for a, b in zip(lo, need_o)), size)
             out.append((r, lay.path, src, sub, lay))
@@ -309,7 +311,7 @@ class Loader:
         for path in packs:
             nbytes = self._pack_size(path)
             spec = {"driver": "zarr3", "kvstore": self.storage.kvstore_spec(f"{self.name}/{path}"),
-                    "metadata": pack_metadata(nbytes, {}), "fill_missing_data_reads": False}
+                    "metadata": pack_metadata(nbytes, {}, self._separator), "fill_missing_data_reads": False}
             pack_futs[path] = ts.open(spec, open=True, assume_metadata=True, context=ctx)
         for path, f in futs.items():
             self._arrays[path] = self._result(f, path, None)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import reduce
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
+SEPARATOR = "."  # the chunk key separator this version writes (_format.chunk_separator)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,13 @@ class ArrayLayout:
     shape: tuple[int, ...]
     shard_shape: tuple[int, ...]
     chunk_shape: tuple[int, ...]
+    # zarr "default" chunk key encoding: "." (format 2: shard "c.1.0" beside zarr.json)
+    # or "/" (format 1: "c/1/0", two directories more per array)
+    separator: str = SEPARATOR
+
+    def shard_key(self, index: tuple[int, ...] | list[int]) -> str:
+        """The key of the shard at grid ``index``, relative to the array's directory."""
+        return self.separator.join(["c", *map(str, index)])
 
     def shards_in(self, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> list[Box]:
         """The shard regions inside one box (whose boundaries are shard-aligned)."""
@@ -133,7 +141,7 @@ def zarr_metadata(layout: ArrayLayout, storage_dtype: str, attributes: dict) -> 
         "shape": list(layout.shape),
         "data_type": storage_dtype,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(layout.shard_shape)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": layout.separator}},
         "fill_value": False if storage_dtype == "bool" else [0.0, 0.0] if storage_dtype.startswith("complex") else 0,
         "codecs": [
             {
@@ -150,15 +158,16 @@ def zarr_metadata(layout: ArrayLayout, storage_dtype: str, attributes: dict) -> 
     }
 
 
-def pack_metadata(nbytes: int, attributes: dict) -> dict:
-    """zarr.json of a pack: a 1-D uint8 array in a single chunk with a crc32c."""
+def pack_metadata(nbytes: int, attributes: dict, separator: str = SEPARATOR) -> dict:
+    """zarr.json of a pack: a 1-D uint8 array in a single chunk with a crc32c
+    (``separator``: as :attr:`ArrayLayout.separator`)."""
     return {
         "zarr_format": 3,
         "node_type": "array",
         "shape": [nbytes],
         "data_type": "uint8",
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(1, nbytes)]}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": separator}},
         "fill_value": 0,
         "codecs": [{"name": "bytes"}, {"name": "crc32c"}],
         "attributes": attributes,

@@ -17,7 +17,7 @@ from typing import Any
 
 from ckpt._engine._commit import read_manifest
 from ckpt._engine._plan import PACK_ALIGN, ArrayLayout, pack_metadata, zarr_metadata
-from ckpt._format import Manifest, check_relpath, storage_dtype
+from ckpt._format import Manifest, check_relpath, chunk_separator, storage_dtype
 from ckpt.storage import Storage, split_checkpoint_url
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]
@@ -83,7 +83,7 @@ class StoredArray:
     def metadata(self) -> dict[str, Any]:
         """The zarr.json body this array must have (attributes left empty)."""
         if self.kind == "pack":
-            return pack_metadata(self.layout.shape[0], {})
+            return pack_metadata(self.layout.shape[0], {}, self.layout.separator)
         return zarr_metadata(self.layout, self.data_type, {})
 
     def shards(self) -> Iterator[tuple[tuple[int, ...], str, Box]]:
@@ -95,7 +95,7 @@ class StoredArray:
         for idx in itertools.product(*grid):
             offs = tuple(i * s for i, s in zip(idx, lay.shard_shape))
             sizes = tuple(min(s, n - o) for s, n, o in zip(lay.shard_shape, lay.shape, offs))
-            yield idx, "/".join([self.path, "c", *map(str, idx)]), (offs, sizes)
+            yield idx, f"{self.path}/{lay.shard_key(idx)}", (offs, sizes)
 
     def chunks(self, region: Box) -> Iterator[tuple[tuple[int, ...], Box]]:
         """(global chunk index, region) of every inner chunk inside a shard's region."""
@@ -122,6 +122,7 @@ def stored_arrays(manifest: Manifest) -> list[StoredArray]:
     out: dict[str, StoredArray] = {}
     pack_end: dict[str, int] = {}
     pack_keys: dict[str, list[str]] = {}
+    sep = chunk_separator(manifest.format_version)
     for key, e in manifest.entries.items():
         if e.get("kind") != "tensor":
             continue
@@ -130,14 +131,14 @@ def stored_arrays(manifest: Manifest) -> list[StoredArray]:
         shape = tuple(e["shape"])
         if st["layout"] == "array":
             path = check_relpath(st["path"], key=key)
-            lay = ArrayLayout(path, shape, tuple(st["shard_shape"]), tuple(st["chunk_shape"]))
+            lay = ArrayLayout(path, shape, tuple(st["shard_shape"]), tuple(st["chunk_shape"]), sep)
             out[path] = StoredArray("array", (key,), path, lay, dt)
         elif st["layout"] == "pieces":
             for p in st["pieces"]:
                 path = check_relpath(p["path"], key=key)
                 sizes = tuple(p["sizes"])
                 lay = ArrayLayout(path, sizes, tuple(p.get("shard_shape") or sizes),
-                                  tuple(p.get("chunk_shape") or sizes))
+                                  tuple(p.get("chunk_shape") or sizes), sep)
                 out[path] = StoredArray("piece", (key,), path, lay, dt)
         else:
             path = check_relpath(st["path"], key=key)
@@ -145,7 +146,7 @@ def stored_arrays(manifest: Manifest) -> list[StoredArray]:
             pack_keys.setdefault(path, []).append(key)
     for path, end in pack_end.items():
         n = -(-end // PACK_ALIGN) * PACK_ALIGN
-        lay = ArrayLayout(path, (n,), (max(1, n),), (max(1, n),))
+        lay = ArrayLayout(path, (n,), (max(1, n),), (max(1, n),), sep)
         out[path] = StoredArray("pack", tuple(sorted(pack_keys[path])), path, lay, "uint8")
     return [out[p] for p in sorted(out)]
 

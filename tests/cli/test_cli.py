@@ -167,15 +167,15 @@ def test_verify_names_every_corrupt_chunk(scratch: tuple[Path, dict], capsys: py
     m = _manifest(ck)
     w_path = m["entries"]["w"]["storage"]["path"]
     chunk = 32 * 400 * 4 + 4  # bytes of one stored inner chunk (data + crc32c)
-    _flip(ck / w_path / "c" / "1" / "0", 2 * chunk + 10)  # shard 1, its third chunk: global chunk (18, 0)
+    _flip(ck / w_path / "c.1.0", 2 * chunk + 10)  # shard 1, its third chunk: global chunk (18, 0)
     big = m["entries"]["model/0.weight"]["storage"]["path"]
-    _flip(ck / big / "c" / "0" / "0", 5)  # another tensor: verify keeps going
+    _flip(ck / big / "c.0.0", 5)  # another tensor: verify keeps going
     code, out, _ = _cli(capsys, "verify", str(ck))
     assert code == 1
     bad = [ln for ln in out.splitlines() if ln.startswith("CORRUPT")]
     assert len(bad) == 2
     w_line = next(ln for ln in bad if " w " in ln)
-    assert f"{w_path}/c/1/0" in w_line and "chunk (18, 0)" in w_line and "[576:608, 0:400]" in w_line
+    assert f"{w_path}/c.1.0" in w_line and "chunk (18, 0)" in w_line and "[576:608, 0:400]" in w_line
     assert any("model/0.weight" in ln for ln in bad)
     assert "2 problems" in out.splitlines()[-1]
 
@@ -185,7 +185,7 @@ def test_verify_names_every_corrupt_chunk(scratch: tuple[Path, dict], capsys: py
     assert rep["ok"] is False
     p = next(x for x in rep["problems"] if x["keys"] == ["w"])
     assert p["what"] == "corrupt" and p["shard"] == [1, 0] and p["chunk"] == [18, 0]
-    assert p["path"] == f"{w_path}/c/1/0"
+    assert p["path"] == f"{w_path}/c.1.0"
 
 
 def test_verify_deleted_and_truncated_objects(scratch: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
@@ -193,15 +193,15 @@ def test_verify_deleted_and_truncated_objects(scratch: tuple[Path, dict], capsys
     ck = root / "step-000000200"
     m = _manifest(ck)
     w_path = m["entries"]["w"]["storage"]["path"]
-    (ck / w_path / "c" / "1" / "0").unlink()
-    pack = ck / m["entries"]["model/0.bias"]["storage"]["path"] / "c" / "0"
+    (ck / w_path / "c.1.0").unlink()
+    pack = ck / m["entries"]["model/0.bias"]["storage"]["path"] / "c.0"
     pack.write_bytes(pack.read_bytes()[:-100])
     for extra in ([], ["--quick"]):
         code, out, _ = _cli(capsys, "verify", str(ck), "--json", *extra)
         assert code == 1
         probs = json.loads(out)["problems"]
         missing = [p for p in probs if p["what"] == "missing"]
-        assert len(missing) == 1 and missing[0]["keys"] == ["w"] and missing[0]["path"] == f"{w_path}/c/1/0"
+        assert len(missing) == 1 and missing[0]["keys"] == ["w"] and missing[0]["path"] == f"{w_path}/c.1.0"
         short = [p for p in probs if p["what"] == "size"]
         assert len(short) == 1 and "model/0.bias" in short[0]["keys"]
 
@@ -212,12 +212,12 @@ def test_deleted_shard_of_zeros_is_detected(tmp_path: Path, capsys: pytest.Captu
     url = tmp_path / "step-000000001"
     _save({"z": torch.zeros(W_SHAPE)}, str(url), 1)
     path = _manifest(url)["entries"]["z"]["storage"]["path"]
-    assert sorted(p.name for p in (url / path / "c").iterdir()) == ["0", "1"]  # every shard of zeros is stored
-    (url / path / "c" / "1" / "0").unlink()
+    assert sorted(p.name for p in (url / path).glob("c.*")) == ["c.0.0", "c.1.0"]  # every shard of zeros is stored
+    (url / path / "c.1.0").unlink()
     with pytest.raises(CorruptCheckpointError, match="missing"):
         ckpt.load({"z": torch.ones(W_SHAPE)}, str(url))
     code, out, _ = _cli(capsys, "verify", str(url), "--quick")
-    assert code == 1 and "MISSING" in out and f"{path}/c/1/0" in out
+    assert code == 1 and "MISSING" in out and f"{path}/c.1.0" in out
 
 
 def test_verify_missing_pickled_object(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -51,9 +51,9 @@ class CheckpointLifecycle(RuleBasedStateMachine):
         """What a save killed before its commit leaves behind (never a manifest)."""
         s = self.next_step  # the step the crashed save was writing; the next save reuses it
         name = f".tmp-step-{s:09d}-{uuid.uuid4().hex[:12]}" if kind == "tmp" else f"step-{s:09d}"
-        d = os.path.join(self.run, name, "arrays", "w.zarr", "c", "0")
+        d = os.path.join(self.run, name, "arrays", "w.zarr")
         os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "0"), "wb") as f:
+        with open(os.path.join(d, "c.0.0"), "wb") as f:
             f.write(os.urandom(1000))  # a partially written shard
         RUNS["steps"] += 1
 
