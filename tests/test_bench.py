@@ -39,6 +39,8 @@ def test_bench_quick(tmp_path: Path) -> None:
     hw = res["hardware"]
     assert _finite_positive(hw["write_fsync_gbps"]) and _finite_positive(hw["read_gbps"])
     assert _finite_positive(hw["memcpy_gbps"])
+    assert _finite_positive(hw["metadata_fresh_s"]) and hw["metadata_after_delete_cpu_s"] >= 0
+    assert f"create {hw['metadata_inodes']} inodes" in hw["markdown"]
 
     (c, *_rest) = res["train"]["configs"]
     s = c["summary"]
