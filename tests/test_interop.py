@@ -289,6 +289,10 @@ def test_format_1_checkpoints_still_load(tmp_path: Path, monkeypatch: pytest.Mon
         snap.save(dict(state), str(url), step=1)
     finally:
         snap.close()
+    from ckpt._engine._plan import SEPARATOR
+    from ckpt._format import FORMAT_VERSION, chunk_separator
+
+    assert chunk_separator(FORMAT_VERSION) == SEPARATOR  # what is written is what is read
     assert ckpt.read_manifest(str(url)).format_version == 2
     assert not list(url.rglob("c")), "format 2 writes no c/ directories"
     assert _to_format_1(url) == 3 + 1 + 1  # multi's 3 shards, h's one, the pack

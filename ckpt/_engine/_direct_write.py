@@ -87,8 +87,8 @@ def shard_image(file: str, layout: ArrayLayout, region: tuple[tuple[int, ...], t
         chunks.append((pos, tuple(slice(st, st + e) for st, e in zip(starts, ext)), ext != list(chunk)))
         index[i] = (pos, chunk_nbytes + 4)
         pos += chunk_nbytes + 4
-    return ObjectImage(f"{file}/{layout.shard_key([o // s for o, s in zip(offs, shard)])}", chunks, chunk_nbytes, tuple(chunk), index,
-                       pos + index.nbytes + 4)
+    key = layout.shard_key([o // s for o, s in zip(offs, shard)])
+    return ObjectImage(f"{file}/{key}", chunks, chunk_nbytes, tuple(chunk), index, pos + index.nbytes + 4)
 
 
 def pack_image(file: str, nbytes: int) -> ObjectImage:
