@@ -23,7 +23,9 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -164,9 +166,6 @@ def _create_tree(root: Path, arrays: int) -> None:
 
 def _metadata(tmp: Path, progress: Progress) -> dict[str, Any]:
     """Wall and CPU seconds to create METADATA_ARRAYS trees fresh, then after deleting."""
-    import shutil
-    import time
-
     progress.step("hardware: metadata (file and directory creation)")
     out: dict[str, Any] = {"metadata_inodes": 3 * METADATA_ARRAYS, "fs": _file_system(tmp)}
     for what, before in (("fresh", None), ("after_delete", tmp / "meta-old")):

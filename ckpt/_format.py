@@ -27,6 +27,8 @@ def chunk_separator(format_version: int) -> str:
     """The zarr chunk key separator of a checkpoint's arrays (docs/format.md §3): "/" in
     format 1 (shard ``c/1/0``), "." since format 2 (shard ``c.1.0`` beside zarr.json)."""
     return "/" if format_version < 2 else "."
+
+
 MANIFEST = "manifest.json"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"

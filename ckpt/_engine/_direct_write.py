@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ckpt._engine._arrays import translate
-from ckpt._engine._plan import SEPARATOR, ArrayLayout
+from ckpt._engine._plan import ArrayLayout, shard_key
 from ckpt.storage import Storage
 from ckpt.storage._file import fsync_dir
 
@@ -93,7 +93,7 @@ def shard_image(file: str, layout: ArrayLayout, region: tuple[tuple[int, ...], t
 
 def pack_image(file: str, nbytes: int) -> ObjectImage:
     """A pack's object: its bytes, then their crc32c (a 1-D array of one chunk)."""
-    return ObjectImage(f"{file}/c{SEPARATOR}0", [(0, (slice(0, nbytes),), False)], nbytes, (nbytes,), None, nbytes + 4)
+    return ObjectImage(f"{file}/{shard_key([0])}", [(0, (slice(0, nbytes),), False)], nbytes, (nbytes,), None, nbytes + 4)
 
 
 def _crc32c_function() -> Callable[[int, int, int], int] | None:

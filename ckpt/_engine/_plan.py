@@ -21,8 +21,16 @@ import math
 from dataclasses import dataclass, field
 from functools import reduce
 
+from ckpt._format import FORMAT_VERSION, chunk_separator
+
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
-SEPARATOR = "."  # the chunk key separator this version writes (_format.chunk_separator)
+SEPARATOR = chunk_separator(FORMAT_VERSION)  # the chunk key separator this version writes
+
+
+def shard_key(index: tuple[int, ...] | list[int], separator: str = SEPARATOR) -> str:
+    """The key of the shard (or pack chunk) at grid ``index``, relative to its array's
+    directory: zarr v3's "default" chunk key encoding."""
+    return separator.join(["c", *map(str, index)])
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ class ArrayLayout:
 
     def shard_key(self, index: tuple[int, ...] | list[int]) -> str:
         """The key of the shard at grid ``index``, relative to the array's directory."""
-        return self.separator.join(["c", *map(str, index)])
+        return shard_key(index, self.separator)
 
     def shards_in(self, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> list[Box]:
         """The shard regions inside one box (whose boundaries are shard-aligned)."""
