@@ -6,7 +6,10 @@ durable (every object fsync'd, the manifest committed); torch.save and DCP's sav
 followed by an fsync of every file and directory they wrote, inside the clock. Before each
 run the previous output is removed and ``os.sync()`` flushes what is pending; the page
 cache is not otherwise controlled. The state is float32 tensors of 64 MiB in CPU memory.
-Persisted GB/s = state bytes / time to durable (1e9).
+Persisted GB/s = state bytes / time to durable (1e9). CPU s: the process's CPU time
+(user + system, every thread) over the same interval, the least of the timed runs — what
+a save costs a host whose cores are busy training, and far less noisy than wall time on
+a shared machine.
 """
 
 from __future__ import annotations
@@ -57,19 +60,28 @@ def _fresh(path: Path) -> Callable[[], None]:
     return before
 
 
-def _measure(cfg: Config, root: Path, once: Callable[[], Any]) -> tuple[float, float]:
-    """(cold, best): one untimed-for-the-best first run, then best of ``cfg.repeats``;
-    each starts from an empty ``root`` after ``os.sync()``."""
+def _measure(cfg: Config, root: Path, once: Callable[[], Any]) -> tuple[float, float, float]:
+    """(cold, best, cpu): one untimed-for-the-best first run, then best of ``cfg.repeats``
+    and the least CPU time of those; each starts from an empty ``root`` after ``os.sync()``."""
     before = _fresh(root)
+    cpu: list[float] = []
+
+    def counted() -> None:
+        c0 = time.process_time()
+        once()
+        cpu.append(time.process_time() - c0)
+
     try:
-        cold = best_of(1, once, before=before)
-        return cold, best_of(cfg.repeats, once, before=before)
+        cold = best_of(1, counted, before=before)
+        return cold, best_of(cfg.repeats, counted, before=before), min(cpu[1:])
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _entry(nbytes: int, seconds: float, cold: float, **extra: Any) -> dict[str, Any]:
-    return {"s": seconds, "gbps": nbytes / seconds / 1e9 if seconds > 0 else None, "cold_s": cold, **extra}
+def _entry(nbytes: int, measured: tuple[float, float, float], **extra: Any) -> dict[str, Any]:
+    cold, seconds, cpu = measured
+    return {"s": seconds, "gbps": nbytes / seconds / 1e9 if seconds > 0 else None, "cold_s": cold,
+            "cpu_s": cpu, **extra}
 
 
 def _ckpt(cfg: Config, snap: ckpt.Snapshotter, state: dict[str, torch.Tensor], root: Path,
@@ -82,9 +94,9 @@ def _ckpt(cfg: Config, snap: ckpt.Snapshotter, state: dict[str, torch.Tensor], r
         st = snap.save(state, str(url), overwrite=True)  # what ckpt.save does
         runs.append((time.perf_counter() - t0, st))
 
-    cold, t = _measure(cfg, root, once)
+    measured = _measure(cfg, root, once)
     st = min(runs[1:], key=lambda r: r[0])[1]
-    return _entry(nbytes, t, cold, staging_s=st.staging_s, write_s=st.write_s, commit_s=st.commit_s,
+    return _entry(nbytes, measured, staging_s=st.staging_s, write_s=st.write_s, commit_s=st.commit_s,
                   stats_total_s=st.total_s, pool_peak_bytes=st.pool_peak_bytes, objects=st.objects)
 
 
@@ -101,8 +113,8 @@ def _save_and_fsync(cfg: Config, root: Path, nbytes: int, save: Callable[[], Any
         fsync_tree(synced)
         calls.append((time.perf_counter() - t0, t1 - t0))
 
-    cold, t = _measure(cfg, root, once)
-    return _entry(nbytes, t, cold, call_no_fsync_s=min(calls[1:])[1])
+    measured = _measure(cfg, root, once)
+    return _entry(nbytes, measured, call_no_fsync_s=min(calls[1:])[1])
 
 
 def _torch_save(cfg: Config, state: dict[str, torch.Tensor], root: Path, nbytes: int) -> dict[str, Any]:
@@ -129,10 +141,10 @@ def _torchsnapshot(cfg: Config, state: dict[str, torch.Tensor], root: Path, nbyt
         fsync_tree(root)
 
     try:
-        cold, t = _measure(cfg, root, once)
+        measured = _measure(cfg, root, once)
     except Exception as e:  # an optional baseline: report why, do not fail the harness
-        return {"s": None, "gbps": None, "cold_s": None, "error": f"{type(e).__name__}: {e}"}
-    return _entry(nbytes, t, cold)
+        return {"s": None, "gbps": None, "cold_s": None, "cpu_s": None, "error": f"{type(e).__name__}: {e}"}
+    return _entry(nbytes, measured)
 
 
 def _size(nbytes: int) -> str:
@@ -147,17 +159,20 @@ def _pick(cfg: Config, sizes: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _markdown(r: dict[str, Any]) -> str:
     have_ts = r["torchsnapshot"] == "ran"
-    header = ["state", "ckpt s", "ckpt GB/s", "(stage / write / commit s)", "(ckpt cold s)",
-              "torch.save s", "torch.save GB/s", "(no-fsync call s)", "DCP s", "DCP GB/s"]
-    header += ["torchsnapshot s", "torchsnapshot GB/s"] if have_ts else []
+    header = ["state", "ckpt s", "ckpt GB/s", "(stage / write / commit s)", "(ckpt cold s)", "ckpt CPU s",
+              "torch.save s", "torch.save GB/s", "(no-fsync call s)", "torch.save CPU s",
+              "DCP s", "DCP GB/s", "DCP CPU s"]
+    header += ["torchsnapshot s", "torchsnapshot GB/s", "torchsnapshot CPU s"] if have_ts else []
     rows = []
     for s in r["sizes"]:
         c, t, d = s["ckpt"], s["torch.save"], s["dcp.save"]
         row = [_size(s["bytes"]), fmt(c["s"], 3), fmt(c["gbps"]),
                f"{c['staging_s']:.3f} / {c['write_s']:.3f} / {c['commit_s']:.3f}", fmt(c["cold_s"], 3),
-               fmt(t["s"], 3), fmt(t["gbps"]), fmt(t["call_no_fsync_s"], 3), fmt(d["s"], 3), fmt(d["gbps"])]
+               fmt(c["cpu_s"], 3), fmt(t["s"], 3), fmt(t["gbps"]), fmt(t["call_no_fsync_s"], 3), fmt(t["cpu_s"], 3),
+               fmt(d["s"], 3), fmt(d["gbps"]), fmt(d["cpu_s"], 3)]
         if have_ts:
-            row += [fmt(s["torchsnapshot"]["s"], 3), fmt(s["torchsnapshot"]["gbps"])]
+            ts = s["torchsnapshot"]
+            row += [fmt(ts["s"], 3), fmt(ts["gbps"]), fmt(ts["cpu_s"], 3)]
         rows.append(row)
     q = r["ratios"]
     ts_note = ("torchsnapshot ran too." if have_ts else
@@ -173,12 +188,16 @@ def _markdown(r: dict[str, Any]) -> str:
         "the previous output is removed and `os.sync()` runs; the page cache is not otherwise controlled. "
         "At each size each variant first saves once more, as its cold run (first-touch of ckpt's pool, "
         "first use of imports and threads; its time is in the JSON as `cold_s`, and ckpt's in the table). "
-        f"GB/s = state bytes / time (1e9). {ts_note}",
+        f"GB/s = state bytes / time (1e9). CPU s = the process's CPU time (user + system, every thread) "
+        "over the same interval, the least of the timed runs: what a save takes from cores that train. "
+        f"{ts_note}",
         "",
         md_table(header, rows),
         "",
         f"At {_size(q['at_bytes'])}: ckpt GB/s / DCP GB/s = {fmt(q['ckpt_gbps_over_dcp_gbps'], 2, 'x')}, "
-        f"ckpt GB/s / torch.save GB/s = {fmt(q['ckpt_gbps_over_torch_save_gbps'], 2, 'x')}.",
+        f"ckpt GB/s / torch.save GB/s = {fmt(q['ckpt_gbps_over_torch_save_gbps'], 2, 'x')}; "
+        f"ckpt CPU / DCP CPU = {fmt(q['ckpt_cpu_over_dcp_cpu'], 2)}, "
+        f"ckpt CPU / torch.save CPU = {fmt(q['ckpt_cpu_over_torch_save_cpu'], 2)}.",
     ])
 
 
@@ -215,6 +234,8 @@ def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
             "at_gib": at["gib"], "at_bytes": at["bytes"],
             "ckpt_gbps_over_dcp_gbps": ratio(at["ckpt"]["gbps"], at["dcp.save"]["gbps"]),
             "ckpt_gbps_over_torch_save_gbps": ratio(at["ckpt"]["gbps"], at["torch.save"]["gbps"]),
+            "ckpt_cpu_over_dcp_cpu": ratio(at["ckpt"]["cpu_s"], at["dcp.save"]["cpu_s"]),
+            "ckpt_cpu_over_torch_save_cpu": ratio(at["ckpt"]["cpu_s"], at["torch.save"]["cpu_s"]),
             "ckpt_gbps_over_torchsnapshot_gbps": ratio(at["ckpt"]["gbps"], at["torchsnapshot"]["gbps"])
             if has_ts else None,
         },

@@ -100,7 +100,8 @@ class Snapshotter:
     @property
     def pool(self) -> HostPool:
         if self._pool is None:
-            self._pool = HostPool(self.options.pool_bytes, pinned=torch.cuda.is_available())
+            self._pool = HostPool(self.options.pool_bytes, pinned=torch.cuda.is_available(),
+                                  huge_pages=self.options.huge_pages)
         return self._pool
 
     def _copy_streams(self) -> list[Any]:

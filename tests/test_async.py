@@ -3,6 +3,7 @@ back-pressure, and failures that surface from the handle without hurting trainin
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import subprocess
@@ -333,6 +334,26 @@ def test_env_configures_options(monkeypatch):
     with pytest.raises(ValueError):
         ckpt.SaveOptions(if_busy="sometimes")
     del os.environ["CKPT_POOL_BYTES"]
+
+
+def test_huge_pages_switch(monkeypatch, tmp_path):
+    """CKPT_HUGE_PAGES=0 gives a pool of ordinary pages that saves the same checkpoint;
+    a switch that is not a boolean is refused, naming the variable."""
+    assert ckpt.SaveOptions.resolve().huge_pages
+    monkeypatch.setenv("CKPT_HUGE_PAGES", "0")
+    opts = ckpt.SaveOptions.resolve()
+    assert opts.huge_pages is False
+    snap = ckpt.Snapshotter(dataclasses.replace(opts, pool_bytes=4 << 20))
+    w = torch.randn(300, 700)
+    snap.save({"w": w}, tmp_path / "c")
+    assert snap.pool.huge_pages is False
+    snap.close()
+    out = {"w": torch.zeros_like(w)}
+    ckpt.load(out, tmp_path / "c")
+    assert torch.equal(out["w"], w)
+    monkeypatch.setenv("CKPT_HUGE_PAGES", "maybe")
+    with pytest.raises(ValueError, match="CKPT_HUGE_PAGES='maybe'"):
+        ckpt.SaveOptions.resolve()
 
 
 def test_cpu_staging_option_and_auto_rule(monkeypatch):

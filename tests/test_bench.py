@@ -41,6 +41,9 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert _finite_positive(hw["memcpy_gbps"])
     assert _finite_positive(hw["metadata_fresh_s"]) and hw["metadata_after_delete_cpu_s"] >= 0
     assert f"create {hw['metadata_inodes']} inodes" in hw["markdown"]
+    assert "O_DIRECT (+ fsync), ckpt's pool memory" in hw["markdown"]
+    if hw["write_odirect_note"] is None:  # O_DIRECT accepted: both buffers' writes were timed
+        assert _finite_positive(hw["write_odirect_huge_gbps"]) and hw["write_odirect_huge_cpu_s"] >= 0
 
     (c, *_rest) = res["train"]["configs"]
     s = c["summary"]
@@ -50,6 +53,9 @@ def test_bench_quick(tmp_path: Path) -> None:
         if name != "baseline":
             assert fig["call_s_median"] > 0 and math.isfinite(fig["blocked_per_ckpt_s"])  # a delta: may be < 0
     assert s["ckpt"]["own_blocked_s_mean"] > 0 and s["ckpt"]["persisted_gbps_mean"] > 0
+    for name in ("ckpt", "torch.save", "dcp.async_save"):  # every run counted its clean steps
+        assert s[name]["clean_steps"] and all(0 <= n <= c["steps"] for n in s[name]["clean_steps"])
+        assert s[name]["blocked_in_run_s"] is None or math.isfinite(s[name]["blocked_in_run_s"])
 
     for size in res["durable"]["sizes"]:
         for name in ("ckpt", "torch.save", "dcp.save"):
@@ -71,6 +77,24 @@ def test_bench_quick(tmp_path: Path) -> None:
     for png in r["plots"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(r["plots"]) == {"blocked_vs_size.png", "throughput_vs_size.png"}
+
+
+def test_in_run_blocked_counts_only_steps_touched_by_checkpoint_work() -> None:
+    """Steps of 1 s; checkpoint work at 2-3.5 s adds 0.25 s to each of the two steps it
+    overlaps, at 6.5-6.7 s 0.25 s to one: 0.375 s per checkpoint against the mean of the
+    clean steps (a step that only touches an interval's end is clean)."""
+    from bench.train_loop import MIN_CLEAN, in_run_blocked
+
+    lengths = [1.0, 1.0, 1.25, 1.25, 1.0, 1.0, 1.25, 1.0, 1.0]
+    spans, t = [], 0.0
+    for n in lengths:
+        spans.append((t, t + n))
+        t += n
+    busy = [(2.0, 3.5), (6.5, 6.7)]
+    blocked, clean = in_run_blocked(spans, busy, 2)
+    assert clean == 6 and blocked == pytest.approx((0.25 + 0.25 + 0.25) / 2)
+    assert in_run_blocked(spans, [(0.0, t)], 1) == (None, 0)  # nothing clean: no estimate
+    assert in_run_blocked(spans[:MIN_CLEAN - 1], [], 1)[0] is None
 
 
 def test_bench_rejects_bad_arguments(tmp_path: Path) -> None:

@@ -128,6 +128,42 @@ def test_pool_is_aligned_for_o_direct():
     pool.close()
 
 
+def _thp_mode() -> str | None:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")]
+
+
+@pytest.mark.skipif(_thp_mode() in (None, "never"), reason="no transparent huge pages on this kernel")
+def test_unpinned_pool_is_advised_huge_pages():
+    """O_DIRECT writes pin their buffer's pages: the pool asks for 2 MiB pages (the kernel's
+    VmFlags ``hg`` on its mapping); its blocks stay O_DIRECT-aligned and hold what is
+    written to them."""
+    pool = HostPool(8 << 20)
+    blk = pool.acquire(3 << 20)
+    blk.array[:] = 5
+    assert pool.huge_pages and blk.array.ctypes.data % (2 << 20) == 0
+    addr = blk.array.ctypes.data
+    flags, inside = None, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("VmFlags:"):
+            flags = line.split()[1:]
+            break
+    assert flags is not None and "hg" in flags, flags
+    assert int(blk.array.sum()) == 5 * (3 << 20)
+    pool.release(blk)
+    pool.close()
+    again = HostPool(4 << 20)
+    assert again.acquire(4 << 20).array.ctypes.data % ALIGN == 0
+    again.close()
+
+
 def _writer(root: Path) -> DirectWriter:
     w = DirectWriter.for_storage(FileStorage(root))
     assert w is not None, "direct writes apply to local storage"

@@ -29,6 +29,16 @@ def parse_bytes(text: str) -> int:
     return int(t)
 
 
+def parse_flag(text: str, name: str) -> bool:
+    """``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off`` (CKPT_* switches)."""
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={text!r}: expected 1/true/yes/on or 0/false/no/off")
+
+
 @dataclass(frozen=True)
 class SaveOptions:
     """How snapshots are staged and written.
@@ -51,7 +61,12 @@ class SaveOptions:
     they share the host's cores). There a background copy can only take those cores from the
     training threads, and costs the loop several times its own duration (measured with
     ``python -m bench``); in the call it costs just its duration. States with CUDA
-    tensors always stage in the background (their copies are DMA).
+    tensors always stage in the background (their copies are DMA). ``huge_pages``: back
+    an unpinned pool with transparent huge pages (``MADV_HUGEPAGE``; default on): an
+    O_DIRECT write pins every page of its buffer, and with 2 MiB pages that took ~8 ms of
+    kernel CPU per GiB instead of ~46 on the benchmark machine. Off (``CKPT_HUGE_PAGES=0``)
+    where the kernel's synchronous compaction on first touch of the pool (THP ``defrag``
+    setting) stalls the first checkpoints.
     """
 
     pool_bytes: int = dataclasses.field(default_factory=_default_pool_bytes)
@@ -63,6 +78,7 @@ class SaveOptions:
     background_nice: int = 0
     if_busy: Literal["wait", "skip", "error"] = "wait"
     cpu_staging: Literal["auto", "background", "inline"] = "auto"
+    huge_pages: bool = True
 
     def __post_init__(self) -> None:
         if self.if_busy not in ("wait", "skip", "error"):
@@ -85,7 +101,14 @@ class SaveOptions:
             raw = os.environ.get(f"CKPT_{f.name.upper()}")
             if raw is None:
                 continue
-            env[f.name] = raw if f.name in ("if_busy", "cpu_staging") else parse_bytes(raw) if "bytes" in f.name or "threshold" in f.name else int(raw)
+            if f.name in ("if_busy", "cpu_staging"):
+                env[f.name] = raw
+            elif f.type in (bool, "bool"):
+                env[f.name] = parse_flag(raw, f"CKPT_{f.name.upper()}")
+            elif "bytes" in f.name or "threshold" in f.name:
+                env[f.name] = parse_bytes(raw)
+            else:
+                env[f.name] = int(raw)
         env.update(overrides)
         return cls(**env)
 
