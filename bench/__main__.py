@@ -2,7 +2,8 @@
 
 Scenarios (``--only`` picks some): ``hardware`` (the storage's and memory's own limits),
 ``train`` (a training loop with a checkpoint every k steps; blocked time and end-to-end
-time, over k and over state size), ``durable`` (time to durable and persisted GB/s over
+time, over k and over state size), ``files`` (what writing the checkpoint's files costs
+the loop: ckpt vs its files written raw vs the same bytes as one file), ``durable`` (time to durable and persisted GB/s over
 state size), ``restore`` (restore time, same layout and resharded 4->2, 4->3 ranks),
 ``memory`` (peak host memory during a save), ``s3`` (save/load to a local S3 server).
 
@@ -26,8 +27,8 @@ import torch
 
 from bench._common import Config, Progress, fmt, machine_info, md_table
 
-SCENARIOS = ("hardware", "train", "durable", "restore", "memory", "s3")
-MODULES = {"hardware": "bench.hardware", "train": "bench.train_loop", "durable": "bench.durable",
+SCENARIOS = ("hardware", "train", "files", "durable", "restore", "memory", "s3")
+MODULES = {"hardware": "bench.hardware", "train": "bench.train_loop", "files": "bench.files", "durable": "bench.durable",
            "restore": "bench.restore", "memory": "bench.memory", "s3": "bench.s3"}
 
 

@@ -30,7 +30,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert summary.startswith("## ckpt benchmark") and "### Goals" in summary
     for key in ("cpu_count", "ram_gib", "torch", "tensorstore", "zarr", "date"):
         assert r["machine"][key]
-    assert r["scenarios"] == ["hardware", "train", "durable", "restore", "memory", "s3"]
+    assert r["scenarios"] == ["hardware", "train", "files", "durable", "restore", "memory", "s3"]
     res = r["results"]
     for name in r["scenarios"]:
         assert res[name]["markdown"].startswith("### "), name
@@ -56,6 +56,12 @@ def test_bench_quick(tmp_path: Path) -> None:
     for name in ("ckpt", "torch.save", "dcp.async_save"):  # every run counted its clean steps
         assert s[name]["clean_steps"] and all(0 <= n <= c["steps"] for n in s[name]["clean_steps"])
         assert s[name]["blocked_in_run_s"] is None or math.isfinite(s[name]["blocked_in_run_s"])
+
+    fl = res["files"]
+    assert fl["files"] > 0 and fl["dirs"] > 0 and set(fl["summary"]) == {"ckpt", "ckpt's files, raw",
+                                                                         "same bytes, one file"}
+    for fig in fl["summary"].values():
+        assert fig["busy_s"] > 0 and (fig["blocked_in_run_s"] is None or math.isfinite(fig["blocked_in_run_s"]))
 
     for size in res["durable"]["sizes"]:
         for name in ("ckpt", "torch.save", "dcp.save"):
