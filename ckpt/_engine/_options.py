@@ -64,9 +64,10 @@ class SaveOptions:
     tensors always stage in the background (their copies are DMA). ``huge_pages``: back
     an unpinned pool with transparent huge pages (``MADV_HUGEPAGE``; default on): an
     O_DIRECT write pins every page of its buffer, and with 2 MiB pages that took ~8 ms of
-    kernel CPU per GiB instead of ~46 on the benchmark machine. Off (``CKPT_HUGE_PAGES=0``)
-    where the kernel's synchronous compaction on first touch of the pool (THP ``defrag``
-    setting) stalls the first checkpoints.
+    kernel CPU per GiB instead of ~46 on the benchmark machine. The first touch of the
+    pool costs more (there, a first 1 GiB save took 1.8 s instead of 0.43 s in the call);
+    turn it off (``CKPT_HUGE_PAGES=0``) for jobs that checkpoint only a few times, or where
+    the kernel compacts memory synchronously on that first touch (THP ``defrag``).
     """
 
     pool_bytes: int = dataclasses.field(default_factory=_default_pool_bytes)

@@ -9,8 +9,10 @@ configuration, never by model size.
 An unpinned pool is an anonymous mapping aligned to 2 MiB and advised
 ``MADV_HUGEPAGE`` (Linux, where transparent huge pages are ``madvise`` or ``always``):
 an O_DIRECT write pins its buffer's pages for the device, and pinning 512x fewer pages
-cut the kernel CPU of writing 1 GiB from ~50 to ~10-16 ms on the 2-core CI VM
-(``docs/bench``) — CPU the training loop would otherwise lose.
+cut the kernel CPU of writing 1 GiB from ~46-50 to ~8-16 ms on the 2-core CI VM
+(``docs/bench``) — CPU the training loop would otherwise lose. First touch costs more
+there (the VM backs each fresh huge page on demand): the first 1 GiB save into a new
+pool took 1.8 s instead of 0.43 s; every later one ~100 ms of CPU less.
 """
 
 from __future__ import annotations
