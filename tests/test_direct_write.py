@@ -57,15 +57,17 @@ def test_objects_are_the_bytes_tensorstore_writes(tmp_path, monkeypatch):
     or copied in the call with each whole-row chunk checksummed as it is copied."""
     from ckpt._engine import _staging
 
-    fused = []
-    real = _staging._copy_rows_sealed
+    fused, packs = [], []
+    real, real_pack = _staging._copy_rows_sealed, _staging._copy_pack_sealed
     monkeypatch.setattr(_staging, "_copy_rows_sealed", lambda *a: (fused.append(a[2]), real(*a)))
+    monkeypatch.setattr(_staging, "_copy_pack_sealed", lambda *a: (packs.append(len(a[2])), real_pack(*a)))
     state = _state()
     _save(state, tmp_path / "ts", "0", monkeypatch)
     _save(state, tmp_path / "direct", "1", monkeypatch, "background")
-    assert not fused
+    assert not fused and not packs
     _save(state, tmp_path / "inline", "1", monkeypatch, "inline")
     assert sum(fused) >= 10  # whole-row chunks took the fused copy + crc32c
+    assert packs == [2]  # and so did the pack ("small", "scalar": each followed by a gap of zeros)
     _save(state, tmp_path / "buffered", "buffered", monkeypatch)
     ts, direct, inline, buffered = (_objects(tmp_path / n) for n in ("ts", "direct", "inline", "buffered"))
     assert set(ts) == set(direct) == set(inline) == set(buffered)
@@ -103,10 +105,12 @@ def test_direct_checkpoint_loads_bit_exact_in_ckpt_zarr_and_tensorstore(tmp_path
         assert np.array_equal(arr.read().result(), expect), key
 
 
-def test_checkpoint_bytes_do_not_depend_on_what_the_pool_held(tmp_path, monkeypatch):
-    """Pack gaps and chunk padding are zeros, never stale bytes of an earlier snapshot."""
+@pytest.mark.parametrize("staging", ["inline", "background"])
+def test_checkpoint_bytes_do_not_depend_on_what_the_pool_held(tmp_path, monkeypatch, staging):
+    """Pack gaps and chunk padding are zeros, never stale bytes of an earlier snapshot,
+    whether the copy seals the pack (inline) or the writer does (background)."""
     monkeypatch.setenv("CKPT_DIRECT_WRITES", "1")
-    snap = ckpt.Snapshotter(OPTS)
+    snap = ckpt.Snapshotter(dataclasses.replace(OPTS, cpu_staging=staging))
     try:
         small = {f"b{i}": torch.full((i + 1,), float(i)) for i in range(20)}
         small["edge"] = torch.randn(1000, 300)
