@@ -171,26 +171,28 @@ def test_save_load_resume_bit_identical(run_place: Any, tied: bool) -> None:
 def test_save_async_excludes_the_next_optimizer_step(tmp_path: Path, monkeypatch, staging: str) -> None:
     """Background staging: the optimizer's pre-step hook holds the step until the copy is
     done. Inline staging (SaveOptions.cpu_staging): the call itself returns only then."""
-    import ckpt._engine._staging as staging_mod
+    import ckpt._engine._save as save_mod
 
     a = build(seed=0, tied=True)
     train(a, 3)
     url = tmp_path / "run" / "step-000000003"
 
     # Make staging slow, so the optimizer step below really arrives while the snapshot
-    # still reads the live tensors: only the pre-step hook keeps it out.
-    orig_copy = staging_mod._copy_to_block
+    # still reads the live tensors: only the pre-step hook keeps it out. copy_unit is the
+    # one copy of a write unit (array shard or pack) that both staging modes call.
+    orig_copy = save_mod.copy_unit
     calls = []
     first = threading.Event()
 
-    def slow_copy(*args: Any, **kwargs: Any) -> None:
+    def slow_copy(*args: Any, **kwargs: Any) -> int:
         if not first.is_set():
             first.set()
             time.sleep(1.5)  # longer than a forward/backward, even on a loaded machine
+        done = orig_copy(*args, **kwargs)
         calls.append(time.perf_counter())
-        orig_copy(*args, **kwargs)
+        return done
 
-    monkeypatch.setattr(staging_mod, "_copy_to_block", slow_copy)
+    monkeypatch.setattr(save_mod, "copy_unit", slow_copy)
 
     ref = capture(a)  # the state right before the step
     snap = ckpt.Snapshotter(ckpt.SaveOptions(cpu_staging=staging))

@@ -127,7 +127,7 @@ def scenarios_worker(root: str) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
 
     import ckpt
-    import ckpt._engine._staging as staging_mod
+    import ckpt._engine._save as save_mod
 
     rank = dist.get_rank()
     meshes = {"flat": init_device_mesh("cpu", (WORLD,)), "grid": init_device_mesh("cpu", (2, 2))}
@@ -146,17 +146,17 @@ def scenarios_worker(root: str) -> dict[str, Any]:
     snap.save_async(state, f"{run}/step-000000001").result(timeout=60)
     bad_state = {**state, "boom": Boom(rank == 1)}
     out["fail_items"] = _outcome(lambda: snap.save_async(bad_state, f"{run}/step-000000002"))
-    real_copy = staging_mod._copy_to_block
+    real_copy = save_mod.copy_unit  # the copy of every write unit, in either staging mode
 
-    def broken_copy(*args: Any, **kwargs: Any) -> None:
+    def broken_copy(*args: Any, **kwargs: Any) -> int:
         raise OSError(errno.ENOSPC, "No space left on device (injected on rank 1)")
 
     if rank == 1:
-        staging_mod._copy_to_block = broken_copy
+        save_mod.copy_unit = broken_copy
     try:
         out["fail_write"] = _outcome(lambda: snap.save_async(state, f"{run}/step-000000003"))
     finally:
-        staging_mod._copy_to_block = real_copy
+        save_mod.copy_unit = real_copy
     dist.barrier()
     if rank == 0:
         out["committed"] = [c.name for c in ckpt.list_checkpoints(run)]
