@@ -209,14 +209,22 @@ class DCPVariant(Variant):
         super().__init__(model, opt, root)
         self.future: Any = None
         self.waits: list[float] = []
-        self.starts: list[float] = []
         self.durable: list[float] = []
+        self._started = (0.0, 0.0)  # the pending save's (call start, call end)
+        self._done_at: list[float] = []  # set by the pending future's done callback
 
     def _wait(self) -> None:
+        """Wait for the pending save; record when it became durable. The future's done
+        callback may run after ``result()`` returns (concurrent.futures wakes waiters
+        first), so its time is taken when there is one, else now (no earlier than it)."""
         if self.future is not None:
             t0 = time.perf_counter()
             self.future.result()
             self.waits.append(time.perf_counter() - t0)
+            end = self._done_at[0] if self._done_at else time.perf_counter()
+            call_start, call_end = self._started
+            self.durable.append(end - call_end)
+            self.busy.append((call_start, end))
             self.future = None
 
     def save(self, step: int) -> None:
@@ -230,15 +238,9 @@ class DCPVariant(Variant):
             warnings.simplefilter("ignore")
             fut = dcp.async_save({"model": msd, "optim": osd}, checkpoint_id=str(self.root / f"step-{step:09d}"),
                                  no_dist=True)
-        start = time.perf_counter()
-
-        def durable(_f: Any) -> None:
-            now = time.perf_counter()
-            self.durable.append(now - start)
-            self.busy.append((t0, now))
-
-        fut.add_done_callback(durable)  # type: ignore[union-attr]
-        self.future = fut
+        done_at: list[float] = []
+        fut.add_done_callback(lambda _f: done_at.append(time.perf_counter()))  # type: ignore[union-attr]
+        self.future, self._done_at, self._started = fut, done_at, (t0, time.perf_counter())
         self.calls.append(time.perf_counter() - t0)
 
     def finish(self) -> dict[str, Any]:
