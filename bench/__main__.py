@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from bench._common import Config, Progress, fmt, machine_info, md_table
+from bench.train_loop import sweep_k
 
 SCENARIOS = ("hardware", "train", "files", "durable", "restore", "memory", "s3")
 MODULES = {"hardware": "bench.hardware", "train": "bench.train_loop", "files": "bench.files", "durable": "bench.durable",
@@ -84,7 +85,7 @@ def _train_at(results: dict[str, Any], cfg: Config) -> dict[str, Any] | None:
     if not tr:
         return None
     cs = tr["configs"]
-    k = 5 if 5 in cfg.every else cfg.every[0]
+    k = sweep_k(cfg)
     return next((c for c in cs if c["state_gib"] == cfg.state_gib and c["every"] == k), cs[0])
 
 
@@ -198,7 +199,7 @@ def plots(results: dict[str, Any], cfg: Config, out: Path) -> list[str]:
     written = []
     tr = results.get("train")
     if tr:
-        k = 5 if 5 in cfg.every else cfg.every[0]
+        k = sweep_k(cfg)
         cs = sorted((c for c in tr["configs"] if c["every"] == k), key=lambda c: c["state_bytes"])
         if cs:
             fig, ax = plt.subplots(figsize=(6, 4))

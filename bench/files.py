@@ -41,9 +41,11 @@ from bench.train_loop import (
     memcpy_seconds,
     pick_batch,
     state_tensors,
+    sweep_k,
     train,
 )
 from ckpt._engine._pool import _anonymous
+from ckpt.storage._file import fsync_dir
 
 BUF = 16 << 20  # the raw writers' buffer and write size
 ALIGN = 4096
@@ -56,10 +58,6 @@ def repeats(cfg: Config) -> int:
 
 def steps(cfg: Config) -> int:
     return 1 + repeats(cfg) * len(NAMES)
-
-
-def every(cfg: Config) -> int:
-    return 5 if 5 in cfg.every else cfg.every[0]
 
 
 class _Raw(Variant):
@@ -114,14 +112,6 @@ def _write(path: Path, buf: memoryview, size: int) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _layout(proto: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """The directories (parents first) and files (with sizes) of a checkpoint."""
     dirs: list[str] = []
@@ -134,7 +124,7 @@ def _layout(proto: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
-    gib, k = cfg.state_gib, every(cfg)
+    gib, k = cfg.state_gib, sweep_k(cfg)
     progress.step(f"files {gib:g} GiB, every {k}: building the model and a prototype checkpoint")
     model, opt, shape = build(gib)
     tensors = state_tensors(model, opt)
@@ -159,12 +149,12 @@ def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
         for f, size in files:
             _write(target / f, buf, size)
         for d in sorted(dirs, key=len, reverse=True):
-            _fsync_dir(target / d)
+            fsync_dir(target / d)
 
     def one_file(target: Path) -> None:
         target.mkdir(parents=True)
         _write(target / "state.bin", buf, -(-nbytes // ALIGN) * ALIGN)
-        _fsync_dir(target)
+        fsync_dir(target)
 
     steps_ = max(cfg.steps, 3 * k + 1)  # three checkpoints, each followed by clean steps
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in NAMES}

@@ -35,6 +35,7 @@ import gc
 import math
 import os
 import shutil
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -291,9 +292,14 @@ def in_run_blocked(spans: list[tuple[float, float]], busy: list[tuple[float, flo
 # --------------------------------------------------------------------------- scenario
 
 
+def sweep_k(cfg: Config) -> int:
+    """The k of the size sweep (and of the goals, plots and files scenario): 5 if given."""
+    return 5 if 5 in cfg.every else cfg.every[0]
+
+
 def configs(cfg: Config) -> list[tuple[float, int]]:
     """(state GiB, every k): every k at the default size, then the size sweep at one k."""
-    k_sweep = 5 if 5 in cfg.every else cfg.every[0]
+    k_sweep = sweep_k(cfg)
     out = [(cfg.state_gib, k) for k in cfg.every]
     out += [(g, k_sweep) for g in cfg.sizes_gib if (g, k_sweep) not in out]
     return out
@@ -358,9 +364,9 @@ def run_one(cfg: Config, tmp: Path, progress: Progress, state_gib: float, every:
                              "iter_s": best["loop_s"] / steps_, "checkpoints": n}
         if name != "baseline":
             s["blocked_per_ckpt_s"] = (best["loop_s"] - base) / n
-            inrun = sorted(r["blocked_in_run_s"] for r in runs[name] if r["blocked_in_run_s"] is not None)
-            # the median over runs (of two: their mean); None where no run had clean steps enough
-            s["blocked_in_run_s"] = (inrun[(len(inrun) - 1) // 2] + inrun[len(inrun) // 2]) / 2 if inrun else None
+            inrun = [r["blocked_in_run_s"] for r in runs[name] if r["blocked_in_run_s"] is not None]
+            # the median over runs; None where no run had clean steps enough
+            s["blocked_in_run_s"] = statistics.median(inrun) if inrun else None
             s["clean_steps"] = [r["clean_steps"] for r in runs[name]]
             s["call_s_median"] = sorted(best["call_s"])[len(best["call_s"]) // 2]
             # DataStates-LLM's "checkpoint throughput": checkpoint bytes / time the loop was blocked

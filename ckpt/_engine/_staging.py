@@ -127,27 +127,23 @@ def _zero_pack_gaps(block: np.ndarray, nbytes: int, members: Sequence[tuple[torc
 
 def _copy_pack_sealed(block: np.ndarray, nbytes: int, members: Sequence[tuple[torch.Tensor, int, object]],
                       crc: Callable[[int, int, int], int]) -> None:
-    """A pack of contiguous CPU members (sorted by offset): each member and each gap
-    (zeros) in order, checksummed piece by piece as it is copied (as
-    :func:`_copy_rows_sealed`), the crc32c of the ``nbytes`` after them."""
+    """A pack of contiguous CPU members (sorted by offset, not overlapping): the gaps
+    zeroed, then the ``nbytes`` checksummed in order — each gap, and each member piece by
+    piece as it is copied (as :func:`_copy_rows_sealed`) — the crc32c after them."""
+    _zero_pack_gaps(block, nbytes, members)
     base = block.ctypes.data
-    gaps = iter(_pack_gaps(nbytes, members))
-    gap = next(gaps, None)
-    c = 0
+    c = pos = 0
     for src, off, _ in members:
-        while gap is not None and gap[0] < off:
-            block[gap[0]:gap[1]].fill(0)
-            c = crc(c, base + gap[0], gap[1] - gap[0])
-            gap = next(gaps, None)
+        if off > pos:  # the gap before this member
+            c = crc(c, base + pos, off - pos)
         data = _bytes_of(src)
         for lo in range(0, data.size, FUSE_BYTES):
             hi = min(data.size, lo + FUSE_BYTES)
             np.copyto(block[off + lo:off + hi], data[lo:hi])
             c = crc(c, base + off + lo, hi - lo)
-    while gap is not None:
-        block[gap[0]:gap[1]].fill(0)
-        c = crc(c, base + gap[0], gap[1] - gap[0])
-        gap = next(gaps, None)
+        pos = off + data.size
+    if pos < nbytes:
+        c = crc(c, base + pos, nbytes - pos)
     block[nbytes:nbytes + 4] = np.frombuffer(c.to_bytes(4, "little"), dtype=np.uint8)
 
 
