@@ -12,10 +12,17 @@ in every repeat, each run's output deleted after it (as in the train scenario):
    from huge-page memory where the size allows, each file and directory fsync'd — and
    nothing else: no copy, no checksum, no Python per byte;
 3. ``same bytes, one file``: one background thread writes the state's bytes to one file
-   (16 MiB ``O_DIRECT`` writes, then fsync), as a single-file format would.
+   (16 MiB ``O_DIRECT`` writes, then fsync), as a single-file format would;
+4. ``copy+crc, one file``: the floor of any design that snapshots CPU state exactly at the
+   call and checksums what it writes — the call copies every tensor into huge-page memory
+   and checksums it as ckpt's inline staging does (crc32c fused with the copy in L2-sized
+   pieces, one thread per core), then one background thread writes that copy as one file.
 
 (2) - (3) is the cost of the layout's file count on this file system; (1) - (2) is what
-ckpt adds to writing its files (its copy in the call, included in (1), is the rest).
+ckpt adds to writing its files (its copy in the call, included in (1), is the rest);
+(4) is what no file layout can go below here. ``torch.save`` of the same state is timed
+once per repeat (its call, as in the train scenario), so every row has its ratio to it in
+the same run.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bench._common import GIB, Config, Progress, fmt, md_table, ratio, run_alone, standalone_parser
@@ -44,12 +52,14 @@ from bench.train_loop import (
     sweep_k,
     train,
 )
+from ckpt._engine._direct_write import crc32c_extend
 from ckpt._engine._pool import _anonymous
+from ckpt._engine._staging import FUSE_BYTES, staging_threads
 from ckpt.storage._file import fsync_dir
 
 BUF = 16 << 20  # the raw writers' buffer and write size
 ALIGN = 4096
-NAMES = ("ckpt", "ckpt's files, raw", "same bytes, one file")
+NAMES = ("ckpt", "ckpt's files, raw", "same bytes, one file", "copy+crc, one file")
 
 
 def repeats(cfg: Config) -> int:
@@ -57,7 +67,7 @@ def repeats(cfg: Config) -> int:
 
 
 def steps(cfg: Config) -> int:
-    return 1 + repeats(cfg) * len(NAMES)
+    return 1 + repeats(cfg) * (len(NAMES) + 1)  # + torch.save once per repeat
 
 
 class _Raw(Variant):
@@ -69,8 +79,12 @@ class _Raw(Variant):
         self.threads: list[threading.Thread] = []
         self.error: BaseException | None = None
 
+    def before_write(self) -> None:
+        """Work of the call before the background write starts (none here)."""
+
     def save(self, step: int) -> None:
         t0 = time.perf_counter()
+        self.before_write()
         target = self.root / f"step-{step:09d}"
 
         def work() -> None:
@@ -91,6 +105,69 @@ class _Raw(Variant):
         if self.error is not None:
             raise self.error
         return {}
+
+
+class _CopyOneFile(_Raw):
+    """(4): the call copies and checksums every tensor into ``mem`` (fused, in ``FUSE_BYTES``
+    pieces, on ckpt's inline thread count); a background thread writes the copy as one
+    file. A save first waits for the previous write (the copy would overwrite its bytes)."""
+
+    def __init__(self, model: Any, opt: Any, root: Path, tensors: list[torch.Tensor], mem: torch.Tensor) -> None:
+        self.mem = mem.numpy()
+        self.size = -(-sum(t.numel() * t.element_size() for t in tensors) // ALIGN) * ALIGN
+        super().__init__(model, opt, root, self._write_copy)
+        self.crc = crc32c_extend()
+        if self.crc is None:
+            raise RuntimeError("google-crc32c's C library is missing: ckpt's own install has it")
+        self.parts = _split(tensors, staging_threads(len(tensors)))
+
+    def _copy(self, part: list[tuple[torch.Tensor, int]]) -> None:
+        assert self.crc is not None
+        base = self.mem.ctypes.data
+        for t, off in part:
+            src = t.detach().reshape(-1).numpy().view("uint8")
+            c = 0
+            for lo in range(0, src.size, FUSE_BYTES):
+                hi = min(src.size, lo + FUSE_BYTES)
+                np.copyto(self.mem[off + lo:off + hi], src[lo:hi])
+                c = self.crc(c, base + off + lo, hi - lo)
+
+    def _write_copy(self, target: Path) -> None:
+        target.mkdir(parents=True)
+        mv = memoryview(self.mem)
+        fd = os.open(target / "state.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0), 0o644)
+        try:
+            off = 0
+            while off < self.size:
+                off += os.pwritev(fd, [mv[off:min(self.size, off + BUF)]], off)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(target)
+
+    def before_write(self) -> None:
+        if self.threads:
+            self.threads[-1].join()
+        helpers = [threading.Thread(target=self._copy, args=(p,)) for p in self.parts[1:]]
+        for h in helpers:
+            h.start()
+        self._copy(self.parts[0])
+        for h in helpers:
+            h.join()
+
+
+def _split(tensors: list[torch.Tensor], n: int) -> list[list[tuple[torch.Tensor, int]]]:
+    """The tensors at their offsets in one buffer, dealt to ``n`` threads by bytes."""
+    parts: list[list[tuple[torch.Tensor, int]]] = [[] for _ in range(max(1, n))]
+    loads = [0] * len(parts)
+    off = 0
+    for t in sorted(tensors, key=lambda t: -t.numel() * t.element_size()):
+        i = loads.index(min(loads))
+        parts[i].append((t, off))
+        nb = t.numel() * t.element_size()
+        loads[i] += nb
+        off += -(-nb // 64) * 64
+    return [p for p in parts if p] or [[]]
 
 
 def _write(path: Path, buf: memoryview, size: int) -> None:
@@ -142,6 +219,10 @@ def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
     mem, _ = _anonymous(BUF)
     mem.fill_(7)
     buf = memoryview(mem.numpy())
+    tensors = state_tensors(model, opt)  # the live state: AdamW updates it in place
+    copy_mem, _ = _anonymous(-(-nbytes // ALIGN) * ALIGN + 64 * len(tensors))
+    copy_mem.fill_(0)  # first touch, untimed (as ckpt's pool in the prototype save)
+    saves: list[float] = []
 
     def layout(target: Path) -> None:
         for d in dirs:
@@ -166,6 +247,7 @@ def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
                 root.mkdir()
                 train(model, opt, x, 2, 3, Variant(model, opt, tmp))  # untimed warm-up steps
                 v: Variant = (CkptVariant(model, opt, root) if name == "ckpt" else
+                              _CopyOneFile(model, opt, root, tensors, copy_mem) if name == NAMES[3] else
                               _Raw(model, opt, root, layout if name == NAMES[1] else one_file))
                 spans: list[tuple[float, float]] = []
                 _, _, n_ckpt = train(model, opt, x, steps_, k, v, spans)
@@ -175,6 +257,12 @@ def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
                                    "call_s": v.calls, "busy_s": [e - s for s, e in v.busy]})
                 shutil.rmtree(root, ignore_errors=True)
                 del v
+            progress.step(f"files {gib:g} GiB: torch.save of the same state (run {rep + 1})")
+            path = tmp / "torch-save.pt"
+            t0 = time.perf_counter()
+            torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, path)
+            saves.append(time.perf_counter() - t0)
+            path.unlink()
     finally:
         buf.release()
         CkptVariant.close_shared()
@@ -185,11 +273,15 @@ def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
                          "busy_s": statistics.median(b for r in rs for b in r["busy_s"]),
                          "call_s": statistics.median(c for r in rs for c in r["call_s"]),
                          "runs_with_estimate": len(est)}
-    ck, lay, one = (summary[n]["blocked_in_run_s"] for n in NAMES)
+    ck, lay, one, floor = (summary[n]["blocked_in_run_s"] for n in NAMES)
+    ts = statistics.median(saves)
     r: dict[str, Any] = {
         "scenario": "files", "state_gib": gib, "state_bytes": nbytes, "every": k, "steps": steps_,
         "repeats": repeats(cfg), "dirs": len(dirs), "files": len(files), "summary": summary, "runs": runs,
-        "ratios": {"ckpt_over_its_files_raw": ratio(ck, lay), "its_files_raw_over_one_file": ratio(lay, one)},
+        "torch_save_s": ts, "torch_save_runs_s": saves,
+        "ratios": {"ckpt_over_its_files_raw": ratio(ck, lay), "its_files_raw_over_one_file": ratio(lay, one),
+                   "ckpt_over_torch_save": ratio(ck, ts), "floor_over_torch_save": ratio(floor, ts),
+                   "ckpt_over_floor": ratio(ck, floor)},
         "fs_path": str(tmp),
     }
     r["markdown"] = _markdown(r)
@@ -202,10 +294,11 @@ def _markdown(r: dict[str, Any]) -> str:
     for name in NAMES:
         s = r["summary"][name]
         what = {"ckpt": "Snapshotter.save_async", NAMES[1]: f"{r['dirs']} directories, {r['files']} files",
-                NAMES[2]: f"{r['state_bytes'] / GIB:.2f} GiB"}[name]
+                NAMES[2]: f"{r['state_bytes'] / GIB:.2f} GiB",
+                NAMES[3]: f"copy + crc32c in the call, {r['state_bytes'] / GIB:.2f} GiB as one file"}[name]
         b = s["blocked_in_run_s"]
-        rows.append([name, what, fmt(None if b is None else b * ms, 0), fmt(s["call_s"] * ms, 1),
-                     fmt(s["busy_s"] * ms, 0)])
+        rows.append([name, what, fmt(None if b is None else b * ms, 0),
+                     fmt(ratio(b, r["torch_save_s"]), 3), fmt(s["call_s"] * ms, 1), fmt(s["busy_s"] * ms, 0)])
     return "\n".join([
         "### What the checkpoint's files cost the loop",
         "",
@@ -214,9 +307,14 @@ def _markdown(r: dict[str, Any]) -> str:
         "each run's clean steps (no checkpoint work in flight). \"raw\" rows write in one background thread "
         "and do nothing else: ckpt's directories and files of this state with their sizes (O_DIRECT where "
         "whole blocks, every file and directory fsync'd), or the same bytes as one file. busy = call to "
-        "durable. Their difference is what the file count costs on this file system.",
+        "durable. Their difference is what the file count costs on this file system. The last row is the "
+        "floor of any format that snapshots the state exactly at the call and checksums it: the copy and "
+        "crc32c in the call (as ckpt's inline staging), then one file. "
+        f"torch.save of the same state: {r['torch_save_s']:.2f} s (median of {len(r['torch_save_runs_s'])}, "
+        "this run); \"/ torch.save\" is blocked over that.",
         "",
-        md_table(["writer", "writes", "blocked / ckpt ms (in-run)", "call ms", "busy ms"], rows, "llrrr"),
+        md_table(["writer", "writes", "blocked / ckpt ms (in-run)", "/ torch.save", "call ms", "busy ms"], rows,
+                 "llrrrr"),
     ])
 
 
