@@ -57,9 +57,11 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # GPU mod
 
 
 def sync() -> None:
-    """Wait for queued GPU work, so a clock that stops measures it (no-op on CPU)."""
+    """Wait for the work queued on the current stream, so a clock that stops measures it
+    (no-op on CPU). Not ``torch.cuda.synchronize()``: that would also wait for ckpt's copy
+    streams and charge a snapshot's overlapped copies to the step that took it."""
     if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
 
 
 def build(state_gib: float, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any]]:

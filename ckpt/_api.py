@@ -100,9 +100,18 @@ class Snapshotter:
     @property
     def pool(self) -> HostPool:
         if self._pool is None:
-            self._pool = HostPool(self.options.pool_bytes, pinned=torch.cuda.is_available(),
-                                  huge_pages=self.options.huge_pages)
+            self._pool = HostPool(self.options.pool_bytes, pinned=False, huge_pages=self.options.huge_pages)
         return self._pool
+
+    def _pool_for(self, cuda: bool) -> HostPool:
+        """The staging pool, page-locked once a state has CUDA tensors (device-to-host
+        copies need it to be asynchronous); a CPU-only job on a GPU host neither pins host
+        memory nor starts CUDA. Called with no snapshot in flight."""
+        if cuda and (self._pool is None or not self._pool.pinned):
+            if self._pool is not None:
+                self._pool.close()
+            self._pool = HostPool(self.options.pool_bytes, pinned=True, huge_pages=self.options.huge_pages)
+        return self.pool
 
     def _copy_streams(self) -> list[Any]:
         if not self._streams and torch.cuda.is_available():
@@ -181,9 +190,10 @@ class Snapshotter:
             # rank's handle raises (this one its own error) instead of the peers hanging.
             prep, early = _Prepared([], {}, {}, {}), e
         self._hook(state)
-        job = SnapshotJob(prep=prep, storage=storage, name=name, step=step, coord=coord, pool=self.pool,
+        cuda = any(it.tensor.device.type == "cuda" for it in prep.tensors)
+        job = SnapshotJob(prep=prep, storage=storage, name=name, step=step, coord=coord, pool=self._pool_for(cuda),
                           options=self.options, plan_cache=self._plan_cache, overwrite=overwrite,
-                          user_metadata=dict(metadata or {}), streams=self._copy_streams(), t_call=t0,
+                          user_metadata=dict(metadata or {}), streams=self._copy_streams() if cuda else [], t_call=t0,
                           early_error=early, hold_writes=hold_writes)
         self._job = job
         job.start()

@@ -28,9 +28,9 @@ from typing import Any, Protocol
 import torch
 
 from ckpt._api import SaveHandle, Snapshotter, load
-from ckpt._engine._commit import CheckpointInfo, list_run
+from ckpt._engine._commit import CheckpointInfo, list_run, purge_recycled, retire
 from ckpt._engine._coord import coordinator
-from ckpt._engine._options import SaveOptions
+from ckpt._engine._options import SaveOptions, parse_flag
 from ckpt._format import MANIFEST, step_dirname
 from ckpt.errors import CheckpointError
 from ckpt.storage import open_storage
@@ -90,6 +90,11 @@ class CheckpointManager:
     on SIGTERM/SIGUSR1 the next ``step()`` saves once, waits for the commit and exits
     the process with status 0 (``exit_on_preemption=False`` sets ``preempted`` instead).
     ``save_on_close``: ``close()`` saves the last step if it was not saved.
+    ``recycle`` (default on; ``CKPT_RECYCLE=0`` turns it off): on local storage, retention
+    keeps one retired checkpoint's tree — its manifest deleted first, so it is no longer a
+    checkpoint — and the next save overwrites its files in place instead of creating a
+    new tree (no inode or block allocation per checkpoint); ``close()`` deletes it.
+    Do not read a checkpoint that retention is about to remove: its files may be reused.
     """
 
     def __init__(self, run: str | os.PathLike[str], *, every_steps: int | None = None,
@@ -99,8 +104,10 @@ class CheckpointManager:
                  save_on_signals: Sequence[int] | None = None,
                  exit_on_preemption: bool = True, save_on_close: bool = True,
                  options: SaveOptions | None = None, storage_options: dict[str, Any] | None = None,
-                 process_group: Any = None, allow_pickle: bool = False) -> None:
+                 process_group: Any = None, allow_pickle: bool = False, recycle: bool | None = None) -> None:
         self.run = os.fspath(run).rstrip("/")
+        env = os.environ.get("CKPT_RECYCLE")
+        self.recycle = recycle if recycle is not None else parse_flag(env, "CKPT_RECYCLE") if env else True
         self.policies: list[SavePolicy] = list(policies)
         if every_steps:
             self.policies.append(EverySteps(every_steps))
@@ -263,8 +270,9 @@ class CheckpointManager:
         removed = []
         for info in infos:
             if info.step not in keep:
-                self.storage.delete(f"{info.name}/{MANIFEST}")
-                self.storage.delete_dir(info.name)
+                self.storage.delete(f"{info.name}/{MANIFEST}")  # no longer a checkpoint
+                if not (self.recycle and retire(self.storage, info.name)):
+                    self.storage.delete_dir(info.name)
                 removed.append(info.name)
         return removed
 
@@ -301,6 +309,8 @@ class CheckpointManager:
                 and self._last_saved != self._last_step:
             self.save(self._last_step, self._state)
         self.wait()
+        if self.coord.rank == 0 and self.recycle:
+            purge_recycled(self.storage)
         self.snapshotter.close()
         self._restore_handlers()
 

@@ -87,10 +87,16 @@ def main() -> None:
     ap.add_argument("--step-sleep", type=float, default=0.0, help="seconds of extra work per step")
     ap.add_argument("--width", dest="d", type=int, default=128, help="model width")
     ap.add_argument("--log", default=None, help="log directory (default <run>/log when local)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: rank i of a host on GPU LOCAL_RANK, NCCL (needs a GPU per local rank)")
     args = ap.parse_args()
 
     distributed = "WORLD_SIZE" in os.environ
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    # CPU unless asked: the demo and the tests run several agents of one host side by side,
+    # which NCCL refuses on one GPU
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if distributed else 0

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import ckpt
+import ckpt.tools
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +63,73 @@ def test_keep_every_and_manifest_deleted_first(run_place):
     # retention left no object behind of the deleted checkpoints (nothing that looks half-there)
     tops = {f.split("/", 1)[0] for f in run_place.files("")}
     assert {t for t in tops if t.startswith("step-")} == {"step-000000002", "step-000000005", "step-000000006"}
+
+
+def _tree(d):
+    """checkpoint-relative path -> size of every file but the manifest."""
+    return {str(f.relative_to(d)): f.stat().st_size for f in Path(d).rglob("*")
+            if f.is_file() and f.name != "manifest.json"}
+
+
+def _recycle_slots(run):
+    return [d.name for d in Path(run).iterdir() if d.name.startswith(".tmp-recycle-")]
+
+
+def test_retention_recycles_the_oldest_tree_and_prunes_what_changed(tmp_path):
+    """keep_last retires the oldest checkpoint's tree (manifest first) and the next save
+    overwrites its files in place: same inodes, the same files a fresh save writes, bit-exact.
+    When the state's structure changes, the files it no longer has are pruned before the commit."""
+    run = tmp_path / "run"
+    state = make_state()
+    mgr = ckpt.CheckpointManager(run, every_steps=1, keep_last=2, save_on_signals=(), save_on_close=False)
+    train(state, 2, mgr)
+    mgr.wait()
+    shard = "arrays/model/weight.zarr/c.0.0"
+    ino0 = (run / "step-000000000" / shard).stat().st_ino
+    train(state, 1, mgr, start=2)  # step 2 commits; step 0 is retired, not deleted
+    mgr.wait()
+    assert len(_recycle_slots(run)) == 1 and not (run / "step-000000000").exists()
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [2, 1]  # a slot is never a checkpoint
+    train(state, 1, mgr, start=3)  # step 3 is written into step 0's tree
+    mgr.wait()
+    assert (run / "step-000000003" / shard).stat().st_ino == ino0
+    fresh = tmp_path / "fresh"
+    ckpt.save(state, fresh / "s")
+    assert _tree(run / "step-000000003") == _tree(fresh / "s")
+    out = make_state(seed=5)
+    ckpt.load(out, run / "step-000000003")
+    assert torch.equal(out["model"].weight, state["model"].weight)
+    assert torch.equal(out["optim"].state_dict()["state"][0]["momentum_buffer"],
+                       state["optim"].state_dict()["state"][0]["momentum_buffer"])
+    assert ckpt.tools.verify(run / "step-000000003").ok
+
+    # another structure: other shapes, no optimizer, a new key; step 1's tree is the slot now
+    torch.manual_seed(3)
+    other = {"model": torch.nn.Linear(100, 700), "extra": torch.randn(123, 457)}
+    mgr.save(4, other)
+    mgr.wait()
+    ckpt.save(other, fresh / "o")
+    assert _tree(run / "step-000000004") == _tree(fresh / "o")  # the optimizer's files are gone
+    got = {"model": torch.nn.Linear(100, 700), "extra": torch.zeros(123, 457)}
+    ckpt.load(got, run / "step-000000004")
+    assert torch.equal(got["model"].weight, other["model"].weight) and torch.equal(got["extra"], other["extra"])
+    assert ckpt.tools.verify(run / "step-000000004").ok
+    mgr.close()
+    assert _recycle_slots(run) == []  # a run that ends keeps no retired tree
+
+
+def test_recycle_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPT_RECYCLE", "0")
+    run = tmp_path / "run"
+    state = make_state()
+    with ckpt.CheckpointManager(run, every_steps=1, keep_last=1, save_on_signals=(), save_on_close=False) as mgr:
+        train(state, 3, mgr)
+        mgr.wait()
+        assert _recycle_slots(run) == []
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [2]
+    monkeypatch.setenv("CKPT_RECYCLE", "sometimes")
+    with pytest.raises(ValueError, match="CKPT_RECYCLE"):
+        ckpt.CheckpointManager(run, save_on_signals=())
 
 
 def test_restore_falls_back_past_corrupt_and_uncommitted(run_place):

@@ -224,7 +224,9 @@ class DirectWriter:
         path = self.storage.local_path(rel)  # type: ignore[attr-defined]
         where = self.storage.describe(rel)
         parent = os.path.dirname(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+        # No O_TRUNC: a file of a recycled tree is overwritten in place (its blocks stay
+        # allocated), then cut to its size below.
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
         try:
             self._makedirs(parent)
             try:
@@ -245,7 +247,7 @@ class DirectWriter:
                     fd = os.open(path, flags, 0o644)
                     data = data[:size]
                     _pwrite_full(fd, data, 0)
-                if len(data) != size:
+                if len(data) != size or os.fstat(fd).st_size != size:
                     os.ftruncate(fd, size)
                 os.fsync(fd)
             finally:

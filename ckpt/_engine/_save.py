@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ckpt._engine._arrays import open_for_write
-from ckpt._engine._commit import commit
+from ckpt._engine._commit import commit, prune_recycled, take_recycled
 from ckpt._engine._coord import DistCoordinator, LocalCoordinator
 from ckpt._engine._direct_write import DirectWriter, pack_image, shard_image
 from ckpt._engine._globalplan import Assignment, GlobalPlan, PieceMeta, build_plan, signature
@@ -211,6 +211,7 @@ class SnapshotJob:
         if not (self.inline and hold_writes):
             self.io_open.set()
         self._direct: DirectWriter | None = None
+        self._recycled: set[str] | None = None  # rank 0, writing into a recycled tree: the files it held
         self._thread = threading.Thread(target=self._run, name=f"ckpt-save-{name}", daemon=True)
 
     # -- public-ish --------------------------------------------------------
@@ -297,6 +298,8 @@ class SnapshotJob:
                         hint="save under another step/name, or pass overwrite=True")
                 if self.storage.capabilities.atomic_rename:
                     decision["dir"] = f"{TMP_PREFIX}{self.name}-{uuid.uuid4().hex[:12]}"
+                    # a tree retention retired becomes the write directory (files overwritten in place)
+                    self._recycled = take_recycled(self.storage, decision["dir"])
                 else:
                     decision["dir"] = self.name
             except BaseException as e:  # noqa: BLE001
@@ -439,22 +442,34 @@ class SnapshotJob:
                 return
             u.block = self.pool.acquire(u.image.block_bytes if u.image is not None else u.nbytes,
                                         cancelled=self._cancel)
-            dev = next((m.device for m, _, _ in u.members if m.device.type == "cuda"), None)
-            if dev is not None:
-                stream = streams[n % len(streams)]
-                n += 1
-                with torch.cuda.stream(stream):
-                    ready = self.prep.ready_events.get(dev)
-                    if ready is not None:
-                        stream.wait_event(ready)
-                    copy_unit(u, non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record(stream)
-                u.event = ev
-                self._copy_events.append(ev)
-            else:
-                copy_unit(u, non_blocking=False)
-                self.check_unchanged(u)
+            try:
+                dev = next((m.device for m, _, _ in u.members if m.device.type == "cuda"), None)
+                if dev is not None:
+                    stream = streams[n % len(streams)]
+                    n += 1
+                    with torch.cuda.stream(stream):
+                        ready = self.prep.ready_events.get(dev)
+                        if ready is not None:
+                            stream.wait_event(ready)
+                        copy_unit(u, non_blocking=True)
+                        ev = torch.cuda.Event()
+                        ev.record(stream)
+                    u.event = ev
+                    self._copy_events.append(ev)
+                    # Checked now, when the copy is issued: an in-place change enqueued before it
+                    # is not ordered with the copy. Not after the copy completes: once every copy
+                    # is issued, the optimizer step may run (its stream waits on these events)
+                    # and bump the versions while the copies are still landing.
+                    self.check_unchanged(u)
+                else:
+                    copy_unit(u, non_blocking=False)
+                    self.check_unchanged(u)
+            except BaseException:
+                if u.event is not None:  # the copy may still be landing in the block
+                    u.event.synchronize()
+                self.pool.release(u.block)
+                u.block = None
+                raise
             self.stats.bytes += u.nbytes
             writer_q.put(u)
         self.stats.copied_s = time.perf_counter() - self.t_call
@@ -550,6 +565,8 @@ class SnapshotJob:
                     for key in self.prep.pickles:
                         manifest.entries[key] = {"kind": "pickle", "path": f"objects/{key_to_path(key)}.pkl",
                                                  "format": "pickle"}
+                    if self._recycled is not None:
+                        prune_recycled(self.storage, write_dir, manifest, self._recycled)
                     commit(self.storage, write_dir, self.name, manifest.to_json(), overwrite=self.overwrite)
                 except BaseException as e:  # noqa: BLE001
                     outcome = {"ok": False, "failures": {0: _portable(e)}}

@@ -194,7 +194,9 @@ def _copy_chunk_bytes(block: Block, off: int, img: ObjectImage, src: torch.Tenso
     shape = img.chunk_shape
     dst = block.tensor[off:off + img.chunk_nbytes].view(*shape[:-1], shape[-1] * isz)
     if src.stride(-1) != 1:  # a byte view needs unit stride in the last dim
-        src = src.contiguous()
+        # .contiguous() keeps a "contiguous" tensor's odd stride on a size-1 last dim
+        # (e.g. randn(1, n).t()); through a flat view the same bytes get the usual strides
+        src = src.contiguous().view(-1).view(src.shape)
     part = tuple(slice(0, e) for e in src.shape[:-1]) + (slice(0, src.shape[-1] * isz),)
     dst[part].copy_(src.view(torch.uint8), non_blocking=non_blocking)
 

@@ -90,9 +90,8 @@ class Writer(threading.Thread):
                 if self.error is not None or self.job._cancel.is_set():
                     self._release(u)
                     continue
-                if u.event is not None:
-                    u.event.synchronize()
-                    self.job.check_unchanged(u)
+                if u.event is not None:  # sources were checked when the copy was issued (_stage):
+                    u.event.synchronize()  # the optimizer step may have changed them since
                 if u.image is not None:
                     self._write_direct(u)
                 else:
@@ -162,6 +161,8 @@ class Writer(threading.Thread):
             self._all_done.notify_all()
 
     def _release(self, u: WriteUnit) -> None:
+        if u.event is not None:  # a cancelled unit's copy may still be landing in the block
+            u.event.synchronize()
         if u.block is not None:
             self.job.pool.release(u.block)
             u.block = None
