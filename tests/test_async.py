@@ -240,6 +240,35 @@ def test_write_error_surfaces_from_handle_training_continues(faulty, tmp_path, m
     snap.close()
 
 
+@pytest.mark.parametrize("staging", ["inline", "background"])
+def test_writer_failure_returns_every_block_to_the_pool(tmp_path, monkeypatch, staging):
+    """An error raised in the writer's own loop (not by a write in flight) fails the save,
+    and every staged block goes back to the pool: the same Snapshotter saves again."""
+    from ckpt._engine import _writer
+
+    state = {"w": torch.randn(1024, 1024), "v": torch.randn(512, 1024)}  # 6 MiB: many 1 MiB units
+    snap = ckpt.Snapshotter(small_options(pool_bytes=16 << 20, cpu_staging=staging))
+    real = _writer.Writer._write_direct
+    calls = []
+
+    def failing(self, u):
+        calls.append(u)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "injected writer failure")
+        return real(self, u)
+
+    monkeypatch.setattr(_writer.Writer, "_write_direct", failing)
+    with pytest.raises(OSError, match="injected writer failure"):
+        snap.save(state, tmp_path / "a")
+    assert snap.pool.used == 0  # nothing leaked: the failing unit's block and the queued ones
+    monkeypatch.setattr(_writer.Writer, "_write_direct", real)
+    snap.save(state, tmp_path / "b")
+    out = {"w": torch.zeros(1024, 1024), "v": torch.zeros(512, 1024)}
+    ckpt.load(out, tmp_path / "b")
+    assert torch.equal(out["w"], state["w"]) and torch.equal(out["v"], state["v"])
+    snap.close()
+
+
 def test_commit_error_keeps_original_type_and_previous_checkpoint(faulty, tmp_path):
     w = torch.randn(300, 300)
     snap = ckpt.Snapshotter(small_options())

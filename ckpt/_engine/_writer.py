@@ -81,10 +81,13 @@ class Writer(threading.Thread):
 
     def run(self) -> None:
         lower_priority(self.job.options.background_nice)
+        u: WriteUnit | None = None
+        ended = False  # the stager's None was taken
         try:
             while True:
                 u = self.q.get()
                 if u is None:
+                    ended = True
                     break
                 self.job.io_open.wait()
                 if self.error is not None or self.job._cancel.is_set():
@@ -107,6 +110,22 @@ class Writer(threading.Thread):
         except BaseException as e:  # noqa: BLE001
             self.error = self.error or e
             self.job._cancel.set()
+            # every block goes back to the pool, or the Snapshotter's next saves would find
+            # it shrunk: this unit's (if its write never started) and the queued ones
+            # (the stager stops at its next unit and always ends the queue with None)
+            # (u, if set, is a unit whose write was never submitted)
+            try:
+                if u is not None:
+                    self._release(u)
+            finally:
+                while not ended:
+                    left = self.q.get()
+                    if left is None:
+                        break
+                    try:
+                        self._release(left)
+                    except BaseException:  # noqa: BLE001 - a failed device sync: keep draining
+                        pass
 
     def _array(self, path: str) -> Any:
         arr = self.arrays.get(path)
