@@ -20,7 +20,10 @@ in every repeat, each run's output deleted after it (as in the train scenario):
 
 (2) - (3) is the cost of the layout's file count on this file system; (1) - (2) is what
 ckpt adds to writing its files (its copy in the call, included in (1), is the rest);
-(4) is what no file layout can go below here. ``torch.save`` of the same state is timed
+(4) is what no file layout can go below here. (5) and (6) are ckpt as a training job
+runs it, ``CheckpointManager(keep_last=2)``: retention after every commit, the retired
+checkpoint's tree recycled by the next save (the default) or deleted; busy runs from the
+call until retention is done. ``torch.save`` of the same state is timed
 once per repeat (its call, as in the train scenario), so every row has its ratio to it in
 the same run.
 """
@@ -39,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import ckpt
 from bench._common import GIB, Config, Progress, fmt, md_table, ratio, run_alone, standalone_parser
 from bench.train_loop import (
     DEVICE,
@@ -59,7 +63,8 @@ from ckpt.storage._file import fsync_dir
 
 BUF = 16 << 20  # the raw writers' buffer and write size
 ALIGN = 4096
-NAMES = ("ckpt", "ckpt's files, raw", "same bytes, one file", "copy+crc, one file")
+NAMES = ("ckpt", "ckpt's files, raw", "same bytes, one file", "copy+crc, one file",
+         "ckpt, keep_last=2", "ckpt, keep_last=2, no recycling")
 
 
 def repeats(cfg: Config) -> int:
@@ -156,6 +161,39 @@ class _CopyOneFile(_Raw):
             h.join()
 
 
+class _Managed(Variant):
+    """(5)/(6): ``CheckpointManager(keep_last=2)``, recycling on or off. An untimed save of
+    step 0 first allocates and touches the manager's pool (and is the first retired)."""
+
+    def __init__(self, model: Any, opt: Any, root: Path, *, recycle: bool) -> None:
+        super().__init__(model, opt, root)
+        self.state = {"model": model, "optim": opt}
+        self.mgr = ckpt.CheckpointManager(root, keep_last=2, save_on_signals=(), save_on_close=False,
+                                          recycle=recycle)
+        self.mgr.save(0, self.state).result()
+        self.handles: list[ckpt.SaveHandle] = []
+        self.starts: list[float] = []
+        self.ends: dict[int, float] = {}
+
+    def save(self, step: int) -> None:
+        t0 = time.perf_counter()
+        h = self.mgr.save(step + 1, self.state)
+        self.calls.append(time.perf_counter() - t0)
+        i = len(self.handles)
+        self.handles.append(h)
+        self.starts.append(t0)
+        # registered after the manager's own callback, so this runs once retention is done
+        h.add_done_callback(lambda _h, i=i: self.ends.__setitem__(i, time.perf_counter()))
+
+    def finish(self) -> dict[str, Any]:
+        for h in self.handles:
+            h.result()
+        self.mgr.wait()
+        self.busy = [(t0, self.ends.get(i, time.perf_counter())) for i, t0 in enumerate(self.starts)]
+        self.mgr.close()
+        return {}
+
+
 def _split(tensors: list[torch.Tensor], n: int) -> list[list[tuple[torch.Tensor, int]]]:
     """The tensors at their offsets in one buffer, dealt to ``n`` threads by bytes."""
     parts: list[list[tuple[torch.Tensor, int]]] = [[] for _ in range(max(1, n))]
@@ -248,6 +286,7 @@ def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
                 train(model, opt, x, 2, 3, Variant(model, opt, tmp))  # untimed warm-up steps
                 v: Variant = (CkptVariant(model, opt, root) if name == "ckpt" else
                               _CopyOneFile(model, opt, root, tensors, copy_mem) if name == NAMES[3] else
+                              _Managed(model, opt, root, recycle=name == NAMES[4]) if name in NAMES[4:] else
                               _Raw(model, opt, root, layout if name == NAMES[1] else one_file))
                 spans: list[tuple[float, float]] = []
                 _, _, n_ckpt = train(model, opt, x, steps_, k, v, spans)
@@ -273,7 +312,7 @@ def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
                          "busy_s": statistics.median(b for r in rs for b in r["busy_s"]),
                          "call_s": statistics.median(c for r in rs for c in r["call_s"]),
                          "runs_with_estimate": len(est)}
-    ck, lay, one, floor = (summary[n]["blocked_in_run_s"] for n in NAMES)
+    ck, lay, one, floor, kept, kept_fresh = (summary[n]["blocked_in_run_s"] for n in NAMES)
     ts = statistics.median(saves)
     r: dict[str, Any] = {
         "scenario": "files", "state_gib": gib, "state_bytes": nbytes, "every": k, "steps": steps_,
@@ -281,7 +320,7 @@ def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
         "torch_save_s": ts, "torch_save_runs_s": saves,
         "ratios": {"ckpt_over_its_files_raw": ratio(ck, lay), "its_files_raw_over_one_file": ratio(lay, one),
                    "ckpt_over_torch_save": ratio(ck, ts), "floor_over_torch_save": ratio(floor, ts),
-                   "ckpt_over_floor": ratio(ck, floor)},
+                   "ckpt_over_floor": ratio(ck, floor), "recycled_over_deleted": ratio(kept, kept_fresh)},
         "fs_path": str(tmp),
     }
     r["markdown"] = _markdown(r)
@@ -295,7 +334,9 @@ def _markdown(r: dict[str, Any]) -> str:
         s = r["summary"][name]
         what = {"ckpt": "Snapshotter.save_async", NAMES[1]: f"{r['dirs']} directories, {r['files']} files",
                 NAMES[2]: f"{r['state_bytes'] / GIB:.2f} GiB",
-                NAMES[3]: f"copy + crc32c in the call, {r['state_bytes'] / GIB:.2f} GiB as one file"}[name]
+                NAMES[3]: f"copy + crc32c in the call, {r['state_bytes'] / GIB:.2f} GiB as one file",
+                NAMES[4]: "CheckpointManager: the retired tree overwritten in place",
+                NAMES[5]: "CheckpointManager(recycle=False): a new tree, the retired one deleted"}[name]
         b = s["blocked_in_run_s"]
         rows.append([name, what, fmt(None if b is None else b * ms, 0),
                      fmt(ratio(b, r["torch_save_s"]), 3), fmt(s["call_s"] * ms, 1), fmt(s["busy_s"] * ms, 0)])
@@ -307,9 +348,10 @@ def _markdown(r: dict[str, Any]) -> str:
         "each run's clean steps (no checkpoint work in flight). \"raw\" rows write in one background thread "
         "and do nothing else: ckpt's directories and files of this state with their sizes (O_DIRECT where "
         "whole blocks, every file and directory fsync'd), or the same bytes as one file. busy = call to "
-        "durable. Their difference is what the file count costs on this file system. The last row is the "
-        "floor of any format that snapshots the state exactly at the call and checksums it: the copy and "
-        "crc32c in the call (as ckpt's inline staging), then one file. "
+        "durable. Their difference is what the file count costs on this file system. The copy+crc row is "
+        "the floor of any format that snapshots the state exactly at the call and checksums it: the copy and "
+        "crc32c in the call (as ckpt's inline staging), then one file. The keep_last rows are ckpt as a "
+        "training job runs it, with retention after every commit (busy until retention is done). "
         f"torch.save of the same state: {r['torch_save_s']:.2f} s (median of {len(r['torch_save_runs_s'])}, "
         "this run); \"/ torch.save\" is blocked over that.",
         "",
