@@ -212,6 +212,7 @@ class SnapshotJob:
             self.io_open.set()
         self._direct: DirectWriter | None = None
         self._recycled: set[str] | None = None  # rank 0, writing into a recycled tree: the files it held
+        self.in_recycled = False  # every rank: the write directory is a recycled tree
         self._thread = threading.Thread(target=self._run, name=f"ckpt-save-{name}", daemon=True)
 
     # -- public-ish --------------------------------------------------------
@@ -300,6 +301,7 @@ class SnapshotJob:
                     decision["dir"] = f"{TMP_PREFIX}{self.name}-{uuid.uuid4().hex[:12]}"
                     # a tree retention retired becomes the write directory (files overwritten in place)
                     self._recycled = take_recycled(self.storage, decision["dir"])
+                    decision["recycled"] = self._recycled is not None
                 else:
                     decision["dir"] = self.name
             except BaseException as e:  # noqa: BLE001
@@ -308,6 +310,7 @@ class SnapshotJob:
         if "error" in decision:
             err = decision["error"]
             raise err if isinstance(err, BaseException) else CheckpointError(str(err), path=self.url)
+        self.in_recycled = bool(decision.get("recycled"))
         return decision["dir"]
 
     def _plan(self) -> GlobalPlan:
@@ -415,6 +418,8 @@ class SnapshotJob:
                 if a.create:
                     futures[a.path] = direct.submit(self._gated(direct.write_json), f"{write_dir}/{a.path}/zarr.json", meta)
                 continue
+            if a.create:
+                self._clear_recycled_metadata(f"{write_dir}/{a.path}")
             futures[a.path] = open_for_write(self.storage, f"{write_dir}/{a.path}", meta, create=a.create)
         for path, nbytes in plan.packs.get(self.coord.rank, []):
             members = [k for k, e in plan.entries.items() if e.get("storage", {}).get("path") == path]
@@ -422,8 +427,16 @@ class SnapshotJob:
             if direct is not None:
                 futures[path] = direct.submit(self._gated(direct.write_json), f"{write_dir}/{path}/zarr.json", meta)
                 continue
+            self._clear_recycled_metadata(f"{write_dir}/{path}")
             futures[path] = open_for_write(self.storage, f"{write_dir}/{path}", meta, create=True)
         return futures
+
+    def _clear_recycled_metadata(self, array_dir: str) -> None:
+        """In a recycled tree, the array's old zarr.json goes before tensorstore creates it
+        anew (it refuses to create over existing metadata). Only the creating writer
+        touches zarr.json; the old shards are overwritten (or pruned) as in direct writes."""
+        if self.in_recycled:
+            self.storage.delete(f"{array_dir}/zarr.json")
 
     def _gated(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any) -> Any:

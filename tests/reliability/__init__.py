@@ -127,9 +127,11 @@ def save_worker(run: str, step: int, started: Any, env: dict[str, str] | None = 
         result.put(("ok", time.perf_counter() - t0, ""))
 
 
-def inject_kill(at: int) -> None:
+def inject_kill(at: int, *, direct_writes: bool = False) -> None:
     """SIGKILL this process right before its ``at``-th file-system mutation (storage
-    writes, renames, deletes and every unlink/rmdir inside a recursive delete)."""
+    writes, renames, deletes and every unlink/rmdir inside a recursive delete; with
+    ``direct_writes`` also every object ckpt's direct writer writes itself)."""
+    from ckpt._engine._direct_write import DirectWriter
     from ckpt.storage._file import FileStorage
 
     count = [0]
@@ -147,6 +149,8 @@ def inject_kill(at: int) -> None:
 
     for name in ("write_bytes", "rename_dir", "delete"):
         setattr(FileStorage, name, wrap(getattr(FileStorage, name)))
+    if direct_writes:
+        DirectWriter._write_file = wrap(DirectWriter._write_file)  # type: ignore[method-assign]
     os.unlink = wrap(os.unlink)  # type: ignore[assignment]
     os.rmdir = wrap(os.rmdir)  # type: ignore[assignment]
     os.replace = wrap(os.replace)  # type: ignore[assignment]
@@ -159,6 +163,18 @@ def retention_worker(run: str, keep_last: int, started: Any, kill_at: int = 0) -
     mgr = ckpt.CheckpointManager(run, keep_last=keep_last, save_on_signals=(), save_on_close=False)
     started.set()
     mgr.apply_retention()
+
+
+def recycled_save_worker(run: str, kill_at: int, started: Any) -> None:
+    """``CheckpointManager(keep_last=1)`` saves step 3 into ``run``'s recycle slot (then
+    retires step 2), SIGKILLed right before its ``kill_at``-th file-system mutation."""
+    _setup_child(None)
+    inject_kill(kill_at, direct_writes=True)
+    mgr = ckpt.CheckpointManager(run, keep_last=1, save_on_signals=(), save_on_close=False)
+    started.set()
+    mgr.save(3, make_state(3)).result()
+    mgr.wait()
+    mgr.snapshotter.close()
 
 
 def gc_worker(run: str, keep_last: int | None, started: Any, kill_at: int = 0) -> None:

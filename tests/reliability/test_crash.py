@@ -20,6 +20,7 @@ from tests.reliability import (
     gc_clean,
     gc_worker,
     make_state,
+    recycled_save_worker,
     retention_worker,
     run_child,
     save_kill_worker,
@@ -127,6 +128,31 @@ def test_kill_during_retention(tmp_path):
         assert 4 in committed_steps(run)  # retention never removes the newest
         _count("retention-kill-point", True)
     print(f"\n[reliability] retention: {len(KILL_POINTS) - completed} killed mid-way, {completed} finished")
+
+
+def test_kill_during_a_save_into_a_recycled_tree(tmp_path):
+    """A save that recycles the retired tree (take it, overwrite in place, prune, commit,
+    retire the next one), killed at every stage: what is listed loads bit-exact, the rest
+    is debris gc removes, and the run saves again."""
+    tpl = tmp_path / "rtpl"
+    mgr = ckpt.CheckpointManager(tpl, keep_last=1, save_on_signals=(), save_on_close=False)
+    mgr.save(1, make_state(1)).result()
+    mgr.save(2, make_state(2)).result()
+    mgr.wait()
+    mgr.snapshotter.close()  # not close(): that would delete the slot
+    assert committed_steps(str(tpl)) == [2]
+    assert [d for d in os.listdir(tpl) if d.startswith(".tmp-recycle-")]  # step 1's tree, kept
+    completed = 0
+    for k in KILL_POINTS:
+        run = _copy(str(tpl), str(tmp_path / f"rec{k}"))
+        code, _ = run_child(recycled_save_worker, run, k)
+        completed += code == 0
+        for s in committed_steps(run):
+            assert_bit_exact(f"{run}/step-{s:09d}", s)
+        _after(run, {2, 3}, 4)
+        _count("recycled-save-kill-point", True)
+    assert completed < len(KILL_POINTS)  # the kill points reach into the save
+    print(f"\n[reliability] recycled save: {len(KILL_POINTS) - completed} killed mid-way, {completed} finished")
 
 
 def test_kill_during_gc(tmp_path):
