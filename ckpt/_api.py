@@ -91,7 +91,7 @@ class Snapshotter:
     def __init__(self, options: SaveOptions | None = None) -> None:
         self.options = SaveOptions.resolve(options)
         self._pool: HostPool | None = None
-        self._streams: list[Any] = []
+        self._streams: dict[torch.device, list[Any]] = {}
         self._plan_cache: dict[str, GlobalPlan] = {}
         self._job: SnapshotJob | None = None
         self._hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
@@ -113,10 +113,13 @@ class Snapshotter:
             self._pool = HostPool(self.options.pool_bytes, pinned=True, huge_pages=self.options.huge_pages)
         return self.pool
 
-    def _copy_streams(self) -> list[Any]:
-        if not self._streams and torch.cuda.is_available():
-            self._streams = [torch.cuda.Stream() for _ in range(self.options.copy_streams)]
-        return self._streams
+    def _copy_streams(self, devices: set[torch.device]) -> dict[torch.device, list[Any]]:
+        """``copy_streams`` dedicated streams on each CUDA device of the state (a copy runs
+        on its source's device: a stream of another device would not order it)."""
+        for dev in devices:
+            if dev not in self._streams:
+                self._streams[dev] = [torch.cuda.Stream(device=dev) for _ in range(self.options.copy_streams)]
+        return {dev: self._streams[dev] for dev in devices}
 
     def _hook(self, state: dict[str, Any]) -> None:
         ref = weakref.ref(self)
@@ -190,10 +193,11 @@ class Snapshotter:
             # rank's handle raises (this one its own error) instead of the peers hanging.
             prep, early = _Prepared([], {}, {}, {}), e
         self._hook(state)
-        cuda = any(it.tensor.device.type == "cuda" for it in prep.tensors)
-        job = SnapshotJob(prep=prep, storage=storage, name=name, step=step, coord=coord, pool=self._pool_for(cuda),
-                          options=self.options, plan_cache=self._plan_cache, overwrite=overwrite,
-                          user_metadata=dict(metadata or {}), streams=self._copy_streams() if cuda else [], t_call=t0,
+        devices = {it.tensor.device for it in prep.tensors if it.tensor.device.type == "cuda"}
+        job = SnapshotJob(prep=prep, storage=storage, name=name, step=step, coord=coord,
+                          pool=self._pool_for(bool(devices)), options=self.options, plan_cache=self._plan_cache,
+                          overwrite=overwrite, user_metadata=dict(metadata or {}),
+                          streams=self._copy_streams(devices), t_call=t0,
                           early_error=early, hold_writes=hold_writes)
         self._job = job
         job.start()

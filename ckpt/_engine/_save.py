@@ -177,7 +177,7 @@ class SnapshotJob:
     def __init__(self, *, prep: _Prepared, storage: Storage, name: str, step: int | None,
                  coord: LocalCoordinator | DistCoordinator, pool: HostPool, options: SaveOptions,
                  plan_cache: dict[str, GlobalPlan], overwrite: bool, user_metadata: dict[str, Any],
-                 streams: list[Any], t_call: float, early_error: Exception | None = None,
+                 streams: dict[Any, list[Any]], t_call: float, early_error: Exception | None = None,
                  hold_writes: bool = True) -> None:
         self.prep = prep
         self._early_error = early_error  # describing the state failed on this rank
@@ -205,7 +205,7 @@ class SnapshotJob:
         self.error_retrieved = False
         self._callbacks: list[Callable[[SnapshotJob], None]] = []
         self._cb_lock = threading.Lock()
-        self._copy_events: list[Any] = []
+        self._copy_events: list[tuple[Any, Any]] = []  # (device, event) of every copy issued
         self._plan_obj: GlobalPlan | None = None
         self.inline = inline_staging(options.cpu_staging, prep.tensors)
         if not (self.inline and hold_writes):
@@ -243,8 +243,8 @@ class SnapshotJob:
         on the copies' events, so the host does not block on the copies themselves."""
         t0 = time.perf_counter()
         self._staged.wait()
-        for ev in self._copy_events:
-            torch.cuda.current_stream().wait_event(ev)
+        for dev, ev in self._copy_events:  # the training stream of the copy's device
+            torch.cuda.current_stream(dev).wait_event(ev)
         waited = time.perf_counter() - t0
         self.stats.hook_wait_s += waited
         self.stats.blocked_s += waited
@@ -458,17 +458,18 @@ class SnapshotJob:
             try:
                 dev = next((m.device for m, _, _ in u.members if m.device.type == "cuda"), None)
                 if dev is not None:
-                    stream = streams[n % len(streams)]
+                    ss = streams[dev]
+                    stream = ss[n % len(ss)]
                     n += 1
-                    with torch.cuda.stream(stream):
+                    with torch.cuda.stream(stream):  # also makes the stream's device current
                         ready = self.prep.ready_events.get(dev)
                         if ready is not None:
                             stream.wait_event(ready)
                         copy_unit(u, non_blocking=True)
-                        ev = torch.cuda.Event()
+                        ev = torch.cuda.Event(blocking=True)  # waiters sleep instead of spinning
                         ev.record(stream)
                     u.event = ev
-                    self._copy_events.append(ev)
+                    self._copy_events.append((dev, ev))
                     # Checked now, when the copy is issued: an in-place change enqueued before it
                     # is not ordered with the copy. Not after the copy completes: once every copy
                     # is issued, the optimizer step may run (its stream waits on these events)
