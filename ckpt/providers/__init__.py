@@ -1,9 +1,9 @@
 """State providers: describe every piece of training state without moving data.
 
 ``describe(state)`` turns a user's state dict into providers. Built in: ``nn.Module``,
-optimizers (keyed by parameter name), tensors and DTensors, LR schedulers and any object
-with ``state_dict``/``load_state_dict``, :class:`RNGState`, nested containers of tensors
-and plain values. ``register_provider(MyType, factory)`` adds your own.
+optimizers (keyed by parameter name), tensors and DTensors, cupy / numpy (any DLPack)
+arrays, LR schedulers and any object with ``state_dict``/``load_state_dict``,
+:class:`RNGState`, nested containers of tensors, arrays and plain values. ``register_provider(MyType, factory)`` adds your own.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ckpt.errors import UnsafePathError, UnsupportedStateError
+from ckpt.providers._array import ArrayProvider
 from ckpt.providers._base import (
     DescribeContext,
     LoadSource,
@@ -45,6 +46,7 @@ __all__ = [
     "ModuleProvider",
     "OptimizerProvider",
     "TensorProvider",
+    "ArrayProvider",
     "StatefulProvider",
     "TreeProvider",
     "RNGState",

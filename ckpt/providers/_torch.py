@@ -242,13 +242,26 @@ def default_provider(obj: Any, prefix: str, ctx: DescribeContext, parent: dict[s
         return OptimizerProvider(obj, prefix, ctx)
     if isinstance(obj, torch.Tensor):
         return TensorProvider(obj, prefix, ctx)
+    from ckpt.providers._array import ArrayProvider, array_item, is_array
+
+    item = array_item(prefix, obj) if is_array(obj) else None
+    if item is not None:  # else (object dtypes...) the tree's pickle path
+        return ArrayProvider(obj, prefix, ctx, set=_slot_setter(parent, name if name is not None else prefix),
+                             item=item)
     if hasattr(obj, "items") and hasattr(obj, "load") and callable(obj.items) and callable(obj.load) \
             and not isinstance(obj, dict):
         return obj  # already a provider
     if hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
         return StatefulProvider(obj, prefix, ctx)
-    def setter(v: Any) -> None:
-        if parent is not None:
-            parent[name if name is not None else prefix] = v
+    return TreeProvider(prefix, lambda: obj, _slot_setter(parent, name if name is not None else prefix))
 
-    return TreeProvider(prefix, lambda: obj, setter if parent is not None else None)
+
+def _slot_setter(parent: dict[str, Any] | None, name: str) -> Any:
+    """Stores a loaded object in the state dict's slot (None without a state dict)."""
+    if parent is None:
+        return None
+
+    def setter(v: Any) -> None:
+        parent[name] = v
+
+    return setter

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ckpt._format import TAG, NotJSONable, encode_value
+from ckpt.providers._array import array_item, array_library, as_tensor, is_array, read_array
 from ckpt.providers._base import (
     DescribeContext,
     Finalizer,
@@ -27,6 +28,7 @@ from ckpt.providers._base import (
 
 _TENSOR = "tensor"
 _OBJECT = "object"
+_ARRAY = "array"
 
 
 def flatten(obj: Any, prefix: str, out: list[Item], *, eager: bool = False) -> Any:
@@ -39,6 +41,12 @@ def flatten(obj: Any, prefix: str, out: list[Item], *, eager: bool = False) -> A
         else:
             out.append(TensorItem(prefix, obj.detach(), eager=eager))
         return {TAG: _TENSOR, "key": prefix}
+    if is_array(obj):  # numpy, cupy...: a tensor entry through DLPack, loaded back as the same library's array
+        item = array_item(prefix, obj)
+        if item is not None:
+            out.append(item)
+            return {TAG: _ARRAY, "key": prefix, "lib": array_library(obj)}
+        return _leaf(obj, prefix, out)
     if isinstance(obj, dict) and type(obj).__module__ in ("builtins", "collections"):
         if all(isinstance(k, str) for k in obj) and TAG not in obj:
             return {k: flatten(v, f"{prefix}/{component(k)}", out, eager=eager) for k, v in obj.items()}
@@ -99,6 +107,15 @@ def unflatten(structure: Any, src: LoadSource, live: Any, pending: list[Callable
                 src.read_into(key, target.detach())
                 return target
             return src.read_new(key)
+        if tag == _ARRAY:
+            key = structure["key"]
+            target = _find(live, path)
+            if is_array(target) and tuple(target.shape) == tuple(src.entry(key).get("shape", ())):
+                dest = as_tensor(target, writable=True)
+                if dest is not None:
+                    src.read_into(key, dest)
+                    return target
+            return read_array(src, key, str(structure.get("lib", "numpy")))
         if tag == _OBJECT:
             return src.value(structure["key"])
         if tag == "tuple":
