@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import ckpt
@@ -58,7 +57,7 @@ from bench.train_loop import (
 )
 from ckpt._engine._direct_write import crc32c_extend
 from ckpt._engine._pool import _anonymous
-from ckpt._engine._staging import FUSE_BYTES, staging_threads
+from ckpt._engine._staging import copy_crc, staging_threads
 from ckpt.storage._file import fsync_dir
 
 BUF = 16 << 20  # the raw writers' buffer and write size
@@ -113,8 +112,8 @@ class _Raw(Variant):
 
 
 class _CopyOneFile(_Raw):
-    """(4): the call copies and checksums every tensor into ``mem`` (fused, in ``FUSE_BYTES``
-    pieces, on ckpt's inline thread count); a background thread writes the copy as one
+    """(4): the call copies and checksums every tensor into ``mem`` (fused piece by piece,
+    ckpt's ``copy_crc``, on ckpt's inline thread count); a background thread writes the copy as one
     file. A save first waits for the previous write (the copy would overwrite its bytes)."""
 
     def __init__(self, model: Any, opt: Any, root: Path, tensors: list[torch.Tensor], mem: torch.Tensor) -> None:
@@ -128,14 +127,8 @@ class _CopyOneFile(_Raw):
 
     def _copy(self, part: list[tuple[torch.Tensor, int]]) -> None:
         assert self.crc is not None
-        base = self.mem.ctypes.data
         for t, off in part:
-            src = t.detach().reshape(-1).numpy().view("uint8")
-            c = 0
-            for lo in range(0, src.size, FUSE_BYTES):
-                hi = min(src.size, lo + FUSE_BYTES)
-                np.copyto(self.mem[off + lo:off + hi], src[lo:hi])
-                c = self.crc(c, base + off + lo, hi - lo)
+            copy_crc(self.mem, off, t.detach().reshape(-1).numpy().view("uint8"), self.crc)
 
     def _write_copy(self, target: Path) -> None:
         target.mkdir(parents=True)

@@ -20,12 +20,18 @@ def array_spec(storage: Storage, path: str, metadata: dict[str, Any] | None = No
     return spec
 
 
-def open_for_write(storage: Storage, path: str, metadata: dict[str, Any], *, create: bool) -> Any:
+def open_for_write(storage: Storage, path: str, metadata: dict[str, Any], *, create: bool,
+                   reused: bool = False) -> Any:
     """Open (and, with ``create``, write zarr.json of) an array. Non-creating writers
-    assume the metadata instead of reading it, so no writer touches another's objects."""
+    assume the metadata instead of reading it, so no writer touches another's objects.
+    ``reused``: the directory may hold an older array (a recycled tree): its zarr.json
+    goes first (tensorstore refuses to create over metadata, and ``delete_existing``
+    would delete the chunks the write is about to overwrite in place)."""
     import tensorstore as ts
 
     kwargs: dict[str, Any] = {"context": storage.ts_context()}
+    if create and reused:
+        storage.delete(f"{path}/zarr.json")
     if create:
         kwargs.update(create=True, delete_existing=False)
     else:

@@ -165,10 +165,16 @@ def prepare(items: list[Any], *, allow_pickle: bool, rank: int) -> _Prepared:
 
 
 def _eager_copy(t: torch.Tensor) -> torch.Tensor:
+    """A private copy of state that may change before its turn to be staged. A device
+    tensor is cloned on its device, ordered on the current stream (device bandwidth, and
+    the caller does not wait: the clone then goes to the host like any other tensor);
+    one the device has no room for is copied to host memory now, synchronously."""
     if t.device.type == "cpu":
         return t.detach().clone()
-    # a device tensor: copy on its own stream now (cheap: eager state is small)
-    return t.detach().to("cpu", copy=True)
+    try:
+        return t.detach().clone()
+    except torch.OutOfMemoryError:
+        return t.detach().to("cpu", copy=True)
 
 
 class SnapshotJob:
@@ -418,25 +424,17 @@ class SnapshotJob:
                 if a.create:
                     futures[a.path] = direct.submit(self._gated(direct.write_json), f"{write_dir}/{a.path}/zarr.json", meta)
                 continue
-            if a.create:
-                self._clear_recycled_metadata(f"{write_dir}/{a.path}")
-            futures[a.path] = open_for_write(self.storage, f"{write_dir}/{a.path}", meta, create=a.create)
+            futures[a.path] = open_for_write(self.storage, f"{write_dir}/{a.path}", meta, create=a.create,
+                                             reused=self.in_recycled)
         for path, nbytes in plan.packs.get(self.coord.rank, []):
             members = [k for k, e in plan.entries.items() if e.get("storage", {}).get("path") == path]
             meta = pack_metadata(nbytes, {"ckpt": {"pack": True, "keys": members}})
             if direct is not None:
                 futures[path] = direct.submit(self._gated(direct.write_json), f"{write_dir}/{path}/zarr.json", meta)
                 continue
-            self._clear_recycled_metadata(f"{write_dir}/{path}")
-            futures[path] = open_for_write(self.storage, f"{write_dir}/{path}", meta, create=True)
+            futures[path] = open_for_write(self.storage, f"{write_dir}/{path}", meta, create=True,
+                                           reused=self.in_recycled)
         return futures
-
-    def _clear_recycled_metadata(self, array_dir: str) -> None:
-        """In a recycled tree, the array's old zarr.json goes before tensorstore creates it
-        anew (it refuses to create over existing metadata). Only the creating writer
-        touches zarr.json; the old shards are overwritten (or pruned) as in direct writes."""
-        if self.in_recycled:
-            self.storage.delete(f"{array_dir}/zarr.json")
 
     def _gated(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any) -> Any:

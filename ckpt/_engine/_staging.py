@@ -137,10 +137,7 @@ def _copy_pack_sealed(block: np.ndarray, nbytes: int, members: Sequence[tuple[to
         if off > pos:  # the gap before this member
             c = crc(c, base + pos, off - pos)
         data = _bytes_of(src)
-        for lo in range(0, data.size, FUSE_BYTES):
-            hi = min(data.size, lo + FUSE_BYTES)
-            np.copyto(block[off + lo:off + hi], data[lo:hi])
-            c = crc(c, base + off + lo, hi - lo)
+        c = copy_crc(block, off, data, crc, c)
         pos = off + data.size
     if pos < nbytes:
         c = crc(c, base + pos, nbytes - pos)
@@ -151,15 +148,22 @@ def _copy_rows_sealed(block: np.ndarray, src: np.ndarray, rows: int, cn: int,
                       crc: Callable[[int, int, int], int]) -> None:
     """Chunk ``i`` of ``src`` (``cn`` bytes each) to ``i * (cn + 4)`` of ``block``, its
     crc32c after it; copy and crc piece by piece (both release the GIL)."""
-    base = block.ctypes.data
     out = block[:rows * (cn + 4)].reshape(rows, cn + 4)
     for i in range(rows):
-        at, c = i * (cn + 4), 0
-        for lo in range(0, cn, FUSE_BYTES):
-            hi = min(cn, lo + FUSE_BYTES)
-            np.copyto(block[at + lo:at + hi], src[i * cn + lo:i * cn + hi])
-            c = crc(c, base + at + lo, hi - lo)
+        c = copy_crc(block, i * (cn + 4), src[i * cn:(i + 1) * cn], crc)
         out[i, cn:] = np.frombuffer(c.to_bytes(4, "little"), dtype=np.uint8)
+
+
+def copy_crc(dst: np.ndarray, at: int, src: np.ndarray, crc: Callable[[int, int, int], int], c: int = 0) -> int:
+    """Copy the bytes ``src`` to ``dst[at:]`` in ``FUSE_BYTES`` pieces, extending the
+    crc32c ``c`` over each piece while it is still in cache (both release the GIL);
+    returns the crc32c."""
+    base = dst.ctypes.data
+    for lo in range(0, src.size, FUSE_BYTES):
+        hi = min(src.size, lo + FUSE_BYTES)
+        np.copyto(dst[at + lo:at + hi], src[lo:hi])
+        c = crc(c, base + at + lo, hi - lo)
+    return c
 
 
 def _whole_rows(img: ObjectImage, src: torch.Tensor) -> int:

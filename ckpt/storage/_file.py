@@ -68,8 +68,14 @@ class FileStorage(Storage):
         p = self.local_path(path)
         tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:12]}")
         try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            for attempt in range(3):
+                p.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    break
+                except FileNotFoundError:  # a delete emptied and removed the parent meanwhile
+                    if attempt == 2:
+                        raise
             try:
                 view = memoryview(data)
                 while view:
@@ -126,9 +132,22 @@ class FileStorage(Storage):
         try:
             p.unlink()
         except FileNotFoundError:
-            pass
+            return
         except OSError as e:
             raise _translate(e, "deleting", str(p)) from e
+        self._remove_empty_parents(p.parent)
+
+    def _remove_empty_parents(self, d: Path) -> None:
+        """A directory goes with its last object, as a prefix of an object store does, so
+        ``exists`` and ``list_dirs`` agree on both. Up to the root, never the root; a
+        directory that holds anything stays (rmdir refuses it), so a writer filling it
+        meanwhile keeps it (``write_bytes`` recreates one removed under it)."""
+        while d != self.root and self.root in d.parents:
+            try:
+                os.rmdir(d)
+            except OSError:
+                return
+            d = d.parent
 
     def delete_dir(self, prefix: str) -> None:
         p = self.local_path(prefix)

@@ -16,10 +16,14 @@ class TestFileStorage(StorageConformance):
     def storage(self, tmp_path: Path) -> FileStorage:
         return FileStorage(tmp_path / "root")
 
-    @pytest.mark.xfail(strict=True, reason="FileStorage.delete leaves empty parent directories, "
-                       "which exists() and list_dirs() still report")
-    def test_a_directory_is_there_while_an_object_is_under_it(self, storage: FileStorage) -> None:
-        super().test_a_directory_is_there_while_an_object_is_under_it(storage)
+    def test_deleting_the_last_object_keeps_the_root(self, storage: FileStorage) -> None:
+        storage.write_bytes("a/b/c.bin", b"x")
+        storage.write_bytes("top.bin", b"y")
+        storage.delete("a/b/c.bin")
+        storage.delete("top.bin")
+        assert storage.root.is_dir() and list(storage.root.iterdir()) == []
+        storage.write_bytes("a/b/c.bin", b"z")  # and writes recreate what went
+        assert storage.read_bytes("a/b/c.bin") == b"z"
 
 
 def test_open_storage_maps_paths_and_file_urls(tmp_path: Path) -> None:
