@@ -188,7 +188,11 @@ def encode_value(obj: Any) -> Any:
     """A Python value -> JSON-compatible data that decodes to an equal value of the same
     types (tuples, int dict keys, inf/nan, bytes, torch dtypes survive). Raises
     NotJSONable for anything else (which then needs pickle)."""
-    if obj is None or isinstance(obj, bool | str):
+    if obj is None or type(obj) in (bool, str):
+        return obj
+    if type(obj).__module__ == "numpy":  # before int/float: np.float64 is a float, np.bool_ no bool
+        return _encode_numpy_scalar(obj)
+    if isinstance(obj, bool | str):
         return obj
     if isinstance(obj, int):
         return int(obj)
@@ -219,6 +223,43 @@ def encode_value(obj: Any) -> Any:
     raise NotJSONable(obj)
 
 
+_NUMPY_KINDS = "biufc"  # bool, int, uint, float, complex: exact through Python numbers
+
+
+def _encode_numpy_scalar(obj: Any) -> Any:
+    """A numpy number (``np.float32(0.5)``, ``np.int64(3)``, ``np.bool_``) keeps its type:
+    ``{"__ckpt__": "numpy", "dtype": "float32", "v": 0.5}``; a complex one stores
+    ``[real, imag]``. Arrays, dates, strings and long doubles are not values."""
+    import numpy as np
+
+    if not isinstance(obj, np.generic):
+        raise NotJSONable(obj)
+    dt = obj.dtype
+    if dt.kind not in _NUMPY_KINDS or dt.itemsize > (16 if dt.kind == "c" else 8) or dt.byteorder == ">":
+        raise NotJSONable(obj)
+    if dt.kind == "c":
+        v: Any = [encode_value(float(obj.real)), encode_value(float(obj.imag))]
+    else:
+        v = encode_value(obj.item())
+    return {TAG: "numpy", "dtype": dt.name, "v": v}
+
+
+def _decode_numpy_scalar(name: Any, v: Any) -> Any:
+    import numpy as np
+
+    try:
+        dt = np.dtype(str(name))
+    except TypeError:
+        dt = None
+    if dt is None or dt.kind not in _NUMPY_KINDS:
+        raise ManifestError(f"unknown numpy scalar type {name!r} in a stored value",
+                            hint="the checkpoint was written by a newer ckpt or is damaged")
+    if dt.kind == "c":
+        re, im = (decode_value(x) for x in v)
+        return dt.type(complex(re, im))
+    return dt.type(decode_value(v))
+
+
 def decode_value(data: Any) -> Any:
     if isinstance(data, list):
         return [decode_value(v) for v in data]
@@ -242,6 +283,8 @@ def decode_value(data: Any) -> Any:
             if not isinstance(dt, torch.dtype):
                 raise ManifestError(f"unknown torch dtype {v!r} in a stored value")
             return dt
+        if tag == "numpy":
+            return _decode_numpy_scalar(data.get("dtype"), v)
         if tag == "set":
             return {_hashable(decode_value(x)) for x in v}  # type: ignore[union-attr]
         if tag == "frozenset":

@@ -142,3 +142,24 @@ def test_cupy_arrays_snapshot_under_mutation_and_load(tmp_path):
     m = out["n"]["m"]
     assert isinstance(m, cupy.ndarray) and m.dtype == cupy.float16 and m.shape == (1000, 300)
     assert cupy.asnumpy(m).tobytes() == expected_m.tobytes() and out["n"]["step"] == 5
+
+
+def test_numpy_scalars_are_json_values_of_their_own_type(tmp_path):
+    """Trainer state is full of numpy numbers (metrics, counters from an index array):
+    they need no pickle and load as the same numpy type, bit for bit."""
+    vals = {"f32": np.float32(0.1), "f64": np.float64(1 / 3), "f16": np.float16(-0.0), "i64": np.int64(-5),
+            "u64": np.uint64(2**64 - 1), "b": np.bool_(True), "c64": np.complex64(1 - 2j),
+            "nan": np.float32("nan"), "inf": np.float64("-inf"), "in_list": [np.int8(-128), 2.5]}
+    ckpt.save({"stats": vals}, tmp_path / "c")
+    assert ckpt.read_manifest(tmp_path / "c").entries["stats"]["kind"] == "json"
+    out: dict = {"stats": None}
+    ckpt.load(out, tmp_path / "c")
+    got = out["stats"]
+    for k, v in vals.items():
+        if k == "in_list":
+            assert type(got[k][0]) is np.int8 and got[k][0] == -128 and got[k][1] == 2.5
+            continue
+        assert type(got[k]) is type(v), k
+        assert got[k].tobytes() == v.tobytes() or (np.isnan(v) and np.isnan(got[k])), k
+    with pytest.raises(PickleNotAllowedError):  # not a number: still a value that needs pickle
+        ckpt.save({"when": np.datetime64("2026-12-02")}, tmp_path / "d")
