@@ -188,11 +188,9 @@ def encode_value(obj: Any) -> Any:
     """A Python value -> JSON-compatible data that decodes to an equal value of the same
     types (tuples, int dict keys, inf/nan, bytes, torch dtypes survive). Raises
     NotJSONable for anything else (which then needs pickle)."""
-    if obj is None or type(obj) in (bool, str):
-        return obj
     if type(obj).__module__ == "numpy":  # before int/float: np.float64 is a float, np.bool_ no bool
         return _encode_numpy_scalar(obj)
-    if isinstance(obj, bool | str):
+    if obj is None or isinstance(obj, bool | str):
         return obj
     if isinstance(obj, int):
         return int(obj)

@@ -85,7 +85,8 @@ def kill_tree(pid: int) -> None:
 def read_logs(log_dir: Path) -> list[dict]:
     recs = []
     for f in sorted(log_dir.glob("rank*.jsonl")):
-        for line in f.read_text().splitlines():
+        # the text after the last newline is a record still being written: not one yet
+        for line in f.read_text().split("\n")[:-1]:
             if line.strip():
                 recs.append(json.loads(line))
     return sorted(recs, key=lambda r: r["t"])

@@ -171,7 +171,7 @@ def test_save_load_resume_bit_identical(run_place: Any, tied: bool) -> None:
 def test_save_async_excludes_the_next_optimizer_step(tmp_path: Path, monkeypatch, staging: str) -> None:
     """Background staging: the optimizer's pre-step hook holds the step until the copy is
     done. Inline staging (SaveOptions.cpu_staging): the call itself returns only then."""
-    import ckpt._engine._save as save_mod
+    import ckpt._engine._staging as staging_mod
 
     a = build(seed=0, tied=True)
     train(a, 3)
@@ -180,7 +180,7 @@ def test_save_async_excludes_the_next_optimizer_step(tmp_path: Path, monkeypatch
     # Make staging slow, so the optimizer step below really arrives while the snapshot
     # still reads the live tensors: only the pre-step hook keeps it out. copy_unit is the
     # one copy of a write unit (array shard or pack) that both staging modes call.
-    orig_copy = save_mod.copy_unit
+    orig_copy = staging_mod.copy_unit
     calls = []
     first = threading.Event()
 
@@ -192,7 +192,7 @@ def test_save_async_excludes_the_next_optimizer_step(tmp_path: Path, monkeypatch
         calls.append(time.perf_counter())
         return done
 
-    monkeypatch.setattr(save_mod, "copy_unit", slow_copy)
+    monkeypatch.setattr(staging_mod, "copy_unit", slow_copy)
 
     ref = capture(a)  # the state right before the step
     snap = ckpt.Snapshotter(ckpt.SaveOptions(cpu_staging=staging))

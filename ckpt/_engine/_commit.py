@@ -15,7 +15,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ckpt._format import MANIFEST, TMP_PREFIX, Manifest, parse_step_dirname
+from ckpt._engine._globalplan import GlobalPlan
+from ckpt._format import MANIFEST, TMP_PREFIX, Manifest, key_to_path, parse_step_dirname
 from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, IncompleteCheckpointError
 from ckpt.storage import Storage
 
@@ -61,6 +62,21 @@ log = logging.getLogger("ckpt")
 # checkpoint of an unchanged state allocates no inode and no block: creating and deleting
 # a few hundred files per checkpoint is most of what a save costs the loop on file systems
 # where inode allocation is expensive (ext4 without a journal skips recently freed inodes).
+
+
+def build_manifest(plan: GlobalPlan, *, step: int | None, world_size: int, rank_values: list[Any],
+                   values: dict[str, Any], pickles: dict[str, bytes], user_metadata: dict[str, Any]) -> Manifest:
+    """The manifest of a save every rank finished: the plan's tensor entries, the plain
+    values (JSON, or a pickle object each), each rank's per-rank values."""
+    manifest = Manifest(
+        step=step, entries=dict(plan.entries), world_size=world_size,
+        layout={"bytes_per_rank": [plan.bytes_per_rank.get(r, 0) for r in range(world_size)]},
+        rank_state={str(r): v for r, v in enumerate(rank_values)}, user_metadata=user_metadata)
+    for key, value in values.items():
+        manifest.entries[key] = {"kind": "json", "value": value}
+    for key in pickles:
+        manifest.entries[key] = {"kind": "pickle", "path": f"objects/{key_to_path(key)}.pkl", "format": "pickle"}
+    return manifest
 
 
 def retire(storage: Storage, name: str) -> bool:

@@ -21,7 +21,6 @@ Per rank, a save is (see DESIGN.md, "The flow of a save"):
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 import pickle
 import queue
@@ -36,19 +35,18 @@ from typing import Any
 import torch
 
 from ckpt._engine._arrays import open_for_write
-from ckpt._engine._commit import commit, prune_recycled, take_recycled
+from ckpt._engine._commit import build_manifest, commit, prune_recycled, take_recycled
 from ckpt._engine._coord import DistCoordinator, LocalCoordinator
 from ckpt._engine._direct_write import DirectWriter, pack_image, shard_image
 from ckpt._engine._globalplan import Assignment, GlobalPlan, PieceMeta, build_plan, signature
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import pack_metadata, zarr_metadata
 from ckpt._engine._pool import HostPool
-from ckpt._engine._staging import copy_unit, direct_ok, inline_staging, staging_threads
+from ckpt._engine._staging import direct_ok, inline_staging, stage
 from ckpt._engine._writer import Writer, WriteUnit, lower_priority
 from ckpt._format import (
     MANIFEST,
     TMP_PREFIX,
-    Manifest,
     NotJSONable,
     dtype_name,
     encode_value,
@@ -61,7 +59,6 @@ from ckpt.errors import (
     CheckpointExistsError,
     DistributedSaveError,
     PickleNotAllowedError,
-    SnapshotFailedError,
     UnsafePathError,
     UnsupportedStateError,
 )
@@ -169,11 +166,9 @@ def _eager_copy(t: torch.Tensor) -> torch.Tensor:
     tensor is cloned on its device, ordered on the current stream (device bandwidth, and
     the caller does not wait: the clone then goes to the host like any other tensor);
     one the device has no room for is copied to host memory now, synchronously."""
-    if t.device.type == "cpu":
-        return t.detach().clone()
     try:
         return t.detach().clone()
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError:  # a device's allocator (the host's raises RuntimeError)
         return t.detach().to("cpu", copy=True)
 
 
@@ -389,7 +384,7 @@ class SnapshotJob:
             writer = Writer(self, arrays, writer_q, write_dir, direct)
             writer.start()
             try:
-                self._stage(units, writer_q)
+                stage(self, units, writer_q)
             finally:
                 self.io_open.set()
                 writer_q.put(None)
@@ -442,108 +437,6 @@ class SnapshotJob:
             return fn(*args)
         return run
 
-    def _stage(self, units: list[WriteUnit], writer_q: queue.Queue[WriteUnit | None]) -> None:
-        if self.inline:
-            self._stage_inline(units, writer_q)
-            return
-        streams = self.streams
-        n = 0
-        for u in units:
-            if self._cancel.is_set():
-                return
-            u.block = self.pool.acquire(u.image.block_bytes if u.image is not None else u.nbytes,
-                                        cancelled=self._cancel)
-            try:
-                dev = next((m.device for m, _, _ in u.members if m.device.type == "cuda"), None)
-                if dev is not None:
-                    ss = streams[dev]
-                    stream = ss[n % len(ss)]
-                    n += 1
-                    with torch.cuda.stream(stream):  # also makes the stream's device current
-                        ready = self.prep.ready_events.get(dev)
-                        if ready is not None:
-                            stream.wait_event(ready)
-                        copy_unit(u, non_blocking=True)
-                        ev = torch.cuda.Event(blocking=True)  # waiters sleep instead of spinning
-                        ev.record(stream)
-                    u.event = ev
-                    self._copy_events.append((dev, ev))
-                    # Checked now, when the copy is issued: an in-place change enqueued before it
-                    # is not ordered with the copy. Not after the copy completes: once every copy
-                    # is issued, the optimizer step may run (its stream waits on these events)
-                    # and bump the versions while the copies are still landing.
-                    self.check_unchanged(u)
-                else:
-                    copy_unit(u, non_blocking=False)
-                    self.check_unchanged(u)
-            except BaseException:
-                if u.event is not None:  # the copy may still be landing in the block
-                    u.event.synchronize()
-                self.pool.release(u.block)
-                u.block = None
-                raise
-            self.stats.bytes += u.nbytes
-            writer_q.put(u)
-        self.stats.copied_s = time.perf_counter() - self.t_call
-        self._staged.set()
-
-    def _stage_inline(self, units: list[WriteUnit], writer_q: queue.Queue[WriteUnit | None]) -> None:
-        """Copy (and checksum, for direct writes) CPU units on one thread per core while
-        the caller waits in ``save_async``: the cores are the training's anyway."""
-        todo = iter(units)
-        lock = threading.Lock()
-
-        def work() -> None:  # the caller waits for these threads: normal priority
-            while not self._cancel.is_set():
-                with lock:
-                    u = next(todo, None)
-                if u is None:
-                    return
-                u.block = self.pool.acquire(u.image.block_bytes if u.image is not None else u.nbytes,
-                                            cancelled=self._cancel, on_wait=self.io_open.set)
-                try:
-                    direct = self._direct if u.image is not None else None
-                    done = copy_unit(u, non_blocking=False, crc=direct.crc if direct is not None else None)
-                    self.check_unchanged(u)
-                    if direct is not None and u.image is not None:
-                        direct.seal(u.image, u.block.array, skip=done)
-                        u.sealed = True
-                except BaseException:
-                    self.pool.release(u.block)
-                    u.block = None
-                    raise
-                with lock:
-                    self.stats.bytes += u.nbytes
-                writer_q.put(u)
-
-        n = staging_threads(len(units))
-        with concurrent.futures.ThreadPoolExecutor(max_workers=n - 1 or 1, thread_name_prefix="ckpt-stage") as ex:
-            helpers = [ex.submit(work) for _ in range(n - 1)]
-            try:
-                work()
-            except BaseException:
-                self._cancel.set()  # the helpers stop at their next unit
-                raise
-            finally:  # every helper is done before anything reuses the pool
-                errors = [e for e in (f.exception() for f in helpers) if e is not None]
-            if errors:
-                self._cancel.set()
-                raise errors[0]
-        self.stats.copied_s = time.perf_counter() - self.t_call
-        self._staged.set()
-
-    def check_unchanged(self, u: WriteUnit) -> None:
-        """Fail loudly if a source changed before its copy completed: a checkpoint must
-        never hold a torn mix of two steps."""
-        for src, _, ident in u.members:
-            key = ident[0]
-            if src._version != self.prep.versions.get(ident, src._version):
-                raise SnapshotFailedError(
-                    "a tensor was modified in place before the snapshot had copied it", key=key,
-                    path=self.url,
-                    hint="mutate state only through the optimizer step (its hook waits), or call "
-                         "handle.wait_staged() before changing tensors in place")
-
     def _commit(self, local_error: BaseException | None, write_dir: str) -> None:
         t0 = time.perf_counter()
         report = {"ok": local_error is None, "rank_values": self.prep.rank_values,
@@ -566,17 +459,10 @@ class SnapshotJob:
                 try:
                     plan = self._plan_obj
                     assert plan is not None
-                    manifest = Manifest(
-                        step=self.step, entries=dict(plan.entries), world_size=self.coord.world_size,
-                        layout={"bytes_per_rank": [plan.bytes_per_rank.get(r, 0) for r in range(self.coord.world_size)]},
-                        rank_state={str(r): rep["rank_values"] for r, rep in enumerate(reports)},
-                        user_metadata=self.user_metadata,
-                    )
-                    for key, value in self.prep.values.items():
-                        manifest.entries[key] = {"kind": "json", "value": value}
-                    for key in self.prep.pickles:
-                        manifest.entries[key] = {"kind": "pickle", "path": f"objects/{key_to_path(key)}.pkl",
-                                                 "format": "pickle"}
+                    manifest = build_manifest(plan, step=self.step, world_size=self.coord.world_size,
+                                              rank_values=[rep["rank_values"] for rep in reports],
+                                              values=self.prep.values, pickles=self.prep.pickles,
+                                              user_metadata=self.user_metadata)
                     if self._recycled is not None:
                         prune_recycled(self.storage, write_dir, manifest, self._recycled)
                     commit(self.storage, write_dir, self.name, manifest.to_json(), overwrite=self.overwrite)
