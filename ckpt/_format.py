@@ -6,10 +6,12 @@ the only place that reads or writes manifest.json.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import json
 import math
+import pathlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -218,7 +220,27 @@ def encode_value(obj: Any) -> Any:
         return {TAG: "torch.dtype", "v": str(obj).removeprefix("torch.")}
     if isinstance(obj, set | frozenset):
         return {TAG: "set" if isinstance(obj, set) else "frozenset", "v": [encode_value(v) for v in obj]}
+    if type(obj) in _PATH_TYPES:  # hyper-parameters: data dirs, output dirs
+        return {TAG: "path", "type": type(obj).__name__, "v": str(obj)}
+    if type(obj) is argparse.Namespace:  # hyper-parameters parsed from the command line
+        return {TAG: "namespace", "v": encode_value(vars(obj))}
     raise NotJSONable(obj)
+
+
+_PATH_TYPES = {pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.PosixPath, pathlib.WindowsPath}
+
+
+def _decode_path(name: Any, v: Any) -> pathlib.PurePath:
+    """A path of the saved class; a concrete path of another OS (a WindowsPath read on
+    Linux) becomes the pure path of its flavour, which keeps its meaning."""
+    cls = {"PurePosixPath": pathlib.PurePosixPath, "PureWindowsPath": pathlib.PureWindowsPath,
+           "PosixPath": pathlib.PosixPath, "WindowsPath": pathlib.WindowsPath}.get(str(name))
+    if cls is None or not isinstance(v, str):
+        raise ManifestError(f"unknown path type {name!r} in a stored value",
+                            hint="the checkpoint was written by a newer ckpt or is damaged")
+    if cls in (pathlib.PosixPath, pathlib.WindowsPath) and cls is not type(pathlib.Path()):
+        cls = pathlib.PurePosixPath if cls is pathlib.PosixPath else pathlib.PureWindowsPath
+    return cls(v)
 
 
 _NUMPY_KINDS = "biufc"  # bool, int, uint, float, complex: exact through Python numbers
@@ -283,6 +305,14 @@ def decode_value(data: Any) -> Any:
             return dt
         if tag == "numpy":
             return _decode_numpy_scalar(data.get("dtype"), v)
+        if tag == "path":
+            return _decode_path(data.get("type"), v)
+        if tag == "namespace":
+            attrs = decode_value(v)
+            if not isinstance(attrs, dict) or not all(isinstance(k, str) for k in attrs):
+                raise ManifestError("a stored namespace is not a mapping of names",
+                                    hint="the checkpoint is damaged")
+            return argparse.Namespace(**attrs)
         if tag == "set":
             return {_hashable(decode_value(x)) for x in v}  # type: ignore[union-attr]
         if tag == "frozenset":
