@@ -80,6 +80,14 @@ def _check_dtypes(ck: Checkpoint, names: list[tuple[str, str]], fmt: str) -> Non
                                         hint="export with --format torch, or leave this key out with --only")
 
 
+def _hf_config(ck: Checkpoint) -> dict[str, Any] | None:
+    """The model config a save through ``ckpt.integrations.hf`` stored (tied weights are
+    then stored once, so the export has them once too, as ``save_pretrained`` writes)."""
+    meta = ck.manifest.user_metadata.get("transformers")
+    config = meta.get("config") if isinstance(meta, dict) else None
+    return config if isinstance(config, dict) else None
+
+
 def export(ckpt_url: str | os.PathLike[str], out: str | os.PathLike[str], format: str = "safetensors",
            only: str | None = None, max_shard_bytes: int = 5 << 30, progress: Progress | None = None, *,
            storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -87,7 +95,10 @@ def export(ckpt_url: str | os.PathLike[str], out: str | os.PathLike[str], format
 
     ``out`` is a directory (created), or a single file when it ends in ``.safetensors``
     (safetensors) or ``.pt``/``.pth``/``.bin`` (torch). ``only`` keeps the keys under a
-    prefix and strips it from the names (``model/0.weight`` -> ``0.weight``). Plain
+    prefix and strips it from the names (``model/0.weight`` -> ``0.weight``). A checkpoint
+    that carries a Hugging Face model config (saved through ``ckpt.integrations.hf``)
+    exports its ``model`` as safetensors plus ``config.json``: ``from_pretrained(out)``
+    opens the directory. Plain
     values are not exported (listed in ``skipped``). Returns ``files``, ``tensors``,
     ``bytes``, ``skipped``, ``index`` (the index file or None) and ``seconds``.
     """
@@ -95,6 +106,9 @@ def export(ckpt_url: str | os.PathLike[str], out: str | os.PathLike[str], format
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     t0 = time.perf_counter()
     ck = open_checkpoint(ckpt_url, storage_options)
+    config = _hf_config(ck) if format == "safetensors" and only in (None, "model") else None
+    if config is not None:
+        only = "model"  # a model saved through ckpt.integrations.hf: the layout from_pretrained opens
     names, skipped = _selected(ck, only)
     _check_dtypes(ck, names, format)
     out_p = Path(os.fspath(out))
@@ -126,9 +140,12 @@ def export(ckpt_url: str | os.PathLike[str], out: str | os.PathLike[str], format
                 progress(t.numel() * t.element_size(), total)
         del named, tensors
     index = None
+    if config is not None and not single:
+        (out_p / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if len(paths) > 1:
         index = out_p / f"{base}{ext}.index.json"
         index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return {"src": ck.url, "format": format, "files": [str(p) for p in paths], "tensors": len(names),
+    files = [str(p) for p in paths] + ([str(out_p / "config.json")] if config is not None and not single else [])
+    return {"src": ck.url, "format": format, "files": files, "tensors": len(names),
             "bytes": total, "skipped": skipped, "index": str(index) if index else None,
             "seconds": time.perf_counter() - t0}

@@ -103,3 +103,14 @@ def optimizer_storages(optimizers: Any) -> set[int]:
                 add(v)
     ptrs.discard(0)
     return ptrs
+
+
+def delete_checkpoint(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
+    """Delete the checkpoint at ``url``: its manifest first (from then on it is not a
+    checkpoint, so a half-deleted one is never taken for one), then its data."""
+    from ckpt._format import MANIFEST
+    from ckpt.storage import split_checkpoint_url
+
+    storage, name = split_checkpoint_url(url, **(storage_options or {}))
+    storage.delete(f"{name}/{MANIFEST}")
+    storage.delete_dir(name)

@@ -40,7 +40,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from ckpt._api import SaveHandle, Snapshotter
 from ckpt._engine._options import SaveOptions
 from ckpt.errors import MissingDependencyError, UnsupportedStateError
-from ckpt.integrations._dict import dict_state, load_dict, optimizer_storages
+from ckpt.integrations._dict import delete_checkpoint, dict_state, load_dict, optimizer_storages
 
 try:
     from lightning.fabric.plugins import CheckpointIO
@@ -159,12 +159,7 @@ class CkptCheckpointIO(CheckpointIO):
         if "://" not in url and os.path.isfile(url):  # a file another CheckpointIO wrote
             os.remove(url)
             return
-        from ckpt._format import MANIFEST
-        from ckpt.storage import split_checkpoint_url
-
-        storage, name = split_checkpoint_url(url, **self.storage_options)
-        storage.delete(f"{name}/{MANIFEST}")  # first: a half-removed checkpoint is never taken for one
-        storage.delete_dir(name)
+        delete_checkpoint(url, self.storage_options)
 
     def teardown(self) -> None:
         """Waits for the save in flight; raises the first failure nobody has seen."""
