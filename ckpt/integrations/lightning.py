@@ -29,6 +29,9 @@ snapshot time. A failed background save raises from the next ``save_checkpoint``
 
 from __future__ import annotations
 
+import atexit
+import logging
+import multiprocessing.util
 import os
 import weakref
 from collections.abc import Callable
@@ -56,6 +59,7 @@ except ImportError:  # pragma: no cover - the extra is not installed
 __all__ = ["CkptCheckpointIO"]
 
 META = "lightning"
+log = logging.getLogger("ckpt")
 
 
 class CkptCheckpointIO(CheckpointIO):
@@ -94,6 +98,11 @@ class CkptCheckpointIO(CheckpointIO):
 
             self._hook = register_optimizer_step_pre_hook(pre_step)
             weakref.finalize(self, self._hook.remove)
+            # A save issued after the fit (ddp_spawn's worker hands its final weights to the
+            # main process through a checkpoint, then exits) must commit before the process
+            # ends: at interpreter exit, and in multiprocessing children, which skip atexit.
+            atexit.register(_wait_at_exit, ref)
+            multiprocessing.util.Finalize(None, _wait_at_exit, args=(ref,), exitpriority=10)
 
     # ddp_spawn pickles the strategy (and its plugins) into the workers
     def __getstate__(self) -> dict[str, Any]:
@@ -178,6 +187,16 @@ class CkptCheckpointIO(CheckpointIO):
             err = h.exception()
             if err is not None:
                 raise err
+
+
+def _wait_at_exit(ref: weakref.ref[CkptCheckpointIO]) -> None:
+    me = ref()
+    if me is not None:
+        for h in me._handles:
+            err = h.exception()
+            if err is not None:
+                log.error("ckpt: a checkpoint save failed before the process exited: %s", err)
+        me._handles = []
 
 
 def _global_rank() -> int:

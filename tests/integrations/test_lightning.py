@@ -211,3 +211,25 @@ def test_async_copies_only_optimizer_owned_tensors_after_the_call() -> None:
     assert later(sd["net.0.weight"]) and later(opt.state_dict()["state"][0]["exp_avg"])
     assert not later(sd["net.1.running_mean"]) and not later(sd["net.1.num_batches_tracked"])
     assert not later(torch.ones(2))
+
+
+@pytest.mark.slow
+def test_ddp_spawn_saves_on_rank_zero_and_resumes(tmp_path: Path) -> None:
+    """Two gloo ranks (ddp_spawn pickles the plugin into each): the strategy saves on
+    rank 0 only, as a one-process save while the other rank trains on; both ranks load."""
+    def fit(model: Net, epochs: int, ckpt_path: str | None = None) -> L.Trainer:
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            plugins=[CkptCheckpointIO(async_save=True)],
+                            callbacks=[ModelCheckpoint(dirpath=tmp_path / "run", save_last=True)])
+        trainer.fit(model, _data(), ckpt_path=ckpt_path)
+        return trainer
+
+    first = _model(0)
+    fit(first, 1)  # the spawn launcher hands the final weights back to this process through the plugin
+    last = tmp_path / "run" / "last.ckpt"
+    assert ckpt.read_manifest(last).world_size == 1 and ckpt.read_manifest(last).step == 2  # 2 ranks: 2 steps
+    assert not torch.equal(first.state_dict()["net.0.weight"], _model(0).state_dict()["net.0.weight"])
+    resumed = _model(1)
+    fit(resumed, 1, ckpt_path="last")  # restored on both ranks; the epoch is already done: no step
+    _same_state(resumed, first)
