@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import pytest
 
 import ckpt
-from ckpt._format import decode_value
+from ckpt._values import decode_value
 from ckpt.errors import ManifestError
 
 

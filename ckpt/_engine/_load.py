@@ -25,11 +25,11 @@ from ckpt._format import (
     Manifest,
     check_relpath,
     chunk_separator,
-    decode_value,
     storage_dtype,
     storage_torch_dtype,
     torch_dtype,
 )
+from ckpt._values import decode_value
 from ckpt.errors import (
     CorruptCheckpointError,
     DtypeMismatchError,

@@ -47,13 +47,12 @@ from ckpt._engine._writer import Writer, WriteUnit, lower_priority
 from ckpt._format import (
     MANIFEST,
     TMP_PREFIX,
-    NotJSONable,
     dtype_name,
-    encode_value,
     key_to_path,
     storage_dtype,
     storage_torch_dtype,
 )
+from ckpt._values import NotJSONable, encode_value
 from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ckpt._format import TAG, NotJSONable, encode_value
+from ckpt._values import TAG, NotJSONable, encode_value
 from ckpt.providers._array import array_item, array_library, as_tensor, is_array, read_array
 from ckpt.providers._base import (
     DescribeContext,
@@ -126,7 +126,7 @@ def unflatten(structure: Any, src: LoadSource, live: Any, pending: list[Callable
                 kk = unflatten(k, src, None, pending)
                 out[kk] = unflatten(v, src, live, pending, path + [kk])
             return out
-        from ckpt._format import decode_value
+        from ckpt._values import decode_value
 
         return decode_value(structure)
     return structure
