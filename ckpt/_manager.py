@@ -90,11 +90,13 @@ class CheckpointManager:
     on SIGTERM/SIGUSR1 the next ``step()`` saves once, waits for the commit and exits
     the process with status 0 (``exit_on_preemption=False`` sets ``preempted`` instead).
     ``save_on_close``: ``close()`` saves the last step if it was not saved.
-    ``recycle`` (default on; ``CKPT_RECYCLE=0`` turns it off): on local storage, retention
-    keeps one retired checkpoint's tree — its manifest deleted first, so it is no longer a
-    checkpoint — and the next save overwrites its files in place instead of creating a
-    new tree (no inode or block allocation per checkpoint); ``close()`` deletes it.
-    Do not read a checkpoint that retention is about to remove: its files may be reused.
+    ``recycle`` (default off; ``recycle=True`` or ``CKPT_RECYCLE=1`` turns it on): on local
+    storage, retention keeps one retired checkpoint's tree — its manifest deleted first, so
+    it is no longer a checkpoint — and the next save overwrites its files in place instead
+    of creating a new tree (no inode or block allocation per checkpoint); ``close()``
+    deletes it. Only for runs that nobody reads while they train: a reader that opened a
+    checkpoint before retention retired it can get the next step's bytes, with valid
+    checksums. Off, a reader of a retired checkpoint gets a typed error, never other bytes.
     """
 
     def __init__(self, run: str | os.PathLike[str], *, every_steps: int | None = None,
@@ -107,7 +109,7 @@ class CheckpointManager:
                  process_group: Any = None, allow_pickle: bool = False, recycle: bool | None = None) -> None:
         self.run = os.fspath(run).rstrip("/")
         env = os.environ.get("CKPT_RECYCLE")
-        self.recycle = recycle if recycle is not None else parse_flag(env, "CKPT_RECYCLE") if env else True
+        self.recycle = recycle if recycle is not None else parse_flag(env, "CKPT_RECYCLE") if env else False
         self.policies: list[SavePolicy] = list(policies)
         if every_steps:
             self.policies.append(EverySteps(every_steps))

@@ -84,7 +84,8 @@ def test_retention_recycles_the_oldest_tree_and_prunes_what_changed(tmp_path, mo
         monkeypatch.setenv("CKPT_DIRECT_WRITES", "0")  # tensorstore creates zarr.json, writes shards
     run = tmp_path / "run"
     state = make_state()
-    mgr = ckpt.CheckpointManager(run, every_steps=1, keep_last=2, save_on_signals=(), save_on_close=False)
+    mgr = ckpt.CheckpointManager(run, every_steps=1, keep_last=2, save_on_signals=(), save_on_close=False,
+                                 recycle=True)
     train(state, 2, mgr)
     mgr.wait()
     shard = "arrays/model/weight.zarr/c.0.0"
@@ -122,6 +123,68 @@ def test_retention_recycles_the_oldest_tree_and_prunes_what_changed(tmp_path, mo
     assert ckpt.tools.verify(run / "step-000000004").ok
     mgr.close()
     assert _recycle_slots(run) == []  # a run that ends keeps no retired tree
+
+
+def _filled(step):
+    return {"w": torch.full((256, 1024), float(step)), "b": torch.full((16, 4096), float(step)),
+            "c": torch.full((3, 333), float(step))}
+
+
+def test_a_reader_racing_retention_never_gets_another_steps_bytes(tmp_path):
+    """An evaluation job loads each checkpoint as it appears while training saves with
+    keep_last=1 (retention retires each older one at once). Every load it completes holds
+    exactly the bytes of the step it asked for; a load that loses the race ends in a
+    typed CheckpointError, never in another step's data. Default settings: no recycling."""
+    import threading
+
+    run = tmp_path / "run"
+    stop = threading.Event()
+    seen: dict[str, int] = {"ok": 0, "lost": 0}
+    wrong: list[str] = []
+    crashed: list[BaseException] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            info = ckpt.latest(run)
+            if info is None:
+                continue
+            got = {k: torch.full_like(v, -1.0) for k, v in _filled(0).items()}
+            try:
+                ckpt.load(got, info.url)
+            except ckpt.CheckpointError:
+                seen["lost"] += 1  # retired under the reader: typed, nothing read silently
+                continue
+            except BaseException as e:  # noqa: BLE001 - an untyped error is a failure too
+                crashed.append(e)
+                return
+            seen["ok"] += 1
+            for k, v in got.items():
+                if not bool((v == float(info.step)).all()):
+                    wrong.append(f"{k} of step {info.step} holds {sorted(set(v.flatten().tolist()))[:4]}")
+
+    t = threading.Thread(target=reader, daemon=True)
+    with ckpt.CheckpointManager(run, keep_last=1, save_on_signals=(), save_on_close=False) as mgr:
+        t.start()
+        for step in range(40):
+            mgr.save(step, _filled(step)).result()
+            mgr.wait()
+        stop.set()
+        t.join(timeout=120)
+    assert not crashed, crashed
+    assert not wrong, wrong[:5]
+    assert seen["ok"] > 0  # the reader did read checkpoints while they were being retired
+    print(f"\n[retention race] {seen['ok']} loads whole, {seen['lost']} lost the race (typed)")
+
+
+def test_recycle_is_off_by_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("CKPT_RECYCLE", raising=False)
+    run = tmp_path / "run"
+    state = make_state()
+    with ckpt.CheckpointManager(run, every_steps=1, keep_last=1, save_on_signals=(), save_on_close=False) as mgr:
+        assert mgr.recycle is False
+        train(state, 3, mgr)
+        mgr.wait()
+        assert _recycle_slots(run) == []
 
 
 def test_recycle_off(tmp_path, monkeypatch):

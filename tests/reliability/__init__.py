@@ -166,11 +166,11 @@ def retention_worker(run: str, keep_last: int, started: Any, kill_at: int = 0) -
 
 
 def recycled_save_worker(run: str, kill_at: int, started: Any) -> None:
-    """``CheckpointManager(keep_last=1)`` saves step 3 into ``run``'s recycle slot (then
+    """``CheckpointManager(keep_last=1, recycle=True)`` saves step 3 into ``run``'s recycle slot (then
     retires step 2), SIGKILLed right before its ``kill_at``-th file-system mutation."""
     _setup_child(None)
     inject_kill(kill_at, direct_writes=True)
-    mgr = ckpt.CheckpointManager(run, keep_last=1, save_on_signals=(), save_on_close=False)
+    mgr = ckpt.CheckpointManager(run, keep_last=1, save_on_signals=(), save_on_close=False, recycle=True)
     started.set()
     mgr.save(3, make_state(3)).result()
     mgr.wait()
