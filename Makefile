@@ -28,6 +28,7 @@ bench: setup
 lint: setup
 	$(VPY) -m ruff check ckpt tests bench examples
 	$(VPY) -m mypy
+	$(VPY) tests/test_import_cycles.py  # fails on a cycle between ckpt modules
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

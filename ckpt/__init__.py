@@ -10,8 +10,6 @@ resharding onto any world size are built on the same format (docs/format.md).
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from ckpt import errors
 from ckpt._api import SaveHandle, Snapshotter, load, save, save_async
 from ckpt._engine._commit import CheckpointInfo
@@ -20,6 +18,7 @@ from ckpt._engine._options import SaveOptions
 from ckpt._engine._save import SaveStats
 from ckpt._manager import CheckpointManager, EverySeconds, EverySteps, KeepEvery, KeepLast
 from ckpt._run import latest, list_checkpoints, read_manifest
+from ckpt._version import __version__ as __version__
 from ckpt.errors import CheckpointError
 from ckpt.providers import RNGState, Stateful, register_provider
 

@@ -29,6 +29,8 @@ def chunk_separator(format_version: int) -> str:
     return "/" if format_version < 2 else "."
 
 
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes) of a region, in elements
+
 MANIFEST = "manifest.json"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -273,7 +275,7 @@ def _canonical(body: dict[str, Any]) -> bytes:
 
 
 def default_versions() -> dict[str, str]:
-    from ckpt import __version__
+    from ckpt._version import __version__
 
     out = {"ckpt": __version__, "torch": torch.__version__}
     try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckpt._engine._globalplan import GlobalPlan
+from ckpt._engine._layout import pickle_objects, stored_arrays
 from ckpt._format import MANIFEST, TMP_PREFIX, Manifest, key_to_path, parse_step_dirname
 from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, IncompleteCheckpointError
 from ckpt.storage import Storage
@@ -119,8 +120,6 @@ def prune_recycled(storage: Storage, write_dir: str, manifest: Manifest, old_fil
     """Before the commit of a save into a recycled tree: delete the old files the new
     manifest does not refer to (the state's structure changed), then empty directories.
     Only files the tree held before the save are candidates. Returns how many went."""
-    from ckpt._tools._common import pickle_objects, stored_arrays
-
     keep = {MANIFEST}
     for a in stored_arrays(manifest):
         keep.add(f"{a.path}/zarr.json")

@@ -22,11 +22,10 @@ from typing import Any
 import numpy as np
 
 from ckpt._engine._arrays import translate
-from ckpt._engine._plan import ArrayLayout
+from ckpt._engine._plan import CRC_BYTES, ArrayLayout, shard_index_bytes
+from ckpt._format import Box
 from ckpt.errors import CheckpointError, CorruptCheckpointError, UnsafePathError
 from ckpt.storage import Storage
-
-Box = tuple[tuple[int, ...], tuple[int, ...]]
 
 
 class DirectReader:
@@ -143,12 +142,12 @@ class DirectReader:
                         raise CorruptCheckpointError(f"stored data is missing (chunk {j} of shard {run.shard} is "
                                                      "absent from the shard index)",
                                                      key=run.key, path=run.where, hint=_HINT_MISSING)
-                    if nb != run.chunk_bytes + 4:
+                    if nb != run.chunk_bytes + CRC_BYTES:
                         if group:
                             break
                         raise CorruptCheckpointError(
                             f"stored data cannot be decoded (chunk {j} of shard {run.shard} holds {nb} bytes, "
-                            f"expected {run.chunk_bytes + 4})", key=run.key, path=run.where, hint=_HINT_DAMAGED)
+                            f"expected {run.chunk_bytes + CRC_BYTES})", key=run.key, path=run.where, hint=_HINT_DAMAGED)
                     if group and off != end:
                         break
                     if not group:
@@ -222,7 +221,7 @@ class _IndexCache:
 def _read_index(fd: int, run: Run, crc32c: Callable[[Any], int]) -> np.ndarray:
     """A shard's index (zarr v3 sharding, index at the end, crc32c'd): (offset, nbytes)
     per inner chunk, checked against the file's size."""
-    need = run.n_chunks * 16 + 4
+    need = shard_index_bytes(run.n_chunks)
     size = os.fstat(fd).st_size
     raw = os.pread(fd, need, size - need) if size >= need else b""
     if len(raw) != need:

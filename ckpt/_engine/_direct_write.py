@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ckpt._engine._arrays import translate
-from ckpt._engine._plan import ArrayLayout, shard_key
+from ckpt._engine._plan import CRC_BYTES, ArrayLayout, shard_key
 from ckpt.storage import Storage
 from ckpt.storage._file import fsync_dir
 
@@ -85,15 +85,15 @@ def shard_image(file: str, layout: ArrayLayout, region: tuple[tuple[int, ...], t
             continue  # wholly outside the array: absent, as zarr stores it
         ext = [min(c, s - st) for c, s, st in zip(chunk, sizes, starts)]
         chunks.append((pos, tuple(slice(st, st + e) for st, e in zip(starts, ext)), ext != list(chunk)))
-        index[i] = (pos, chunk_nbytes + 4)
-        pos += chunk_nbytes + 4
+        index[i] = (pos, chunk_nbytes + CRC_BYTES)
+        pos += chunk_nbytes + CRC_BYTES
     key = layout.shard_key([o // s for o, s in zip(offs, shard)])
-    return ObjectImage(f"{file}/{key}", chunks, chunk_nbytes, tuple(chunk), index, pos + index.nbytes + 4)
+    return ObjectImage(f"{file}/{key}", chunks, chunk_nbytes, tuple(chunk), index, pos + index.nbytes + CRC_BYTES)
 
 
 def pack_image(file: str, nbytes: int) -> ObjectImage:
     """A pack's object: its bytes, then their crc32c (a 1-D array of one chunk)."""
-    return ObjectImage(f"{file}/{shard_key([0])}", [(0, (slice(0, nbytes),), False)], nbytes, (nbytes,), None, nbytes + 4)
+    return ObjectImage(f"{file}/{shard_key([0])}", [(0, (slice(0, nbytes),), False)], nbytes, (nbytes,), None, nbytes + CRC_BYTES)
 
 
 def _crc32c_function() -> Callable[[int, int, int], int] | None:
@@ -214,7 +214,7 @@ class DirectWriter:
             block[off + img.chunk_nbytes:off + img.chunk_nbytes + 4] = np.frombuffer(
                 crc(0, base + off, img.chunk_nbytes).to_bytes(4, "little"), dtype=np.uint8)
         if img.index is not None:
-            at = img.nbytes - img.index.nbytes - 4
+            at = img.nbytes - img.index.nbytes - CRC_BYTES
             raw = img.index.view(np.uint8).reshape(-1)
             block[at:at + raw.nbytes] = raw
             block[at + raw.nbytes:img.nbytes] = np.frombuffer(

@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt._engine._plan import ArrayLayout, PackPlan, PlanConfig, plan_array
-from ckpt._format import itemsize, key_to_path
+from ckpt._format import Box, itemsize, key_to_path
 from ckpt.errors import ReshardError, ShapeMismatchError
-
-Box = tuple[tuple[int, ...], tuple[int, ...]]
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from ckpt._engine._arrays import translate
 from ckpt._engine._direct import DirectReader
 from ckpt._engine._plan import ArrayLayout, pack_metadata, zarr_metadata
 from ckpt._format import (
+    Box,
     Manifest,
     check_relpath,
     chunk_separator,
@@ -44,7 +45,6 @@ from ckpt.errors import (
 from ckpt.storage import Storage
 
 _MISSING = object()
-Box = tuple[tuple[int, ...], tuple[int, ...]]
 
 
 @dataclass

@@ -21,9 +21,16 @@ import math
 from dataclasses import dataclass, field
 from functools import reduce
 
-from ckpt._format import FORMAT_VERSION, chunk_separator
+from ckpt._format import FORMAT_VERSION, Box, chunk_separator
 
-Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
+CRC_BYTES = 4  # a crc32c, after every stored chunk, pack and shard index
+INDEX_ENTRY_BYTES = 16  # per inner chunk in a shard index: (offset, nbytes) as two uint64
+
+
+def shard_index_bytes(n_chunks: int) -> int:
+    """Bytes of a shard's index (at its end), its crc32c included."""
+    return n_chunks * INDEX_ENTRY_BYTES + CRC_BYTES
+
 SEPARATOR = chunk_separator(FORMAT_VERSION)  # the chunk key separator this version writes
 
 

@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ckpt._engine._commit import read_manifest
+from ckpt._engine._layout import StoredArray, pickle_objects, stored_arrays
 from ckpt._format import MANIFEST
-from ckpt._tools._common import Checkpoint, StoredArray, object_sizes, pickle_objects, stored_arrays
+from ckpt._tools._common import Checkpoint, object_sizes
 from ckpt.errors import CheckpointError
 from ckpt.storage import Storage, split_checkpoint_url
 

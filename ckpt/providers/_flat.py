@@ -20,11 +20,11 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
+from ckpt._format import Box
 from ckpt.providers._base import Finalizer, Item, LoadSource, TensorItem
 
 __all__ = ["FlatShard", "range_boxes"]
 
-Box = tuple[tuple[int, ...], tuple[int, ...]]
 
 
 def range_boxes(shape: Sequence[int], start: int, end: int) -> list[Box]:
