@@ -83,7 +83,7 @@ def build_manifest(plan: GlobalPlan, *, step: int | None, world_size: int, rank_
 def retire(storage: Storage, name: str) -> bool:
     """Keep ``name``'s tree (its manifest already deleted) as the one recycle slot; False
     (the caller deletes it) where the storage cannot rename or a slot exists."""
-    if not storage.capabilities.atomic_rename or not hasattr(storage, "local_path"):
+    if not (storage.capabilities.atomic_rename and storage.capabilities.local):
         return False
     if any(d.startswith(RECYCLE_PREFIX) for d in storage.list_dirs("")):
         return False
@@ -97,7 +97,7 @@ def retire(storage: Storage, name: str) -> bool:
 def take_recycled(storage: Storage, write_dir: str) -> set[str] | None:
     """Rename a recycle slot to ``write_dir``; the files it holds (checkpoint-relative
     paths), or None where there was none (the save writes a fresh tree)."""
-    if not storage.capabilities.atomic_rename or not hasattr(storage, "local_path"):
+    if not (storage.capabilities.atomic_rename and storage.capabilities.local):
         return None
     try:
         dirs = storage.list_dirs("")
@@ -110,7 +110,7 @@ def take_recycled(storage: Storage, write_dir: str) -> set[str] | None:
             storage.rename_dir(d, write_dir)
         except OSError:  # taken or deleted meanwhile
             continue
-        root = storage.local_path(write_dir)  # type: ignore[attr-defined]
+        root = storage.local_path(write_dir)
         return {os.path.relpath(os.path.join(dp, f), root).replace(os.sep, "/")
                 for dp, _dn, fn in os.walk(root) for f in fn}
     return None
@@ -125,7 +125,7 @@ def prune_recycled(storage: Storage, write_dir: str, manifest: Manifest, old_fil
         keep.add(f"{a.path}/zarr.json")
         keep.update(path for _, path, _ in a.shards())
     keep.update(path for _, path in pickle_objects(manifest))
-    root = storage.local_path(write_dir)  # type: ignore[attr-defined]
+    root = storage.local_path(write_dir)
     gone = sorted(old_files - keep)
     for rel in gone:
         try:

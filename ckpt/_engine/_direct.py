@@ -42,7 +42,7 @@ class DirectReader:
         ``os.preadv``, hardware crc32c, not turned off. None elsewhere."""
         if os.environ.get("CKPT_DIRECT_READS", "1").strip().lower() in ("0", "false", "no", "off"):
             return None
-        if (not storage.capabilities.local or not hasattr(storage, "local_path") or sys.byteorder != "little"
+        if (not storage.capabilities.local or sys.byteorder != "little"
                 or not hasattr(os, "preadv")):
             return None
         try:
@@ -97,7 +97,7 @@ class DirectReader:
                 last.dest_bytes += dst.nbytes
             else:
                 rel = f"{self.name}/{path}/{lay.shard_key([k] + [0] * (nd - 1))}"
-                runs.append(Run(key, k, str(self.storage.local_path(rel)),  # type: ignore[attr-defined]
+                runs.append(Run(key, k, str(self.storage.local_path(rel)),
                                 self.storage.describe(rel), n_chunks, [part], chunk_bytes, chunk_bytes, dst.nbytes))
             row = hi
         return runs or None

@@ -179,7 +179,7 @@ class DirectWriter:
         """A writer where direct writes apply: local storage, a little-endian host,
         google-crc32c's C implementation, not turned off. None elsewhere."""
         m = mode()
-        if m == "off" or not storage.capabilities.local or not hasattr(storage, "local_path") \
+        if m == "off" or not storage.capabilities.local \
                 or sys.byteorder != "little" or not hasattr(os, "pwritev"):
             return None
         crc = crc32c_extend()
@@ -221,7 +221,7 @@ class DirectWriter:
                 crc(0, base + at, raw.nbytes).to_bytes(4, "little"), dtype=np.uint8)
 
     def _write_file(self, rel: str, data: memoryview, size: int, *, key: str | None, o_direct: bool) -> None:
-        path = self.storage.local_path(rel)  # type: ignore[attr-defined]
+        path = self.storage.local_path(rel)
         where = self.storage.describe(rel)
         parent = os.path.dirname(path)
         # No O_TRUNC: a file of a recycled tree is overwritten in place (its blocks stay
@@ -261,7 +261,7 @@ class DirectWriter:
                 return
         os.makedirs(d, exist_ok=True)
         with self._dirs_lock:
-            root = str(self.storage.local_path())  # type: ignore[attr-defined]
+            root = str(self.storage.local_path())
             while d.startswith(root) and d not in self._dirs and len(d) > len(root):
                 self._dirs.add(d)
                 d = os.path.dirname(d)

@@ -397,8 +397,8 @@ def _refuse_symlinks(storage: Storage, name: str, path: str, key: str | None) ->
     could point anywhere outside it (an untrusted checkpoint must not read other files)."""
     if not storage.capabilities.local:
         return
-    p = storage.local_path(name)  # type: ignore[attr-defined]
-    found = None
+    p = storage.local_path(name)
+    found: str | os.PathLike[str] | None = None
     for comp in path.split("/"):
         p = p / comp
         if p.is_symlink():

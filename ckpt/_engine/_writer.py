@@ -70,8 +70,8 @@ class Writer(threading.Thread):
         self.write_dir = write_dir
         self.direct = direct
         # tensorstore may keep referencing a written array; pool blocks are reused, so only
-        # let it where the kvstore copies the bytes out (the memory kvstore keeps them).
-        self.zero_copy = job.storage.kvstore_spec(write_dir).get("driver") != "memory"
+        # let it where the kvstore copies the bytes out.
+        self.zero_copy = not job.storage.capabilities.retains_written_buffers
         self.error: BaseException | None = None
         self.staged_at: float | None = None
         self._pending: list[tuple[Any, WriteUnit]] = []

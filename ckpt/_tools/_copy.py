@@ -108,10 +108,9 @@ def _quietly(fn: Callable[..., Any], *args: Any) -> None:
 
 def _newest_mtime(storage: Storage, name: str) -> float | None:
     """Newest modification time of anything under ``name`` (local storage only)."""
-    local = getattr(storage, "local_path", None)
-    if not storage.capabilities.local or local is None:
+    if not storage.capabilities.local:
         return None
-    root = local(name)
+    root = storage.local_path(name)
     newest = 0.0
     for dirpath, _dirs, files in os.walk(root):
         for p in [dirpath, *(os.path.join(dirpath, f) for f in files)]:

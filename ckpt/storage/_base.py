@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ckpt.errors import UnsupportedOperationError
@@ -33,11 +34,16 @@ class Capabilities:
     """What a backend can promise.
 
     ``atomic_rename``: a directory can be renamed atomically (commit by rename).
-    ``local``: paths are on this machine's file system (``local_path`` works).
+    ``local``: paths are on this machine's file system: ``local_path`` gives the file, and
+    the engine's local fast paths (direct reads and writes, recycling) may use it.
+    ``retains_written_buffers``: tensorstore keeps a reference to the bytes written to this
+    backend's kvstore (the in-memory one) instead of copying them out, so a writer must
+    hand it bytes it will never reuse.
     """
 
     atomic_rename: bool
     local: bool = False
+    retains_written_buffers: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,12 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def kvstore_spec(self, path: str) -> dict[str, Any]:
         """A tensorstore kvstore spec (JSON) for the directory ``path`` under the root."""
+
+    def local_path(self, path: str = "") -> Path:
+        """The file (or directory) of ``path`` on this machine. Only where
+        ``capabilities.local``; other backends raise UnsupportedOperationError."""
+        raise UnsupportedOperationError(f"{self.describe(path)} is not on a local file system",
+                                        hint="check `capabilities.local` before asking for a local path")
 
     def ts_context(self) -> Any:
         """The tensorstore Context that arrays of this storage are opened with."""

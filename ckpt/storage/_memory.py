@@ -32,7 +32,7 @@ def drop(name: str) -> None:
 
 
 class MemoryStorage(Storage):
-    capabilities = Capabilities(atomic_rename=False)
+    capabilities = Capabilities(atomic_rename=False, retains_written_buffers=True)
 
     def __init__(self, name: str, prefix: str = "") -> None:
         import tensorstore as ts

@@ -283,6 +283,29 @@ class StorageConformance:
         storage.delete_dir("src")
         assert storage.list_dirs() == ["dst"]
 
+    # -- capabilities: the local fast path, retained buffers -----------------------------------
+    def test_local_path_is_the_file_where_the_backend_is_local(self, storage: Storage) -> None:
+        storage.write_bytes("d/obj.bin", b"bytes")
+        if not storage.capabilities.local:
+            with pytest.raises(NotImplementedError) as ei:
+                storage.local_path("d/obj.bin")
+            assert isinstance(ei.value, StorageError) and ei.value.hint  # typed, with a fix
+            return
+        assert storage.local_path("d/obj.bin").read_bytes() == b"bytes"
+        assert storage.local_path("d").is_dir() and storage.local_path().is_dir()
+
+    def test_zero_copy_writes_are_safe_unless_the_backend_retains_buffers(self, storage: Storage) -> None:
+        """A writer may reuse a buffer handed to tensorstore with
+        can_reference_source_data_indefinitely=True once the write is done, unless the
+        backend says it retains written buffers (the engine's pool blocks are reused)."""
+        buf = np.arange(4096, dtype=np.uint8)
+        arr = _open_array(storage, "z", create=True, dtype=ts.uint8, shape=[4096])
+        arr.write(buf, can_reference_source_data_indefinitely=
+                  not storage.capabilities.retains_written_buffers).result()
+        buf[:] = 7  # the block goes back to the pool and is reused
+        again = _open_array(storage, "z").read().result()
+        np.testing.assert_array_equal(again, np.arange(4096, dtype=np.uint8))
+
     # -- rename (commit by rename) ------------------------------------------------------------
     def test_rename_dir(self, storage: Storage) -> None:
         if not storage.capabilities.atomic_rename:
