@@ -186,6 +186,11 @@ def read_manifest(storage: Storage, name: str) -> Manifest:
     try:
         data = storage.read_bytes(f"{name}/{MANIFEST}")
     except (FileNotFoundError, NotADirectoryError):
+        if storage.exists(f"{name}/.metadata"):
+            raise CheckpointNotFoundError(
+                "this is a torch.distributed.checkpoint (DCP) checkpoint, not a ckpt one", path=where,
+                hint=f"convert it once with `ckpt import {where} RUN/step-000000000` (add `--prefix` if the "
+                     "state dict is one object's), then load that; or read it with dcp.load") from None
         if storage.exists(name) and not _holds_ckpt_data(storage, name):
             raise CheckpointNotFoundError(
                 "this is not a ckpt checkpoint: no manifest.json and no checkpoint data", path=where,

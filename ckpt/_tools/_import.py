@@ -12,6 +12,7 @@ are read with ``weights_only`` unless ``allow_pickle``.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import time
@@ -26,23 +27,26 @@ from ckpt._format import parse_step_dirname, step_dirname
 from ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     PickleNotAllowedError,
     UnsupportedStateError,
 )
 from ckpt.providers._base import Item, TensorItem, ValueItem, component
 
 FORMATS = ("auto", "dcp", "torch", "safetensors")
+_INDEX_SUFFIX = ".safetensors.index.json"  # Hugging Face's sharded weights: {"weight_map": {name: file}}
+_INDEX_GLOB = f"*{_INDEX_SUFFIX}"
 
 
 def detect_format(src: Path) -> str:
     if src.is_dir():
         if (src / ".metadata").is_file():
             return "dcp"
-        if any(src.glob("*.safetensors")):
+        if any(src.glob("*.safetensors")) or any(src.glob(_INDEX_GLOB)):
             return "safetensors"
         raise CheckpointNotFoundError("cannot tell the format of this directory: no DCP .metadata, no *.safetensors",
                                       path=str(src), hint="pass --format, or point at the checkpoint itself")
-    if src.suffix == ".safetensors":
+    if src.suffix == ".safetensors" or src.name.endswith(_INDEX_SUFFIX):
         return "safetensors"
     return "torch"
 
@@ -117,10 +121,48 @@ def _read_torch(src: Path, allow_pickle: bool) -> Any:
 def _read_safetensors(src: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    files = sorted(src.glob("*.safetensors")) if src.is_dir() else [src]
+    index = src if src.name.endswith(_INDEX_SUFFIX) else None
+    if src.is_dir():
+        found = sorted(src.glob(_INDEX_GLOB))
+        if len(found) > 1:
+            raise CheckpointNotFoundError(f"the directory holds {len(found)} safetensors indexes "
+                                          f"({', '.join(f.name for f in found)})", path=str(src),
+                                          hint="point at the index file of the weights to import")
+        index = found[0] if found else None
+    if index is None:  # one file, or a directory of unindexed files: all of them
+        out: dict[str, Any] = {}
+        for f in sorted(src.glob("*.safetensors")) if src.is_dir() else [src]:
+            out.update(load_file(str(f), device="cpu"))
+        return out
+    return _read_indexed(index, load_file)
+
+
+def _read_indexed(index: Path, load_file: Any) -> dict[str, Any]:
+    """The tensors ``index``'s weight_map names, each from the file it names (other files
+    in the folder, e.g. a consolidated copy, are not read)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map is not a {name: file} object")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"not a safetensors index ({e})", path=str(index),
+                                     hint="a model.safetensors.index.json has {\"weight_map\": {name: file}}") from None
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, []).append(name)
     out: dict[str, Any] = {}
-    for f in files:
-        out.update(load_file(str(f), device="cpu"))
+    for file, names in sorted(by_file.items()):
+        path = index.parent / file
+        if "/" in file or "\\" in file or file.startswith(".") or not path.is_file():
+            raise CheckpointNotFoundError(f"the index names {file!r}, which is not a file beside it",
+                                          path=str(path), hint="copy every shard the index lists next to it")
+        tensors = load_file(str(path), device="cpu")
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise CorruptCheckpointError(f"{file} lacks {len(missing)} tensor(s) the index puts there, "
+                                         f"e.g. {missing[0]!r}", path=str(path),
+                                         hint="the shards do not match the index: re-download them")
+        out.update((n, tensors[n]) for n in names)
     return out
 
 

@@ -394,6 +394,47 @@ def test_import_torch_save_and_safetensors(tmp_path: Path, capsys: pytest.Captur
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), got["model"].state_dict().values()))
 
 
+def test_import_honours_a_safetensors_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Hugging Face folder of sharded weights: only the files (and names) its
+    model.safetensors.index.json lists are imported, from the folder or from the index
+    file itself; a consolidated copy beside them is not merged in."""
+    from safetensors.torch import save_file
+
+    model = _model(4)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    names = sorted(sd)
+    src = tmp_path / "hf"
+    src.mkdir()
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, ns in shards.items():
+        save_file({n: sd[n] for n in ns}, str(src / file))
+    index = {"metadata": {}, "weight_map": {n: f for f, ns in shards.items() for n in ns}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({"stray.weight": torch.ones(3)}, str(src / "consolidated.safetensors"))
+    for i, arg in enumerate([src, src / "model.safetensors.index.json"]):
+        dst = tmp_path / f"out{i}" / "step-000000001"
+        code, out, err = _cli(capsys, "import", str(arg), str(dst), "--prefix", "model")
+        assert code == 0 and "(safetensors)" in out, err
+        keys = set(ckpt.read_manifest(str(dst)).entries)
+        assert not any("stray" in k for k in keys)
+        got = {"model": _model(13)}
+        ckpt.load(got, str(dst))
+        assert all(torch.equal(sd[n], got["model"].state_dict()[n]) for n in names)
+    (src / "model-00002-of-00002.safetensors").unlink()  # a shard the index lists is missing
+    code, _, err = _cli(capsys, "import", str(src), str(tmp_path / "bad" / "step-000000001"))
+    assert code == 1 and "model-00002-of-00002.safetensors" in err and "--allow-pickle" not in err
+
+
+def test_load_of_a_dcp_directory_says_to_import_it(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"w": torch.ones(3)}, checkpoint_id=str(tmp_path / "dcp"))
+    with pytest.raises(ckpt.errors.CheckpointNotFoundError, match="DCP") as ei:
+        ckpt.load({"w": torch.zeros(3)}, str(tmp_path / "dcp"))
+    assert "ckpt import" in str(ei.value)
+
+
 def test_import_refuses_pickles_by_default(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import torch.distributed.checkpoint as dcp
 
