@@ -16,7 +16,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from ckpt.errors import (
     UnsupportedStateError,
 )
 from ckpt.providers._base import Item, TensorItem, ValueItem, component
+from ckpt.providers._torch import optimizer_items
 
 FORMATS = ("auto", "dcp", "torch", "safetensors")
 _INDEX_SUFFIX = ".safetensors.index.json"  # Hugging Face's sharded weights: {"weight_map": {name: file}}
@@ -55,12 +56,15 @@ class _Leaves:
     """A provider over ready-made (key, tensor or value) pairs: saves them under exactly
     those keys, with no structure entry of its own."""
 
-    def __init__(self, leaves: list[tuple[str, Any]]) -> None:
+    def __init__(self, leaves: list[tuple[str, Any]], optimizers: Iterable[tuple[str, dict[str, Any]]] = ()) -> None:
         self.leaves = leaves
+        self.optimizers = list(optimizers)
 
     def items(self) -> Iterator[Item]:
         for key, v in self.leaves:
             yield TensorItem(key, v.detach()) if isinstance(v, torch.Tensor) else ValueItem(key, v)
+        for key, sd in self.optimizers:  # saved as an optimizer is: it loads into a live one
+            yield from optimizer_items(key, sd)
 
     def load(self, src: Any) -> None:
         raise UnsupportedStateError("ready-made leaves are only saved (by `ckpt import`), never loaded into",
@@ -77,8 +81,25 @@ def _has_tensor(obj: Any) -> bool:
     return False
 
 
-def flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """Nested dicts/lists -> (``/``-joined key, leaf) pairs; tensor-free sub-trees stay whole."""
+def _is_named_optimizer_state(obj: Any) -> bool:
+    """An optimizer state dict keyed by parameter name, as DCP saves one
+    (``get_state_dict`` / ``get_optimizer_state_dict``: torchtitan, accelerate)."""
+    if not (isinstance(obj, dict) and set(obj) == {"state", "param_groups"} and isinstance(obj["state"], dict)
+            and isinstance(obj["param_groups"], list)):
+        return False
+    groups = obj["param_groups"]
+    return (all(isinstance(k, str) for k in obj["state"])
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+            and all(isinstance(p, str) for g in groups for p in g["params"]))
+
+
+def flatten(obj: Any, prefix: str = "", optimizers: list[tuple[str, dict[str, Any]]] | None = None
+            ) -> list[tuple[str, Any]]:
+    """Nested dicts/lists -> (``/``-joined key, leaf) pairs; tensor-free sub-trees stay whole.
+    With ``optimizers``, name-keyed optimizer states go there as (key, state dict) instead."""
+    if optimizers is not None and prefix and _is_named_optimizer_state(obj):
+        optimizers.append((prefix, obj))
+        return []
     if isinstance(obj, torch.Tensor) or not _has_tensor(obj) and prefix:
         if not prefix:
             raise UnsupportedStateError("a lone tensor needs a name", hint="pass --prefix NAME")
@@ -94,7 +115,7 @@ def flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
         return [(prefix, obj)]
     out = []
     for k, v in pairs:
-        out.extend(flatten(v, f"{prefix}/{component(k)}" if prefix else component(k)))
+        out.extend(flatten(v, f"{prefix}/{component(k)}" if prefix else component(k), optimizers))
     return out
 
 
@@ -263,20 +284,23 @@ def import_(src: str | os.PathLike[str], run_or_ckpt_url: str | os.PathLike[str]
         obj = _read_safetensors(src_p)
     else:
         obj = _read_torch(src_p, allow_pickle)
+    optimizers: list[tuple[str, dict[str, Any]]] = []
     if fmt == "safetensors":  # flat names: "/" in a name is a path separator already
         leaves = [(k, v) for k, v in obj.items()]
         if prefix:
             leaves = [(f"{prefix.strip('/')}/{k}", v) for k, v in leaves]
     else:
-        leaves = flatten(obj, prefix.strip("/") if prefix else "")
+        leaves = flatten(obj, prefix.strip("/") if prefix else "", optimizers)
     url = os.fspath(run_or_ckpt_url).rstrip("/")
     if step is not None:
         url = f"{url}/{step_dirname(step)}"
     else:
         step = parse_step_dirname(url.rsplit("/", 1)[-1])
-    save({"import": _Leaves(leaves)}, url, step=step, overwrite=overwrite, allow_pickle=allow_pickle,
+    save({"import": _Leaves(leaves, optimizers)}, url, step=step, overwrite=overwrite, allow_pickle=allow_pickle,
          storage_options=storage_options, metadata={"imported_from": str(src_p), "import_format": fmt})
     tensors = [v for _, v in leaves if isinstance(v, torch.Tensor)]
+    tensors += [v for key, sd in optimizers for _, v in flatten(sd["state"], key) if isinstance(v, torch.Tensor)]
     return {"src": str(src_p), "format": fmt, "url": url, "tensors": len(tensors),
-            "values": len(leaves) - len(tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors),
+            "values": sum(not isinstance(v, torch.Tensor) for _, v in leaves) + len(optimizers),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors),
             "seconds": time.perf_counter() - t0}

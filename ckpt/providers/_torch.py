@@ -119,6 +119,19 @@ class ModuleProvider:
         return finish
 
 
+def optimizer_items(prefix: str, sd: dict[str, Any]) -> Iterator[Item]:
+    """The items of an optimizer state dict keyed by parameter name (``state`` maps names,
+    each group's ``params`` lists names): one structure value at ``prefix``, the tensors
+    under ``prefix/state/<name>/...``. ``OptimizerProvider`` and ``ckpt import`` (DCP's
+    name-keyed optimizer state) save optimizers this way, so both load the same."""
+    out: list[Item] = []
+    # param_groups (lr, betas...) change outside step (schedulers): capture eagerly.
+    groups = flatten(sd["param_groups"], f"{prefix}/param_groups", out, eager=True)
+    state = flatten(sd["state"], f"{prefix}/state", out)
+    yield ValueItem(prefix, {"state": state, "param_groups": groups}, encoded=True)
+    yield from out
+
+
 class OptimizerProvider:
     def __init__(self, optim: torch.optim.Optimizer, prefix: str, ctx: DescribeContext) -> None:
         self.optim = optim
@@ -153,13 +166,7 @@ class OptimizerProvider:
         return {"state": state, "param_groups": groups}
 
     def items(self) -> Iterator[Item]:
-        sd = self._by_name(self.optim.state_dict())
-        out: list[Item] = []
-        # param_groups (lr, betas...) change outside step (schedulers): capture eagerly.
-        groups = flatten(sd["param_groups"], f"{self.prefix}/param_groups", out, eager=True)
-        state = flatten(sd["state"], f"{self.prefix}/state", out)
-        yield ValueItem(self.prefix, {"state": state, "param_groups": groups}, encoded=True)
-        yield from out
+        return optimizer_items(self.prefix, self._by_name(self.optim.state_dict()))
 
     def load(self, src: LoadSource) -> Finalizer | None:
         if not src.has(self.prefix):

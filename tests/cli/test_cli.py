@@ -394,6 +394,47 @@ def test_import_torch_save_and_safetensors(tmp_path: Path, capsys: pytest.Captur
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), got["model"].state_dict().values()))
 
 
+def test_import_dcp_model_and_optimizer_loads_into_live_ones(tmp_path: Path) -> None:
+    """The way DCP users save (torchtitan, accelerate): get_state_dict's name-keyed
+    optimizer state next to the model's. Imported, it loads into a live model AND its
+    optimizer, bit-exact, and training goes on from there."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    def trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        m = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        o = torch.optim.AdamW(m.parameters(), lr=0.01)
+        for _ in range(2):
+            m(torch.randn(4, 6)).square().sum().backward()
+            o.step()
+            o.zero_grad()
+        return m, o
+
+    model, optim = trained(0)
+    msd, osd = get_state_dict(model, optim)
+    with pytest.warns(UserWarning):  # no process group: a single-process save
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "dcp"))
+    dst = tmp_path / "run" / "step-000000002"
+    p = _proc("import", str(tmp_path / "dcp"), str(dst), "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["tensors"] == 4 + 4 * 3  # 4 parameters, step/exp_avg/exp_avg_sq each
+    m2, o2 = trained(1)
+    ckpt.load({"model": m2, "optim": o2}, str(dst))
+    for a, b in zip(model.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    s1, s2 = optim.state_dict(), o2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    for i in s1["state"]:
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(s1["state"][i][k], s2["state"][i][k]), (i, k)
+    x = torch.randn(4, 6)
+    for m, o in ((model, optim), (m2, o2)):  # one more step each: still the same
+        m(x).square().sum().backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), m2.parameters()))
+
+
 def test_import_honours_a_safetensors_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A Hugging Face folder of sharded weights: only the files (and names) its
     model.safetensors.index.json lists are imported, from the folder or from the index
