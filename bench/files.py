@@ -22,7 +22,7 @@ in every repeat, each run's output deleted after it (as in the train scenario):
 ckpt adds to writing its files (its copy in the call, included in (1), is the rest);
 (4) is what no file layout can go below here. (5) and (6) are ckpt as a training job
 runs it, ``CheckpointManager(keep_last=2)``: retention after every commit, the retired
-checkpoint's tree recycled by the next save (the default) or deleted; busy runs from the
+checkpoint's tree recycled by the next save (recycle=True) or deleted (the default); busy runs from the
 call until retention is done. ``torch.save`` of the same state is timed
 once per repeat (its call, as in the train scenario), so every row has its ratio to it in
 the same run.

@@ -135,7 +135,7 @@ def test_kill_during_a_save_into_a_recycled_tree(tmp_path):
     retire the next one), killed at every stage: what is listed loads bit-exact, the rest
     is debris gc removes, and the run saves again."""
     tpl = tmp_path / "rtpl"
-    mgr = ckpt.CheckpointManager(tpl, keep_last=1, save_on_signals=(), save_on_close=False)
+    mgr = ckpt.CheckpointManager(tpl, keep_last=1, save_on_signals=(), save_on_close=False, recycle=True)
     mgr.save(1, make_state(1)).result()
     mgr.save(2, make_state(2)).result()
     mgr.wait()
