@@ -249,7 +249,12 @@ def load(state: dict[str, Any], url: str | os.PathLike[str], *, strict: bool = T
          storage_options: dict[str, Any] | None = None, process_group: Any = None) -> LoadStats:
     """Load the checkpoint at ``url`` into ``state`` in place (modules, optimizers and
     tensors keep their identity; plain values are replaced in the dict), resharded onto
-    the current layout. ``strict``: missing or unexpected keys are errors."""
+    the current layout. Top-level objects of the checkpoint that ``state`` does not name
+    are skipped (listed in the returned ``LoadStats.skipped``): ``{"model": m}`` loads
+    the model alone from a training checkpoint. ``strict``: keys the state has and the
+    checkpoint lacks, and keys of an object the state names that it does not have, are
+    errors (else left as they are / listed in ``LoadStats.unexpected``). A load that
+    matches nothing is an error."""
     t0 = time.perf_counter()
     storage, name = split_checkpoint_url(url, **(storage_options or {}))
     rank, world_size = rank_and_world(process_group)  # a load needs no collective
@@ -263,7 +268,7 @@ def load(state: dict[str, Any], url: str | os.PathLike[str], *, strict: bool = T
         fin = p.load(loader)
         if fin is not None:
             finalizers.append(fin)
-    loader.check_unexpected()
+    loader.check_unexpected(asked={str(k) for k in state})
     stats = loader.execute()
     for fin in finalizers:
         fin()

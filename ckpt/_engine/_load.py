@@ -12,7 +12,7 @@ import math
 import os
 import pickle
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,8 @@ class LoadStats:
     bytes_direct: int = 0  # of bytes_read: read straight into destinations (local fast path)
     read_s: float = 0.0
     total_s: float = 0.0
+    skipped: list[str] = field(default_factory=list)  # top-level objects of the checkpoint not asked for
+    unexpected: list[str] = field(default_factory=list)  # keys of asked-for objects the state lacks (strict=False)
 
 
 class Loader:
@@ -101,10 +103,18 @@ class Loader:
             raise MissingKeyError("the checkpoint has no entry for this key", key=key, path=self.where,
                                   hint="check the state's keys against `ckpt info`, or load with strict=False") from None
 
+    def top_level(self) -> list[str]:
+        """The checkpoint's top-level objects (the keys its state dict had)."""
+        return sorted({k.split("/", 1)[0] for k in self.manifest.entries})
+
+    def _keys_hint(self) -> str:
+        return (f"the checkpoint holds {', '.join(repr(k) for k in self.top_level()[:12])}; an imported "
+                "state dict is under the --prefix it was imported with (`ckpt info` lists the keys)")
+
     def missing(self, key: str) -> None:
         if self.strict:
             raise MissingKeyError("the state has a key that the checkpoint lacks", key=key, path=self.where,
-                                  hint="load with strict=False to leave it as it is")
+                                  hint=f"{self._keys_hint()}; or load with strict=False to leave it as it is")
 
     def raw(self, key: str, *, per_rank: bool = False, rank: int | None = None, default: Any = _MISSING) -> Any:
         if per_rank:
@@ -193,11 +203,22 @@ class Loader:
     def unused_keys(self) -> list[str]:
         return sorted(set(self.manifest.entries) - self._used)
 
-    def check_unexpected(self) -> None:
-        if not self.strict:
-            return
+    def check_unexpected(self, asked: set[str] | None = None) -> None:
+        """After every provider scheduled its reads. Top-level objects of the checkpoint
+        that the state does not ask for (``asked``: the state's top-level keys) are skipped
+        and reported in ``stats.skipped`` (a model loaded alone from a training checkpoint);
+        leftovers of an object the state does ask for are unexpected: an error when strict,
+        else reported. A load that matched nothing is always an error."""
         extra = self.unused_keys()
-        if extra:
+        if asked is not None and self.manifest.entries and not self._used:
+            raise MissingKeyError(f"the state ({', '.join(repr(k) for k in sorted(asked)[:8])}) matches "
+                                  "nothing in the checkpoint", key=next(iter(sorted(asked)), None),
+                                  path=self.where, hint=self._keys_hint())
+        if asked is not None:
+            self.stats.skipped = sorted({k.split("/", 1)[0] for k in extra} - asked)
+            extra = [k for k in extra if k.split("/", 1)[0] in asked]
+        self.stats.unexpected = extra
+        if extra and self.strict:
             raise UnexpectedKeyError(
                 f"the checkpoint holds {len(extra)} entries the state does not ask for: {extra[:5]}",
                 key=extra[0], path=self.where,

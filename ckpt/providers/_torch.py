@@ -178,10 +178,13 @@ class OptimizerProvider:
         saved_names = list(structure["state"].keys())
         unknown = [n for n in saved_names if n not in index]
         if unknown and src.strict:
+            unnamed = not any(id(p) in self.ctx.param_names for g in self.optim.param_groups for p in g["params"])
             raise UnexpectedKeyError(
                 f"the checkpoint has optimizer state for parameters this optimizer does not have: {unknown[:5]}",
                 key=self.prefix, path=src.where,
-                hint="build the optimizer over the same parameters, or load with strict=False")
+                hint="an optimizer's state is keyed by its module's parameter names: put the module in the "
+                     "same state, e.g. {'model': model, 'optim': optim}" if unnamed else
+                     "build the optimizer over the same parameters, or load with strict=False")
         pending: list[Any] = []
         # Validate the groups before anything touches the optimizer.
         groups = unflatten(structure["param_groups"], src, None, pending)
