@@ -1,8 +1,10 @@
-"""A local S3 server for the tests, and the fixtures that hand out places in it.
+"""Local S3 servers for the tests, and the fixtures that hand out places in it.
 
-By default a moto server runs in this process for the whole session, bound to
-127.0.0.1 on a free port (the way s3fs's own tests run it), and every test gets a fresh
-bucket. To run the same tests against a real S3-compatible endpoint instead, set
+By default every S3 test runs twice: against a moto server in this process (a mock, the
+way s3fs's own tests run it) and against SeaweedFS (a real object store with an S3
+gateway, :mod:`tests._seaweedfs`), each started once per session on 127.0.0.1 on free
+ports, and every test gets a fresh bucket. ``CKPT_TEST_S3_SERVERS`` (comma-separated:
+``moto``, ``seaweedfs``) picks a subset. To run the same tests against a real S3-compatible endpoint instead, set
 ``CKPT_TEST_S3_ENDPOINT`` (and ``CKPT_TEST_S3_BUCKET``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION`` as needed): each test then works under a unique
 prefix of that bucket (or of a fresh bucket when no bucket is given) and cleans it up.
@@ -25,6 +27,8 @@ __all__ = ["s3_server", "s3_url", "s3_options", "s3_storage_options", "S3Server"
 
 ENDPOINT_VAR = "CKPT_TEST_S3_ENDPOINT"
 BUCKET_VAR = "CKPT_TEST_S3_BUCKET"
+SERVERS_VAR = "CKPT_TEST_S3_SERVERS"
+SERVERS = ("moto", "seaweedfs")
 DUMMY_KEY = "ckpt-test-key"
 DUMMY_SECRET = "ckpt-test-secret"
 
@@ -37,6 +41,7 @@ class S3Server:
     secret: str | None
     bucket: str | None  # a fixed bucket to work in (external endpoints only)
     external: bool
+    kind: str = "moto"  # "moto", "seaweedfs" or "external"
 
     def client(self) -> Any:
         import boto3
@@ -80,26 +85,45 @@ def _moto_env(mp: pytest.MonkeyPatch) -> None:
     mp.setenv("no_proxy", no_proxy)
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """The S3 endpoint of this test session (moto on 127.0.0.1 unless overridden)."""
+def _server_params() -> list[str]:
+    if os.environ.get(ENDPOINT_VAR):
+        return ["external"]
+    chosen = [k.strip() for k in os.environ.get(SERVERS_VAR, ",".join(SERVERS)).split(",") if k.strip()]
+    unknown = sorted(set(chosen) - set(SERVERS))
+    if unknown:
+        raise ValueError(f"{SERVERS_VAR}={os.environ[SERVERS_VAR]!r}: unknown server(s) {unknown}; "
+                         f"choose from {', '.join(SERVERS)}")
+    return chosen
+
+
+@pytest.fixture(scope="session", params=_server_params())
+def s3_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """The S3 endpoint of this test session: moto, then SeaweedFS, on 127.0.0.1 (or the
+    endpoint that CKPT_TEST_S3_ENDPOINT names)."""
     global _current
     pytest.importorskip("s3fs")
     pytest.importorskip("boto3")
     mp = pytest.MonkeyPatch()
     mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    external = os.environ.get(ENDPOINT_VAR)
-    server = None
+    stop: Any = None
     try:
-        if external:
+        if request.param == "external":
             _current = S3Server(
-                endpoint_url=external.rstrip("/"),
+                endpoint_url=os.environ[ENDPOINT_VAR].rstrip("/"),
                 region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
                 key=os.environ.get("AWS_ACCESS_KEY_ID"),
                 secret=os.environ.get("AWS_SECRET_ACCESS_KEY"),
                 bucket=os.environ.get(BUCKET_VAR) or None,
-                external=True,
+                external=True, kind="external",
             )
+        elif request.param == "seaweedfs":
+            from tests._seaweedfs import SeaweedFS
+
+            _moto_env(mp)
+            weed = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), DUMMY_KEY, DUMMY_SECRET).start()
+            stop = weed.stop
+            _current = S3Server(endpoint_url=weed.endpoint_url, region="us-east-1", key=DUMMY_KEY,
+                                secret=DUMMY_SECRET, bucket=None, external=False, kind="seaweedfs")
         else:
             pytest.importorskip("moto")
             from moto.moto_server.threaded_moto_server import ThreadedMotoServer
@@ -107,6 +131,7 @@ def s3_server() -> Iterator[S3Server]:
             _moto_env(mp)
             server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
             server.start()
+            stop = server.stop
             host, port = server.get_host_and_port()
             assert host == "127.0.0.1", host
             _current = S3Server(endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1",
@@ -114,8 +139,8 @@ def s3_server() -> Iterator[S3Server]:
         yield _current
     finally:
         _current = None
-        if server is not None:
-            server.stop()
+        if stop is not None:
+            stop()
         mp.undo()
 
 

@@ -61,6 +61,7 @@ from typing import Any
 from ckpt._engine._options import parse_bytes
 from ckpt.errors import MissingDependencyError, StorageError, StoragePermissionError
 from ckpt.storage._base import Capabilities, ObjectInfo, Storage
+from ckpt.storage._s3_client import Secret, make_fs, setting, truthy
 from ckpt.storage._s3_errors import (
     NOT_FOUND_CODES,
     PERMISSION_CODES,
@@ -71,13 +72,11 @@ from ckpt.storage._s3_errors import (
     retryable,
     translate,
 )
+from ckpt.storage._s3_multipart import MAX_PUT, MIN_PART, multipart_upload
 from ckpt.storage._s3_tensorstore import credentials_spec, custom_endpoint, s3_context, ts_retries
 
 __all__ = ["S3Storage"]
 
-_MAX_PUT = 5 * 2**30  # S3's limit for one PUT
-_MIN_PART = 5 * 2**20  # S3's smallest part (all but the last)
-_MAX_PARTS = 10_000  # S3's most parts of one upload
 _DEFAULT_DEADLINE_S = 120.0
 _DEFAULT_MAX_ATTEMPTS = 5
 _DEFAULT_PART_BYTES = 64 * 2**20
@@ -89,34 +88,13 @@ log = logging.getLogger("ckpt.storage.s3")
 _DELETE_BATCH = 1000  # S3's limit for one DeleteObjects
 
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _setting(explicit: Any, var: str, default: Any, cast: Callable[[str], Any]) -> Any:
-    if explicit is not None:
-        return explicit
-    raw = os.environ.get(var)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        return cast(raw.strip())
-    except ValueError:
-        raise ValueError(f"{var}={raw!r} is not a valid value") from None
-
-
-class _Secret:
-    """A credential value that does not show itself in repr, str or tracebacks' locals."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: str) -> None:
-        self.value = value
-
-    def __repr__(self) -> str:
-        return "<secret>"
-
-    __str__ = __repr__
+def _dirs_of(keys: list[str], base: str) -> set[str]:
+    """The directory keys (``a/b/``) between ``base`` (included) and each of ``keys``."""
+    out = {base}
+    for k in keys:
+        parts = k[len(base):].split("/")[:-1]
+        out.update(base + "/".join(parts[:i]) + "/" for i in range(1, len(parts) + 1))
+    return out
 
 
 class S3Storage(Storage):
@@ -173,7 +151,7 @@ class S3Storage(Storage):
         env = os.environ
         client_kwargs = dict(client_kwargs or {})
         endpoint_url = endpoint_url or client_kwargs.pop("endpoint_url", None)
-        if endpoint_url is None and not _truthy(env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")):
+        if endpoint_url is None and not truthy(env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")):
             endpoint_url = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
         region = region or client_kwargs.pop("region_name", None)
         region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
@@ -183,32 +161,32 @@ class S3Storage(Storage):
         self.region = region
         self.profile = profile
         self.anon = anon
-        self._key = _Secret(key) if key is not None else None
-        self._secret = _Secret(secret) if secret is not None else None
-        self._token = _Secret(token) if token is not None else None
+        self._key = Secret(key) if key is not None else None
+        self._secret = Secret(secret) if secret is not None else None
+        self._token = Secret(token) if token is not None else None
         self._client_kwargs = client_kwargs
         self._s3fs_options = s3fs_options
 
-        self.deadline_s = float(_setting(deadline_s, "CKPT_S3_DEADLINE_S", _DEFAULT_DEADLINE_S, float))
+        self.deadline_s = float(setting(deadline_s, "CKPT_S3_DEADLINE_S", _DEFAULT_DEADLINE_S, float))
         if not self.deadline_s > 0:
             raise ValueError(f"deadline_s must be positive, got {self.deadline_s}")
         user_retries = (s3fs_options.get("config_kwargs") or {}).get("retries") or {}
         if max_attempts is None and "max_attempts" in user_retries:
             max_attempts = int(user_retries["max_attempts"])
-        self.max_attempts = int(_setting(max_attempts, "CKPT_S3_MAX_ATTEMPTS", _DEFAULT_MAX_ATTEMPTS, int))
+        self.max_attempts = int(setting(max_attempts, "CKPT_S3_MAX_ATTEMPTS", _DEFAULT_MAX_ATTEMPTS, int))
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         mode = retry_mode or user_retries.get("mode")
-        self.retry_mode = str(_setting(mode, "CKPT_S3_RETRY_MODE", "standard", str))
+        self.retry_mode = str(setting(mode, "CKPT_S3_RETRY_MODE", "standard", str))
         if self.retry_mode not in ("standard", "adaptive", "legacy"):
             raise ValueError(f"retry_mode must be 'standard' or 'adaptive', got {self.retry_mode!r}")
-        self.part_bytes = int(_setting(part_bytes, "CKPT_S3_PART_BYTES", _DEFAULT_PART_BYTES, parse_bytes))
-        if not _MIN_PART <= self.part_bytes <= _MAX_PUT:
+        self.part_bytes = int(setting(part_bytes, "CKPT_S3_PART_BYTES", _DEFAULT_PART_BYTES, parse_bytes))
+        if not MIN_PART <= self.part_bytes <= MAX_PUT:
             raise ValueError(f"part_bytes must be between 5 MiB and 5 GiB (S3's limits), got {self.part_bytes}")
-        self.multipart_threshold = int(_setting(multipart_threshold, "CKPT_S3_MULTIPART_THRESHOLD",
+        self.multipart_threshold = int(setting(multipart_threshold, "CKPT_S3_MULTIPART_THRESHOLD",
                                                 _DEFAULT_MULTIPART_THRESHOLD, parse_bytes))
-        self.multipart_threshold = min(max(self.multipart_threshold, self.part_bytes), _MAX_PUT)
-        self.upload_concurrency = int(_setting(upload_concurrency, "CKPT_S3_UPLOAD_CONCURRENCY",
+        self.multipart_threshold = min(max(self.multipart_threshold, self.part_bytes), MAX_PUT)
+        self.upload_concurrency = int(setting(upload_concurrency, "CKPT_S3_UPLOAD_CONCURRENCY",
                                                _DEFAULT_UPLOAD_CONCURRENCY, int))
         if self.upload_concurrency < 1:
             raise ValueError(f"upload_concurrency must be >= 1, got {self.upload_concurrency}")
@@ -224,50 +202,8 @@ class S3Storage(Storage):
         if self._fs is None:
             with self._lock:
                 if self._fs is None:
-                    self._fs = self._make_fs()
+                    self._fs = make_fs(self)
         return self._fs
-
-    def _make_fs(self) -> Any:
-        try:
-            import s3fs
-        except ImportError as e:
-            raise MissingDependencyError("the s3:// backend needs s3fs, which is not installed",
-                                         path=self.url, hint="pip install 'ckpt[s3]'") from e
-        opts = dict(self._s3fs_options)
-        opts["use_listings_cache"] = False
-        opts.setdefault("skip_instance_cache", True)  # no process-wide cache holding our keys
-        config_kwargs = dict(opts.pop("config_kwargs", None) or {})
-        # botocore retries each request itself (throttling, 5xx, connection errors);
-        # ckpt's own loop (_retry) sits around it, bounded by the deadline.
-        retries = dict(config_kwargs.get("retries") or {})
-        retries.setdefault("mode", self.retry_mode)
-        retries.setdefault("max_attempts", self.max_attempts)
-        config_kwargs["retries"] = retries
-        config_kwargs.setdefault("connect_timeout", min(10.0, self.deadline_s))
-        config_kwargs.setdefault("read_timeout", min(60.0, self.deadline_s))
-        config_kwargs.setdefault("max_pool_connections", max(10, self.upload_concurrency))
-        opts.setdefault("default_block_size", self.part_bytes)
-        opts.setdefault("max_concurrency", self.upload_concurrency)
-        if self.endpoint_url:
-            # S3-compatible servers (MinIO, moto, Ceph) want path-style requests; tensorstore
-            # addresses a custom endpoint path-style too, so both agree.
-            config_kwargs.setdefault("s3", {"addressing_style": "path"})
-        if self.profile:
-            opts["profile"] = self.profile
-        fs = s3fs.S3FileSystem(
-            anon=self.anon,
-            endpoint_url=self.endpoint_url,
-            key=self._key.value if self._key else None,
-            secret=self._secret.value if self._secret else None,
-            token=self._token.value if self._token else None,
-            client_kwargs=dict(self._client_kwargs),
-            config_kwargs=config_kwargs,
-            **opts,
-        )
-        # s3fs's own retry loop (5 tries, fixed schedule, no deadline) would multiply
-        # botocore's attempts and outlive the deadline: ckpt's loop replaces it.
-        fs.retries = 1
-        return fs
 
     def _full(self, key: str) -> str:
         return f"{self.bucket}/{key}"
@@ -360,74 +296,9 @@ class S3Storage(Storage):
         if len(body) < self.multipart_threshold:
             self._call("put_object", "writing", path, Key=key, Body=body)
         else:
-            # S3 makes a multipart object visible whole when the upload completes, so
-            # this is as atomic as one PUT (and the only way past 5 GiB).
-            self._multipart_upload(key, body, path)
+            # A multipart object appears whole when the upload completes (as one PUT).
+            multipart_upload(self, key, body, path)
         self.fs.invalidate_cache(self._full(key))
-
-    def _multipart_upload(self, key: str, body: bytes, path: str) -> None:
-        deadline = time.monotonic() + self.deadline_s
-        part = max(self.part_bytes, -(-len(body) // _MAX_PARTS))
-        starts = list(range(0, len(body), part))
-        mpu = self._call("create_multipart_upload", "starting a multipart upload of", path, Key=key,
-                         deadline=deadline)
-        upload_id = mpu["UploadId"]
-        self.stats["multipart_uploads"] += 1
-        failed = threading.Event()
-
-        def put_part(i: int) -> dict[str, Any]:
-            if failed.is_set():
-                raise StorageError("another part of the upload failed", path=self.describe(path))
-            chunk = body[starts[i]:starts[i] + part]
-            out = self._call("upload_part", f"uploading part {i + 1}/{len(starts)} of", path, Key=key,
-                             UploadId=upload_id, PartNumber=i + 1, Body=chunk, deadline=deadline)
-            return {"PartNumber": i + 1, "ETag": out["ETag"]}
-
-        try:
-            with concurrent.futures.ThreadPoolExecutor(min(self.upload_concurrency, len(starts)),
-                                                       thread_name_prefix="ckpt-s3-part") as pool:
-                futures = [pool.submit(put_part, i) for i in range(len(starts))]
-                try:
-                    parts = [f.result() for f in futures]
-                except BaseException:
-                    failed.set()
-                    for f in futures:
-                        f.cancel()
-                    raise
-            try:
-                self._call("complete_multipart_upload", "completing the multipart upload of", path, Key=key,
-                           UploadId=upload_id, MultipartUpload={"Parts": parts}, deadline=deadline)
-            except Exception as e:
-                # A retried completion whose first try succeeded finds the upload gone:
-                # the object is there, whole, if its size and part count say so.
-                if error_code(e) != "NoSuchUpload" or not self._completed(key, len(body), len(parts)):
-                    raise
-        except BaseException:
-            self._abort(key, upload_id, path)
-            raise
-
-    def _completed(self, key: str, size: int, nparts: int) -> bool:
-        try:
-            head = self.fs.call_s3("head_object", Bucket=self.bucket, Key=key)
-        except Exception:
-            return False
-        return int(head.get("ContentLength", -1)) == size and str(head.get("ETag", "")).strip('"').endswith(
-            f"-{nparts}")
-
-    def _abort(self, key: str, upload_id: str, path: str) -> None:
-        """Abort a failed multipart upload (its parts would otherwise stay, billed and
-        invisible); best effort, with a short deadline of its own."""
-        try:
-            self._call("abort_multipart_upload", "aborting the multipart upload of", path, Key=key,
-                       UploadId=upload_id, deadline=time.monotonic() + min(30.0, self.deadline_s))
-            self.stats["aborted_uploads"] += 1
-        except Exception as e:  # noqa: BLE001 - the upload's own error is the one to raise
-            if error_code(e) == "NoSuchUpload":
-                self.stats["aborted_uploads"] += 1
-                return
-            log.warning("could not abort the multipart upload of %s (%s); a bucket lifecycle rule "
-                        "(AbortIncompleteMultipartUpload) removes it later", self.describe(path),
-                        self._scrub(brief(e)))
 
     def exists(self, path: str) -> bool:
         key = self._object_key(path)
@@ -459,12 +330,25 @@ class S3Storage(Storage):
             kwargs["ContinuationToken"] = resp["NextContinuationToken"]
 
     def list_dirs(self, prefix: str = "") -> list[str]:
+        """Sub-directories that hold objects. Servers backed by a file system (SeaweedFS)
+        list a directory whose objects were all deleted as a common prefix until the
+        directory itself is deleted, so each one is confirmed by a one-key listing."""
         base = self._dir_key(prefix)
         names = {p["Prefix"][len(base):].rstrip("/")
                  for resp in self._pages(prefix, Delimiter="/")
                  for p in resp.get("CommonPrefixes", [])}
         names.discard("")
-        return sorted(names)
+        found = sorted(names)
+        if len(found) <= 1:
+            held = [self._holds_objects(self.join(prefix, n)) for n in found]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(min(16, len(found)), thread_name_prefix="ckpt-s3-ls") as pool:
+                held = list(pool.map(lambda n: self._holds_objects(self.join(prefix, n)), found))
+        return [n for n, h in zip(found, held) if h]
+
+    def _holds_objects(self, path: str) -> bool:
+        resp = self._call("list_objects_v2", "listing", path, Prefix=self._dir_key(path), MaxKeys=1)
+        return bool(resp.get("Contents"))
 
     def list_files(self, prefix: str = "") -> list[ObjectInfo]:
         out = [ObjectInfo(self._rel(o["Key"]), int(o["Size"]))
@@ -483,6 +367,8 @@ class S3Storage(Storage):
             raise StorageError("refusing to delete the storage root", path=self.url,
                                hint="delete the run's sub-directories one by one")
         keys = [o["Key"] for resp in self._pages(prefix) for o in resp.get("Contents", [])]
+        if keys:  # then the directories (deepest first) that file-system-backed servers keep
+            keys += sorted(_dirs_of(keys, self._dir_key(prefix)), key=lambda k: -k.count("/"))
         for i in range(0, len(keys), _DELETE_BATCH):
             batch = keys[i:i + _DELETE_BATCH]
             resp = self._call("delete_objects", "deleting", prefix,
@@ -529,7 +415,7 @@ class S3Storage(Storage):
         configuration. Retries are derived from ``deadline_s``: exponential backoff from
         200 ms up to ``max_delay``, as many retries as fit in the deadline."""
         initial, max_delay, retries = ts_retries(self.deadline_s)
-        retries = int(_setting(None, "CKPT_S3_RETRIES", retries, int))
+        retries = int(setting(None, "CKPT_S3_RETRIES", retries, int))
         return s3_context(int(os.environ.get("CKPT_S3_CONCURRENCY", "32")), max(1, retries),
                            initial, max_delay)
 

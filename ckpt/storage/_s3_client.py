@@ -1,0 +1,89 @@
+"""The S3 backend's client: environment settings, secrets, the s3fs file system."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ckpt.errors import MissingDependencyError
+
+if TYPE_CHECKING:
+    from ckpt.storage._s3 import S3Storage
+
+__all__ = ["truthy", "setting", "Secret", "make_fs"]
+
+
+def truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def setting(explicit: Any, var: str, default: Any, cast: Callable[[str], Any]) -> Any:
+    if explicit is not None:
+        return explicit
+    raw = os.environ.get(var)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        return cast(raw.strip())
+    except ValueError:
+        raise ValueError(f"{var}={raw!r} is not a valid value") from None
+
+
+class Secret:
+    """A credential value that does not show itself in repr, str or tracebacks' locals."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    __str__ = __repr__
+
+
+def make_fs(st: S3Storage) -> Any:
+    """The s3fs file system of ``st``: no listing cache, botocore retrying each request
+    under ckpt's deadline, path-style addressing for custom endpoints."""
+    try:
+        import s3fs
+    except ImportError as e:
+        raise MissingDependencyError("the s3:// backend needs s3fs, which is not installed",
+                                     path=st.url, hint="pip install 'ckpt[s3]'") from e
+    opts = dict(st._s3fs_options)
+    opts["use_listings_cache"] = False
+    opts.setdefault("skip_instance_cache", True)  # no process-wide cache holding our keys
+    config_kwargs = dict(opts.pop("config_kwargs", None) or {})
+    # botocore retries each request itself (throttling, 5xx, connection errors);
+    # ckpt's own loop (_retry) sits around it, bounded by the deadline.
+    retries = dict(config_kwargs.get("retries") or {})
+    retries.setdefault("mode", st.retry_mode)
+    retries.setdefault("max_attempts", st.max_attempts)
+    config_kwargs["retries"] = retries
+    config_kwargs.setdefault("connect_timeout", min(10.0, st.deadline_s))
+    config_kwargs.setdefault("read_timeout", min(60.0, st.deadline_s))
+    config_kwargs.setdefault("max_pool_connections", max(10, st.upload_concurrency))
+    opts.setdefault("default_block_size", st.part_bytes)
+    opts.setdefault("max_concurrency", st.upload_concurrency)
+    if st.endpoint_url:
+        # S3-compatible servers (MinIO, moto, Ceph) want path-style requests; tensorstore
+        # addresses a custom endpoint path-style too, so both agree.
+        config_kwargs.setdefault("s3", {"addressing_style": "path"})
+    if st.profile:
+        opts["profile"] = st.profile
+    fs = s3fs.S3FileSystem(
+        anon=st.anon,
+        endpoint_url=st.endpoint_url,
+        key=st._key.value if st._key else None,
+        secret=st._secret.value if st._secret else None,
+        token=st._token.value if st._token else None,
+        client_kwargs=dict(st._client_kwargs),
+        config_kwargs=config_kwargs,
+        **opts,
+    )
+    # s3fs's own retry loop (5 tries, fixed schedule, no deadline) would multiply
+    # botocore's attempts and outlive the deadline: ckpt's loop replaces it.
+    fs.retries = 1
+    return fs
