@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ckpt import errors
 from ckpt._api import SaveHandle, Snapshotter, load, save, save_async
-from ckpt._engine._commit import CheckpointInfo
+from ckpt._engine._catalog import CheckpointInfo
 from ckpt._engine._load import LoadStats
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._save import SaveStats

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ckpt._engine._commit import read_manifest
+from ckpt._engine._catalog import read_manifest
 from ckpt._engine._coord import coordinator, rank_and_world
 from ckpt._engine._globalplan import GlobalPlan
 from ckpt._engine._load import Loader, LoadStats

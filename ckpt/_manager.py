@@ -28,9 +28,11 @@ from typing import Any, Protocol
 import torch
 
 from ckpt._api import SaveHandle, Snapshotter, load
-from ckpt._engine._commit import CheckpointInfo, list_run, purge_recycled, retire
+from ckpt._engine._catalog import CheckpointInfo, list_run
+from ckpt._engine._commit import commit_strategy
 from ckpt._engine._coord import coordinator
 from ckpt._engine._options import SaveOptions, parse_flag
+from ckpt._engine._recycle import purge_recycled, retire
 from ckpt._format import MANIFEST, step_dirname
 from ckpt.errors import CheckpointError
 from ckpt.storage import open_storage
@@ -183,9 +185,7 @@ class CheckpointManager:
         resume from (the saved step + 1), or 0 when there is none. A checkpoint that
         fails (corrupt chunk, bad manifest) is skipped with a warning naming it."""
         if self.coord.rank == 0:
-            from ckpt._engine._commit import recover_overwrites
-
-            for name in recover_overwrites(self.storage):
+            for name in commit_strategy(self.storage).recover():
                 warnings.warn(f"ckpt: recovered {name}: an interrupted overwrite had moved it aside",
                               RuntimeWarning, stacklevel=2)
         candidates = self.checkpoints() if self.coord.rank == 0 else None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ckpt._engine._commit import CheckpointInfo, list_run
-from ckpt._engine._commit import read_manifest as _read_manifest
+from ckpt._engine._catalog import CheckpointInfo, list_run
+from ckpt._engine._catalog import read_manifest as _read_manifest
 from ckpt._format import Manifest
 from ckpt.storage import open_storage, split_checkpoint_url
 

@@ -27,7 +27,6 @@ import queue
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,18 +34,19 @@ from typing import Any
 import torch
 
 from ckpt._engine._arrays import open_for_write
-from ckpt._engine._commit import build_manifest, commit, prune_recycled, take_recycled
+from ckpt._engine._commit import WriteTarget, commit_strategy
 from ckpt._engine._coord import DistCoordinator, LocalCoordinator
 from ckpt._engine._direct_write import DirectWriter, pack_image, shard_image
 from ckpt._engine._globalplan import Assignment, GlobalPlan, PieceMeta, build_plan, signature
+from ckpt._engine._manifest import build_manifest
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import pack_metadata, zarr_metadata
 from ckpt._engine._pool import HostPool
+from ckpt._engine._recycle import prune_recycled, take_recycled
 from ckpt._engine._staging import direct_ok, inline_staging, stage
 from ckpt._engine._writer import Writer, WriteUnit, lower_priority
 from ckpt._format import (
     MANIFEST,
-    TMP_PREFIX,
     dtype_name,
     key_to_path,
     storage_dtype,
@@ -194,6 +194,7 @@ class SnapshotJob:
         self.t_call = t_call
         self.stats = SaveStats()
         self.url = storage.describe(name)
+        self.committer = commit_strategy(storage)
         self._staged = threading.Event()  # every unit handed to the copy engines
         # Writes wait for this. Inline staging in save_async holds them back while it
         # copies (file I/O alongside made the copy ~2x slower on a small VM: the training
@@ -254,14 +255,14 @@ class SnapshotJob:
     def _run(self) -> None:
         lower_priority(self.options.background_nice)
         local_error: BaseException | None = None
-        write_dir = self.name
+        target: WriteTarget | None = None
         self.pool.peak = self.pool.used
         wait0 = self.pool.wait_s
         try:
-            write_dir = self._agree_on_dir()
+            target = self._agree_on_dir()
             plan = self._plan()
             self._plan_obj = plan
-            self._stage_and_write(plan, write_dir)
+            self._stage_and_write(plan, target.dir)
         except BaseException as e:  # noqa: BLE001 - reported through the handle
             local_error = e
             self._cancel.set()
@@ -270,7 +271,7 @@ class SnapshotJob:
             # sources may be released now: nothing reads them any more
             self.prep.tensors = []
         try:
-            self._commit(local_error, write_dir)
+            self._commit(local_error, target)
         except BaseException as e:  # noqa: BLE001
             self._error = e
         else:
@@ -288,7 +289,7 @@ class SnapshotJob:
                 except Exception:  # pragma: no cover - user callback
                     traceback.print_exc()
 
-    def _agree_on_dir(self) -> str:
+    def _agree_on_dir(self) -> WriteTarget:
         """Rank 0 checks the target and picks the write directory; everyone learns it."""
         decision: dict[str, Any] = {}
         if self.coord.rank == 0:
@@ -297,13 +298,11 @@ class SnapshotJob:
                     raise CheckpointExistsError(
                         "a committed checkpoint already exists here", path=self.url,
                         hint="save under another step/name, or pass overwrite=True")
+                decision["target"] = self.committer.target(self.name)
                 if self.storage.capabilities.atomic_rename:
-                    decision["dir"] = f"{TMP_PREFIX}{self.name}-{uuid.uuid4().hex[:12]}"
                     # a tree retention retired becomes the write directory (files overwritten in place)
-                    self._recycled = take_recycled(self.storage, decision["dir"])
+                    self._recycled = take_recycled(self.storage, decision["target"].dir)
                     decision["recycled"] = self._recycled is not None
-                else:
-                    decision["dir"] = self.name
             except BaseException as e:  # noqa: BLE001
                 decision["error"] = e
         decision = self.coord.broadcast(decision)
@@ -311,7 +310,7 @@ class SnapshotJob:
             err = decision["error"]
             raise err if isinstance(err, BaseException) else CheckpointError(str(err), path=self.url)
         self.in_recycled = bool(decision.get("recycled"))
-        return decision["dir"]
+        return decision["target"]
 
     def _plan(self) -> GlobalPlan:
         metas = []
@@ -436,7 +435,7 @@ class SnapshotJob:
             return fn(*args)
         return run
 
-    def _commit(self, local_error: BaseException | None, write_dir: str) -> None:
+    def _commit(self, local_error: BaseException | None, target: WriteTarget | None) -> None:
         t0 = time.perf_counter()
         report = {"ok": local_error is None, "rank_values": self.prep.rank_values,
                   "bytes": self.stats.bytes}
@@ -453,21 +452,21 @@ class SnapshotJob:
             failures = {r: rep.get("error") for r, rep in enumerate(reports) if not rep.get("ok")}
             if failures:
                 outcome = {"ok": False, "failures": failures}
-                self._cleanup(write_dir)
+                self._cleanup(target)
             else:
                 try:
                     plan = self._plan_obj
-                    assert plan is not None
+                    assert plan is not None and target is not None
                     manifest = build_manifest(plan, step=self.step, world_size=self.coord.world_size,
                                               rank_values=[rep["rank_values"] for rep in reports],
                                               values=self.prep.values, pickles=self.prep.pickles,
-                                              user_metadata=self.user_metadata)
+                                              user_metadata=self.user_metadata, prefix=target.prefix)
                     if self._recycled is not None:
-                        prune_recycled(self.storage, write_dir, manifest, self._recycled)
-                    commit(self.storage, write_dir, self.name, manifest.to_json(), overwrite=self.overwrite)
+                        prune_recycled(self.storage, target.dir, manifest, self._recycled)
+                    self.committer.commit(target, self.name, manifest.to_json(), overwrite=self.overwrite)
                 except BaseException as e:  # noqa: BLE001
                     outcome = {"ok": False, "failures": {0: _portable(e)}}
-                    self._cleanup(write_dir)
+                    self._cleanup(target)
         outcome = self.coord.broadcast(outcome)
         self.stats.commit_s = time.perf_counter() - t0
         if not outcome["ok"]:
@@ -483,11 +482,11 @@ class SnapshotJob:
                 raise mine from err  # the original exception, with every rank's error attached
             raise err
 
-    def _cleanup(self, write_dir: str) -> None:
-        try:  # a failing check must not replace the save's own error (nor skip the broadcast)
-            if write_dir == self.name and self.storage.exists(f"{self.name}/{MANIFEST}"):
-                return  # never touch a committed checkpoint
-            self.storage.delete_dir(write_dir)
+    def _cleanup(self, target: WriteTarget | None) -> None:
+        if target is None:  # the save stopped before it had a place to write
+            return
+        try:  # a failing cleanup must not replace the save's own error (nor skip the broadcast)
+            self.committer.discard(target, self.name)
         except Exception:  # noqa: BLE001 - gc removes it later
             pass
 

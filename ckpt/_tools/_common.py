@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ckpt._engine._commit import read_manifest
+from ckpt._engine._catalog import read_manifest
 from ckpt._format import Manifest
 from ckpt.storage import Storage, split_checkpoint_url
 

@@ -2,7 +2,7 @@
 
 A copy follows the save's commit protocol (ckpt/_engine/_commit.py): objects first, in
 parallel, then the manifest — byte for byte, so its checksum still holds — through the
-same ``commit`` helper. On local disk the objects land under ``.tmp-<name>-<id>/`` and
+destination's commit strategy. On local disk the objects land under ``.tmp-<name>-<id>/`` and
 the rename is the commit; on object stores the manifest PUT is.
 """
 
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ckpt._engine._commit import commit, list_run, read_manifest
+from ckpt._engine._catalog import list_run, read_manifest
+from ckpt._engine._commit import WriteTarget, commit_strategy
 from ckpt._format import MANIFEST, TMP_PREFIX, Manifest, parse_step_dirname
 from ckpt._tools._verify import verify_checkpoint
 from ckpt.errors import CheckpointExistsError, CorruptCheckpointError
@@ -70,7 +70,11 @@ def cp(src: str | os.PathLike[str], dst: str | os.PathLike[str], dry_run: bool =
         # No atomic swap on object stores: un-commit the old checkpoint first, then clear it.
         d_store.delete(f"{d_name}/{MANIFEST}")
         d_store.delete_dir(d_name)
-    write_dir = f"{TMP_PREFIX}{d_name}-{uuid.uuid4().hex[:12]}" if atomic else d_name
+    committer = commit_strategy(d_store)
+    # The objects keep the source's paths (the manifest travels byte for byte): on object
+    # stores they go straight under the destination (cleared above when overwriting).
+    target = committer.target(d_name) if atomic else WriteTarget(d_name)
+    write_dir = target.dir
     cut = len(s_name) + 1
 
     def one(path: str) -> int:
@@ -84,7 +88,7 @@ def cp(src: str | os.PathLike[str], dst: str | os.PathLike[str], dry_run: bool =
         with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="ckpt-cp") as pool:
             for _ in pool.map(one, [f.path for f in files]):
                 pass
-        commit(d_store, write_dir, d_name, raw, overwrite=overwrite)
+        committer.commit(target, d_name, raw, overwrite=overwrite)
         if progress is not None:
             progress(len(raw), total)
     except BaseException:
@@ -149,9 +153,7 @@ def gc(run: str | os.PathLike[str], keep_last: int | None = None, dry_run: bool 
                 "bytes": sum(f.size for f in storage.list_files(name))}
 
     if not dry_run:
-        from ckpt._engine._commit import recover_overwrites
-
-        for name in recover_overwrites(storage):  # never delete a committed checkpoint in limbo
+        for name in commit_strategy(storage).recover():  # never delete a committed checkpoint in limbo
             kept.append(item(name, "recovered: an interrupted overwrite had moved it aside"))
     infos = list_run(storage, include_incomplete=True)
     for info in infos:

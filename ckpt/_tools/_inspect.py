@@ -6,7 +6,7 @@ import math
 import os
 from typing import Any
 
-from ckpt._engine._commit import list_run, read_manifest
+from ckpt._engine._catalog import list_run, read_manifest
 from ckpt._engine._layout import stored_arrays
 from ckpt._tools._common import layout_summary, open_checkpoint, tensor_nbytes
 from ckpt.errors import CheckpointError, CheckpointNotFoundError

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -22,13 +21,14 @@ import numpy as np
 import torch
 
 from ckpt._engine._arrays import open_for_write, translate
-from ckpt._engine._commit import commit, read_manifest
+from ckpt._engine._catalog import read_manifest
+from ckpt._engine._commit import commit_strategy
 from ckpt._engine._globalplan import PieceMeta, build_plan
 from ckpt._engine._load import Loader
+from ckpt._engine._manifest import under_prefix
 from ckpt._engine._plan import PlanConfig, pack_metadata, zarr_metadata
 from ckpt._format import (
     MANIFEST,
-    TMP_PREFIX,
     Manifest,
     check_relpath,
     itemsize,
@@ -74,7 +74,9 @@ def reshard(src: str | os.PathLike[str], dst: str | os.PathLike[str], world_size
     if d_storage.exists(f"{d_name}/{MANIFEST}") and not overwrite:
         raise CheckpointExistsError("a committed checkpoint already exists at the destination",
                                     path=d_storage.describe(d_name), hint="choose another name or pass overwrite")
-    write_dir = f"{TMP_PREFIX}{d_name}-{uuid.uuid4().hex[:12]}" if d_storage.capabilities.atomic_rename else d_name
+    committer = commit_strategy(d_storage)
+    target = committer.target(d_name)
+    write_dir = target.dir
 
     tensors = {k: e for k, e in manifest.entries.items() if e["kind"] == "tensor"}
     shard = max(1 << 20, memory_bytes // 4)
@@ -143,18 +145,17 @@ def reshard(src: str | os.PathLike[str], dst: str | os.PathLike[str], world_size
                 d_storage.write_bytes(f"{write_dir}/{path}", s_storage.read_bytes(f"{s_name}/{path}"))
                 entries[key] = e
         rank_state = {str(r): manifest.rank_state[str(r)] for r in range(world_size) if str(r) in manifest.rank_state}
-        out = Manifest(step=manifest.step, entries=entries, world_size=world_size,
+        out = Manifest(step=manifest.step, entries=under_prefix(entries, target.prefix), world_size=world_size,
                        layout={"bytes_per_rank": [plan.bytes_per_rank.get(r, 0) for r in range(world_size)],
                                "resharded_from": {"world_size": manifest.world_size, "url": s_storage.describe(s_name)},
                                "target_layout": layout},
                        rank_state=rank_state, user_metadata=manifest.user_metadata)
-        commit(d_storage, write_dir, d_name, out.to_json(), overwrite=overwrite)
+        committer.commit(target, d_name, out.to_json(), overwrite=overwrite)
     except BaseException:
-        if write_dir != d_name or not d_storage.exists(f"{d_name}/{MANIFEST}"):
-            try:
-                d_storage.delete_dir(write_dir)
-            except Exception:  # noqa: BLE001 - gc removes it later
-                pass
+        try:
+            committer.discard(target, d_name)
+        except Exception:  # noqa: BLE001 - gc removes it later
+            pass
         raise
     return {"src": s_storage.describe(s_name), "dst": d_storage.describe(d_name), "world_size": world_size,
             "layout": layout, "tensors": len(tensors), "bytes": done, "seconds": time.perf_counter() - t0,

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ckpt._engine._commit import read_manifest
+from ckpt._engine._catalog import read_manifest
 from ckpt._engine._layout import StoredArray, pickle_objects, stored_arrays
 from ckpt._format import MANIFEST
 from ckpt._tools._common import Checkpoint, object_sizes

@@ -11,8 +11,9 @@ Call sequence during a save, per rank (the engine's side of the contract):
    write directory; tensorstore then writes array data itself, outside the GIL.
 2. ``write_bytes`` for small objects (rank 0 only: the manifest, last).
 3. On backends with ``atomic_rename``: rank 0 calls ``rename_dir(tmp, final)`` as the
-   commit. Elsewhere the manifest's ``write_bytes`` is the commit, so backends without
-   atomic rename must make a single ``write_bytes`` atomic (S3's PUT is).
+   commit. Elsewhere the manifest's ``create_bytes`` (``write_bytes`` to overwrite) is
+   the commit, so backends without atomic rename must make a single ``write_bytes``
+   atomic (S3's PUT is). See ckpt/_engine/_commit.py.
 
 Backends do not assume that parent directories exist and create them as needed.
 """
@@ -68,6 +69,14 @@ class Storage(abc.ABC):
     def write_bytes(self, path: str, data: bytes | memoryview) -> None:
         """Write an object whole and durably: readers see the old object or the new one,
         never a part. Returns once the bytes are durable (fsync'd / acknowledged)."""
+
+    def create_bytes(self, path: str, data: bytes | memoryview) -> None:
+        """Write an object only where none exists, else FileExistsError (the commit of a
+        checkpoint on storage without atomic rename). Backends that can do it atomically
+        override this (S3: a conditional PUT); this default checks, then writes."""
+        if self.exists(path):
+            raise FileExistsError(f"{self.describe(path)} exists")
+        self.write_bytes(path, data)
 
     @abc.abstractmethod
     def exists(self, path: str) -> bool:

@@ -31,6 +31,9 @@ def drop(name: str) -> None:
         _contexts.pop(name, None)
 
 
+_create_lock = threading.Lock()
+
+
 class MemoryStorage(Storage):
     capabilities = Capabilities(atomic_rename=False, retains_written_buffers=True)
 
@@ -61,6 +64,10 @@ class MemoryStorage(Storage):
 
     def write_bytes(self, path: str, data: bytes | memoryview) -> None:
         self._kv.write(self._key(path), bytes(data)).result()
+
+    def create_bytes(self, path: str, data: bytes | memoryview) -> None:
+        with _create_lock:  # the store lives in this process: one lock makes it atomic
+            super().create_bytes(path, data)
 
     def exists(self, path: str) -> bool:
         if self._kv.read(self._key(path)).result().state == "value":

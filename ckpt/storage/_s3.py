@@ -38,12 +38,9 @@ defaults):
   multipart upload, so a shard must stay under S3's 5 GiB PUT limit: ckpt's
   ``max_shard_bytes`` (64 MiB by default) keeps it far below.
 - ``write_bytes`` of objects from ``multipart_threshold`` bytes on
-  (``CKPT_S3_MULTIPART_THRESHOLD``, 256 MiB) uses a multipart upload of
-  ``part_bytes`` parts (``CKPT_S3_PART_BYTES``, 64 MiB; at least 5 MiB, grown to stay
-  within 10 000 parts), ``upload_concurrency`` at a time
-  (``CKPT_S3_UPLOAD_CONCURRENCY``, 8), each part retried on its own. An upload that
-  fails is aborted, so no invisible parts are left to be billed; the object appears
-  whole when the upload completes, or not at all.
+  (``CKPT_S3_MULTIPART_THRESHOLD``, 256 MiB) uses a multipart upload of ``part_bytes``
+  parts (``CKPT_S3_PART_BYTES``, 64 MiB), ``upload_concurrency`` at a time
+  (``CKPT_S3_UPLOAD_CONCURRENCY``, 8): see :mod:`ckpt.storage._s3_multipart`.
 """
 
 from __future__ import annotations
@@ -65,6 +62,7 @@ from ckpt.storage._s3_client import Secret, make_fs, setting, truthy
 from ckpt.storage._s3_errors import (
     NOT_FOUND_CODES,
     PERMISSION_CODES,
+    PRECONDITION_CODES,
     brief,
     error_code,
     is_timeout,
@@ -299,6 +297,21 @@ class S3Storage(Storage):
             # A multipart object appears whole when the upload completes (as one PUT).
             multipart_upload(self, key, body, path)
         self.fs.invalidate_cache(self._full(key))
+
+    def create_bytes(self, path: str, data: bytes | memoryview) -> None:
+        """A conditional PUT (``If-None-Match: *``): atomic on servers that honour it
+        (AWS S3, SeaweedFS, moto); others write regardless, and the commit's read-back
+        tells. An object that large goes by a check and a multipart upload instead."""
+        body = data if isinstance(data, bytes) else bytes(data)
+        if len(body) >= self.multipart_threshold:
+            return super().create_bytes(path, body)
+        try:
+            self._call("put_object", "creating", path, Key=self._object_key(path), Body=body, IfNoneMatch="*")
+        except Exception as e:
+            if error_code(e) not in PRECONDITION_CODES:
+                raise
+            if self.read_bytes(path) != body:  # not our own earlier try, answered late
+                raise FileExistsError(17, "an object exists here", self.describe(path)) from None
 
     def exists(self, path: str) -> bool:
         key = self._object_key(path)

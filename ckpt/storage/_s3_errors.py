@@ -14,8 +14,10 @@ TRANSIENT_CODES = {
     "TooManyRequests", "TooManyRequestsException", "RequestLimitExceeded", "ServiceUnavailable",
     "InternalError", "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete",
     "OperationAborted", "BadGateway", "GatewayTimeout", "EC2ThrottledException",
+    "ConditionalRequestConflict",  # two conditional writes of one key raced (AWS: retry)
     "500", "502", "503", "504", "429", "408",
 }
+PRECONDITION_CODES = {"PreconditionFailed", "412"}
 PERMISSION_CODES = {
     "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
     "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "AccountProblem", "403",

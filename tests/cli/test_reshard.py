@@ -13,7 +13,7 @@ import torch
 import ckpt
 from ckpt import tools
 from ckpt._cli.main import main
-from ckpt._engine._commit import read_manifest
+from ckpt._engine._catalog import read_manifest
 from ckpt._engine._load import Loader
 from ckpt._tools._reshard import target_boxes
 from ckpt.errors import CheckpointExistsError

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 import ckpt
-from ckpt._engine._commit import list_run
+from ckpt._engine._catalog import list_run
 from ckpt.storage import open_storage
 
 ROWS = 1024  # "w" is ROWS x 1024 float32 = 4 MiB per checkpoint (several shards)
