@@ -245,15 +245,20 @@ def save(state: dict[str, Any], url: str | os.PathLike[str], **kwargs: Any) -> S
     return default_snapshotter().save(state, url, **kwargs)
 
 
-def load(state: dict[str, Any], url: str | os.PathLike[str], *, strict: bool = True, allow_pickle: bool = False,
-         storage_options: dict[str, Any] | None = None, process_group: Any = None) -> LoadStats:
+def load(state: dict[str, Any], url: str | os.PathLike[str], *, strict: bool = True,
+         allow_missing: bool | None = None, allow_unexpected: bool | None = None, cast: bool = False,
+         allow_pickle: bool = False, storage_options: dict[str, Any] | None = None,
+         process_group: Any = None) -> LoadStats:
     """Load the checkpoint at ``url`` into ``state`` in place (modules, optimizers and
     tensors keep their identity; plain values are replaced in the dict), resharded onto
     the current layout. Top-level objects of the checkpoint that ``state`` does not name
     are skipped (listed in the returned ``LoadStats.skipped``): ``{"model": m}`` loads
-    the model alone from a training checkpoint. ``strict``: keys the state has and the
-    checkpoint lacks, and keys of an object the state names that it does not have, are
-    errors (else left as they are / listed in ``LoadStats.unexpected``). A load that
+    the model alone from a training checkpoint. Inside the objects it names, keys the
+    state has and the checkpoint lacks are errors unless ``allow_missing`` (then left as
+    they are, listed in ``LoadStats.missing``), and saved keys the state has no place for
+    are errors unless ``allow_unexpected`` (listed in ``LoadStats.unexpected``);
+    ``strict=False`` allows both. A tensor saved in another dtype than its destination's
+    is an error unless ``cast`` (converted, listed in ``LoadStats.cast``). A load that
     matches nothing is an error."""
     t0 = time.perf_counter()
     storage, name = split_checkpoint_url(url, **(storage_options or {}))
@@ -261,7 +266,8 @@ def load(state: dict[str, Any], url: str | os.PathLike[str], *, strict: bool = T
     manifest = read_manifest(storage, name)
     ctx = DescribeContext(allow_pickle=allow_pickle, rank=rank, world_size=world_size)
     providers = describe(state, ctx)
-    loader = Loader(storage, name, manifest, strict=strict, allow_pickle=allow_pickle,
+    loader = Loader(storage, name, manifest, strict=strict, allow_missing=allow_missing,
+                    allow_unexpected=allow_unexpected, cast=cast, allow_pickle=allow_pickle,
                     rank=rank, world_size=world_size)
     finalizers = []
     for p in providers:

@@ -63,20 +63,31 @@ class LoadStats:
     read_s: float = 0.0
     total_s: float = 0.0
     skipped: list[str] = field(default_factory=list)  # top-level objects of the checkpoint not asked for
-    unexpected: list[str] = field(default_factory=list)  # keys of asked-for objects the state lacks (strict=False)
+    unexpected: list[str] = field(default_factory=list)  # keys of asked-for objects the state lacks (allowed)
+    missing: list[str] = field(default_factory=list)  # keys the state has and the checkpoint lacks (allowed)
+    cast: list[str] = field(default_factory=list)  # keys read into another dtype than saved (cast=True)
 
 
 class Loader:
-    """The LoadSource of ckpt.providers, over one committed checkpoint."""
+    """The LoadSource of ckpt.providers, over one committed checkpoint.
+
+    ``strict=False`` allows both directions of mismatch; ``allow_missing`` (keys the state
+    has and the checkpoint lacks: left as they are) and ``allow_unexpected`` (keys of an
+    asked-for object the state lacks: not loaded) allow one. ``cast``: read a tensor saved
+    in another dtype than its destination's, converting (else DtypeMismatchError)."""
 
     def __init__(self, storage: Storage, name: str, manifest: Manifest, *, strict: bool = True,
+                 allow_missing: bool | None = None, allow_unexpected: bool | None = None, cast: bool = False,
                  allow_pickle: bool = False, rank: int = 0, world_size: int = 1,
                  inflight_bytes: int = 1 << 30) -> None:
         self.storage = storage
         self.name = name
         self.manifest = manifest
         self._separator = chunk_separator(manifest.format_version)
-        self.strict = strict
+        self.allow_missing = not strict if allow_missing is None else allow_missing
+        self.allow_unexpected = not strict if allow_unexpected is None else allow_unexpected
+        self.strict = not (self.allow_missing or self.allow_unexpected)
+        self.cast = cast
         self.allow_pickle = allow_pickle
         self.rank = rank
         self.world_size = world_size
@@ -112,9 +123,16 @@ class Loader:
                 "state dict is under the --prefix it was imported with (`ckpt info` lists the keys)")
 
     def missing(self, key: str) -> None:
-        if self.strict:
+        if not self.allow_missing:
             raise MissingKeyError("the state has a key that the checkpoint lacks", key=key, path=self.where,
-                                  hint=f"{self._keys_hint()}; or load with strict=False to leave it as it is")
+                                  hint=f"{self._keys_hint()}; or load with allow_missing=True to leave it as it is")
+        self.stats.missing.append(key)
+
+    def unexpected(self, key: str, message: str, hint: str) -> None:
+        """An asked-for object's saved key the state has no place for: an error unless allowed."""
+        if not self.allow_unexpected:
+            raise UnexpectedKeyError(message, key=key, path=self.where, hint=hint)
+        self.stats.unexpected.append(key)
 
     def raw(self, key: str, *, per_rank: bool = False, rank: int | None = None, default: Any = _MISSING) -> Any:
         if per_rank:
@@ -169,8 +187,12 @@ class Loader:
             raise ShapeMismatchError("this key holds a value, not a tensor", key=key, path=self.where)
         saved_dtype = torch_dtype(e["dtype"], key)
         if saved_dtype != dtype:
-            raise DtypeMismatchError(f"saved as {saved_dtype}, loading into {dtype}", key=key, path=self.where,
-                                     hint="build the model with the saved dtype, then convert after loading")
+            if not self.cast:
+                raise DtypeMismatchError(f"saved as {saved_dtype}, loading into {dtype}", key=key, path=self.where,
+                                         hint="build the model with the saved dtype, or load with cast=True "
+                                              "to convert on the way")
+            if key not in self.stats.cast:
+                self.stats.cast.append(key)
         if tuple(e["shape"]) != tuple(shape):
             raise ShapeMismatchError(f"saved shape {list(e['shape'])}, loading into {list(shape)}",
                                      key=key, path=self.where,
@@ -207,8 +229,8 @@ class Loader:
         """After every provider scheduled its reads. Top-level objects of the checkpoint
         that the state does not ask for (``asked``: the state's top-level keys) are skipped
         and reported in ``stats.skipped`` (a model loaded alone from a training checkpoint);
-        leftovers of an object the state does ask for are unexpected: an error when strict,
-        else reported. A load that matched nothing is always an error."""
+        leftovers of an object the state does ask for are unexpected: an error unless
+        allowed, then reported. A load that matched nothing is always an error."""
         extra = self.unused_keys()
         if asked is not None and self.manifest.entries and not self._used:
             raise MissingKeyError(f"the state ({', '.join(repr(k) for k in sorted(asked)[:8])}) matches "
@@ -217,12 +239,12 @@ class Loader:
         if asked is not None:
             self.stats.skipped = sorted({k.split("/", 1)[0] for k in extra} - asked)
             extra = [k for k in extra if k.split("/", 1)[0] in asked]
-        self.stats.unexpected = extra
-        if extra and self.strict:
+        if extra and not self.allow_unexpected:
             raise UnexpectedKeyError(
                 f"the checkpoint holds {len(extra)} entries the state does not ask for: {extra[:5]}",
                 key=extra[0], path=self.where,
-                hint="add the missing objects to the state, or load with strict=False")
+                hint="add the missing objects to the state, or load with allow_unexpected=True")
+        self.stats.unexpected.extend(extra)
 
     # -- execution -------------------------------------------------------------
     def execute(self) -> LoadStats:

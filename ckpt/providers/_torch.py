@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ckpt.errors import MissingKeyError, ShapeMismatchError, UnexpectedKeyError
+from ckpt.errors import MissingKeyError, ShapeMismatchError
 from ckpt.providers._base import DescribeContext, Finalizer, Item, LoadSource, TensorItem, ValueItem
 from ckpt.providers._tree import TreeProvider, flatten, unflatten
 
@@ -177,14 +177,14 @@ class OptimizerProvider:
         index = {n: i for i, n in enumerate(names)}
         saved_names = list(structure["state"].keys())
         unknown = [n for n in saved_names if n not in index]
-        if unknown and src.strict:
+        if unknown:
             unnamed = not any(id(p) in self.ctx.param_names for g in self.optim.param_groups for p in g["params"])
-            raise UnexpectedKeyError(
+            src.unexpected(
+                f"{self.prefix}/state/{unknown[0]}",
                 f"the checkpoint has optimizer state for parameters this optimizer does not have: {unknown[:5]}",
-                key=self.prefix, path=src.where,
-                hint="an optimizer's state is keyed by its module's parameter names: put the module in the "
-                     "same state, e.g. {'model': model, 'optim': optim}" if unnamed else
-                     "build the optimizer over the same parameters, or load with strict=False")
+                "an optimizer's state is keyed by its module's parameter names: put the module in the "
+                "same state, e.g. {'model': model, 'optim': optim}" if unnamed else
+                "build the optimizer over the same parameters, or load with allow_unexpected=True")
         pending: list[Any] = []
         # Validate the groups before anything touches the optimizer.
         groups = unflatten(structure["param_groups"], src, None, pending)
@@ -194,7 +194,7 @@ class OptimizerProvider:
                 key=self.prefix, path=src.where, hint="build the optimizer with the same parameter groups")
         for g, mine in zip(groups, self.optim.param_groups):
             missing = [n for n in g["params"] if n not in index]
-            if len(g["params"]) != len(mine["params"]) or (missing and src.strict):
+            if len(g["params"]) != len(mine["params"]) or (missing and not src.allow_unexpected):
                 raise ShapeMismatchError(
                     "a parameter group of the checkpoint holds other parameters than this optimizer's",
                     key=self.prefix, path=src.where,
@@ -219,10 +219,12 @@ class OptimizerProvider:
             g["params"] = list(range(pos, pos + len(mine["params"])))
             pos += len(mine["params"])
         for n in names:
-            if n not in state and n in live and src.strict and live[n]:
-                raise MissingKeyError("the checkpoint has no optimizer state for a parameter that has some",
-                                      key=f"{self.prefix}/state/{n}", path=src.where,
-                                      hint="load with strict=False to keep the current state")
+            if n not in state and n in live and live[n]:
+                if not src.allow_missing:
+                    raise MissingKeyError("the checkpoint has no optimizer state for a parameter that has some",
+                                          key=f"{self.prefix}/state/{n}", path=src.where,
+                                          hint="load with allow_missing=True to keep the current state")
+                src.missing(f"{self.prefix}/state/{n}")
         optim = self.optim
 
         def finish() -> None:
