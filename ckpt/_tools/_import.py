@@ -92,23 +92,28 @@ def _has_tensor(obj: Any) -> bool:
     return False
 
 
-def _is_named_optimizer_state(obj: Any) -> bool:
-    """An optimizer state dict keyed by parameter name, as DCP saves one
-    (``get_state_dict`` / ``get_optimizer_state_dict``: torchtitan, accelerate)."""
+def _is_optimizer_state(obj: Any) -> bool:
+    """An optimizer state dict: keyed by parameter name, as DCP saves one
+    (``get_state_dict`` / ``get_optimizer_state_dict``: torchtitan, accelerate), or by
+    index (``optimizer.state_dict()`` itself; loaded by position, as torch does)."""
     if not (isinstance(obj, dict) and set(obj) == {"state", "param_groups"} and isinstance(obj["state"], dict)
             and isinstance(obj["param_groups"], list)):
         return False
     groups = obj["param_groups"]
-    return (all(isinstance(k, str) for k in obj["state"])
-            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
-            and all(isinstance(p, str) for g in groups for p in g["params"]))
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        return False
+    params = [p for g in groups for p in g["params"]]
+    if all(isinstance(p, str) for p in params):
+        return all(isinstance(k, str) for k in obj["state"])
+    return all(isinstance(p, int) and not isinstance(p, bool) for p in params) and all(
+        isinstance(k, int) or isinstance(k, str) and k.isdigit() for k in obj["state"])
 
 
 def flatten(obj: Any, prefix: str = "", optimizers: list[tuple[str, dict[str, Any]]] | None = None
             ) -> list[tuple[str, Any]]:
     """Nested dicts/lists -> (``/``-joined key, leaf) pairs; tensor-free sub-trees stay whole.
-    With ``optimizers``, name-keyed optimizer states go there as (key, state dict) instead."""
-    if optimizers is not None and prefix and _is_named_optimizer_state(obj):
+    With ``optimizers``, optimizer state dicts go there as (key, state dict) instead."""
+    if optimizers is not None and prefix and _is_optimizer_state(obj):
         optimizers.append((prefix, obj))
         return []
     if isinstance(obj, torch.Tensor) or not _has_tensor(obj) and prefix:

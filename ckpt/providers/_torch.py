@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ckpt._values import TAG
 from ckpt.errors import MissingKeyError, ShapeMismatchError
 from ckpt.providers._base import DescribeContext, Finalizer, Item, LoadSource, TensorItem, ValueItem
 from ckpt.providers._tree import TreeProvider, flatten, unflatten
@@ -132,6 +133,25 @@ def optimizer_items(prefix: str, sd: dict[str, Any]) -> Iterator[Item]:
     yield from out
 
 
+def _by_position(structure: dict[str, Any], names: list[str], key: str, where: str) -> dict[str, Any]:
+    """A saved optimizer state keyed by index (``optimizer.state_dict()`` as it is, e.g.
+    imported from DCP) -> keyed by this optimizer's parameter names, as torch's own
+    ``load_state_dict`` matches them: by position."""
+    groups = structure["param_groups"]
+    if not all(isinstance(p, int) and not isinstance(p, bool) for g in groups for p in g["params"]):
+        return structure
+    state = structure["state"]
+    if state.get(TAG) == "dict":  # int keys (a torch.save'd state dict)
+        state = {str(k): v for k, v in state["v"]}
+    count = sum(len(g["params"]) for g in groups)
+    if count != len(names) or any(not (0 <= int(k) < count) for k in state):
+        raise ShapeMismatchError(f"the checkpoint's optimizer has {count} parameters by position, this one "
+                                 f"{len(names)}", key=key, path=where,
+                                 hint="build the optimizer over the same parameters in the same order")
+    return {"state": {names[int(k)]: v for k, v in state.items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
+
+
 class OptimizerProvider:
     def __init__(self, optim: torch.optim.Optimizer, prefix: str, ctx: DescribeContext) -> None:
         self.optim = optim
@@ -172,8 +192,8 @@ class OptimizerProvider:
         if not src.has(self.prefix):
             src.missing(self.prefix)
             return None
-        structure = src.raw(self.prefix)
         names = self._names()
+        structure = _by_position(src.raw(self.prefix), names, self.prefix, src.where)
         index = {n: i for i, n in enumerate(names)}
         saved_names = list(structure["state"].keys())
         unknown = [n for n in saved_names if n not in index]
