@@ -14,7 +14,8 @@ import torch
 
 import ckpt
 import ckpt.errors
-from ckpt._engine._direct_write import ALIGN, DirectWriter, pack_image, shard_image
+from ckpt._engine._direct_write import DirectWriter
+from ckpt._engine._layout import ALIGN, pack_image, shard_image
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import ArrayLayout
 from ckpt._engine._pool import HostPool

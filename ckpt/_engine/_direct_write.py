@@ -25,75 +25,21 @@ import concurrent.futures
 import ctypes
 import errno
 import glob
-import itertools
 import json
-import math
 import os
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ckpt._engine._arrays import translate
-from ckpt._engine._plan import CRC_BYTES, ArrayLayout, shard_key
+from ckpt._engine._layout import ALIGN, ObjectImage
+from ckpt._engine._plan import CRC_BYTES
 from ckpt.storage import Storage
 from ckpt.storage._file import fsync_dir
-
-_ABSENT = 2**64 - 1  # a shard index entry of an absent chunk
-ALIGN = 4096  # O_DIRECT: buffer address, file offset and length are multiples of this
-
-
-@dataclass
-class ObjectImage:
-    """How a unit's pool block holds one storage object.
-
-    ``chunks``: per stored inner chunk, (its offset in the block, the region of the unit
-    it holds as slices, whether it is padded at the array's edge). ``index`` is the
-    shard index (None for a pack: one chunk, its crc32c, no index)."""
-
-    file: str  # the object's path relative to the storage root
-    chunks: list[tuple[int, tuple[slice, ...], bool]]
-    chunk_nbytes: int  # one stored chunk's data (its crc32c follows)
-    chunk_shape: tuple[int, ...]
-    index: np.ndarray | None
-    nbytes: int  # the object's size
-
-    @property
-    def block_bytes(self) -> int:
-        """Pool bytes the block needs: the object rounded up for O_DIRECT."""
-        return -(-self.nbytes // ALIGN) * ALIGN
-
-
-def shard_image(file: str, layout: ArrayLayout, region: tuple[tuple[int, ...], tuple[int, ...]],
-                itemsize: int) -> ObjectImage:
-    """The object of the shard whose array region is ``region`` (offsets on the shard
-    grid; sizes smaller than the shard shape only at the array's edge)."""
-    offs, sizes = region
-    shard, chunk = layout.shard_shape, layout.chunk_shape
-    grid = [s // c for s, c in zip(shard, chunk)]
-    chunk_nbytes = math.prod(chunk) * itemsize
-    index = np.full((math.prod(grid), 2), _ABSENT, dtype="<u8")
-    chunks: list[tuple[int, tuple[slice, ...], bool]] = []
-    pos = 0
-    for i, g in enumerate(itertools.product(*(range(n) for n in grid))):
-        starts = [gi * c for gi, c in zip(g, chunk)]
-        if any(st >= s for st, s in zip(starts, sizes)):
-            continue  # wholly outside the array: absent, as zarr stores it
-        ext = [min(c, s - st) for c, s, st in zip(chunk, sizes, starts)]
-        chunks.append((pos, tuple(slice(st, st + e) for st, e in zip(starts, ext)), ext != list(chunk)))
-        index[i] = (pos, chunk_nbytes + CRC_BYTES)
-        pos += chunk_nbytes + CRC_BYTES
-    key = layout.shard_key([o // s for o, s in zip(offs, shard)])
-    return ObjectImage(f"{file}/{key}", chunks, chunk_nbytes, tuple(chunk), index, pos + index.nbytes + CRC_BYTES)
-
-
-def pack_image(file: str, nbytes: int) -> ObjectImage:
-    """A pack's object: its bytes, then their crc32c (a 1-D array of one chunk)."""
-    return ObjectImage(f"{file}/{shard_key([0])}", [(0, (slice(0, nbytes),), False)], nbytes, (nbytes,), None, nbytes + CRC_BYTES)
 
 
 def _crc32c_function() -> Callable[[int, int, int], int] | None:

@@ -37,8 +37,9 @@ import torch
 from ckpt._engine._arrays import open_for_write
 from ckpt._engine._commit import build_manifest, commit, prune_recycled, take_recycled
 from ckpt._engine._coord import DistCoordinator, LocalCoordinator
-from ckpt._engine._direct_write import DirectWriter, pack_image, shard_image
+from ckpt._engine._direct_write import DirectWriter
 from ckpt._engine._globalplan import Assignment, GlobalPlan, PieceMeta, build_plan, signature
+from ckpt._engine._layout import pack_image, shard_image
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import pack_metadata, zarr_metadata
 from ckpt._engine._pool import HostPool

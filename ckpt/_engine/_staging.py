@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ckpt._engine._direct_write import ObjectImage
 from ckpt._engine._globalplan import Assignment
+from ckpt._engine._layout import ObjectImage
 from ckpt._engine._pool import Block
 from ckpt._engine._writer import WriteUnit
 from ckpt.errors import SnapshotFailedError

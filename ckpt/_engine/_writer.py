@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from ckpt._engine._arrays import translate
-from ckpt._engine._direct_write import DirectWriter, ObjectImage
+from ckpt._engine._direct_write import DirectWriter
 from ckpt._engine._globalplan import Assignment
+from ckpt._engine._layout import ObjectImage
 from ckpt._engine._pool import Block
 
 if TYPE_CHECKING:
