@@ -151,19 +151,17 @@ class Snapshotter:
                    metadata: dict[str, Any] | None = None, if_busy: str | None = None) -> SaveHandle:
         return self._submit(state, url, step=step, overwrite=overwrite, allow_pickle=allow_pickle,
                             storage_options=storage_options, process_group=process_group, metadata=metadata,
-                            if_busy=if_busy, hold_writes=True)
+                            if_busy=if_busy)
 
     def save(self, state: dict[str, Any], url: str | os.PathLike[str], **kwargs: Any) -> SaveStats:
         """Save and return once durable and committed (``ckpt.save``; keyword arguments as
-        :meth:`save_async`). Unlike ``save_async(...).result()``, an inline copy does not
-        hold file writes back until it is done: nobody trains meanwhile, so they overlap."""
-        return self._submit(state, url, hold_writes=False, **kwargs).result()
+        :meth:`save_async`)."""
+        return self.save_async(state, url, **kwargs).result()
 
     def _submit(self, state: dict[str, Any], url: str | os.PathLike[str], *, step: int | None = None,
                 overwrite: bool = False, allow_pickle: bool = False,
                 storage_options: dict[str, Any] | None = None, process_group: Any = None,
-                metadata: dict[str, Any] | None = None, if_busy: str | None = None,
-                hold_writes: bool) -> SaveHandle:
+                metadata: dict[str, Any] | None = None, if_busy: str | None = None) -> SaveHandle:
         t0 = time.perf_counter()
         policy = if_busy or self.options.if_busy
         prev = self._job
@@ -198,7 +196,7 @@ class Snapshotter:
                           pool=self._pool_for(bool(devices)), options=self.options, plan_cache=self._plan_cache,
                           overwrite=overwrite, user_metadata=dict(metadata or {}),
                           streams=self._copy_streams(devices), t_call=t0,
-                          early_error=early, hold_writes=hold_writes)
+                          early_error=early)
         self._job = job
         job.start()
         if job.inline:  # SaveOptions.cpu_staging: the copy happens now, on every core

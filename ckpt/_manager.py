@@ -233,10 +233,9 @@ class CheckpointManager:
         self._last_time = time.monotonic()
         self._last_saved = step
         url = f"{self.run}/{step_dirname(step)}"
-        # a blocking save lets writes overlap the inline copy (Snapshotter.save does too)
-        handle = self.snapshotter._submit(state, url, step=step, allow_pickle=self.allow_pickle,
-                                          storage_options=self.storage_options,
-                                          process_group=self.process_group, overwrite=True, hold_writes=not block)
+        handle = self.snapshotter.save_async(state, url, step=step, allow_pickle=self.allow_pickle,
+                                             storage_options=self.storage_options,
+                                             process_group=self.process_group, overwrite=True)
         self.handles = [h for h in self.handles if not h.done()] + [handle]
         handle.add_done_callback(lambda h: self._after_commit(h, step))
         if block:

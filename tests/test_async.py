@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import warnings
 
 import pytest
@@ -131,30 +130,14 @@ def test_pool_smaller_than_largest_tensor(tmp_path, staging):
     snap.close()
 
 
-def test_inline_staging_holds_file_writes_until_the_copy_is_done(tmp_path, monkeypatch):
-    """Inline staging: no object is written while the call copies (file I/O alongside
-    the copy slows it), unless the pool runs full, when writes must free it (no deadlock)."""
-    from ckpt._engine import _direct_write
-
+def test_inline_staging_through_a_pool_smaller_than_the_state(tmp_path, monkeypatch):
+    """Inline staging with a pool of a third of the state: writes free blocks while the
+    call copies (no deadlock), memory stays within the pool, the checkpoint is exact."""
     monkeypatch.setenv("CKPT_DIRECT_WRITES", "1")
-    starts: list[float] = []
-    real = _direct_write.DirectWriter._write_file
-
-    def spy(self, *a, **kw):
-        starts.append(time.perf_counter())
-        return real(self, *a, **kw)
-
-    monkeypatch.setattr(_direct_write.DirectWriter, "_write_file", spy)
-    state = {f"t{i}": torch.randn(256, 1024) for i in range(6)}  # 6 MiB: 6+ objects, zarr.json's
-    snap = ckpt.Snapshotter(small_options(pool_bytes=16 << 20, cpu_staging="inline"))
-    h = snap.save_async(state, tmp_path / "roomy")
-    h.result(timeout=60)
-    assert len(starts) >= 12 and min(starts) >= h._job.t_call + h.stats.copied_s
-    starts.clear()
-    snap.close()
-    snap = ckpt.Snapshotter(small_options(pool_bytes=2 << 20, cpu_staging="inline"))  # 1/3 of the state
+    state = {f"t{i}": torch.randn(256, 1024) for i in range(6)}  # 6 MiB
+    snap = ckpt.Snapshotter(small_options(pool_bytes=2 << 20, cpu_staging="inline"))
     stats = snap.save_async(state, tmp_path / "tight").result(timeout=60)
-    assert stats.pool_peak_bytes <= 2 << 20 and len(starts) >= 12
+    assert stats.pool_peak_bytes <= 2 << 20
     out = {k: torch.empty_like(v) for k, v in state.items()}
     ckpt.load(out, tmp_path / "tight")
     assert all(torch.equal(out[k], v) for k, v in state.items())

@@ -112,11 +112,10 @@ class DirectWriter:
     durable (:meth:`finish`)."""
 
     def __init__(self, storage: Storage, crc: Callable[[int, int, int], int], *, o_direct: bool,
-                 threads: int = 4, initializer: Callable[[], None] | None = None) -> None:
+                 threads: int = 4) -> None:
         self.storage, self.crc = storage, crc
         self.o_direct = o_direct and hasattr(os, "O_DIRECT")
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-write",
-                                                           initializer=initializer)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-write")
         self._dirs: set[str] = set()
         self._dirs_lock = threading.Lock()
 

@@ -48,10 +48,7 @@ class SaveOptions:
     array (capped at a quarter of the pool). ``chunk_bytes``: inner chunk, the unit of
     a partial read. ``pack_threshold`` / ``pack_bytes``: tensors up to the threshold are
     packed into objects of about ``pack_bytes``. ``copy_streams``: CUDA streams used for
-    device-to-host copies. ``background_nice``: niceness added to ckpt's staging and writer
-    threads (Linux). Off by default: on a CPU-saturated host it moves the cost from slower
-    steps to a longer wait in the optimizer hook (measured with `python -m bench`), and on
-    GPU hosts the CPU is mostly idle anyway. ``if_busy``: what a snapshot requested while the previous one
+    device-to-host copies. ``if_busy``: what a snapshot requested while the previous one
     still runs does — ``"wait"`` for it, ``"skip"`` this one with a warning, or
     ``"error"``. ``cpu_staging``: where a state of CPU tensors is copied into the pool —
     ``"background"`` (a stager thread, while the loop runs on), ``"inline"`` (in the
@@ -76,7 +73,6 @@ class SaveOptions:
     pack_threshold: int = 256 << 10
     pack_bytes: int = 16 << 20
     copy_streams: int = 2
-    background_nice: int = 0
     if_busy: Literal["wait", "skip", "error"] = "wait"
     cpu_staging: Literal["auto", "background", "inline"] = "auto"
     huge_pages: bool = True

@@ -21,7 +21,6 @@ import bisect
 import mmap
 import threading
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -75,10 +74,9 @@ class HostPool:
     def used(self) -> int:
         return self._used
 
-    def acquire(self, nbytes: int, *, cancelled: threading.Event | None = None,
-                on_wait: Callable[[], None] | None = None) -> Block:
-        """A block of at least ``nbytes``; waits for space (calling ``on_wait`` first, as
-        the pool is full). Raises ValueError when the request can never fit."""
+    def acquire(self, nbytes: int, *, cancelled: threading.Event | None = None) -> Block:
+        """A block of at least ``nbytes``; waits for space while the pool is full.
+        Raises ValueError when the request can never fit."""
         size = max(_ALIGN, -(-nbytes // _ALIGN) * _ALIGN)
         if size > self.capacity:
             raise ValueError(f"a staging block of {nbytes} bytes exceeds the pool ({self.capacity} bytes)")
@@ -104,8 +102,6 @@ class HostPool:
                         return Block(off, size, self._buf[off:off + size], self._np[off:off + size])
                 if t0 is None:
                     t0 = time.perf_counter()
-                    if on_wait is not None:
-                        on_wait()
                 self._cv.wait(timeout=0.5)
 
     def release(self, block: Block) -> None:

@@ -44,7 +44,7 @@ from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import pack_metadata, zarr_metadata
 from ckpt._engine._pool import HostPool
 from ckpt._engine._staging import direct_ok, inline_staging, stage
-from ckpt._engine._writer import Writer, WriteUnit, lower_priority
+from ckpt._engine._writer import Writer, WriteUnit
 from ckpt._format import (
     MANIFEST,
     TMP_PREFIX,
@@ -178,8 +178,7 @@ class SnapshotJob:
     def __init__(self, *, prep: _Prepared, storage: Storage, name: str, step: int | None,
                  coord: LocalCoordinator | DistCoordinator, pool: HostPool, options: SaveOptions,
                  plan_cache: dict[str, GlobalPlan], overwrite: bool, user_metadata: dict[str, Any],
-                 streams: dict[Any, list[Any]], t_call: float, early_error: Exception | None = None,
-                 hold_writes: bool = True) -> None:
+                 streams: dict[Any, list[Any]], t_call: float, early_error: Exception | None = None) -> None:
         self.prep = prep
         self._early_error = early_error  # describing the state failed on this rank
         self.storage = storage
@@ -196,10 +195,6 @@ class SnapshotJob:
         self.stats = SaveStats()
         self.url = storage.describe(name)
         self._staged = threading.Event()  # every unit handed to the copy engines
-        # Writes wait for this. Inline staging in save_async holds them back while it
-        # copies (file I/O alongside made the copy ~2x slower on a small VM: the training
-        # loop waits for it), unless the pool runs full; a blocking save overlaps them.
-        self.io_open = threading.Event()
         self._done = threading.Event()
         self._cancel = threading.Event()
         self._error: BaseException | None = None
@@ -209,8 +204,6 @@ class SnapshotJob:
         self._copy_events: list[tuple[Any, Any]] = []  # (device, event) of every copy issued
         self._plan_obj: GlobalPlan | None = None
         self.inline = inline_staging(options.cpu_staging, prep.tensors)
-        if not (self.inline and hold_writes):
-            self.io_open.set()
         self._direct: DirectWriter | None = None
         self._recycled: set[str] | None = None  # rank 0, writing into a recycled tree: the files it held
         self.in_recycled = False  # every rank: the write directory is a recycled tree
@@ -253,7 +246,6 @@ class SnapshotJob:
 
     # -- the background thread ------------------------------------------------
     def _run(self) -> None:
-        lower_priority(self.options.background_nice)
         local_error: BaseException | None = None
         write_dir = self.name
         self.pool.peak = self.pool.used
@@ -374,8 +366,7 @@ class SnapshotJob:
         return a.box
 
     def _stage_and_write(self, plan: GlobalPlan, write_dir: str) -> None:
-        nice = self.options.background_nice
-        direct = DirectWriter.for_storage(self.storage, initializer=lambda: lower_priority(nice))
+        direct = DirectWriter.for_storage(self.storage)
         self._direct = direct
         try:
             units = self._units(plan, write_dir, direct)
@@ -386,11 +377,9 @@ class SnapshotJob:
             try:
                 stage(self, units, writer_q)
             finally:
-                self.io_open.set()
                 writer_q.put(None)
                 writer.join()
         finally:
-            self.io_open.set()  # nothing waits on a gate that never opens
             if direct is not None:
                 direct.close()
         self.stats.staging_s = writer.staged_at - self.t_call if writer.staged_at else 0.0
@@ -417,7 +406,7 @@ class SnapshotJob:
             meta = zarr_metadata(a.layout, storage_dtype(dt), {"ckpt": {"key": a.key, "dtype": dt}})
             if direct is not None and direct_ok(a):
                 if a.create:
-                    futures[a.path] = direct.submit(self._gated(direct.write_json), f"{write_dir}/{a.path}/zarr.json", meta)
+                    futures[a.path] = direct.submit(direct.write_json, f"{write_dir}/{a.path}/zarr.json", meta)
                 continue
             futures[a.path] = open_for_write(self.storage, f"{write_dir}/{a.path}", meta, create=a.create,
                                              reused=self.in_recycled)
@@ -425,17 +414,11 @@ class SnapshotJob:
             members = [k for k, e in plan.entries.items() if e.get("storage", {}).get("path") == path]
             meta = pack_metadata(nbytes, {"ckpt": {"pack": True, "keys": members}})
             if direct is not None:
-                futures[path] = direct.submit(self._gated(direct.write_json), f"{write_dir}/{path}/zarr.json", meta)
+                futures[path] = direct.submit(direct.write_json, f"{write_dir}/{path}/zarr.json", meta)
                 continue
             futures[path] = open_for_write(self.storage, f"{write_dir}/{path}", meta, create=True,
                                            reused=self.in_recycled)
         return futures
-
-    def _gated(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*args: Any) -> Any:
-            self.io_open.wait()
-            return fn(*args)
-        return run
 
     def _commit(self, local_error: BaseException | None, write_dir: str) -> None:
         t0 = time.perf_counter()

@@ -298,7 +298,7 @@ def _stage_inline(job: SnapshotJob, units: list[WriteUnit], writer_q: queue.Queu
             if u is None:
                 return
             u.block = job.pool.acquire(u.image.block_bytes if u.image is not None else u.nbytes,
-                                        cancelled=job._cancel, on_wait=job.io_open.set)
+                                        cancelled=job._cancel)
             try:
                 direct = job._direct if u.image is not None else None
                 done = copy_unit(u, non_blocking=False, crc=direct.crc if direct is not None else None)

@@ -5,7 +5,6 @@ when its write is durable. See :mod:`ckpt._engine._save` for the whole flow."""
 from __future__ import annotations
 
 import functools
-import os
 import queue
 import threading
 import time
@@ -45,18 +44,6 @@ class WriteUnit:
 
 
 
-def lower_priority(nice: int) -> None:
-    """Raise the calling thread's niceness (Linux: per thread) so background staging and
-    writing yield the CPU to the training thread."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except OSError:  # pragma: no cover - not permitted: run at normal priority
-        pass
-
-
 class Writer(threading.Thread):
     """Waits for each unit's copy, then writes it with tensorstore; blocks go back to the
     pool when their write is durable."""
@@ -81,7 +68,6 @@ class Writer(threading.Thread):
         self._all_done = threading.Condition(self._lock)
 
     def run(self) -> None:
-        lower_priority(self.job.options.background_nice)
         u: WriteUnit | None = None
         ended = False  # the stager's None was taken
         try:
@@ -90,7 +76,6 @@ class Writer(threading.Thread):
                 if u is None:
                     ended = True
                     break
-                self.job.io_open.wait()
                 if self.error is not None or self.job._cancel.is_set():
                     self._release(u)
                     continue
