@@ -179,7 +179,7 @@ class CkptVariant(Variant):
         # in flight from the call until committed (SaveStats.total_s counts from the call)
         self.busy = [(t0, t0 + st.total_s) for t0, st in zip(self.starts, stats, strict=True)]
         return {"stats": [s.as_dict() for s in stats], "cpu_staging": "inline" if any(
-            h._job is not None and h._job.inline for h in self.handles) else "background"}
+            st.inline for st in stats) else "background"}
 
     @classmethod
     def close_shared(cls) -> None:

@@ -18,7 +18,8 @@ from ckpt._engine._globalplan import GlobalPlan
 from ckpt._engine._load import Loader, LoadStats
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._pool import HostPool
-from ckpt._engine._save import SaveStats, SnapshotJob, _Prepared, prepare
+from ckpt._engine._save import Prepared, SnapshotJob, prepare
+from ckpt._engine._snapstate import SaveStats
 from ckpt.errors import SaveInProgressError
 from ckpt.providers import DescribeContext, describe
 from ckpt.providers._base import iter_items
@@ -136,9 +137,7 @@ class Snapshotter:
 
     def wait_staged(self) -> float:
         job = self._job
-        if job is None or job.done() or job._staged.is_set() and not job._copy_events:
-            return 0.0
-        return job.wait_staged()
+        return job.wait_staged() if job is not None else 0.0
 
     @property
     def in_flight(self) -> SnapshotJob | None:
@@ -189,7 +188,7 @@ class Snapshotter:
                 raise
             # The peers are entering the save's collectives: take part, failing, so every
             # rank's handle raises (this one its own error) instead of the peers hanging.
-            prep, early = _Prepared([], {}, {}, {}), e
+            prep, early = Prepared([], {}, {}, {}), e
         self._hook(state)
         devices = {it.tensor.device for it in prep.tensors if it.tensor.device.type == "cuda"}
         job = SnapshotJob(prep=prep, storage=storage, name=name, step=step, coord=coord,
@@ -198,9 +197,7 @@ class Snapshotter:
                           streams=self._copy_streams(devices), t_call=t0,
                           early_error=early)
         self._job = job
-        job.start()
-        if job.inline:  # SaveOptions.cpu_staging: the copy happens now, on every core
-            job._staged.wait()
+        job.start()  # with inline staging (SaveOptions.cpu_staging), the copy happens now
         call = time.perf_counter() - t0
         job.stats.call_s = call
         job.stats.blocked_s += call

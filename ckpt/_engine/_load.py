@@ -227,10 +227,12 @@ class Loader:
 
     # -- execution -------------------------------------------------------------
     def execute(self) -> LoadStats:
-        """Run every scheduled read; returns when all destinations are filled."""
+        """Run every read scheduled since the last call; returns when all their
+        destinations are filled (the loader may then schedule and execute more)."""
         t0 = time.perf_counter()
+        reads, self._reads = self._reads, []
         jobs: list[tuple[_Read, str, Box, Box, ArrayLayout | None]] = []  # read, array path, src region, dest sub-box
-        for r in self._reads:
+        for r in reads:
             e = self.manifest.entries[r.key]
             st = e["storage"]
             if math.prod(r.box[1]) == 0:
@@ -285,7 +287,7 @@ class Loader:
             if direct is not None:
                 direct.close()
         self.stats.read_s = time.perf_counter() - t0
-        if any(r.dest.device.type == "cuda" for r in self._reads):
+        if any(r.dest.device.type == "cuda" for r in reads):
             torch.cuda.synchronize()
         return self.stats
 
