@@ -27,10 +27,11 @@ from typing import Any, Protocol
 
 import torch
 
+from ckpt import _config as config
 from ckpt._api import SaveHandle, Snapshotter, load
 from ckpt._engine._commit import CheckpointInfo, list_run, purge_recycled, retire
 from ckpt._engine._coord import coordinator
-from ckpt._engine._options import SaveOptions, parse_flag
+from ckpt._engine._options import SaveOptions
 from ckpt._format import MANIFEST, step_dirname
 from ckpt.errors import CheckpointError
 from ckpt.storage import open_storage
@@ -108,8 +109,7 @@ class CheckpointManager:
                  options: SaveOptions | None = None, storage_options: dict[str, Any] | None = None,
                  process_group: Any = None, allow_pickle: bool = False, recycle: bool | None = None) -> None:
         self.run = os.fspath(run).rstrip("/")
-        env = os.environ.get("CKPT_RECYCLE")
-        self.recycle = recycle if recycle is not None else parse_flag(env, "CKPT_RECYCLE") if env else False
+        self.recycle = config.recycle(recycle)
         self.policies: list[SavePolicy] = list(policies)
         if every_steps:
             self.policies.append(EverySteps(every_steps))

@@ -44,7 +44,7 @@ def _state() -> dict[str, torch.Tensor]:
 _objects = snapshot  # every file under a root: relative path -> bytes
 
 
-def _save(state: dict, url: Path, mode: str, monkeypatch: pytest.MonkeyPatch, staging: str = "auto") -> None:
+def _save(state: dict, url: Path, mode: str, monkeypatch: pytest.MonkeyPatch, staging: str = "background") -> None:
     monkeypatch.setenv("CKPT_DIRECT_WRITES", mode)
     snap = ckpt.Snapshotter(dataclasses.replace(OPTS, cpu_staging=staging))
     try:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ckpt._config import direct_reads
 from ckpt._engine._arrays import translate
 from ckpt._engine._layout import ABSENT, HINT_CHECKSUM, HINT_DAMAGED, parse_shard_index
 from ckpt._engine._plan import CRC_BYTES, ArrayLayout, shard_index_bytes
@@ -41,7 +42,7 @@ class DirectReader:
     def for_storage(cls, storage: Storage, name: str) -> DirectReader | None:
         """A reader where direct reads apply: local storage, a little-endian host with
         ``os.preadv``, hardware crc32c, not turned off. None elsewhere."""
-        if os.environ.get("CKPT_DIRECT_READS", "1").strip().lower() in ("0", "false", "no", "off"):
+        if not direct_reads():
             return None
         if (not storage.capabilities.local or sys.byteorder != "little"
                 or not hasattr(os, "preadv")):

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ckpt._config import direct_writes
 from ckpt._engine._arrays import translate
 from ckpt._engine._layout import ALIGN, ObjectImage
 from ckpt._engine._plan import CRC_BYTES
@@ -96,16 +97,6 @@ def crc32c_value() -> Callable[[Any], int] | None:
     return value
 
 
-def mode() -> str:
-    """``direct``, ``buffered`` or ``off`` (CKPT_DIRECT_WRITES)."""
-    raw = os.environ.get("CKPT_DIRECT_WRITES", "1").strip().lower()
-    if raw in ("0", "false", "no", "off"):
-        return "off"
-    if raw == "buffered":
-        return "buffered"
-    return "direct"
-
-
 class DirectWriter:
     """Writes objects of one save on local disk: a few threads, each object written with
     one pwrite and fsync'd; new directories are fsync'd before the save counts as
@@ -123,7 +114,7 @@ class DirectWriter:
     def for_storage(cls, storage: Storage, **kwargs: Any) -> DirectWriter | None:
         """A writer where direct writes apply: local storage, a little-endian host,
         google-crc32c's C implementation, not turned off. None elsewhere."""
-        m = mode()
+        m = direct_writes()
         if m == "off" or not storage.capabilities.local \
                 or sys.byteorder != "little" or not hasattr(os, "pwritev"):
             return None

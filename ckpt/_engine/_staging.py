@@ -35,30 +35,16 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def local_ranks() -> int:
-    """Training processes sharing this process's cores: torchrun's ``LOCAL_WORLD_SIZE``
-    where this process may run on every CPU of the host (ranks pinned to their own cores
-    share nothing), else 1."""
-    try:
-        n = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
-    return max(1, n) if usable_cores() >= (os.cpu_count() or 1) else 1
-
-
 def inline_staging(mode: str, tensors: list[TensorItem]) -> bool:
-    """Whether a snapshot copies in the call (``SaveOptions.cpu_staging``): never with CUDA
-    tensors; with ``auto``, when the intra-op threads of the training processes on these
-    cores (torch's, times :func:`local_ranks`) fill every usable core."""
-    if mode == "background" or any(t.tensor.device.type != "cpu" for t in tensors):
-        return False
-    return mode == "inline" or torch.get_num_threads() * local_ranks() >= usable_cores()
+    """Whether a snapshot copies in the call: ``SaveOptions.cpu_staging="inline"`` and
+    no CUDA tensor in the state."""
+    return mode == "inline" and all(t.tensor.device.type == "cpu" for t in tensors)
 
 
 def staging_threads(units: int) -> int:
-    """Threads of an inline copy: this process's share of the cores (at most 4: memory
-    bandwidth is the limit), never more than units to copy."""
-    return max(1, min(4, usable_cores() // local_ranks(), units))
+    """Threads of an inline copy: the usable cores, at most 4 (memory bandwidth is the
+    limit), never more than units to copy."""
+    return max(1, min(4, usable_cores(), units))
 
 
 def direct_ok(a: Assignment) -> bool:
