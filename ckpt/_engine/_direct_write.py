@@ -37,7 +37,7 @@ import numpy as np
 
 from ckpt._config import direct_writes
 from ckpt._engine._arrays import translate
-from ckpt._engine._layout import ALIGN, ObjectImage
+from ckpt._engine._layout import ALIGN, ObjectImage, put_crc
 from ckpt._engine._plan import CRC_BYTES
 from ckpt.storage import Storage
 from ckpt.storage._file import fsync_dir
@@ -147,14 +147,12 @@ class DirectWriter:
         base = block.ctypes.data
         crc = self.crc
         for off, _, _ in img.chunks[skip:]:
-            block[off + img.chunk_nbytes:off + img.chunk_nbytes + 4] = np.frombuffer(
-                crc(0, base + off, img.chunk_nbytes).to_bytes(4, "little"), dtype=np.uint8)
+            put_crc(block, off + img.chunk_nbytes, crc(0, base + off, img.chunk_nbytes))
         if img.index is not None:
             at = img.nbytes - img.index.nbytes - CRC_BYTES
             raw = img.index.view(np.uint8).reshape(-1)
             block[at:at + raw.nbytes] = raw
-            block[at + raw.nbytes:img.nbytes] = np.frombuffer(
-                crc(0, base + at, raw.nbytes).to_bytes(4, "little"), dtype=np.uint8)
+            put_crc(block, at + raw.nbytes, crc(0, base + at, raw.nbytes))
 
     def _write_file(self, rel: str, data: memoryview, size: int, *, key: str | None, o_direct: bool) -> None:
         path = self.storage.local_path(rel)

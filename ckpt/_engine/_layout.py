@@ -63,6 +63,11 @@ class ObjectImage:
         return -(-self.nbytes // ALIGN) * ALIGN
 
 
+def put_crc(block: np.ndarray, at: int, value: int) -> None:
+    """Store the crc32c ``value`` at byte ``at`` of a uint8 ``block`` (after the bytes it covers)."""
+    block[at:at + CRC_BYTES] = np.frombuffer(value.to_bytes(CRC_BYTES, "little"), dtype=np.uint8)
+
+
 def shard_image(file: str, layout: ArrayLayout, region: Box, itemsize: int) -> ObjectImage:
     """The object of the shard of array ``file`` whose region is ``region`` (offsets on
     the shard grid; sizes smaller than the shard shape only at the array's edge). Chunks

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ckpt._engine._globalplan import Assignment
-from ckpt._engine._layout import ObjectImage
+from ckpt._engine._layout import ObjectImage, put_crc
+from ckpt._engine._plan import CRC_BYTES
 from ckpt._engine._pool import Block
 from ckpt._engine._snapstate import SnapshotState
 from ckpt._engine._writer import WriteUnit
@@ -91,7 +92,7 @@ def copy_unit(u: WriteUnit, *, non_blocking: bool, crc: Callable[[int, int, int]
         _copy_rows_sealed(u.block.array, _bytes_of(src), whole, cn, crc)
         chunks = chunks[whole:]
     elif whole:  # every whole chunk in one GIL-free copy: rows of the source into rows of the image
-        dst = u.block.array[:whole * (cn + 4)].reshape(whole, cn + 4)[:, :cn]
+        dst = u.block.array[:whole * (cn + CRC_BYTES)].reshape(whole, cn + CRC_BYTES)[:, :cn]
         np.copyto(dst, _bytes_of(src)[:whole * cn].reshape(whole, cn))
         chunks = chunks[whole:]
     for off, region, padded in chunks:
@@ -133,17 +134,16 @@ def _copy_pack_sealed(block: np.ndarray, nbytes: int, members: Sequence[tuple[to
         pos = off + data.size
     if pos < nbytes:
         c = crc(c, base + pos, nbytes - pos)
-    block[nbytes:nbytes + 4] = np.frombuffer(c.to_bytes(4, "little"), dtype=np.uint8)
+    put_crc(block, nbytes, c)
 
 
 def _copy_rows_sealed(block: np.ndarray, src: np.ndarray, rows: int, cn: int,
                       crc: Callable[[int, int, int], int]) -> None:
-    """Chunk ``i`` of ``src`` (``cn`` bytes each) to ``i * (cn + 4)`` of ``block``, its
-    crc32c after it; copy and crc piece by piece (both release the GIL)."""
-    out = block[:rows * (cn + 4)].reshape(rows, cn + 4)
+    """Chunk ``i`` of ``src`` (``cn`` bytes each) to ``i * (cn + CRC_BYTES)`` of ``block``,
+    its crc32c after it; copy and crc piece by piece (both release the GIL)."""
+    step = cn + CRC_BYTES
     for i in range(rows):
-        c = copy_crc(block, i * (cn + 4), src[i * cn:(i + 1) * cn], crc)
-        out[i, cn:] = np.frombuffer(c.to_bytes(4, "little"), dtype=np.uint8)
+        put_crc(block, i * step + cn, copy_crc(block, i * step, src[i * cn:(i + 1) * cn], crc))
 
 
 def copy_crc(dst: np.ndarray, at: int, src: np.ndarray, crc: Callable[[int, int, int], int], c: int = 0) -> int:
