@@ -18,7 +18,8 @@ from ckpt._engine._globalplan import GlobalPlan
 from ckpt._engine._load import Loader, LoadStats
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._pool import HostPool
-from ckpt._engine._save import SaveStats, SnapshotJob, _Prepared, prepare
+from ckpt._engine._save import Prepared, SnapshotJob, prepare
+from ckpt._engine._snapstate import SaveStats
 from ckpt.errors import SaveInProgressError
 from ckpt.providers import DescribeContext, describe
 from ckpt.providers._base import iter_items
@@ -136,9 +137,7 @@ class Snapshotter:
 
     def wait_staged(self) -> float:
         job = self._job
-        if job is None or job.done() or job._staged.is_set() and not job._copy_events:
-            return 0.0
-        return job.wait_staged()
+        return job.wait_staged() if job is not None else 0.0
 
     @property
     def in_flight(self) -> SnapshotJob | None:
@@ -151,19 +150,17 @@ class Snapshotter:
                    metadata: dict[str, Any] | None = None, if_busy: str | None = None) -> SaveHandle:
         return self._submit(state, url, step=step, overwrite=overwrite, allow_pickle=allow_pickle,
                             storage_options=storage_options, process_group=process_group, metadata=metadata,
-                            if_busy=if_busy, hold_writes=True)
+                            if_busy=if_busy)
 
     def save(self, state: dict[str, Any], url: str | os.PathLike[str], **kwargs: Any) -> SaveStats:
         """Save and return once durable and committed (``ckpt.save``; keyword arguments as
-        :meth:`save_async`). Unlike ``save_async(...).result()``, an inline copy does not
-        hold file writes back until it is done: nobody trains meanwhile, so they overlap."""
-        return self._submit(state, url, hold_writes=False, **kwargs).result()
+        :meth:`save_async`)."""
+        return self.save_async(state, url, **kwargs).result()
 
     def _submit(self, state: dict[str, Any], url: str | os.PathLike[str], *, step: int | None = None,
                 overwrite: bool = False, allow_pickle: bool = False,
                 storage_options: dict[str, Any] | None = None, process_group: Any = None,
-                metadata: dict[str, Any] | None = None, if_busy: str | None = None,
-                hold_writes: bool) -> SaveHandle:
+                metadata: dict[str, Any] | None = None, if_busy: str | None = None) -> SaveHandle:
         t0 = time.perf_counter()
         policy = if_busy or self.options.if_busy
         prev = self._job
@@ -191,18 +188,16 @@ class Snapshotter:
                 raise
             # The peers are entering the save's collectives: take part, failing, so every
             # rank's handle raises (this one its own error) instead of the peers hanging.
-            prep, early = _Prepared([], {}, {}, {}), e
+            prep, early = Prepared([], {}, {}, {}), e
         self._hook(state)
         devices = {it.tensor.device for it in prep.tensors if it.tensor.device.type == "cuda"}
         job = SnapshotJob(prep=prep, storage=storage, name=name, step=step, coord=coord,
                           pool=self._pool_for(bool(devices)), options=self.options, plan_cache=self._plan_cache,
                           overwrite=overwrite, user_metadata=dict(metadata or {}),
                           streams=self._copy_streams(devices), t_call=t0,
-                          early_error=early, hold_writes=hold_writes)
+                          early_error=early)
         self._job = job
-        job.start()
-        if job.inline:  # SaveOptions.cpu_staging: the copy happens now, on every core
-            job._staged.wait()
+        job.start()  # with inline staging (SaveOptions.cpu_staging), the copy happens now
         call = time.perf_counter() - t0
         job.stats.call_s = call
         job.stats.blocked_s += call

@@ -20,6 +20,7 @@ import torch
 
 from ckpt._engine._arrays import translate
 from ckpt._engine._direct import DirectReader
+from ckpt._engine._layout import array_layout, pack_length, piece_layout
 from ckpt._engine._plan import ArrayLayout, pack_metadata, zarr_metadata
 from ckpt._format import (
     Box,
@@ -248,17 +249,18 @@ class Loader:
 
     # -- execution -------------------------------------------------------------
     def execute(self) -> LoadStats:
-        """Run every scheduled read; returns when all destinations are filled."""
+        """Run every read scheduled since the last call; returns when all their
+        destinations are filled (the loader may then schedule and execute more)."""
         t0 = time.perf_counter()
+        reads, self._reads = self._reads, []
         jobs: list[tuple[_Read, str, Box, Box, ArrayLayout | None]] = []  # read, array path, src region, dest sub-box
-        for r in self._reads:
+        for r in reads:
             e = self.manifest.entries[r.key]
             st = e["storage"]
             if math.prod(r.box[1]) == 0:
                 continue
             if st["layout"] == "array":
-                lay = ArrayLayout(check_relpath(st["path"], key=r.key), tuple(e["shape"]),
-                                  tuple(st["shard_shape"]), tuple(st["chunk_shape"]), self._separator)
+                lay = array_layout(r.key, tuple(e["shape"]), st, self._separator)
                 jobs.append((r, lay.path, r.box, ((0,) * len(r.box[0]), r.box[1]), lay))
             elif st["layout"] == "packed":
                 jobs.append((r, check_relpath(st["path"], key=r.key), r.box, ((0,) * len(r.box[0]), r.box[1]), None))
@@ -307,7 +309,7 @@ class Loader:
             if direct is not None:
                 direct.close()
         self.stats.read_s = time.perf_counter() - t0
-        if any(r.dest.device.type == "cuda" for r in self._reads):
+        if any(r.dest.device.type == "cuda" for r in reads):
             torch.cuda.synchronize()
         return self.stats
 
@@ -323,8 +325,7 @@ class Loader:
                 continue
             size = tuple(h - lo_ for lo_, h in zip(lo, hi))
             covered += math.prod(size)
-            lay = ArrayLayout(check_relpath(p["path"], key=r.key), ps,
-                              tuple(p.get("shard_shape") or ps), tuple(p.get("chunk_shape") or ps), self._separator)
+            lay = piece_layout(r.key, p, self._separator)
             src = (tuple(a - b for a, b in zip(lo, po)), size)
             sub = (tuple(a - b for a, b in zip(lo, need_o)), size)
             out.append((r, lay.path, src, sub, lay))
@@ -352,7 +353,7 @@ class Loader:
         packs = {path for path, lay, _ in wanted if lay is None and path not in self._packs}
         pack_futs = {}
         for path in packs:
-            nbytes = self._pack_size(path)
+            nbytes = pack_length(self.manifest.entries, path)
             spec = {"driver": "zarr3", "kvstore": self.storage.kvstore_spec(f"{self.name}/{path}"),
                     "metadata": pack_metadata(nbytes, {}, self._separator), "fill_missing_data_reads": False}
             pack_futs[path] = ts.open(spec, open=True, assume_metadata=True, context=ctx)
@@ -363,16 +364,6 @@ class Loader:
             members = [k for k, e in self.manifest.entries.items() if (e.get("storage") or {}).get("path") == path]
             self._packs[path] = self._result(f, path, ", ".join(members) or None)  # name the keys a bad pack holds
             self.stats.bytes_fetched += self._packs[path].nbytes
-
-    def _pack_size(self, path: str) -> int:
-        end = 0
-        for e in self.manifest.entries.values():
-            st = e.get("storage") or {}
-            if st.get("layout") == "packed" and st.get("path") == path:
-                end = max(end, st["offset"] + st["nbytes"])
-        from ckpt._engine._plan import PACK_ALIGN
-
-        return -(-end // PACK_ALIGN) * PACK_ALIGN
 
     def _result(self, fut: Any, path: str, key: str | None) -> Any:
         try:
