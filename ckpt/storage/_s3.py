@@ -58,7 +58,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ckpt._engine._options import parse_bytes
+from ckpt._config import parse_bytes, setting
 from ckpt.errors import MissingDependencyError, StorageError, StoragePermissionError
 from ckpt.storage._base import Capabilities, ObjectInfo, Storage
 from ckpt.storage._s3_errors import (
@@ -91,18 +91,6 @@ _DELETE_BATCH = 1000  # S3's limit for one DeleteObjects
 
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _setting(explicit: Any, var: str, default: Any, cast: Callable[[str], Any]) -> Any:
-    if explicit is not None:
-        return explicit
-    raw = os.environ.get(var)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        return cast(raw.strip())
-    except ValueError:
-        raise ValueError(f"{var}={raw!r} is not a valid value") from None
 
 
 class _Secret:
@@ -189,27 +177,25 @@ class S3Storage(Storage):
         self._client_kwargs = client_kwargs
         self._s3fs_options = s3fs_options
 
-        self.deadline_s = float(_setting(deadline_s, "CKPT_S3_DEADLINE_S", _DEFAULT_DEADLINE_S, float))
+        self.deadline_s = float(setting("CKPT_S3_DEADLINE_S", _DEFAULT_DEADLINE_S, float, deadline_s))
         if not self.deadline_s > 0:
             raise ValueError(f"deadline_s must be positive, got {self.deadline_s}")
         user_retries = (s3fs_options.get("config_kwargs") or {}).get("retries") or {}
         if max_attempts is None and "max_attempts" in user_retries:
             max_attempts = int(user_retries["max_attempts"])
-        self.max_attempts = int(_setting(max_attempts, "CKPT_S3_MAX_ATTEMPTS", _DEFAULT_MAX_ATTEMPTS, int))
+        self.max_attempts = int(setting("CKPT_S3_MAX_ATTEMPTS", _DEFAULT_MAX_ATTEMPTS, int, max_attempts))
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         mode = retry_mode or user_retries.get("mode")
-        self.retry_mode = str(_setting(mode, "CKPT_S3_RETRY_MODE", "standard", str))
+        self.retry_mode = str(setting("CKPT_S3_RETRY_MODE", "standard", str, mode))
         if self.retry_mode not in ("standard", "adaptive", "legacy"):
             raise ValueError(f"retry_mode must be 'standard' or 'adaptive', got {self.retry_mode!r}")
-        self.part_bytes = int(_setting(part_bytes, "CKPT_S3_PART_BYTES", _DEFAULT_PART_BYTES, parse_bytes))
+        self.part_bytes = int(setting("CKPT_S3_PART_BYTES", _DEFAULT_PART_BYTES, parse_bytes, part_bytes))
         if not _MIN_PART <= self.part_bytes <= _MAX_PUT:
             raise ValueError(f"part_bytes must be between 5 MiB and 5 GiB (S3's limits), got {self.part_bytes}")
-        self.multipart_threshold = int(_setting(multipart_threshold, "CKPT_S3_MULTIPART_THRESHOLD",
-                                                _DEFAULT_MULTIPART_THRESHOLD, parse_bytes))
+        self.multipart_threshold = int(setting("CKPT_S3_MULTIPART_THRESHOLD", _DEFAULT_MULTIPART_THRESHOLD, parse_bytes, multipart_threshold))
         self.multipart_threshold = min(max(self.multipart_threshold, self.part_bytes), _MAX_PUT)
-        self.upload_concurrency = int(_setting(upload_concurrency, "CKPT_S3_UPLOAD_CONCURRENCY",
-                                               _DEFAULT_UPLOAD_CONCURRENCY, int))
+        self.upload_concurrency = int(setting("CKPT_S3_UPLOAD_CONCURRENCY", _DEFAULT_UPLOAD_CONCURRENCY, int, upload_concurrency))
         if self.upload_concurrency < 1:
             raise ValueError(f"upload_concurrency must be >= 1, got {self.upload_concurrency}")
         self.stats = {"retries": 0, "multipart_uploads": 0, "aborted_uploads": 0}
@@ -529,8 +515,8 @@ class S3Storage(Storage):
         configuration. Retries are derived from ``deadline_s``: exponential backoff from
         200 ms up to ``max_delay``, as many retries as fit in the deadline."""
         initial, max_delay, retries = ts_retries(self.deadline_s)
-        retries = int(_setting(None, "CKPT_S3_RETRIES", retries, int))
-        return s3_context(int(os.environ.get("CKPT_S3_CONCURRENCY", "32")), max(1, retries),
+        retries = int(setting("CKPT_S3_RETRIES", retries, int, None))
+        return s3_context(setting("CKPT_S3_CONCURRENCY", 32, int), max(1, retries),
                            initial, max_delay)
 
     def _ts_endpoint(self) -> str | None:
