@@ -29,6 +29,7 @@ lint: setup
 	$(VPY) -m ruff check ckpt tests bench examples
 	$(VPY) -m mypy
 	$(VPY) tests/test_import_cycles.py  # fails on a cycle between ckpt modules
+	$(VPY) tests/test_private_access.py  # fails where a module touches another's private fields
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -15,7 +15,7 @@ from ckpt._api import SaveHandle, Snapshotter, load, save, save_async
 from ckpt._engine._catalog import CheckpointInfo
 from ckpt._engine._load import LoadStats
 from ckpt._engine._options import SaveOptions
-from ckpt._engine._save import SaveStats
+from ckpt._engine._snapstate import SaveStats
 from ckpt._manager import CheckpointManager, EverySeconds, EverySteps, KeepEvery, KeepLast
 from ckpt._run import latest, list_checkpoints, read_manifest
 from ckpt._version import __version__ as __version__

@@ -18,7 +18,8 @@ from ckpt._engine._globalplan import GlobalPlan
 from ckpt._engine._load import Loader, LoadStats
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._pool import HostPool
-from ckpt._engine._save import SaveStats, SnapshotJob, _Prepared, prepare
+from ckpt._engine._save import Prepared, SnapshotJob, prepare
+from ckpt._engine._snapstate import SaveStats
 from ckpt.errors import SaveInProgressError
 from ckpt.providers import DescribeContext, describe
 from ckpt.providers._base import iter_items
@@ -136,9 +137,7 @@ class Snapshotter:
 
     def wait_staged(self) -> float:
         job = self._job
-        if job is None or job.done() or job._staged.is_set() and not job._copy_events:
-            return 0.0
-        return job.wait_staged()
+        return job.wait_staged() if job is not None else 0.0
 
     @property
     def in_flight(self) -> SnapshotJob | None:
@@ -151,19 +150,17 @@ class Snapshotter:
                    metadata: dict[str, Any] | None = None, if_busy: str | None = None) -> SaveHandle:
         return self._submit(state, url, step=step, overwrite=overwrite, allow_pickle=allow_pickle,
                             storage_options=storage_options, process_group=process_group, metadata=metadata,
-                            if_busy=if_busy, hold_writes=True)
+                            if_busy=if_busy)
 
     def save(self, state: dict[str, Any], url: str | os.PathLike[str], **kwargs: Any) -> SaveStats:
         """Save and return once durable and committed (``ckpt.save``; keyword arguments as
-        :meth:`save_async`). Unlike ``save_async(...).result()``, an inline copy does not
-        hold file writes back until it is done: nobody trains meanwhile, so they overlap."""
-        return self._submit(state, url, hold_writes=False, **kwargs).result()
+        :meth:`save_async`)."""
+        return self.save_async(state, url, **kwargs).result()
 
     def _submit(self, state: dict[str, Any], url: str | os.PathLike[str], *, step: int | None = None,
                 overwrite: bool = False, allow_pickle: bool = False,
                 storage_options: dict[str, Any] | None = None, process_group: Any = None,
-                metadata: dict[str, Any] | None = None, if_busy: str | None = None,
-                hold_writes: bool) -> SaveHandle:
+                metadata: dict[str, Any] | None = None, if_busy: str | None = None) -> SaveHandle:
         t0 = time.perf_counter()
         policy = if_busy or self.options.if_busy
         prev = self._job
@@ -191,18 +188,16 @@ class Snapshotter:
                 raise
             # The peers are entering the save's collectives: take part, failing, so every
             # rank's handle raises (this one its own error) instead of the peers hanging.
-            prep, early = _Prepared([], {}, {}, {}), e
+            prep, early = Prepared([], {}, {}, {}), e
         self._hook(state)
         devices = {it.tensor.device for it in prep.tensors if it.tensor.device.type == "cuda"}
         job = SnapshotJob(prep=prep, storage=storage, name=name, step=step, coord=coord,
                           pool=self._pool_for(bool(devices)), options=self.options, plan_cache=self._plan_cache,
                           overwrite=overwrite, user_metadata=dict(metadata or {}),
                           streams=self._copy_streams(devices), t_call=t0,
-                          early_error=early, hold_writes=hold_writes)
+                          early_error=early)
         self._job = job
-        job.start()
-        if job.inline:  # SaveOptions.cpu_staging: the copy happens now, on every core
-            job._staged.wait()
+        job.start()  # with inline staging (SaveOptions.cpu_staging), the copy happens now
         call = time.perf_counter() - t0
         job.stats.call_s = call
         job.stats.blocked_s += call
@@ -245,15 +240,20 @@ def save(state: dict[str, Any], url: str | os.PathLike[str], **kwargs: Any) -> S
     return default_snapshotter().save(state, url, **kwargs)
 
 
-def load(state: dict[str, Any], url: str | os.PathLike[str], *, strict: bool = True, allow_pickle: bool = False,
-         storage_options: dict[str, Any] | None = None, process_group: Any = None) -> LoadStats:
+def load(state: dict[str, Any], url: str | os.PathLike[str], *, strict: bool = True,
+         allow_missing: bool | None = None, allow_unexpected: bool | None = None, cast: bool = False,
+         allow_pickle: bool = False, storage_options: dict[str, Any] | None = None,
+         process_group: Any = None) -> LoadStats:
     """Load the checkpoint at ``url`` into ``state`` in place (modules, optimizers and
     tensors keep their identity; plain values are replaced in the dict), resharded onto
     the current layout. Top-level objects of the checkpoint that ``state`` does not name
     are skipped (listed in the returned ``LoadStats.skipped``): ``{"model": m}`` loads
-    the model alone from a training checkpoint. ``strict``: keys the state has and the
-    checkpoint lacks, and keys of an object the state names that it does not have, are
-    errors (else left as they are / listed in ``LoadStats.unexpected``). A load that
+    the model alone from a training checkpoint. Inside the objects it names, keys the
+    state has and the checkpoint lacks are errors unless ``allow_missing`` (then left as
+    they are, listed in ``LoadStats.missing``), and saved keys the state has no place for
+    are errors unless ``allow_unexpected`` (listed in ``LoadStats.unexpected``);
+    ``strict=False`` allows both. A tensor saved in another dtype than its destination's
+    is an error unless ``cast`` (converted, listed in ``LoadStats.cast``). A load that
     matches nothing is an error."""
     t0 = time.perf_counter()
     storage, name = split_checkpoint_url(url, **(storage_options or {}))
@@ -261,7 +261,8 @@ def load(state: dict[str, Any], url: str | os.PathLike[str], *, strict: bool = T
     manifest = read_manifest(storage, name)
     ctx = DescribeContext(allow_pickle=allow_pickle, rank=rank, world_size=world_size)
     providers = describe(state, ctx)
-    loader = Loader(storage, name, manifest, strict=strict, allow_pickle=allow_pickle,
+    loader = Loader(storage, name, manifest, strict=strict, allow_missing=allow_missing,
+                    allow_unexpected=allow_unexpected, cast=cast, allow_pickle=allow_pickle,
                     rank=rank, world_size=world_size)
     finalizers = []
     for p in providers:

@@ -27,11 +27,12 @@ from typing import Any, Protocol
 
 import torch
 
+from ckpt import _config as config
 from ckpt._api import SaveHandle, Snapshotter, load
 from ckpt._engine._catalog import CheckpointInfo, list_run
 from ckpt._engine._commit import commit_strategy
 from ckpt._engine._coord import coordinator
-from ckpt._engine._options import SaveOptions, parse_flag
+from ckpt._engine._options import SaveOptions
 from ckpt._engine._recycle import purge_recycled, retire
 from ckpt._format import MANIFEST, step_dirname
 from ckpt.errors import CheckpointError
@@ -110,8 +111,7 @@ class CheckpointManager:
                  options: SaveOptions | None = None, storage_options: dict[str, Any] | None = None,
                  process_group: Any = None, allow_pickle: bool = False, recycle: bool | None = None) -> None:
         self.run = os.fspath(run).rstrip("/")
-        env = os.environ.get("CKPT_RECYCLE")
-        self.recycle = recycle if recycle is not None else parse_flag(env, "CKPT_RECYCLE") if env else False
+        self.recycle = config.recycle(recycle)
         self.policies: list[SavePolicy] = list(policies)
         if every_steps:
             self.policies.append(EverySteps(every_steps))
@@ -233,10 +233,9 @@ class CheckpointManager:
         self._last_time = time.monotonic()
         self._last_saved = step
         url = f"{self.run}/{step_dirname(step)}"
-        # a blocking save lets writes overlap the inline copy (Snapshotter.save does too)
-        handle = self.snapshotter._submit(state, url, step=step, allow_pickle=self.allow_pickle,
-                                          storage_options=self.storage_options,
-                                          process_group=self.process_group, overwrite=True, hold_writes=not block)
+        handle = self.snapshotter.save_async(state, url, step=step, allow_pickle=self.allow_pickle,
+                                             storage_options=self.storage_options,
+                                             process_group=self.process_group, overwrite=True)
         self.handles = [h for h in self.handles if not h.done()] + [handle]
         handle.add_done_callback(lambda h: self._after_commit(h, step))
         if block:

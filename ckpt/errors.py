@@ -36,6 +36,7 @@ __all__ = [
     "DistributedSaveError",
     "ReshardError",
     "SaveInProgressError",
+    "ConfigError",
 ]
 
 
@@ -196,3 +197,7 @@ class ReshardError(CheckpointError, ValueError):
 
 class SaveInProgressError(CheckpointError, RuntimeError):
     """A snapshot was requested while the previous one is still running, with policy 'error'."""
+
+
+class ConfigError(CheckpointError, ValueError):
+    """A setting (a ``CKPT_*`` environment variable) has a value ckpt cannot use."""

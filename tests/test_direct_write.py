@@ -14,7 +14,8 @@ import torch
 
 import ckpt
 import ckpt.errors
-from ckpt._engine._direct_write import ALIGN, DirectWriter, pack_image, shard_image
+from ckpt._engine._direct_write import DirectWriter
+from ckpt._engine._layout import ALIGN, pack_image, shard_image
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import ArrayLayout
 from ckpt._engine._pool import HostPool
@@ -43,7 +44,7 @@ def _state() -> dict[str, torch.Tensor]:
 _objects = snapshot  # every file under a root: relative path -> bytes
 
 
-def _save(state: dict, url: Path, mode: str, monkeypatch: pytest.MonkeyPatch, staging: str = "auto") -> None:
+def _save(state: dict, url: Path, mode: str, monkeypatch: pytest.MonkeyPatch, staging: str = "background") -> None:
     monkeypatch.setenv("CKPT_DIRECT_WRITES", mode)
     snap = ckpt.Snapshotter(dataclasses.replace(OPTS, cpu_staging=staging))
     try:

@@ -1,7 +1,8 @@
 """Loads that behave like the ecosystem's: a state may ask for a subset of a checkpoint's
 top-level objects (a model alone from a training checkpoint); inside an object it asks
-for, missing and unexpected keys stay errors unless ``strict=False``; a load that
-matches nothing is an error; what was skipped or left over is reported."""
+for, missing and unexpected keys stay errors unless allowed (each direction on its own, or
+both with ``strict=False``); a dtype change is an error unless ``cast=True``; a load that
+matches nothing is an error; what was skipped, missing, left over or cast is reported."""
 
 from __future__ import annotations
 
@@ -73,3 +74,36 @@ def test_an_optimizer_without_its_module_says_to_add_the_module(saved: tuple[str
     with pytest.raises(UnexpectedKeyError) as ei:
         ckpt.load({"optim": o2}, url)
     assert "put the module in the same state" in str(ei.value)
+
+
+def test_missing_and_unexpected_are_allowed_separately(saved: tuple[str, torch.nn.Module]) -> None:
+    url, m = saved
+    big = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2), torch.nn.Linear(2, 2))
+    with pytest.raises(MissingKeyError):  # allowing the other direction does not allow this one
+        ckpt.load({"model": big}, url, allow_unexpected=True)
+    before = big[2].weight.detach().clone()
+    stats = ckpt.load({"model": big}, url, allow_missing=True)
+    assert sorted(stats.missing) == ["model/2.bias", "model/2.weight"] and stats.unexpected == []
+    assert torch.equal(big[1].weight, m[1].weight) and torch.equal(big[2].weight, before)  # left as it was
+
+    small = torch.nn.Sequential(torch.nn.Linear(4, 8))
+    with pytest.raises(UnexpectedKeyError):
+        ckpt.load({"model": small}, url, allow_missing=True)
+    stats = ckpt.load({"model": small}, url, allow_unexpected=True)
+    assert stats.unexpected == ["model/1.bias", "model/1.weight"] and stats.missing == []
+    assert torch.equal(small[0].weight, m[0].weight)
+
+
+def test_a_dtype_change_is_an_error_unless_cast_and_is_reported(saved: tuple[str, torch.nn.Module]) -> None:
+    from ckpt.errors import DtypeMismatchError
+
+    url, m = saved
+    half, _ = _trained(1)
+    half = half.to(torch.bfloat16)
+    with pytest.raises(DtypeMismatchError) as ei:
+        ckpt.load({"model": half}, url)
+    assert "cast=True" in str(ei.value)
+    stats = ckpt.load({"model": half}, url, cast=True)
+    assert sorted(stats.cast) == ["model/0.bias", "model/0.weight", "model/1.bias", "model/1.weight"]
+    for a, b in zip(m.parameters(), half.parameters()):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.detach().to(torch.bfloat16), b.detach())

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ckpt import _config as config
 from ckpt._cli._output import Progress, human_bytes, human_shape, human_time, print_json, table
 
 EPILOG = """\
@@ -71,7 +71,7 @@ def _positive_int(text: str) -> int:
 
 
 def _size(text: str) -> int:
-    from ckpt._engine._options import parse_bytes
+    from ckpt._config import parse_bytes
 
     try:
         v = parse_bytes(text)
@@ -382,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 1
     except BaseException as e:  # noqa: BLE001 - one line, not a traceback (CKPT_DEBUG=1 shows it)
-        if os.environ.get("CKPT_DEBUG") or isinstance(e, SystemExit | GeneratorExit):
+        if isinstance(e, SystemExit | GeneratorExit) or config.debug():
             raise
         _error(f"{type(e).__name__}: {e}" if not isinstance(e, OSError | ValueError) else str(e))
         return 1

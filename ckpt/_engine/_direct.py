@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from ckpt._config import direct_reads
 from ckpt._engine._arrays import translate
+from ckpt._engine._layout import ABSENT, HINT_CHECKSUM, HINT_DAMAGED, parse_shard_index
 from ckpt._engine._plan import CRC_BYTES, ArrayLayout, shard_index_bytes
 from ckpt._format import Box
 from ckpt.errors import CheckpointError, CorruptCheckpointError, UnsafePathError
@@ -40,7 +42,7 @@ class DirectReader:
     def for_storage(cls, storage: Storage, name: str) -> DirectReader | None:
         """A reader where direct reads apply: local storage, a little-endian host with
         ``os.preadv``, hardware crc32c, not turned off. None elsewhere."""
-        if os.environ.get("CKPT_DIRECT_READS", "1").strip().lower() in ("0", "false", "no", "off"):
+        if not direct_reads():
             return None
         if (not storage.capabilities.local or sys.byteorder != "little"
                 or not hasattr(os, "preadv")):
@@ -73,7 +75,7 @@ class DirectReader:
         flat = target.reshape(-1).view(np.uint8)
         row_bytes = flat.nbytes // max(1, target.shape[0])
         chunk_bytes = c * row_bytes
-        n_chunks = -(-sh // c)  # entries of a shard's index (one chunk across every other dim)
+        n_chunks = lay.chunks_per_shard  # one chunk across every other dim
         a, b = src[0][0], src[0][0] + src[1][0]
         runs: list[Run] = []
         row = a
@@ -136,7 +138,7 @@ class DirectReader:
                 while i < len(run.chunks) and len(group) < 256:
                     j, dst, lo = run.chunks[i]
                     off, nb = int(index[j, 0]), int(index[j, 1])
-                    if off == _ABSENT and nb == _ABSENT:
+                    if off == ABSENT and nb == ABSENT:
                         if group:
                             break
                         raise CorruptCheckpointError(f"stored data is missing (chunk {j} of shard {run.shard} is "
@@ -147,7 +149,7 @@ class DirectReader:
                             break
                         raise CorruptCheckpointError(
                             f"stored data cannot be decoded (chunk {j} of shard {run.shard} holds {nb} bytes, "
-                            f"expected {run.chunk_bytes + CRC_BYTES})", key=run.key, path=run.where, hint=_HINT_DAMAGED)
+                            f"expected {run.chunk_bytes + CRC_BYTES})", key=run.key, path=run.where, hint=HINT_DAMAGED)
                     if group and off != end:
                         break
                     if not group:
@@ -163,12 +165,12 @@ class DirectReader:
                 if _preadv_full(fd, bufs, start) != end - start:
                     raise CorruptCheckpointError(
                         f"stored data cannot be decoded (shard truncated at chunk {group[0][0]} of shard {run.shard})",
-                        key=run.key, path=run.where, hint=_HINT_DAMAGED)
+                        key=run.key, path=run.where, hint=HINT_DAMAGED)
                 for j, dst, lo, buf, crc in group:
                     if crc32c(buf) != int.from_bytes(crc, "little"):
                         raise CorruptCheckpointError(f"stored data fails its checksum (crc32c mismatch in chunk {j} "
                                                      f"of shard {run.shard})", key=run.key, path=run.where,
-                                                     hint=_HINT_CHECKSUM)
+                                                     hint=HINT_CHECKSUM)
                     if buf is not dst:
                         np.copyto(dst, buf[lo:lo + dst.nbytes])
         except CheckpointError:
@@ -180,10 +182,7 @@ class DirectReader:
 
 
 _RUN_BYTES = 16 << 20  # most bytes one direct read task covers
-_ABSENT = 2**64 - 1  # a shard index entry of an absent chunk
-_HINT_CHECKSUM = "the checkpoint is damaged; `ckpt verify` lists every bad chunk; load an earlier checkpoint"
 _HINT_MISSING = "an object of the checkpoint was deleted; load an earlier checkpoint"
-_HINT_DAMAGED = "the checkpoint is damaged; load an earlier checkpoint"
 
 
 @dataclass
@@ -219,27 +218,12 @@ class _IndexCache:
 
 
 def _read_index(fd: int, run: Run, crc32c: Callable[[Any], int]) -> np.ndarray:
-    """A shard's index (zarr v3 sharding, index at the end, crc32c'd): (offset, nbytes)
-    per inner chunk, checked against the file's size."""
+    """A shard's index (:func:`~ckpt._engine._layout.parse_shard_index`), read from the
+    end of the open shard file."""
     need = shard_index_bytes(run.n_chunks)
     size = os.fstat(fd).st_size
-    raw = os.pread(fd, need, size - need) if size >= need else b""
-    if len(raw) != need:
-        raise CorruptCheckpointError(f"stored data cannot be decoded (the shard file holds {size} bytes, fewer than "
-                                     f"its index of {run.n_chunks} chunks needs: truncated)",
-                                     key=run.key, path=run.where, hint=_HINT_DAMAGED)
-    if crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-        raise CorruptCheckpointError("stored data fails its checksum (the shard index's crc32c does not match: "
-                                     "the shard is damaged or truncated)", key=run.key, path=run.where,
-                                     hint=_HINT_CHECKSUM)
-    index = np.frombuffer(raw, dtype="<u8", count=run.n_chunks * 2).reshape(run.n_chunks, 2)
-    present = ~((index[:, 0] == _ABSENT) & (index[:, 1] == _ABSENT))
-    limit = np.uint64(size - need)
-    off, nb = index[present, 0], index[present, 1]
-    if np.any(off > limit) or np.any(nb > limit - np.minimum(off, limit)):
-        raise CorruptCheckpointError("stored data cannot be decoded (the shard index points past the shard's data)",
-                                     key=run.key, path=run.where, hint=_HINT_DAMAGED)
-    return index
+    tail = os.pread(fd, need, size - need) if size >= need else b""
+    return parse_shard_index(tail, run.n_chunks, size, crc32c, key=run.key, where=run.where)
 
 
 def _preadv_full(fd: int, bufs: list[Any], offset: int) -> int:

@@ -25,75 +25,22 @@ import concurrent.futures
 import ctypes
 import errno
 import glob
-import itertools
 import json
-import math
 import os
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ckpt._config import direct_writes
 from ckpt._engine._arrays import translate
-from ckpt._engine._plan import CRC_BYTES, ArrayLayout, shard_key
+from ckpt._engine._layout import ALIGN, ObjectImage, put_crc
+from ckpt._engine._plan import CRC_BYTES
 from ckpt.storage import Storage
 from ckpt.storage._file import fsync_dir
-
-_ABSENT = 2**64 - 1  # a shard index entry of an absent chunk
-ALIGN = 4096  # O_DIRECT: buffer address, file offset and length are multiples of this
-
-
-@dataclass
-class ObjectImage:
-    """How a unit's pool block holds one storage object.
-
-    ``chunks``: per stored inner chunk, (its offset in the block, the region of the unit
-    it holds as slices, whether it is padded at the array's edge). ``index`` is the
-    shard index (None for a pack: one chunk, its crc32c, no index)."""
-
-    file: str  # the object's path relative to the storage root
-    chunks: list[tuple[int, tuple[slice, ...], bool]]
-    chunk_nbytes: int  # one stored chunk's data (its crc32c follows)
-    chunk_shape: tuple[int, ...]
-    index: np.ndarray | None
-    nbytes: int  # the object's size
-
-    @property
-    def block_bytes(self) -> int:
-        """Pool bytes the block needs: the object rounded up for O_DIRECT."""
-        return -(-self.nbytes // ALIGN) * ALIGN
-
-
-def shard_image(file: str, layout: ArrayLayout, region: tuple[tuple[int, ...], tuple[int, ...]],
-                itemsize: int) -> ObjectImage:
-    """The object of the shard whose array region is ``region`` (offsets on the shard
-    grid; sizes smaller than the shard shape only at the array's edge)."""
-    offs, sizes = region
-    shard, chunk = layout.shard_shape, layout.chunk_shape
-    grid = [s // c for s, c in zip(shard, chunk)]
-    chunk_nbytes = math.prod(chunk) * itemsize
-    index = np.full((math.prod(grid), 2), _ABSENT, dtype="<u8")
-    chunks: list[tuple[int, tuple[slice, ...], bool]] = []
-    pos = 0
-    for i, g in enumerate(itertools.product(*(range(n) for n in grid))):
-        starts = [gi * c for gi, c in zip(g, chunk)]
-        if any(st >= s for st, s in zip(starts, sizes)):
-            continue  # wholly outside the array: absent, as zarr stores it
-        ext = [min(c, s - st) for c, s, st in zip(chunk, sizes, starts)]
-        chunks.append((pos, tuple(slice(st, st + e) for st, e in zip(starts, ext)), ext != list(chunk)))
-        index[i] = (pos, chunk_nbytes + CRC_BYTES)
-        pos += chunk_nbytes + CRC_BYTES
-    key = layout.shard_key([o // s for o, s in zip(offs, shard)])
-    return ObjectImage(f"{file}/{key}", chunks, chunk_nbytes, tuple(chunk), index, pos + index.nbytes + CRC_BYTES)
-
-
-def pack_image(file: str, nbytes: int) -> ObjectImage:
-    """A pack's object: its bytes, then their crc32c (a 1-D array of one chunk)."""
-    return ObjectImage(f"{file}/{shard_key([0])}", [(0, (slice(0, nbytes),), False)], nbytes, (nbytes,), None, nbytes + CRC_BYTES)
 
 
 def _crc32c_function() -> Callable[[int, int, int], int] | None:
@@ -150,27 +97,16 @@ def crc32c_value() -> Callable[[Any], int] | None:
     return value
 
 
-def mode() -> str:
-    """``direct``, ``buffered`` or ``off`` (CKPT_DIRECT_WRITES)."""
-    raw = os.environ.get("CKPT_DIRECT_WRITES", "1").strip().lower()
-    if raw in ("0", "false", "no", "off"):
-        return "off"
-    if raw == "buffered":
-        return "buffered"
-    return "direct"
-
-
 class DirectWriter:
     """Writes objects of one save on local disk: a few threads, each object written with
     one pwrite and fsync'd; new directories are fsync'd before the save counts as
     durable (:meth:`finish`)."""
 
     def __init__(self, storage: Storage, crc: Callable[[int, int, int], int], *, o_direct: bool,
-                 threads: int = 4, initializer: Callable[[], None] | None = None) -> None:
+                 threads: int = 4) -> None:
         self.storage, self.crc = storage, crc
         self.o_direct = o_direct and hasattr(os, "O_DIRECT")
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-write",
-                                                           initializer=initializer)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-write")
         self._dirs: set[str] = set()
         self._dirs_lock = threading.Lock()
 
@@ -178,7 +114,7 @@ class DirectWriter:
     def for_storage(cls, storage: Storage, **kwargs: Any) -> DirectWriter | None:
         """A writer where direct writes apply: local storage, a little-endian host,
         google-crc32c's C implementation, not turned off. None elsewhere."""
-        m = mode()
+        m = direct_writes()
         if m == "off" or not storage.capabilities.local \
                 or sys.byteorder != "little" or not hasattr(os, "pwritev"):
             return None
@@ -211,14 +147,12 @@ class DirectWriter:
         base = block.ctypes.data
         crc = self.crc
         for off, _, _ in img.chunks[skip:]:
-            block[off + img.chunk_nbytes:off + img.chunk_nbytes + 4] = np.frombuffer(
-                crc(0, base + off, img.chunk_nbytes).to_bytes(4, "little"), dtype=np.uint8)
+            put_crc(block, off + img.chunk_nbytes, crc(0, base + off, img.chunk_nbytes))
         if img.index is not None:
             at = img.nbytes - img.index.nbytes - CRC_BYTES
             raw = img.index.view(np.uint8).reshape(-1)
             block[at:at + raw.nbytes] = raw
-            block[at + raw.nbytes:img.nbytes] = np.frombuffer(
-                crc(0, base + at, raw.nbytes).to_bytes(4, "little"), dtype=np.uint8)
+            put_crc(block, at + raw.nbytes, crc(0, base + at, raw.nbytes))
 
     def _write_file(self, rel: str, data: memoryview, size: int, *, key: str | None, o_direct: bool) -> None:
         path = self.storage.local_path(rel)

@@ -1,17 +1,23 @@
-"""The storage objects a manifest implies: every zarr array of a checkpoint (a tensor's
-array, one piece of a "pieces" tensor, or a pack of small tensors), its ``zarr.json``, the
-name, region and exact size of each shard object, and the pickled values' files.
+"""The on-disk layout of a checkpoint's storage objects, in one place.
 
-The manifest alone describes them; the engine (pruning a recycled tree), ``verify``,
-``info`` and ``reshard`` all read them from here, and the writer builds its objects from
-the same ``ArrayLayout`` (``_plan``), so they agree by construction.
+* Which objects a manifest implies: every zarr array (a tensor's array, one piece of a
+  "pieces" tensor, or a pack of small tensors), its ``zarr.json``, the name, region and
+  exact size of each shard object, and the pickled values' files (:func:`stored_arrays`,
+  :func:`array_layout`, :func:`piece_layout`, :func:`pack_length`).
+* The bytes of one object (:class:`ObjectImage`): inner chunks in C order, each followed
+  by its crc32c, then the shard index and its crc32c (``docs/format.md`` §3–4).
+* The reading of a shard index (:func:`parse_shard_index`).
+
+The writer (direct and through tensorstore), the loader, the direct reader, ``verify``,
+``info``, ``reshard`` and the pruning of a recycled tree all take these from here, so they
+agree by construction.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +29,120 @@ from ckpt._engine._plan import (
     ArrayLayout,
     pack_metadata,
     shard_index_bytes,
+    shard_key,
     zarr_metadata,
 )
 from ckpt._format import Box, Manifest, check_relpath, chunk_separator, storage_dtype
+from ckpt.errors import CorruptCheckpointError
+
+ABSENT = 2**64 - 1  # both fields of a shard index entry of an absent chunk
+INDEX_DTYPE = "<u8"  # a shard index: (offset, nbytes) per inner chunk, little-endian uint64
+ALIGN = 4096  # O_DIRECT: buffer address, file offset and length are multiples of this
+HINT_CHECKSUM = "the checkpoint is damaged; `ckpt verify` lists every bad chunk; load an earlier checkpoint"
+HINT_DAMAGED = "the checkpoint is damaged; load an earlier checkpoint"
+
+
+@dataclass
+class ObjectImage:
+    """The bytes of one storage object, as a pool block holds them for a direct write.
+
+    ``chunks``: per stored inner chunk, (its offset in the object, the region of the shard
+    it holds as slices, whether it is padded at the array's edge). ``index`` is the
+    shard index (None for a pack: one chunk, its crc32c, no index)."""
+
+    file: str  # the object's path relative to the storage root
+    chunks: list[tuple[int, tuple[slice, ...], bool]]
+    chunk_nbytes: int  # one stored chunk's data (its crc32c follows)
+    chunk_shape: tuple[int, ...]
+    index: np.ndarray | None
+    nbytes: int  # the object's size
+
+    @property
+    def block_bytes(self) -> int:
+        """Pool bytes the block needs: the object rounded up for O_DIRECT."""
+        return -(-self.nbytes // ALIGN) * ALIGN
+
+
+def put_crc(block: np.ndarray, at: int, value: int) -> None:
+    """Store the crc32c ``value`` at byte ``at`` of a uint8 ``block`` (after the bytes it covers)."""
+    block[at:at + CRC_BYTES] = np.frombuffer(value.to_bytes(CRC_BYTES, "little"), dtype=np.uint8)
+
+
+def shard_image(file: str, layout: ArrayLayout, region: Box, itemsize: int) -> ObjectImage:
+    """The object of the shard of array ``file`` whose region is ``region`` (offsets on
+    the shard grid; sizes smaller than the shard shape only at the array's edge). Chunks
+    wholly outside the array are absent, as zarr stores them."""
+    offs, sizes = region
+    shard, chunk = layout.shard_shape, layout.chunk_shape
+    grid = [s // c for s, c in zip(shard, chunk)]
+    chunk_nbytes = math.prod(chunk) * itemsize
+    index = np.full((layout.chunks_per_shard, 2), ABSENT, dtype=INDEX_DTYPE)
+    chunks: list[tuple[int, tuple[slice, ...], bool]] = []
+    pos = 0
+    for i, g in enumerate(itertools.product(*(range(n) for n in grid))):
+        starts = [gi * c for gi, c in zip(g, chunk)]
+        if any(st >= s for st, s in zip(starts, sizes)):
+            continue
+        ext = [min(c, s - st) for c, s, st in zip(chunk, sizes, starts)]
+        chunks.append((pos, tuple(slice(st, st + e) for st, e in zip(starts, ext)), ext != list(chunk)))
+        index[i] = (pos, chunk_nbytes + CRC_BYTES)
+        pos += chunk_nbytes + CRC_BYTES
+    key = layout.shard_key([o // s for o, s in zip(offs, shard)])
+    return ObjectImage(f"{file}/{key}", chunks, chunk_nbytes, tuple(chunk), index,
+                       pos + shard_index_bytes(len(index)))
+
+
+def pack_image(file: str, nbytes: int, separator: str | None = None) -> ObjectImage:
+    """A pack's object: its bytes, then their crc32c (a 1-D array of one chunk)."""
+    key = shard_key([0]) if separator is None else shard_key([0], separator)
+    return ObjectImage(f"{file}/{key}", [(0, (slice(0, nbytes),), False)], nbytes, (nbytes,), None,
+                       nbytes + CRC_BYTES)
+
+
+def parse_shard_index(tail: bytes, n_chunks: int, size: int, crc32c: Callable[[Any], int], *,
+                      key: str | None, where: str) -> np.ndarray:
+    """The index of a shard object of ``size`` bytes from its last
+    ``shard_index_bytes(n_chunks)`` bytes ``tail``: (offset, nbytes) per inner chunk
+    (``ABSENT`` twice for an absent chunk), its crc32c checked and every entry inside the
+    object's data. A damaged index raises :class:`CorruptCheckpointError`."""
+    need = shard_index_bytes(n_chunks)
+    if len(tail) != need or size < need:
+        raise CorruptCheckpointError(f"stored data cannot be decoded (the shard file holds {size} bytes, fewer than "
+                                     f"its index of {n_chunks} chunks needs: truncated)",
+                                     key=key, path=where, hint=HINT_DAMAGED)
+    if crc32c(tail[:-CRC_BYTES]) != int.from_bytes(tail[-CRC_BYTES:], "little"):
+        raise CorruptCheckpointError("stored data fails its checksum (the shard index's crc32c does not match: "
+                                     "the shard is damaged or truncated)", key=key, path=where, hint=HINT_CHECKSUM)
+    index = np.frombuffer(tail, dtype=INDEX_DTYPE, count=n_chunks * 2).reshape(n_chunks, 2)
+    present = ~((index[:, 0] == ABSENT) & (index[:, 1] == ABSENT))
+    limit = np.uint64(size - need)
+    off, nb = index[present, 0], index[present, 1]
+    if np.any(off > limit) or np.any(nb > limit - np.minimum(off, limit)):
+        raise CorruptCheckpointError("stored data cannot be decoded (the shard index points past the shard's data)",
+                                     key=key, path=where, hint=HINT_DAMAGED)
+    return index
+
+
+def array_layout(key: str, shape: tuple[int, ...], storage: Mapping[str, Any], separator: str) -> ArrayLayout:
+    """The layout of a tensor stored as one array (manifest storage ``layout: array``)."""
+    path = check_relpath(storage["path"], key=key)
+    return ArrayLayout(path, shape, tuple(storage["shard_shape"]), tuple(storage["chunk_shape"]), separator)
+
+
+def piece_layout(key: str, piece: Mapping[str, Any], separator: str) -> ArrayLayout:
+    """The layout of one piece of a "pieces" tensor (an array of the piece's sizes)."""
+    path = check_relpath(piece["path"], key=key)
+    sizes = tuple(piece["sizes"])
+    return ArrayLayout(path, sizes, tuple(piece.get("shard_shape") or sizes),
+                       tuple(piece.get("chunk_shape") or sizes), separator)
+
+
+def pack_length(entries: Mapping[str, Mapping[str, Any]], path: str) -> int:
+    """Bytes of the pack at ``path``: its members' end, padded as packs are."""
+    end = max((e["storage"]["offset"] + e["storage"]["nbytes"] for e in entries.values()
+               if (e.get("storage") or {}).get("layout") == "packed" and e["storage"].get("path") == path),
+              default=0)
+    return -(-end // PACK_ALIGN) * PACK_ALIGN
 
 
 @dataclass(frozen=True)
@@ -86,17 +203,13 @@ class StoredArray:
     def expected_size(self, region: Box) -> int:
         """Exact bytes of the object holding one shard (every chunk stored, uncompressed)."""
         if self.kind == "pack":
-            return self.nbytes + CRC_BYTES
-        cs = self.layout.chunk_shape
-        per_shard = math.prod(s // c for s, c in zip(self.layout.shard_shape, cs))
-        stored = math.prod(-(-s // c) for s, c in zip(region[1], cs))
-        return stored * (math.prod(cs) * self.itemsize + CRC_BYTES) + shard_index_bytes(per_shard)
+            return pack_image(self.path, self.nbytes, self.layout.separator).nbytes
+        return shard_image(self.path, self.layout, region, self.itemsize).nbytes
 
 
 def stored_arrays(manifest: Manifest) -> list[StoredArray]:
     """Every zarr array the manifest refers to (each pack once), in path order."""
     out: dict[str, StoredArray] = {}
-    pack_end: dict[str, int] = {}
     pack_keys: dict[str, list[str]] = {}
     sep = chunk_separator(manifest.format_version)
     for key, e in manifest.entries.items():
@@ -104,24 +217,17 @@ def stored_arrays(manifest: Manifest) -> list[StoredArray]:
             continue
         st = e["storage"]
         dt = storage_dtype(e["dtype"])
-        shape = tuple(e["shape"])
         if st["layout"] == "array":
-            path = check_relpath(st["path"], key=key)
-            lay = ArrayLayout(path, shape, tuple(st["shard_shape"]), tuple(st["chunk_shape"]), sep)
-            out[path] = StoredArray("array", (key,), path, lay, dt)
+            lay = array_layout(key, tuple(e["shape"]), st, sep)
+            out[lay.path] = StoredArray("array", (key,), lay.path, lay, dt)
         elif st["layout"] == "pieces":
             for p in st["pieces"]:
-                path = check_relpath(p["path"], key=key)
-                sizes = tuple(p["sizes"])
-                lay = ArrayLayout(path, sizes, tuple(p.get("shard_shape") or sizes),
-                                  tuple(p.get("chunk_shape") or sizes), sep)
-                out[path] = StoredArray("piece", (key,), path, lay, dt)
+                lay = piece_layout(key, p, sep)
+                out[lay.path] = StoredArray("piece", (key,), lay.path, lay, dt)
         else:
-            path = check_relpath(st["path"], key=key)
-            pack_end[path] = max(pack_end.get(path, 0), st["offset"] + st["nbytes"])
-            pack_keys.setdefault(path, []).append(key)
-    for path, end in pack_end.items():
-        n = -(-end // PACK_ALIGN) * PACK_ALIGN
+            pack_keys.setdefault(check_relpath(st["path"], key=key), []).append(key)
+    for path in pack_keys:
+        n = pack_length(manifest.entries, path)
         lay = ArrayLayout(path, (n,), (max(1, n),), (max(1, n),), sep)
         out[path] = StoredArray("pack", tuple(sorted(pack_keys[path])), path, lay, "uint8")
     return [out[p] for p in sorted(out)]

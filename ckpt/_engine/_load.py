@@ -20,6 +20,7 @@ import torch
 
 from ckpt._engine._arrays import translate
 from ckpt._engine._direct import DirectReader
+from ckpt._engine._layout import array_layout, pack_length, piece_layout
 from ckpt._engine._plan import ArrayLayout, pack_metadata, zarr_metadata
 from ckpt._format import (
     Box,
@@ -63,20 +64,31 @@ class LoadStats:
     read_s: float = 0.0
     total_s: float = 0.0
     skipped: list[str] = field(default_factory=list)  # top-level objects of the checkpoint not asked for
-    unexpected: list[str] = field(default_factory=list)  # keys of asked-for objects the state lacks (strict=False)
+    unexpected: list[str] = field(default_factory=list)  # keys of asked-for objects the state lacks (allowed)
+    missing: list[str] = field(default_factory=list)  # keys the state has and the checkpoint lacks (allowed)
+    cast: list[str] = field(default_factory=list)  # keys read into another dtype than saved (cast=True)
 
 
 class Loader:
-    """The LoadSource of ckpt.providers, over one committed checkpoint."""
+    """The LoadSource of ckpt.providers, over one committed checkpoint.
+
+    ``strict=False`` allows both directions of mismatch; ``allow_missing`` (keys the state
+    has and the checkpoint lacks: left as they are) and ``allow_unexpected`` (keys of an
+    asked-for object the state lacks: not loaded) allow one. ``cast``: read a tensor saved
+    in another dtype than its destination's, converting (else DtypeMismatchError)."""
 
     def __init__(self, storage: Storage, name: str, manifest: Manifest, *, strict: bool = True,
+                 allow_missing: bool | None = None, allow_unexpected: bool | None = None, cast: bool = False,
                  allow_pickle: bool = False, rank: int = 0, world_size: int = 1,
                  inflight_bytes: int = 1 << 30) -> None:
         self.storage = storage
         self.name = name
         self.manifest = manifest
         self._separator = chunk_separator(manifest.format_version)
-        self.strict = strict
+        self.allow_missing = not strict if allow_missing is None else allow_missing
+        self.allow_unexpected = not strict if allow_unexpected is None else allow_unexpected
+        self.strict = not (self.allow_missing or self.allow_unexpected)
+        self.cast = cast
         self.allow_pickle = allow_pickle
         self.rank = rank
         self.world_size = world_size
@@ -112,9 +124,16 @@ class Loader:
                 "state dict is under the --prefix it was imported with (`ckpt info` lists the keys)")
 
     def missing(self, key: str) -> None:
-        if self.strict:
+        if not self.allow_missing:
             raise MissingKeyError("the state has a key that the checkpoint lacks", key=key, path=self.where,
-                                  hint=f"{self._keys_hint()}; or load with strict=False to leave it as it is")
+                                  hint=f"{self._keys_hint()}; or load with allow_missing=True to leave it as it is")
+        self.stats.missing.append(key)
+
+    def unexpected(self, key: str, message: str, hint: str) -> None:
+        """An asked-for object's saved key the state has no place for: an error unless allowed."""
+        if not self.allow_unexpected:
+            raise UnexpectedKeyError(message, key=key, path=self.where, hint=hint)
+        self.stats.unexpected.append(key)
 
     def raw(self, key: str, *, per_rank: bool = False, rank: int | None = None, default: Any = _MISSING) -> Any:
         if per_rank:
@@ -169,8 +188,12 @@ class Loader:
             raise ShapeMismatchError("this key holds a value, not a tensor", key=key, path=self.where)
         saved_dtype = torch_dtype(e["dtype"], key)
         if saved_dtype != dtype:
-            raise DtypeMismatchError(f"saved as {saved_dtype}, loading into {dtype}", key=key, path=self.where,
-                                     hint="build the model with the saved dtype, then convert after loading")
+            if not self.cast:
+                raise DtypeMismatchError(f"saved as {saved_dtype}, loading into {dtype}", key=key, path=self.where,
+                                         hint="build the model with the saved dtype, or load with cast=True "
+                                              "to convert on the way")
+            if key not in self.stats.cast:
+                self.stats.cast.append(key)
         if tuple(e["shape"]) != tuple(shape):
             raise ShapeMismatchError(f"saved shape {list(e['shape'])}, loading into {list(shape)}",
                                      key=key, path=self.where,
@@ -207,8 +230,8 @@ class Loader:
         """After every provider scheduled its reads. Top-level objects of the checkpoint
         that the state does not ask for (``asked``: the state's top-level keys) are skipped
         and reported in ``stats.skipped`` (a model loaded alone from a training checkpoint);
-        leftovers of an object the state does ask for are unexpected: an error when strict,
-        else reported. A load that matched nothing is always an error."""
+        leftovers of an object the state does ask for are unexpected: an error unless
+        allowed, then reported. A load that matched nothing is always an error."""
         extra = self.unused_keys()
         if asked is not None and self.manifest.entries and not self._used:
             raise MissingKeyError(f"the state ({', '.join(repr(k) for k in sorted(asked)[:8])}) matches "
@@ -217,26 +240,27 @@ class Loader:
         if asked is not None:
             self.stats.skipped = sorted({k.split("/", 1)[0] for k in extra} - asked)
             extra = [k for k in extra if k.split("/", 1)[0] in asked]
-        self.stats.unexpected = extra
-        if extra and self.strict:
+        if extra and not self.allow_unexpected:
             raise UnexpectedKeyError(
                 f"the checkpoint holds {len(extra)} entries the state does not ask for: {extra[:5]}",
                 key=extra[0], path=self.where,
-                hint="add the missing objects to the state, or load with strict=False")
+                hint="add the missing objects to the state, or load with allow_unexpected=True")
+        self.stats.unexpected.extend(extra)
 
     # -- execution -------------------------------------------------------------
     def execute(self) -> LoadStats:
-        """Run every scheduled read; returns when all destinations are filled."""
+        """Run every read scheduled since the last call; returns when all their
+        destinations are filled (the loader may then schedule and execute more)."""
         t0 = time.perf_counter()
+        reads, self._reads = self._reads, []
         jobs: list[tuple[_Read, str, Box, Box, ArrayLayout | None]] = []  # read, array path, src region, dest sub-box
-        for r in self._reads:
+        for r in reads:
             e = self.manifest.entries[r.key]
             st = e["storage"]
             if math.prod(r.box[1]) == 0:
                 continue
             if st["layout"] == "array":
-                lay = ArrayLayout(check_relpath(st["path"], key=r.key), tuple(e["shape"]),
-                                  tuple(st["shard_shape"]), tuple(st["chunk_shape"]), self._separator)
+                lay = array_layout(r.key, tuple(e["shape"]), st, self._separator)
                 jobs.append((r, lay.path, r.box, ((0,) * len(r.box[0]), r.box[1]), lay))
             elif st["layout"] == "packed":
                 jobs.append((r, check_relpath(st["path"], key=r.key), r.box, ((0,) * len(r.box[0]), r.box[1]), None))
@@ -285,7 +309,7 @@ class Loader:
             if direct is not None:
                 direct.close()
         self.stats.read_s = time.perf_counter() - t0
-        if any(r.dest.device.type == "cuda" for r in self._reads):
+        if any(r.dest.device.type == "cuda" for r in reads):
             torch.cuda.synchronize()
         return self.stats
 
@@ -301,8 +325,7 @@ class Loader:
                 continue
             size = tuple(h - lo_ for lo_, h in zip(lo, hi))
             covered += math.prod(size)
-            lay = ArrayLayout(check_relpath(p["path"], key=r.key), ps,
-                              tuple(p.get("shard_shape") or ps), tuple(p.get("chunk_shape") or ps), self._separator)
+            lay = piece_layout(r.key, p, self._separator)
             src = (tuple(a - b for a, b in zip(lo, po)), size)
             sub = (tuple(a - b for a, b in zip(lo, need_o)), size)
             out.append((r, lay.path, src, sub, lay))
@@ -330,7 +353,7 @@ class Loader:
         packs = {path for path, lay, _ in wanted if lay is None and path not in self._packs}
         pack_futs = {}
         for path in packs:
-            nbytes = self._pack_size(path)
+            nbytes = pack_length(self.manifest.entries, path)
             spec = {"driver": "zarr3", "kvstore": self.storage.kvstore_spec(f"{self.name}/{path}"),
                     "metadata": pack_metadata(nbytes, {}, self._separator), "fill_missing_data_reads": False}
             pack_futs[path] = ts.open(spec, open=True, assume_metadata=True, context=ctx)
@@ -341,16 +364,6 @@ class Loader:
             members = [k for k, e in self.manifest.entries.items() if (e.get("storage") or {}).get("path") == path]
             self._packs[path] = self._result(f, path, ", ".join(members) or None)  # name the keys a bad pack holds
             self.stats.bytes_fetched += self._packs[path].nbytes
-
-    def _pack_size(self, path: str) -> int:
-        end = 0
-        for e in self.manifest.entries.values():
-            st = e.get("storage") or {}
-            if st.get("layout") == "packed" and st.get("path") == path:
-                end = max(end, st["offset"] + st["nbytes"])
-        from ckpt._engine._plan import PACK_ALIGN
-
-        return -(-end // PACK_ALIGN) * PACK_ALIGN
 
     def _result(self, fut: Any, path: str, key: str | None) -> Any:
         try:

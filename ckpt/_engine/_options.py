@@ -1,13 +1,15 @@
-"""Configuration: plain frozen dataclasses; explicit arguments beat ``CKPT_*`` environment
-variables, which beat defaults."""
+"""Save options: a plain frozen dataclass; explicit arguments beat ``CKPT_<FIELD>``
+environment variables (read by :func:`ckpt._config.setting`), which beat defaults."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ckpt._config import choice, parse_bytes, parse_flag, setting
 from ckpt._engine._plan import PlanConfig
 
 
@@ -20,23 +22,12 @@ def _default_pool_bytes() -> int:
     return int(min(4 << 30, max(256 << 20, total // 8)))
 
 
-def parse_bytes(text: str) -> int:
-    """``"64MiB"``, ``"5M"``, ``"1G"`` or a plain number of bytes (CKPT_* settings)."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    if t and t[-1] in mult:
-        return int(float(t[:-1]) * mult[t[-1]])
-    return int(t)
-
-
-def parse_flag(text: str, name: str) -> bool:
-    """``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off`` (CKPT_* switches)."""
-    t = text.strip().lower()
-    if t in ("1", "true", "yes", "on"):
-        return True
-    if t in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name}={text!r}: expected 1/true/yes/on or 0/false/no/off")
+_UNSET: Any = object()
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "if_busy": choice("wait", "skip", "error"),
+    "cpu_staging": choice("background", "inline"),
+    "huge_pages": parse_flag,
+}
 
 
 @dataclass(frozen=True)
@@ -48,26 +39,16 @@ class SaveOptions:
     array (capped at a quarter of the pool). ``chunk_bytes``: inner chunk, the unit of
     a partial read. ``pack_threshold`` / ``pack_bytes``: tensors up to the threshold are
     packed into objects of about ``pack_bytes``. ``copy_streams``: CUDA streams used for
-    device-to-host copies. ``background_nice``: niceness added to ckpt's staging and writer
-    threads (Linux). Off by default: on a CPU-saturated host it moves the cost from slower
-    steps to a longer wait in the optimizer hook (measured with `python -m bench`), and on
-    GPU hosts the CPU is mostly idle anyway. ``if_busy``: what a snapshot requested while the previous one
+    device-to-host copies. ``if_busy``: what a snapshot requested while the previous one
     still runs does — ``"wait"`` for it, ``"skip"`` this one with a warning, or
     ``"error"``. ``cpu_staging``: where a state of CPU tensors is copied into the pool —
-    ``"background"`` (a stager thread, while the loop runs on), ``"inline"`` (in the
-    ``save_async`` call, on as many threads as there are cores, checksums included), or
-    ``"auto"`` (default): inline when the training already fills every core this process
-    may run on (torch's intra-op threads, times torchrun's ``LOCAL_WORLD_SIZE`` ranks when
-    they share the host's cores). There a background copy can only take those cores from the
-    training threads, and costs the loop several times its own duration (measured with
-    ``python -m bench``); in the call it costs just its duration. States with CUDA
-    tensors always stage in the background (their copies are DMA). ``huge_pages``: back
-    an unpinned pool with transparent huge pages (``MADV_HUGEPAGE``; default on): an
-    O_DIRECT write pins every page of its buffer, and with 2 MiB pages that took ~8 ms of
-    kernel CPU per GiB instead of ~46 on the benchmark machine. The first touch of the
-    pool costs more (there, a first 1 GiB save took 1.8 s instead of 0.43 s in the call);
-    turn it off (``CKPT_HUGE_PAGES=0``) for jobs that checkpoint only a few times, or where
-    the kernel compacts memory synchronously on that first touch (THP ``defrag``).
+    ``"background"`` (default: a stager thread, while the loop runs on) or ``"inline"``
+    (in the ``save_async`` call, on up to 4 threads, checksums included; the call returns
+    with every copy done, so the state may change at once). States with CUDA tensors
+    always stage in the background (their copies are DMA). ``huge_pages``: back an
+    unpinned pool with transparent huge pages (``MADV_HUGEPAGE``; default on): O_DIRECT
+    writes pin fewer pages, and the first touch of each pool page costs more; turn it
+    off for jobs that checkpoint only a few times (figures: docs/bench/knobs.md).
     """
 
     pool_bytes: int = dataclasses.field(default_factory=_default_pool_bytes)
@@ -76,16 +57,15 @@ class SaveOptions:
     pack_threshold: int = 256 << 10
     pack_bytes: int = 16 << 20
     copy_streams: int = 2
-    background_nice: int = 0
     if_busy: Literal["wait", "skip", "error"] = "wait"
-    cpu_staging: Literal["auto", "background", "inline"] = "auto"
+    cpu_staging: Literal["background", "inline"] = "background"
     huge_pages: bool = True
 
     def __post_init__(self) -> None:
         if self.if_busy not in ("wait", "skip", "error"):
             raise ValueError(f"if_busy must be 'wait', 'skip' or 'error', got {self.if_busy!r}")
-        if self.cpu_staging not in ("auto", "background", "inline"):
-            raise ValueError(f"cpu_staging must be 'auto', 'background' or 'inline', got {self.cpu_staging!r} "
+        if self.cpu_staging not in ("background", "inline"):
+            raise ValueError(f"cpu_staging must be 'background' or 'inline', got {self.cpu_staging!r} "
                              "(SaveOptions.cpu_staging / CKPT_CPU_STAGING)")
         if self.pool_bytes < (1 << 20):
             raise ValueError(f"pool_bytes must be at least 1 MiB, got {self.pool_bytes}")
@@ -94,22 +74,15 @@ class SaveOptions:
 
     @classmethod
     def resolve(cls, options: SaveOptions | None = None, **overrides: Any) -> SaveOptions:
-        """Defaults, then ``CKPT_*`` environment variables, then ``options``/overrides."""
+        """Defaults, then ``CKPT_<FIELD>`` environment variables, then ``options``/overrides."""
         if options is not None:
             return dataclasses.replace(options, **overrides) if overrides else options
         env: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            raw = os.environ.get(f"CKPT_{f.name.upper()}")
-            if raw is None:
-                continue
-            if f.name in ("if_busy", "cpu_staging"):
-                env[f.name] = raw
-            elif f.type in (bool, "bool"):
-                env[f.name] = parse_flag(raw, f"CKPT_{f.name.upper()}")
-            elif "bytes" in f.name or "threshold" in f.name:
-                env[f.name] = parse_bytes(raw)
-            else:
-                env[f.name] = int(raw)
+            if f.name not in overrides:
+                parse = _PARSERS.get(f.name) or (parse_bytes if "bytes" in f.name or "threshold" in f.name else int)
+                env[f.name] = setting(f"CKPT_{f.name.upper()}", _UNSET, parse)
+        env = {k: v for k, v in env.items() if v is not _UNSET}
         env.update(overrides)
         return cls(**env)
 

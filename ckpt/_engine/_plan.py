@@ -109,6 +109,12 @@ class ArrayLayout:
         """The key of the shard at grid ``index``, relative to the array's directory."""
         return shard_key(index, self.separator)
 
+    @property
+    def chunks_per_shard(self) -> int:
+        """Entries of a shard's index: inner chunks of a whole shard (the shard shape is
+        a multiple of the chunk shape)."""
+        return math.prod(-(-s // c) for s, c in zip(self.shard_shape, self.chunk_shape))
+
     def shards_in(self, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> list[Box]:
         """The shard regions inside one box (whose boundaries are shard-aligned)."""
         ranges = []

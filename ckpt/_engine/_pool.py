@@ -6,13 +6,11 @@ use and carved into blocks by a first-fit allocator with coalescing. ``acquire``
 while the pool is full: that is the back-pressure that keeps host memory bounded by
 configuration, never by model size.
 
-An unpinned pool is an anonymous mapping aligned to 2 MiB and advised
-``MADV_HUGEPAGE`` (Linux, where transparent huge pages are ``madvise`` or ``always``):
-an O_DIRECT write pins its buffer's pages for the device, and pinning 512x fewer pages
-cut the kernel CPU of writing 1 GiB from ~46-50 to ~8-16 ms on the 2-core CI VM
-(``docs/bench``) — CPU the training loop would otherwise lose. First touch costs more
-there (the VM backs each fresh huge page on demand): the first 1 GiB save into a new
-pool took 1.8 s instead of 0.43 s; every later one ~100 ms of CPU less.
+With ``huge_pages``, an unpinned pool is an anonymous mapping aligned to 2 MiB and
+advised ``MADV_HUGEPAGE`` (Linux, where transparent huge pages are ``madvise`` or
+``always``): an O_DIRECT write pins its buffer's pages for the device, 512x fewer of them
+with huge pages, which saves kernel CPU on every write; the first touch of each page
+costs more (figures: docs/bench/knobs.md).
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ import bisect
 import mmap
 import threading
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -75,10 +72,9 @@ class HostPool:
     def used(self) -> int:
         return self._used
 
-    def acquire(self, nbytes: int, *, cancelled: threading.Event | None = None,
-                on_wait: Callable[[], None] | None = None) -> Block:
-        """A block of at least ``nbytes``; waits for space (calling ``on_wait`` first, as
-        the pool is full). Raises ValueError when the request can never fit."""
+    def acquire(self, nbytes: int, *, cancelled: threading.Event | None = None) -> Block:
+        """A block of at least ``nbytes``; waits for space while the pool is full.
+        Raises ValueError when the request can never fit."""
         size = max(_ALIGN, -(-nbytes // _ALIGN) * _ALIGN)
         if size > self.capacity:
             raise ValueError(f"a staging block of {nbytes} bytes exceeds the pool ({self.capacity} bytes)")
@@ -104,8 +100,6 @@ class HostPool:
                         return Block(off, size, self._buf[off:off + size], self._np[off:off + size])
                 if t0 is None:
                     t0 = time.perf_counter()
-                    if on_wait is not None:
-                        on_wait()
                 self._cv.wait(timeout=0.5)
 
     def release(self, block: Block) -> None:

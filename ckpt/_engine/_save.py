@@ -36,15 +36,17 @@ import torch
 from ckpt._engine._arrays import open_for_write
 from ckpt._engine._commit import WriteTarget, commit_strategy
 from ckpt._engine._coord import DistCoordinator, LocalCoordinator
-from ckpt._engine._direct_write import DirectWriter, pack_image, shard_image
+from ckpt._engine._direct_write import DirectWriter
 from ckpt._engine._globalplan import Assignment, GlobalPlan, PieceMeta, build_plan, signature
+from ckpt._engine._layout import pack_image, shard_image
 from ckpt._engine._manifest import build_manifest
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import pack_metadata, zarr_metadata
 from ckpt._engine._pool import HostPool
 from ckpt._engine._recycle import prune_recycled, take_recycled
+from ckpt._engine._snapstate import SnapshotState
 from ckpt._engine._staging import direct_ok, inline_staging, stage
-from ckpt._engine._writer import Writer, WriteUnit, lower_priority
+from ckpt._engine._writer import Writer, WriteUnit
 from ckpt._format import (
     MANIFEST,
     dtype_name,
@@ -66,37 +68,7 @@ from ckpt.storage import Storage
 
 
 @dataclass
-class SaveStats:
-    """Figures of one snapshot (seconds and bytes, this rank)."""
-
-    bytes: int = 0  # bytes this rank wrote (tensor data)
-    total_bytes: int = 0  # bytes of the whole checkpoint (all ranks), known after planning
-    blocked_s: float = 0.0  # time the training loop waited: the call + optimizer-hook waits
-    call_s: float = 0.0
-    hook_wait_s: float = 0.0
-    copied_s: float = 0.0  # call -> every copy into the pool done (CUDA: issued); what the hook waits for
-    staging_s: float = 0.0  # from the call until every write was issued
-    write_s: float = 0.0  # until every write is durable
-    commit_s: float = 0.0
-    total_s: float = 0.0  # from the call to committed
-    pool_wait_s: float = 0.0
-    pool_peak_bytes: int = 0
-    objects: int = 0
-
-    @property
-    def throughput_gbps(self) -> float:
-        """Persisted GB/s of this rank: bytes / (time from the call to durable)."""
-        t = self.staging_s + self.write_s if self.write_s else self.total_s
-        return self.bytes / t / 1e9 if t > 0 else 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        d = dict(self.__dict__)
-        d["throughput_gbps"] = self.throughput_gbps
-        return d
-
-
-@dataclass
-class _Prepared:
+class Prepared:
     """What the caller's thread captured."""
 
     tensors: list[TensorItem]
@@ -107,7 +79,7 @@ class _Prepared:
     versions: dict[tuple[str, Any], int] = field(default_factory=dict)  # (key, box) -> _version at snapshot
 
 
-def prepare(items: list[Any], *, allow_pickle: bool, rank: int) -> _Prepared:
+def prepare(items: list[Any], *, allow_pickle: bool, rank: int) -> Prepared:
     """Validate keys, encode values, copy eager tensors, record CUDA events."""
     tensors: list[TensorItem] = []
     values: dict[str, Any] = {}
@@ -149,7 +121,7 @@ def prepare(items: list[Any], *, allow_pickle: bool, rank: int) -> _Prepared:
             if it.per_rank:
                 raise PickleNotAllowedError("per-rank values must be JSON-able", key=it.key) from None
             pickles[it.key] = pickle.dumps(it.value, protocol=pickle.HIGHEST_PROTOCOL)
-    prep = _Prepared(tensors, values, rank_values, pickles)
+    prep = Prepared(tensors, values, rank_values, pickles)
     prep.versions = {(t.key, t.box): t.tensor._version for t in tensors}
     for item in tensors:
         dev = item.tensor.device
@@ -174,51 +146,44 @@ def _eager_copy(t: torch.Tensor) -> torch.Tensor:
 class SnapshotJob:
     """The background part of one save on one rank."""
 
-    def __init__(self, *, prep: _Prepared, storage: Storage, name: str, step: int | None,
+    def __init__(self, *, prep: Prepared, storage: Storage, name: str, step: int | None,
                  coord: LocalCoordinator | DistCoordinator, pool: HostPool, options: SaveOptions,
                  plan_cache: dict[str, GlobalPlan], overwrite: bool, user_metadata: dict[str, Any],
-                 streams: dict[Any, list[Any]], t_call: float, early_error: Exception | None = None,
-                 hold_writes: bool = True) -> None:
+                 streams: dict[Any, list[Any]], t_call: float, early_error: Exception | None = None) -> None:
         self.prep = prep
         self._early_error = early_error  # describing the state failed on this rank
         self.storage = storage
         self.name = name
         self.step = step
         self.coord = coord
-        self.pool = pool
         self.options = options
         self.plan_cache = plan_cache
         self.overwrite = overwrite
         self.user_metadata = user_metadata
-        self.streams = streams
         self.t_call = t_call
-        self.stats = SaveStats()
         self.url = storage.describe(name)
         self.committer = commit_strategy(storage)
-        self._staged = threading.Event()  # every unit handed to the copy engines
-        # Writes wait for this. Inline staging in save_async holds them back while it
-        # copies (file I/O alongside made the copy ~2x slower on a small VM: the training
-        # loop waits for it), unless the pool runs full; a blocking save overlaps them.
-        self.io_open = threading.Event()
+        self.shared = SnapshotState(storage, self.url, pool, t_call, streams, prep.ready_events, prep.versions,
+                                    inline=inline_staging(options.cpu_staging, prep.tensors))
+        self.stats = self.shared.stats
+        self.stats.inline = self.shared.inline
         self._done = threading.Event()
-        self._cancel = threading.Event()
         self._error: BaseException | None = None
         self.error_retrieved = False
         self._callbacks: list[Callable[[SnapshotJob], None]] = []
         self._cb_lock = threading.Lock()
-        self._copy_events: list[tuple[Any, Any]] = []  # (device, event) of every copy issued
         self._plan_obj: GlobalPlan | None = None
-        self.inline = inline_staging(options.cpu_staging, prep.tensors)
-        if not (self.inline and hold_writes):
-            self.io_open.set()
-        self._direct: DirectWriter | None = None
         self._recycled: set[str] | None = None  # rank 0, writing into a recycled tree: the files it held
         self.in_recycled = False  # every rank: the write directory is a recycled tree
         self._thread = threading.Thread(target=self._run, name=f"ckpt-save-{name}", daemon=True)
 
     # -- public-ish --------------------------------------------------------
     def start(self) -> None:
+        """Start the background work; with inline staging, return once every copy is done
+        (``SaveOptions.cpu_staging``: the copy happens in the call)."""
         self._thread.start()
+        if self.shared.inline:
+            self.shared.staged.wait()
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -241,10 +206,14 @@ class SnapshotJob:
         """Block until no source tensor will be read again; returns seconds waited.
 
         On CUDA the wait ends once every copy is *issued*; the current stream then waits
-        on the copies' events, so the host does not block on the copies themselves."""
+        on the copies' events, so the host does not block on the copies themselves.
+        Returns at once when the snapshot is done, or staged with no device copies."""
+        shared = self.shared
+        if self._done.is_set() or shared.staged.is_set() and not shared.copy_events:
+            return 0.0
         t0 = time.perf_counter()
-        self._staged.wait()
-        for dev, ev in self._copy_events:  # the training stream of the copy's device
+        shared.staged.wait()
+        for dev, ev in shared.copy_events:  # the training stream of the copy's device
             torch.cuda.current_stream(dev).wait_event(ev)
         waited = time.perf_counter() - t0
         self.stats.hook_wait_s += waited
@@ -253,11 +222,11 @@ class SnapshotJob:
 
     # -- the background thread ------------------------------------------------
     def _run(self) -> None:
-        lower_priority(self.options.background_nice)
         local_error: BaseException | None = None
         target: WriteTarget | None = None
-        self.pool.peak = self.pool.used
-        wait0 = self.pool.wait_s
+        pool = self.shared.pool
+        pool.peak = pool.used
+        wait0 = pool.wait_s
         try:
             target = self._agree_on_dir()
             plan = self._plan()
@@ -265,9 +234,9 @@ class SnapshotJob:
             self._stage_and_write(plan, target.dir)
         except BaseException as e:  # noqa: BLE001 - reported through the handle
             local_error = e
-            self._cancel.set()
+            self.shared.cancel.set()
         finally:
-            self._staged.set()
+            self.shared.staged.set()
             # sources may be released now: nothing reads them any more
             self.prep.tensors = []
         try:
@@ -278,8 +247,8 @@ class SnapshotJob:
             self._error = None
         finally:
             self.stats.total_s = time.perf_counter() - self.t_call
-            self.stats.pool_peak_bytes = self.pool.peak
-            self.stats.pool_wait_s = self.pool.wait_s - wait0
+            self.stats.pool_peak_bytes = pool.peak
+            self.stats.pool_wait_s = pool.wait_s - wait0
             self._done.set()
             with self._cb_lock:
                 callbacks, self._callbacks = self._callbacks, []
@@ -372,23 +341,20 @@ class SnapshotJob:
         return a.box
 
     def _stage_and_write(self, plan: GlobalPlan, write_dir: str) -> None:
-        nice = self.options.background_nice
-        direct = DirectWriter.for_storage(self.storage, initializer=lambda: lower_priority(nice))
-        self._direct = direct
+        direct = DirectWriter.for_storage(self.storage)
+        self.shared.direct = direct
         try:
             units = self._units(plan, write_dir, direct)
             arrays = self._open_arrays(plan, write_dir, direct)
             writer_q: queue.Queue[WriteUnit | None] = queue.Queue()
-            writer = Writer(self, arrays, writer_q, write_dir, direct)
+            writer = Writer(self.shared, arrays, writer_q, write_dir)
             writer.start()
             try:
-                stage(self, units, writer_q)
+                stage(self.shared, units, writer_q)
             finally:
-                self.io_open.set()
                 writer_q.put(None)
                 writer.join()
         finally:
-            self.io_open.set()  # nothing waits on a gate that never opens
             if direct is not None:
                 direct.close()
         self.stats.staging_s = writer.staged_at - self.t_call if writer.staged_at else 0.0
@@ -415,7 +381,7 @@ class SnapshotJob:
             meta = zarr_metadata(a.layout, storage_dtype(dt), {"ckpt": {"key": a.key, "dtype": dt}})
             if direct is not None and direct_ok(a):
                 if a.create:
-                    futures[a.path] = direct.submit(self._gated(direct.write_json), f"{write_dir}/{a.path}/zarr.json", meta)
+                    futures[a.path] = direct.submit(direct.write_json, f"{write_dir}/{a.path}/zarr.json", meta)
                 continue
             futures[a.path] = open_for_write(self.storage, f"{write_dir}/{a.path}", meta, create=a.create,
                                              reused=self.in_recycled)
@@ -423,17 +389,11 @@ class SnapshotJob:
             members = [k for k, e in plan.entries.items() if e.get("storage", {}).get("path") == path]
             meta = pack_metadata(nbytes, {"ckpt": {"pack": True, "keys": members}})
             if direct is not None:
-                futures[path] = direct.submit(self._gated(direct.write_json), f"{write_dir}/{path}/zarr.json", meta)
+                futures[path] = direct.submit(direct.write_json, f"{write_dir}/{path}/zarr.json", meta)
                 continue
             futures[path] = open_for_write(self.storage, f"{write_dir}/{path}", meta, create=True,
                                            reused=self.in_recycled)
         return futures
-
-    def _gated(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*args: Any) -> Any:
-            self.io_open.wait()
-            return fn(*args)
-        return run
 
     def _commit(self, local_error: BaseException | None, target: WriteTarget | None) -> None:
         t0 = time.perf_counter()

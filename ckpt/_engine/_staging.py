@@ -15,20 +15,18 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ckpt._engine._direct_write import ObjectImage
 from ckpt._engine._globalplan import Assignment
+from ckpt._engine._layout import ObjectImage, put_crc
+from ckpt._engine._plan import CRC_BYTES
 from ckpt._engine._pool import Block
+from ckpt._engine._snapstate import SnapshotState
 from ckpt._engine._writer import WriteUnit
 from ckpt.errors import SnapshotFailedError
 from ckpt.providers._base import TensorItem
-
-if TYPE_CHECKING:
-    from ckpt._engine._save import SnapshotJob
 
 
 def usable_cores() -> int:
@@ -38,30 +36,16 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def local_ranks() -> int:
-    """Training processes sharing this process's cores: torchrun's ``LOCAL_WORLD_SIZE``
-    where this process may run on every CPU of the host (ranks pinned to their own cores
-    share nothing), else 1."""
-    try:
-        n = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
-    return max(1, n) if usable_cores() >= (os.cpu_count() or 1) else 1
-
-
 def inline_staging(mode: str, tensors: list[TensorItem]) -> bool:
-    """Whether a snapshot copies in the call (``SaveOptions.cpu_staging``): never with CUDA
-    tensors; with ``auto``, when the intra-op threads of the training processes on these
-    cores (torch's, times :func:`local_ranks`) fill every usable core."""
-    if mode == "background" or any(t.tensor.device.type != "cpu" for t in tensors):
-        return False
-    return mode == "inline" or torch.get_num_threads() * local_ranks() >= usable_cores()
+    """Whether a snapshot copies in the call: ``SaveOptions.cpu_staging="inline"`` and
+    no CUDA tensor in the state."""
+    return mode == "inline" and all(t.tensor.device.type == "cpu" for t in tensors)
 
 
 def staging_threads(units: int) -> int:
-    """Threads of an inline copy: this process's share of the cores (at most 4: memory
-    bandwidth is the limit), never more than units to copy."""
-    return max(1, min(4, usable_cores() // local_ranks(), units))
+    """Threads of an inline copy: the usable cores, at most 4 (memory bandwidth is the
+    limit), never more than units to copy."""
+    return max(1, min(4, usable_cores(), units))
 
 
 def direct_ok(a: Assignment) -> bool:
@@ -108,7 +92,7 @@ def copy_unit(u: WriteUnit, *, non_blocking: bool, crc: Callable[[int, int, int]
         _copy_rows_sealed(u.block.array, _bytes_of(src), whole, cn, crc)
         chunks = chunks[whole:]
     elif whole:  # every whole chunk in one GIL-free copy: rows of the source into rows of the image
-        dst = u.block.array[:whole * (cn + 4)].reshape(whole, cn + 4)[:, :cn]
+        dst = u.block.array[:whole * (cn + CRC_BYTES)].reshape(whole, cn + CRC_BYTES)[:, :cn]
         np.copyto(dst, _bytes_of(src)[:whole * cn].reshape(whole, cn))
         chunks = chunks[whole:]
     for off, region, padded in chunks:
@@ -150,17 +134,16 @@ def _copy_pack_sealed(block: np.ndarray, nbytes: int, members: Sequence[tuple[to
         pos = off + data.size
     if pos < nbytes:
         c = crc(c, base + pos, nbytes - pos)
-    block[nbytes:nbytes + 4] = np.frombuffer(c.to_bytes(4, "little"), dtype=np.uint8)
+    put_crc(block, nbytes, c)
 
 
 def _copy_rows_sealed(block: np.ndarray, src: np.ndarray, rows: int, cn: int,
                       crc: Callable[[int, int, int], int]) -> None:
-    """Chunk ``i`` of ``src`` (``cn`` bytes each) to ``i * (cn + 4)`` of ``block``, its
-    crc32c after it; copy and crc piece by piece (both release the GIL)."""
-    out = block[:rows * (cn + 4)].reshape(rows, cn + 4)
+    """Chunk ``i`` of ``src`` (``cn`` bytes each) to ``i * (cn + CRC_BYTES)`` of ``block``,
+    its crc32c after it; copy and crc piece by piece (both release the GIL)."""
+    step = cn + CRC_BYTES
     for i in range(rows):
-        c = copy_crc(block, i * (cn + 4), src[i * cn:(i + 1) * cn], crc)
-        out[i, cn:] = np.frombuffer(c.to_bytes(4, "little"), dtype=np.uint8)
+        put_crc(block, i * step + cn, copy_crc(block, i * step, src[i * cn:(i + 1) * cn], crc))
 
 
 def copy_crc(dst: np.ndarray, at: int, src: np.ndarray, crc: Callable[[int, int, int], int], c: int = 0) -> int:
@@ -237,20 +220,20 @@ def _bytes_of(t: torch.Tensor) -> np.ndarray:
 
 
 # -- a snapshot's staging (the stager thread of SnapshotJob) -------------------
-def stage(job: SnapshotJob, units: list[WriteUnit], writer_q: queue.Queue[WriteUnit | None]) -> None:
+def stage(st: SnapshotState, units: list[WriteUnit], writer_q: queue.Queue[WriteUnit | None]) -> None:
     """Copy every unit of a snapshot into a pool block (waiting while the pool is full)
     and hand it to the writer: device units on the copy streams after the state's ready
-    event, CPU units with numpy; inline staging (``job.inline``) on every core."""
-    if job.inline:
-        _stage_inline(job, units, writer_q)
+    event, CPU units with numpy; inline staging (``st.inline``) on every core."""
+    if st.inline:
+        _stage_inline(st, units, writer_q)
         return
-    streams = job.streams
+    streams = st.streams
     n = 0
     for u in units:
-        if job._cancel.is_set():
+        if st.cancel.is_set():
             return
-        u.block = job.pool.acquire(u.image.block_bytes if u.image is not None else u.nbytes,
-                                    cancelled=job._cancel)
+        u.block = st.pool.acquire(u.image.block_bytes if u.image is not None else u.nbytes,
+                                    cancelled=st.cancel)
         try:
             dev = next((m.device for m, _, _ in u.members if m.device.type == "cuda"), None)
             if dev is not None:
@@ -258,60 +241,60 @@ def stage(job: SnapshotJob, units: list[WriteUnit], writer_q: queue.Queue[WriteU
                 stream = ss[n % len(ss)]
                 n += 1
                 with torch.cuda.stream(stream):  # also makes the stream's device current
-                    ready = job.prep.ready_events.get(dev)
+                    ready = st.ready_events.get(dev)
                     if ready is not None:
                         stream.wait_event(ready)
                     copy_unit(u, non_blocking=True)
                     ev = torch.cuda.Event(blocking=True)  # waiters sleep instead of spinning
                     ev.record(stream)
                 u.event = ev
-                job._copy_events.append((dev, ev))
+                st.copy_events.append((dev, ev))
                 # Checked now, when the copy is issued: an in-place change enqueued before it
                 # is not ordered with the copy. Not after the copy completes: once every copy
                 # is issued, the optimizer step may run (its stream waits on these events)
                 # and bump the versions while the copies are still landing.
-                check_unchanged(job, u)
+                check_unchanged(st, u)
             else:
                 copy_unit(u, non_blocking=False)
-                check_unchanged(job, u)
+                check_unchanged(st, u)
         except BaseException:
             if u.event is not None:  # the copy may still be landing in the block
                 u.event.synchronize()
-            job.pool.release(u.block)
+            st.pool.release(u.block)
             u.block = None
             raise
-        job.stats.bytes += u.nbytes
+        st.stats.bytes += u.nbytes
         writer_q.put(u)
-    job.stats.copied_s = time.perf_counter() - job.t_call
-    job._staged.set()
+    st.stats.copied_s = time.perf_counter() - st.t_call
+    st.staged.set()
 
-def _stage_inline(job: SnapshotJob, units: list[WriteUnit], writer_q: queue.Queue[WriteUnit | None]) -> None:
+def _stage_inline(st: SnapshotState, units: list[WriteUnit], writer_q: queue.Queue[WriteUnit | None]) -> None:
     """Copy (and checksum, for direct writes) CPU units on one thread per core while
     the caller waits in ``save_async``: the cores are the training's anyway."""
     todo = iter(units)
     lock = threading.Lock()
 
     def work() -> None:  # the caller waits for these threads: normal priority
-        while not job._cancel.is_set():
+        while not st.cancel.is_set():
             with lock:
                 u = next(todo, None)
             if u is None:
                 return
-            u.block = job.pool.acquire(u.image.block_bytes if u.image is not None else u.nbytes,
-                                        cancelled=job._cancel, on_wait=job.io_open.set)
+            u.block = st.pool.acquire(u.image.block_bytes if u.image is not None else u.nbytes,
+                                        cancelled=st.cancel)
             try:
-                direct = job._direct if u.image is not None else None
+                direct = st.direct if u.image is not None else None
                 done = copy_unit(u, non_blocking=False, crc=direct.crc if direct is not None else None)
-                check_unchanged(job, u)
+                check_unchanged(st, u)
                 if direct is not None and u.image is not None:
                     direct.seal(u.image, u.block.array, skip=done)
                     u.sealed = True
             except BaseException:
-                job.pool.release(u.block)
+                st.pool.release(u.block)
                 u.block = None
                 raise
             with lock:
-                job.stats.bytes += u.nbytes
+                st.stats.bytes += u.nbytes
             writer_q.put(u)
 
     n = staging_threads(len(units))
@@ -320,24 +303,24 @@ def _stage_inline(job: SnapshotJob, units: list[WriteUnit], writer_q: queue.Queu
         try:
             work()
         except BaseException:
-            job._cancel.set()  # the helpers stop at their next unit
+            st.cancel.set()  # the helpers stop at their next unit
             raise
         finally:  # every helper is done before anything reuses the pool
             errors = [e for e in (f.exception() for f in helpers) if e is not None]
         if errors:
-            job._cancel.set()
+            st.cancel.set()
             raise errors[0]
-    job.stats.copied_s = time.perf_counter() - job.t_call
-    job._staged.set()
+    st.stats.copied_s = time.perf_counter() - st.t_call
+    st.staged.set()
 
-def check_unchanged(job: SnapshotJob, u: WriteUnit) -> None:
+def check_unchanged(st: SnapshotState, u: WriteUnit) -> None:
     """Fail loudly if a source changed before its copy completed: a checkpoint must
     never hold a torn mix of two steps."""
     for src, _, ident in u.members:
         key = ident[0]
-        if src._version != job.prep.versions.get(ident, src._version):
+        if src._version != st.versions.get(ident, src._version):
             raise SnapshotFailedError(
                 "a tensor was modified in place before the snapshot had copied it", key=key,
-                path=job.url,
+                path=st.url,
                 hint="mutate state only through the optimizer step (its hook waits), or call "
                      "handle.wait_staged() before changing tensors in place")

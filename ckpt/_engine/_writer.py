@@ -5,23 +5,20 @@ when its write is durable. See :mod:`ckpt._engine._save` for the whole flow."""
 from __future__ import annotations
 
 import functools
-import os
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from ckpt._engine._arrays import translate
-from ckpt._engine._direct_write import DirectWriter, ObjectImage
 from ckpt._engine._globalplan import Assignment
+from ckpt._engine._layout import ObjectImage
 from ckpt._engine._pool import Block
-
-if TYPE_CHECKING:
-    from ckpt._engine._save import SnapshotJob
+from ckpt._engine._snapstate import SnapshotState
 
 
 @dataclass
@@ -44,34 +41,22 @@ class WriteUnit:
 
 
 
-def lower_priority(nice: int) -> None:
-    """Raise the calling thread's niceness (Linux: per thread) so background staging and
-    writing yield the CPU to the training thread."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except OSError:  # pragma: no cover - not permitted: run at normal priority
-        pass
-
-
 class Writer(threading.Thread):
     """Waits for each unit's copy, then writes it with tensorstore; blocks go back to the
     pool when their write is durable."""
 
-    def __init__(self, job: SnapshotJob, opening: dict[str, Any], q: queue.Queue[WriteUnit | None],
-                 write_dir: str, direct: DirectWriter | None = None) -> None:
+    def __init__(self, shared: SnapshotState, opening: dict[str, Any], q: queue.Queue[WriteUnit | None],
+                 write_dir: str) -> None:
         super().__init__(name="ckpt-writer", daemon=True)
-        self.job = job
+        self.shared = shared
         self.opening = opening  # path -> tensorstore open future
         self.arrays: dict[str, Any] = {}
         self.q = q
         self.write_dir = write_dir
-        self.direct = direct
+        self.direct = shared.direct
         # tensorstore may keep referencing a written array; pool blocks are reused, so only
         # let it where the kvstore copies the bytes out.
-        self.zero_copy = not job.storage.capabilities.retains_written_buffers
+        self.zero_copy = not shared.storage.capabilities.retains_written_buffers
         self.error: BaseException | None = None
         self.staged_at: float | None = None
         self._pending: list[tuple[Any, WriteUnit]] = []
@@ -80,7 +65,6 @@ class Writer(threading.Thread):
         self._all_done = threading.Condition(self._lock)
 
     def run(self) -> None:
-        lower_priority(self.job.options.background_nice)
         u: WriteUnit | None = None
         ended = False  # the stager's None was taken
         try:
@@ -89,8 +73,7 @@ class Writer(threading.Thread):
                 if u is None:
                     ended = True
                     break
-                self.job.io_open.wait()
-                if self.error is not None or self.job._cancel.is_set():
+                if self.error is not None or self.shared.cancel.is_set():
                     self._release(u)
                     continue
                 if u.event is not None:  # sources were checked when the copy was issued (_stage):
@@ -109,7 +92,7 @@ class Writer(threading.Thread):
                 self.direct.finish()
         except BaseException as e:  # noqa: BLE001
             self.error = self.error or e
-            self.job._cancel.set()
+            self.shared.cancel.set()
             # every block goes back to the pool, or the Snapshotter's next saves would find
             # it shrunk: this unit's (if its write never started) and the queued ones
             # (the stager stops at its next unit and always ends the queue with None)
@@ -134,7 +117,7 @@ class Writer(threading.Thread):
             try:
                 arr = self.arrays[path] = fut.result()
             except Exception as e:
-                raise translate(e, key=None, where=self.job.storage.describe(f"{self.write_dir}/{path}"),
+                raise translate(e, key=None, where=self.shared.storage.describe(f"{self.write_dir}/{path}"),
                                 reading=False) from e
         return arr
 
@@ -171,9 +154,9 @@ class Writer(threading.Thread):
                 fut.result()
             except BaseException as e:  # noqa: BLE001
                 if self.error is None:
-                    where = self.job.storage.describe(f"{self.write_dir}/{u.path}")
+                    where = self.shared.storage.describe(f"{self.write_dir}/{u.path}")
                     self.error = translate(e, key=u.key, where=where, reading=False)
-                self.job._cancel.set()
+                self.shared.cancel.set()
         self._release(u)
         with self._all_done:
             self._outstanding -= 1
@@ -183,6 +166,6 @@ class Writer(threading.Thread):
         if u.event is not None:  # a cancelled unit's copy may still be landing in the block
             u.event.synchronize()
         if u.block is not None:
-            self.job.pool.release(u.block)
+            self.shared.pool.release(u.block)
             u.block = None
         u.members = []

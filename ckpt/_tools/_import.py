@@ -11,6 +11,7 @@ are read with ``weights_only`` unless ``allow_pickle``.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -52,15 +53,25 @@ def detect_format(src: Path) -> str:
     return "torch"
 
 
-class _Leaves:
+class Leaves:
     """A provider over ready-made (key, tensor or value) pairs: saves them under exactly
-    those keys, with no structure entry of its own."""
+    those keys, with no structure entry of its own. ``boxes`` places a tensor that is a
+    piece of a larger one: key -> (global shape, offsets of the piece)."""
 
-    def __init__(self, leaves: list[tuple[str, Any]], optimizers: Iterable[tuple[str, dict[str, Any]]] = ()) -> None:
+    def __init__(self, leaves: list[tuple[str, Any]], optimizers: Iterable[tuple[str, dict[str, Any]]] = (),
+                 boxes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None) -> None:
         self.leaves = leaves
         self.optimizers = list(optimizers)
+        self.boxes = boxes or {}
 
     def items(self) -> Iterator[Item]:
+        for item in self._items():
+            box = self.boxes.get(item.key)
+            if box is not None and isinstance(item, TensorItem):
+                item = dataclasses.replace(item, global_shape=box[0], offsets=box[1])
+            yield item
+
+    def _items(self) -> Iterator[Item]:
         for key, v in self.leaves:
             yield TensorItem(key, v.detach()) if isinstance(v, torch.Tensor) else ValueItem(key, v)
         for key, sd in self.optimizers:  # saved as an optimizer is: it loads into a live one
@@ -81,23 +92,28 @@ def _has_tensor(obj: Any) -> bool:
     return False
 
 
-def _is_named_optimizer_state(obj: Any) -> bool:
-    """An optimizer state dict keyed by parameter name, as DCP saves one
-    (``get_state_dict`` / ``get_optimizer_state_dict``: torchtitan, accelerate)."""
+def _is_optimizer_state(obj: Any) -> bool:
+    """An optimizer state dict: keyed by parameter name, as DCP saves one
+    (``get_state_dict`` / ``get_optimizer_state_dict``: torchtitan, accelerate), or by
+    index (``optimizer.state_dict()`` itself; loaded by position, as torch does)."""
     if not (isinstance(obj, dict) and set(obj) == {"state", "param_groups"} and isinstance(obj["state"], dict)
             and isinstance(obj["param_groups"], list)):
         return False
     groups = obj["param_groups"]
-    return (all(isinstance(k, str) for k in obj["state"])
-            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
-            and all(isinstance(p, str) for g in groups for p in g["params"]))
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        return False
+    params = [p for g in groups for p in g["params"]]
+    if all(isinstance(p, str) for p in params):
+        return all(isinstance(k, str) for k in obj["state"])
+    return all(isinstance(p, int) and not isinstance(p, bool) for p in params) and all(
+        isinstance(k, int) or isinstance(k, str) and k.isdigit() for k in obj["state"])
 
 
 def flatten(obj: Any, prefix: str = "", optimizers: list[tuple[str, dict[str, Any]]] | None = None
             ) -> list[tuple[str, Any]]:
     """Nested dicts/lists -> (``/``-joined key, leaf) pairs; tensor-free sub-trees stay whole.
-    With ``optimizers``, name-keyed optimizer states go there as (key, state dict) instead."""
-    if optimizers is not None and prefix and _is_named_optimizer_state(obj):
+    With ``optimizers``, optimizer state dicts go there as (key, state dict) instead."""
+    if optimizers is not None and prefix and _is_optimizer_state(obj):
         optimizers.append((prefix, obj))
         return []
     if isinstance(obj, torch.Tensor) or not _has_tensor(obj) and prefix:
@@ -197,7 +213,7 @@ def _read_dcp(src: Path, allow_pickle: bool) -> dict[str, Any]:
     sd: dict[str, Any] = {}
     for fqn, item in md.state_dict_metadata.items():
         value = torch.empty(item.size, dtype=item.properties.dtype) if isinstance(item, TensorStorageMetadata) else None
-        _set(sd, (md.planner_data or {}).get(fqn, (fqn,)), value)
+        place(sd, (md.planner_data or {}).get(fqn, (fqn,)), value)
 
     class _Planner(DefaultLoadPlanner):
         """Non-tensor values through ``weights_only`` unpickling unless pickle is allowed."""
@@ -214,7 +230,7 @@ def _read_dcp(src: Path, allow_pickle: bool) -> dict[str, Any]:
                                             key=fqn, path=str(src),
                                             hint="pass --allow-pickle if you trust this checkpoint") from None
             if self.flatten_state_dict:
-                _set(self.original_state_dict, self.mappings[fqn], obj)
+                place(self.original_state_dict, self.mappings[fqn], obj)
             else:
                 self.state_dict[fqn] = obj
 
@@ -241,8 +257,8 @@ def _unpickle_reason(e: BaseException) -> str:
     return m.group(1).strip().rstrip(".") if m else str(e).splitlines()[0]
 
 
-def _set(root: dict[str, Any], path: Any, value: Any) -> None:
-    """Place ``value`` at a DCP object path (dict keys and list indices)."""
+def place(root: dict[str, Any], path: Any, value: Any) -> None:
+    """Place ``value`` at a DCP object path (dict keys and list indices) in ``root``."""
     cur: Any = root
     path = tuple(path)
     for i, k in enumerate(path[:-1]):
@@ -296,7 +312,7 @@ def import_(src: str | os.PathLike[str], run_or_ckpt_url: str | os.PathLike[str]
         url = f"{url}/{step_dirname(step)}"
     else:
         step = parse_step_dirname(url.rsplit("/", 1)[-1])
-    save({"import": _Leaves(leaves, optimizers)}, url, step=step, overwrite=overwrite, allow_pickle=allow_pickle,
+    save({"import": Leaves(leaves, optimizers)}, url, step=step, overwrite=overwrite, allow_pickle=allow_pickle,
          storage_options=storage_options, metadata={"imported_from": str(src_p), "import_format": fmt})
     tensors = [v for _, v in leaves if isinstance(v, torch.Tensor)]
     tensors += [v for key, sd in optimizers for _, v in flatten(sd["state"], key) if isinstance(v, torch.Tensor)]

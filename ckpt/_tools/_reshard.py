@@ -96,7 +96,6 @@ def reshard(src: str | os.PathLike[str], dst: str | os.PathLike[str], world_size
     def read_region(key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         e = tensors[key]
         buf = torch.empty(sizes, dtype=torch_dtype(e["dtype"], key))
-        loader._reads = []
         loader.read_into(key, buf, offsets, global_shape=tuple(e["shape"]))
         loader.execute()
         return buf

@@ -75,14 +75,19 @@ Finalizer = Callable[[], None]
 class LoadSource(Protocol):
     """What a provider can ask of the checkpoint being loaded (see ckpt._engine._load).
 
-    ``strict``: whether missing / unexpected keys are errors; ``where``: the checkpoint's
-    URL for messages. ``missing(key)`` reports a key the state wants and the checkpoint
-    lacks (an error when strict)."""
+    ``allow_missing`` / ``allow_unexpected``: whether keys the state has and the checkpoint
+    lacks, and saved keys of an object the state has no place for, are allowed (``strict``:
+    neither is); ``where``: the checkpoint's URL for messages. ``missing(key)`` and
+    ``unexpected(key, message, hint)`` report one (an error unless allowed)."""
 
     strict: bool
+    allow_missing: bool
+    allow_unexpected: bool
     where: str
 
     def missing(self, key: str) -> None: ...
+
+    def unexpected(self, key: str, message: str, hint: str) -> None: ...
 
     def has(self, key: str) -> bool: ...
 

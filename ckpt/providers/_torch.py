@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ckpt.errors import MissingKeyError, ShapeMismatchError, UnexpectedKeyError
+from ckpt._values import TAG
+from ckpt.errors import MissingKeyError, ShapeMismatchError
 from ckpt.providers._base import DescribeContext, Finalizer, Item, LoadSource, TensorItem, ValueItem
 from ckpt.providers._tree import TreeProvider, flatten, unflatten
 
@@ -132,6 +133,25 @@ def optimizer_items(prefix: str, sd: dict[str, Any]) -> Iterator[Item]:
     yield from out
 
 
+def _by_position(structure: dict[str, Any], names: list[str], key: str, where: str) -> dict[str, Any]:
+    """A saved optimizer state keyed by index (``optimizer.state_dict()`` as it is, e.g.
+    imported from DCP) -> keyed by this optimizer's parameter names, as torch's own
+    ``load_state_dict`` matches them: by position."""
+    groups = structure["param_groups"]
+    if not all(isinstance(p, int) and not isinstance(p, bool) for g in groups for p in g["params"]):
+        return structure
+    state = structure["state"]
+    if state.get(TAG) == "dict":  # int keys (a torch.save'd state dict)
+        state = {str(k): v for k, v in state["v"]}
+    count = sum(len(g["params"]) for g in groups)
+    if count != len(names) or any(not (0 <= int(k) < count) for k in state):
+        raise ShapeMismatchError(f"the checkpoint's optimizer has {count} parameters by position, this one "
+                                 f"{len(names)}", key=key, path=where,
+                                 hint="build the optimizer over the same parameters in the same order")
+    return {"state": {names[int(k)]: v for k, v in state.items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
+
+
 class OptimizerProvider:
     def __init__(self, optim: torch.optim.Optimizer, prefix: str, ctx: DescribeContext) -> None:
         self.optim = optim
@@ -172,19 +192,19 @@ class OptimizerProvider:
         if not src.has(self.prefix):
             src.missing(self.prefix)
             return None
-        structure = src.raw(self.prefix)
         names = self._names()
+        structure = _by_position(src.raw(self.prefix), names, self.prefix, src.where)
         index = {n: i for i, n in enumerate(names)}
         saved_names = list(structure["state"].keys())
         unknown = [n for n in saved_names if n not in index]
-        if unknown and src.strict:
+        if unknown:
             unnamed = not any(id(p) in self.ctx.param_names for g in self.optim.param_groups for p in g["params"])
-            raise UnexpectedKeyError(
+            src.unexpected(
+                f"{self.prefix}/state/{unknown[0]}",
                 f"the checkpoint has optimizer state for parameters this optimizer does not have: {unknown[:5]}",
-                key=self.prefix, path=src.where,
-                hint="an optimizer's state is keyed by its module's parameter names: put the module in the "
-                     "same state, e.g. {'model': model, 'optim': optim}" if unnamed else
-                     "build the optimizer over the same parameters, or load with strict=False")
+                "an optimizer's state is keyed by its module's parameter names: put the module in the "
+                "same state, e.g. {'model': model, 'optim': optim}" if unnamed else
+                "build the optimizer over the same parameters, or load with allow_unexpected=True")
         pending: list[Any] = []
         # Validate the groups before anything touches the optimizer.
         groups = unflatten(structure["param_groups"], src, None, pending)
@@ -194,7 +214,7 @@ class OptimizerProvider:
                 key=self.prefix, path=src.where, hint="build the optimizer with the same parameter groups")
         for g, mine in zip(groups, self.optim.param_groups):
             missing = [n for n in g["params"] if n not in index]
-            if len(g["params"]) != len(mine["params"]) or (missing and src.strict):
+            if len(g["params"]) != len(mine["params"]) or (missing and not src.allow_unexpected):
                 raise ShapeMismatchError(
                     "a parameter group of the checkpoint holds other parameters than this optimizer's",
                     key=self.prefix, path=src.where,
@@ -219,10 +239,12 @@ class OptimizerProvider:
             g["params"] = list(range(pos, pos + len(mine["params"])))
             pos += len(mine["params"])
         for n in names:
-            if n not in state and n in live and src.strict and live[n]:
-                raise MissingKeyError("the checkpoint has no optimizer state for a parameter that has some",
-                                      key=f"{self.prefix}/state/{n}", path=src.where,
-                                      hint="load with strict=False to keep the current state")
+            if n not in state and n in live and live[n]:
+                if not src.allow_missing:
+                    raise MissingKeyError("the checkpoint has no optimizer state for a parameter that has some",
+                                          key=f"{self.prefix}/state/{n}", path=src.where,
+                                          hint="load with allow_missing=True to keep the current state")
+                src.missing(f"{self.prefix}/state/{n}")
         optim = self.optim
 
         def finish() -> None:

@@ -55,10 +55,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ckpt._engine._options import parse_bytes
+from ckpt._config import parse_bytes, setting
 from ckpt.errors import MissingDependencyError, StorageError, StoragePermissionError
 from ckpt.storage._base import Capabilities, ObjectInfo, Storage
-from ckpt.storage._s3_client import Secret, make_fs, setting, truthy
+from ckpt.storage._s3_client import Secret, make_fs, truthy
 from ckpt.storage._s3_errors import (
     NOT_FOUND_CODES,
     PERMISSION_CODES,
@@ -165,27 +165,25 @@ class S3Storage(Storage):
         self._client_kwargs = client_kwargs
         self._s3fs_options = s3fs_options
 
-        self.deadline_s = float(setting(deadline_s, "CKPT_S3_DEADLINE_S", _DEFAULT_DEADLINE_S, float))
+        self.deadline_s = float(setting("CKPT_S3_DEADLINE_S", _DEFAULT_DEADLINE_S, float, deadline_s))
         if not self.deadline_s > 0:
             raise ValueError(f"deadline_s must be positive, got {self.deadline_s}")
         user_retries = (s3fs_options.get("config_kwargs") or {}).get("retries") or {}
         if max_attempts is None and "max_attempts" in user_retries:
             max_attempts = int(user_retries["max_attempts"])
-        self.max_attempts = int(setting(max_attempts, "CKPT_S3_MAX_ATTEMPTS", _DEFAULT_MAX_ATTEMPTS, int))
+        self.max_attempts = int(setting("CKPT_S3_MAX_ATTEMPTS", _DEFAULT_MAX_ATTEMPTS, int, max_attempts))
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         mode = retry_mode or user_retries.get("mode")
-        self.retry_mode = str(setting(mode, "CKPT_S3_RETRY_MODE", "standard", str))
+        self.retry_mode = str(setting("CKPT_S3_RETRY_MODE", "standard", str, mode))
         if self.retry_mode not in ("standard", "adaptive", "legacy"):
             raise ValueError(f"retry_mode must be 'standard' or 'adaptive', got {self.retry_mode!r}")
-        self.part_bytes = int(setting(part_bytes, "CKPT_S3_PART_BYTES", _DEFAULT_PART_BYTES, parse_bytes))
+        self.part_bytes = int(setting("CKPT_S3_PART_BYTES", _DEFAULT_PART_BYTES, parse_bytes, part_bytes))
         if not MIN_PART <= self.part_bytes <= MAX_PUT:
             raise ValueError(f"part_bytes must be between 5 MiB and 5 GiB (S3's limits), got {self.part_bytes}")
-        self.multipart_threshold = int(setting(multipart_threshold, "CKPT_S3_MULTIPART_THRESHOLD",
-                                                _DEFAULT_MULTIPART_THRESHOLD, parse_bytes))
+        self.multipart_threshold = int(setting("CKPT_S3_MULTIPART_THRESHOLD", _DEFAULT_MULTIPART_THRESHOLD, parse_bytes, multipart_threshold))
         self.multipart_threshold = min(max(self.multipart_threshold, self.part_bytes), MAX_PUT)
-        self.upload_concurrency = int(setting(upload_concurrency, "CKPT_S3_UPLOAD_CONCURRENCY",
-                                               _DEFAULT_UPLOAD_CONCURRENCY, int))
+        self.upload_concurrency = int(setting("CKPT_S3_UPLOAD_CONCURRENCY", _DEFAULT_UPLOAD_CONCURRENCY, int, upload_concurrency))
         if self.upload_concurrency < 1:
             raise ValueError(f"upload_concurrency must be >= 1, got {self.upload_concurrency}")
         self.stats = {"retries": 0, "multipart_uploads": 0, "aborted_uploads": 0}
@@ -200,7 +198,8 @@ class S3Storage(Storage):
         if self._fs is None:
             with self._lock:
                 if self._fs is None:
-                    self._fs = make_fs(self)
+                    self._fs = make_fs(self, self._s3fs_options, self._client_kwargs,
+                                       (self._key, self._secret, self._token))
         return self._fs
 
     def _full(self, key: str) -> str:
@@ -216,7 +215,7 @@ class S3Storage(Storage):
     def _rel(self, key: str) -> str:
         return key[len(self.prefix) + 1:] if self.prefix else key
 
-    def _call(self, method: str, what: str, path: str, *, deadline: float | None = None,
+    def request(self, method: str, what: str, path: str, *, deadline: float | None = None,
               **kwargs: Any) -> Any:
         """One S3 request, retried until it succeeds, fails for good, or the deadline."""
         return self._retry(lambda timeout: self.fs.call_s3(method, Bucket=self.bucket, timeout=timeout, **kwargs),
@@ -246,7 +245,7 @@ class S3Storage(Storage):
                 if retry and time.monotonic() + delay < deadline:
                     self.stats["retries"] += 1
                     log.debug("S3 %s %s failed (%s), try %d; retrying in %.2f s", what, self.describe(path),
-                              self._scrub(brief(e)), tries, delay)
+                              self.scrub(brief(e)), tries, delay)
                     time.sleep(delay)
                     continue
                 if not translate:
@@ -256,7 +255,7 @@ class S3Storage(Storage):
                     why = (f"no success within the deadline of {self.deadline_s:g} s"
                            if timed_out or tries < self.max_attempts else f"{tries} rounds of tries failed")
                     last = ("the endpoint did not answer in time, refused connections or kept failing"
-                            if is_timeout(e) else self._scrub(brief(e)))
+                            if is_timeout(e) else self.scrub(brief(e)))
                     raise StorageError(
                         f"S3 request failed while {what}: {why} ({elapsed:.1f} s; {last})",
                         path=self.describe(path),
@@ -292,7 +291,7 @@ class S3Storage(Storage):
         key = self._object_key(path)
         body = data if isinstance(data, bytes) else bytes(data)
         if len(body) < self.multipart_threshold:
-            self._call("put_object", "writing", path, Key=key, Body=body)
+            self.request("put_object", "writing", path, Key=key, Body=body)
         else:
             # A multipart object appears whole when the upload completes (as one PUT).
             multipart_upload(self, key, body, path)
@@ -306,7 +305,7 @@ class S3Storage(Storage):
         if len(body) >= self.multipart_threshold:
             return super().create_bytes(path, body)
         try:
-            self._call("put_object", "creating", path, Key=self._object_key(path), Body=body, IfNoneMatch="*")
+            self.request("put_object", "creating", path, Key=self._object_key(path), Body=body, IfNoneMatch="*")
         except Exception as e:
             if error_code(e) not in PRECONDITION_CODES:
                 raise
@@ -317,16 +316,16 @@ class S3Storage(Storage):
         key = self._object_key(path)
         if key:
             try:
-                self._call("head_object", "checking", path, Key=key)
+                self.request("head_object", "checking", path, Key=key)
                 return True
             except FileNotFoundError:
                 pass
-        resp = self._call("list_objects_v2", "listing", path, Prefix=self._dir_key(path), MaxKeys=1)
+        resp = self.request("list_objects_v2", "listing", path, Prefix=self._dir_key(path), MaxKeys=1)
         return bool(resp.get("Contents") or resp.get("CommonPrefixes"))
 
     def size(self, path: str) -> int:
         try:
-            head = self._call("head_object", "reading the size of", path, Key=self._object_key(path))
+            head = self.request("head_object", "reading the size of", path, Key=self._object_key(path))
         except FileNotFoundError as e:
             self._check_bucket(path)
             raise e
@@ -336,7 +335,7 @@ class S3Storage(Storage):
     def _pages(self, path: str, **kwargs: Any) -> Any:
         kwargs["Prefix"] = self._dir_key(path)
         while True:
-            resp = self._call("list_objects_v2", "listing", path, **kwargs)
+            resp = self.request("list_objects_v2", "listing", path, **kwargs)
             yield resp
             if not resp.get("IsTruncated"):
                 return
@@ -360,7 +359,7 @@ class S3Storage(Storage):
         return [n for n, h in zip(found, held) if h]
 
     def _holds_objects(self, path: str) -> bool:
-        resp = self._call("list_objects_v2", "listing", path, Prefix=self._dir_key(path), MaxKeys=1)
+        resp = self.request("list_objects_v2", "listing", path, Prefix=self._dir_key(path), MaxKeys=1)
         return bool(resp.get("Contents"))
 
     def list_files(self, prefix: str = "") -> list[ObjectInfo]:
@@ -372,7 +371,7 @@ class S3Storage(Storage):
 
     def delete(self, path: str) -> None:
         key = self._object_key(path)
-        self._call("delete_object", "deleting", path, Key=key)
+        self.request("delete_object", "deleting", path, Key=key)
         self.fs.invalidate_cache(self._full(key))
 
     def delete_dir(self, prefix: str) -> None:
@@ -384,7 +383,7 @@ class S3Storage(Storage):
             keys += sorted(_dirs_of(keys, self._dir_key(prefix)), key=lambda k: -k.count("/"))
         for i in range(0, len(keys), _DELETE_BATCH):
             batch = keys[i:i + _DELETE_BATCH]
-            resp = self._call("delete_objects", "deleting", prefix,
+            resp = self.request("delete_objects", "deleting", prefix,
                               Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
             failed = resp.get("Errors") or []
             if failed:
@@ -428,8 +427,8 @@ class S3Storage(Storage):
         configuration. Retries are derived from ``deadline_s``: exponential backoff from
         200 ms up to ``max_delay``, as many retries as fit in the deadline."""
         initial, max_delay, retries = ts_retries(self.deadline_s)
-        retries = int(setting(None, "CKPT_S3_RETRIES", retries, int))
-        return s3_context(int(os.environ.get("CKPT_S3_CONCURRENCY", "32")), max(1, retries),
+        retries = int(setting("CKPT_S3_RETRIES", retries, int, None))
+        return s3_context(setting("CKPT_S3_CONCURRENCY", 32, int), max(1, retries),
                            initial, max_delay)
 
     def _ts_endpoint(self) -> str | None:
@@ -456,7 +455,7 @@ class S3Storage(Storage):
         if self._bucket_seen:
             return
         try:
-            self._call("head_bucket", "checking", path)
+            self.request("head_bucket", "checking", path)
         except Exception as e:
             if isinstance(e, FileNotFoundError) or error_code(e) in NOT_FOUND_CODES | {"NoSuchBucket"} or (
                     isinstance(e, StorageError) and "does not exist" in str(e)):
@@ -470,9 +469,9 @@ class S3Storage(Storage):
     def _error(self, exc: BaseException, what: str, path: str) -> Exception:
         """Translate an s3fs/botocore error into the builtin or ckpt error it means."""
         return translate(exc, what, self.describe(path), bucket=self.bucket, endpoint_url=self.endpoint_url,
-                         scrub=self._scrub)
+                         scrub=self.scrub)
 
-    def _scrub(self, text: str) -> str:
+    def scrub(self, text: str) -> str:
         for s in (self._secret, self._token, self._key):
             if s is not None and s.value:
                 text = text.replace(s.value, "***")

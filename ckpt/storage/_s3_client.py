@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ckpt.errors import MissingDependencyError
@@ -11,23 +9,11 @@ from ckpt.errors import MissingDependencyError
 if TYPE_CHECKING:
     from ckpt.storage._s3 import S3Storage
 
-__all__ = ["truthy", "setting", "Secret", "make_fs"]
+__all__ = ["truthy", "Secret", "make_fs"]
 
 
 def truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def setting(explicit: Any, var: str, default: Any, cast: Callable[[str], Any]) -> Any:
-    if explicit is not None:
-        return explicit
-    raw = os.environ.get(var)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        return cast(raw.strip())
-    except ValueError:
-        raise ValueError(f"{var}={raw!r} is not a valid value") from None
 
 
 class Secret:
@@ -44,15 +30,17 @@ class Secret:
     __str__ = __repr__
 
 
-def make_fs(st: S3Storage) -> Any:
-    """The s3fs file system of ``st``: no listing cache, botocore retrying each request
-    under ckpt's deadline, path-style addressing for custom endpoints."""
+def make_fs(st: S3Storage, s3fs_options: dict[str, Any], client_kwargs: dict[str, Any],
+            credentials: tuple[Secret | None, Secret | None, Secret | None]) -> Any:
+    """The s3fs file system of ``st`` (its settings) with ``credentials`` (key, secret,
+    token): no listing cache, botocore retrying each request under ckpt's deadline,
+    path-style addressing for custom endpoints."""
     try:
         import s3fs
     except ImportError as e:
         raise MissingDependencyError("the s3:// backend needs s3fs, which is not installed",
                                      path=st.url, hint="pip install 'ckpt[s3]'") from e
-    opts = dict(st._s3fs_options)
+    opts = dict(s3fs_options)
     opts["use_listings_cache"] = False
     opts.setdefault("skip_instance_cache", True)  # no process-wide cache holding our keys
     config_kwargs = dict(opts.pop("config_kwargs", None) or {})
@@ -73,13 +61,14 @@ def make_fs(st: S3Storage) -> Any:
         config_kwargs.setdefault("s3", {"addressing_style": "path"})
     if st.profile:
         opts["profile"] = st.profile
+    key, secret, token = credentials
     fs = s3fs.S3FileSystem(
         anon=st.anon,
         endpoint_url=st.endpoint_url,
-        key=st._key.value if st._key else None,
-        secret=st._secret.value if st._secret else None,
-        token=st._token.value if st._token else None,
-        client_kwargs=dict(st._client_kwargs),
+        key=key.value if key else None,
+        secret=secret.value if secret else None,
+        token=token.value if token else None,
+        client_kwargs=dict(client_kwargs),
         config_kwargs=config_kwargs,
         **opts,
     )

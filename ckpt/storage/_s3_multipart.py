@@ -32,7 +32,7 @@ def multipart_upload(st: S3Storage, key: str, body: bytes, path: str) -> None:
     deadline = time.monotonic() + st.deadline_s
     part = max(st.part_bytes, -(-len(body) // _MAX_PARTS))
     starts = list(range(0, len(body), part))
-    mpu = st._call("create_multipart_upload", "starting a multipart upload of", path, Key=key,
+    mpu = st.request("create_multipart_upload", "starting a multipart upload of", path, Key=key,
                      deadline=deadline)
     upload_id = mpu["UploadId"]
     st.stats["multipart_uploads"] += 1
@@ -42,7 +42,7 @@ def multipart_upload(st: S3Storage, key: str, body: bytes, path: str) -> None:
         if failed.is_set():
             raise StorageError("another part of the upload failed", path=st.describe(path))
         chunk = body[starts[i]:starts[i] + part]
-        out = st._call("upload_part", f"uploading part {i + 1}/{len(starts)} of", path, Key=key,
+        out = st.request("upload_part", f"uploading part {i + 1}/{len(starts)} of", path, Key=key,
                          UploadId=upload_id, PartNumber=i + 1, Body=chunk, deadline=deadline)
         return {"PartNumber": i + 1, "ETag": out["ETag"]}
 
@@ -58,7 +58,7 @@ def multipart_upload(st: S3Storage, key: str, body: bytes, path: str) -> None:
                     f.cancel()
                 raise
         try:
-            st._call("complete_multipart_upload", "completing the multipart upload of", path, Key=key,
+            st.request("complete_multipart_upload", "completing the multipart upload of", path, Key=key,
                        UploadId=upload_id, MultipartUpload={"Parts": parts}, deadline=deadline)
         except Exception as e:
             # A retried completion whose first try succeeded finds the upload gone:
@@ -81,7 +81,7 @@ def _abort(st: S3Storage, key: str, upload_id: str, path: str) -> None:
     """Abort a failed multipart upload (its parts would otherwise stay, billed and
     invisible); best effort, with a short deadline of its own."""
     try:
-        st._call("abort_multipart_upload", "aborting the multipart upload of", path, Key=key,
+        st.request("abort_multipart_upload", "aborting the multipart upload of", path, Key=key,
                    UploadId=upload_id, deadline=time.monotonic() + min(30.0, st.deadline_s))
         st.stats["aborted_uploads"] += 1
     except Exception as e:  # noqa: BLE001 - the upload's own error is the one to raise
@@ -90,4 +90,4 @@ def _abort(st: S3Storage, key: str, upload_id: str, path: str) -> None:
             return
         log.warning("could not abort the multipart upload of %s (%s); a bucket lifecycle rule "
                     "(AbortIncompleteMultipartUpload) removes it later", st.describe(path),
-                    st._scrub(brief(e)))
+                    st.scrub(brief(e)))

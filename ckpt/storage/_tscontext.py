@@ -11,12 +11,14 @@ import functools
 import os
 from typing import Any
 
+from ckpt._config import io_concurrency
+
 
 @functools.cache
 def default_context() -> Any:
     import tensorstore as ts
 
-    io = int(os.environ.get("CKPT_IO_CONCURRENCY", "32"))
+    io = io_concurrency()
     return ts.Context(
         {
             "file_io_sync": True,

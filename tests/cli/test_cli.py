@@ -394,10 +394,12 @@ def test_import_torch_save_and_safetensors(tmp_path: Path, capsys: pytest.Captur
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), got["model"].state_dict().values()))
 
 
-def test_import_dcp_model_and_optimizer_loads_into_live_ones(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["dcp-by-name", "dcp-by-index", "torch-by-index"])
+def test_import_dcp_model_and_optimizer_loads_into_live_ones(tmp_path: Path, how: str) -> None:
     """The way DCP users save (torchtitan, accelerate): get_state_dict's name-keyed
-    optimizer state next to the model's. Imported, it loads into a live model AND its
-    optimizer, bit-exact, and training goes on from there."""
+    optimizer state next to the model's; or the optimizer's own index-keyed state dict
+    (DCP or torch.save). Imported, it loads into a live model AND its optimizer,
+    bit-exact (by name, or by position as torch does), and training goes on from there."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -412,11 +414,15 @@ def test_import_dcp_model_and_optimizer_loads_into_live_ones(tmp_path: Path) -> 
         return m, o
 
     model, optim = trained(0)
-    msd, osd = get_state_dict(model, optim)
-    with pytest.warns(UserWarning):  # no process group: a single-process save
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "dcp"))
+    msd, osd = get_state_dict(model, optim) if how == "dcp-by-name" else (model.state_dict(), optim.state_dict())
+    src = tmp_path / ("src.pt" if how.startswith("torch") else "dcp")
+    if how.startswith("torch"):
+        torch.save({"model": msd, "optim": osd}, src)
+    else:
+        with pytest.warns(UserWarning):  # no process group: a single-process save
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(src))
     dst = tmp_path / "run" / "step-000000002"
-    p = _proc("import", str(tmp_path / "dcp"), str(dst), "--json")
+    p = _proc("import", str(src), str(dst), "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["tensors"] == 4 + 4 * 3  # 4 parameters, step/exp_avg/exp_avg_sq each
     m2, o2 = trained(1)
@@ -534,8 +540,8 @@ def test_help_documents_exit_codes() -> None:
 def test_imported_leaves_are_never_loaded_into() -> None:
     """The provider `ckpt import` saves through holds ready-made leaves: loading into it is
     a typed error, not a silent no-op."""
-    from ckpt._tools._import import _Leaves
+    from ckpt._tools._import import Leaves
     from ckpt.errors import UnsupportedStateError
 
     with pytest.raises(UnsupportedStateError, match="only saved"):
-        _Leaves([("w", torch.zeros(2))]).load(None)
+        Leaves([("w", torch.zeros(2))]).load(None)

@@ -127,7 +127,7 @@ def scenarios_worker(root: str) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
 
     import ckpt
-    import ckpt._engine._save as save_mod
+    import ckpt._engine._staging as save_mod
 
     rank = dist.get_rank()
     meshes = {"flat": init_device_mesh("cpu", (WORLD,)), "grid": init_device_mesh("cpu", (2, 2))}

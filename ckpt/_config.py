@@ -1,0 +1,100 @@
+"""Configuration from the environment: one parser, and every ``CKPT_*`` switch ckpt reads
+that is not a :class:`~ckpt.SaveOptions` field, in one place.
+
+:func:`setting` is the only reader of ``CKPT_*`` variables: an explicit argument beats the
+variable, which beats the default; a value the parser refuses raises
+:class:`~ckpt.errors.ConfigError` naming the variable. ``SaveOptions.resolve`` reads its
+fields through it (``CKPT_<FIELD>``), and so do the switches below and the S3 storage's
+settings. This module imports nothing of ckpt but its errors, so storage and engine
+modules alike may use it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+from ckpt.errors import ConfigError
+
+T = TypeVar("T")
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_bytes(text: str) -> int:
+    """``"64MiB"``, ``"5M"``, ``"1G"`` or a plain number of bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if t and t[-1] in mult:
+        return int(float(t[:-1]) * mult[t[-1]])
+    return int(t)
+
+
+def parse_flag(text: str) -> bool:
+    """``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``."""
+    t = text.strip().lower()
+    if t in _TRUE:
+        return True
+    if t in _FALSE:
+        return False
+    raise ValueError("expected 1/true/yes/on or 0/false/no/off")
+
+
+def choice(*values: str) -> Callable[[str], str]:
+    """A parser accepting exactly ``values`` (case-insensitive)."""
+    def parse(text: str) -> str:
+        t = text.strip().lower()
+        if t not in values:
+            raise ValueError(f"expected one of {', '.join(values)}")
+        return t
+    return parse
+
+
+def setting(name: str, default: T, parse: Callable[[str], T], explicit: T | None = None) -> T:
+    """``explicit`` if given, else the environment variable ``name`` parsed, else
+    ``default`` (an unset or blank variable). A refused value raises ConfigError."""
+    if explicit is not None:
+        return explicit
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        return parse(raw.strip())
+    except ValueError as e:
+        raise ConfigError(f"{name}={raw!r}: {e}", hint=f"set {name} to a valid value, or unset it") from None
+
+
+# -- the switches (README, "Configuration") ------------------------------------
+def direct_reads() -> bool:
+    """``CKPT_DIRECT_READS`` (default on): local loads read chunks with ``os.preadv``."""
+    return setting("CKPT_DIRECT_READS", True, parse_flag)
+
+
+def _write_mode(text: str) -> str:
+    t = text.strip().lower()
+    if t == "buffered":
+        return t
+    return "direct" if parse_flag(t) else "off"
+
+
+def direct_writes() -> str:
+    """``CKPT_DIRECT_WRITES``: ``direct`` (default, ``1``: O_DIRECT where supported),
+    ``buffered`` (through the page cache) or ``off`` (``0``: through tensorstore)."""
+    return setting("CKPT_DIRECT_WRITES", "direct", _write_mode)
+
+
+def io_concurrency() -> int:
+    """``CKPT_IO_CONCURRENCY`` (default 32): tensorstore's file I/O threads."""
+    return max(1, setting("CKPT_IO_CONCURRENCY", 32, int))
+
+
+def recycle(explicit: bool | None = None) -> bool:
+    """``CKPT_RECYCLE`` (default off): ``CheckpointManager(recycle=...)``."""
+    return setting("CKPT_RECYCLE", False, parse_flag, explicit)
+
+
+def debug() -> bool:
+    """``CKPT_DEBUG`` (default off): the ``ckpt`` command shows tracebacks."""
+    return setting("CKPT_DEBUG", False, parse_flag)

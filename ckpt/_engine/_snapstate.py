@@ -1,0 +1,70 @@
+"""What the threads of one snapshot share: the stager, the inline copy threads and the
+writer get a :class:`SnapshotState` (cancel flag, staged event, copy events, pool,
+stats), never the whole :class:`~ckpt._engine._save.SnapshotJob`."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckpt._engine._direct_write import DirectWriter
+from ckpt._engine._pool import HostPool
+from ckpt.storage import Storage
+
+
+@dataclass
+class SaveStats:
+    """Figures of one snapshot (seconds and bytes, this rank)."""
+
+    bytes: int = 0  # bytes this rank wrote (tensor data)
+    total_bytes: int = 0  # bytes of the whole checkpoint (all ranks), known after planning
+    blocked_s: float = 0.0  # time the training loop waited: the call + optimizer-hook waits
+    call_s: float = 0.0
+    hook_wait_s: float = 0.0
+    copied_s: float = 0.0  # call -> every copy into the pool done (CUDA: issued); what the hook waits for
+    staging_s: float = 0.0  # from the call until every write was issued
+    write_s: float = 0.0  # until every write is durable
+    commit_s: float = 0.0
+    total_s: float = 0.0  # from the call to committed
+    pool_wait_s: float = 0.0
+    pool_peak_bytes: int = 0
+    objects: int = 0
+    inline: bool = False  # the copy ran in the call (SaveOptions.cpu_staging)
+
+    @property
+    def throughput_gbps(self) -> float:
+        """Persisted GB/s of this rank: bytes / (time from the call to durable)."""
+        t = self.staging_s + self.write_s if self.write_s else self.total_s
+        return self.bytes / t / 1e9 if t > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        d = dict(self.__dict__)
+        d["throughput_gbps"] = self.throughput_gbps
+        return d
+
+
+@dataclass
+class SnapshotState:
+    """The part of one snapshot its background threads read and write.
+
+    ``cancel``: set by whichever thread fails first; the others stop at their next unit
+    and pool waits give up. ``staged``: every unit has been handed to the copy engines
+    (set once, also on failure). ``copy_events``: (device, CUDA event) of every copy
+    issued, which the training stream waits on. ``direct``: the direct local writer
+    (None where writes go through tensorstore). ``inline``: CPU units are copied in the
+    call, on several threads (``SaveOptions.cpu_staging``)."""
+
+    storage: Storage
+    url: str  # the checkpoint, for messages
+    pool: HostPool
+    t_call: float  # perf_counter() of the save call
+    streams: dict[Any, list[Any]]  # CUDA device -> copy streams
+    ready_events: dict[Any, Any]  # CUDA device -> event recorded on the producing stream
+    versions: dict[tuple[str, Any], int]  # (key, box) -> the source's _version at the call
+    inline: bool = False
+    stats: SaveStats = field(default_factory=SaveStats)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    staged: threading.Event = field(default_factory=threading.Event)
+    copy_events: list[tuple[Any, Any]] = field(default_factory=list)
+    direct: DirectWriter | None = None

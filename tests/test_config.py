@@ -1,0 +1,61 @@
+"""Configuration has one parser (ckpt/_config.py): every CKPT_* switch is read through
+it, a value it cannot use is a ConfigError naming the variable (never silently the
+default), a blank one is the default, and an explicit argument beats the environment."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import ckpt
+from ckpt import _config
+from ckpt.errors import ConfigError
+
+
+@pytest.mark.parametrize("var, read", [
+    ("CKPT_DIRECT_READS", _config.direct_reads),
+    ("CKPT_DIRECT_WRITES", _config.direct_writes),
+    ("CKPT_IO_CONCURRENCY", _config.io_concurrency),
+    ("CKPT_RECYCLE", _config.recycle),
+    ("CKPT_POOL_BYTES", ckpt.SaveOptions.resolve),
+    ("CKPT_HUGE_PAGES", ckpt.SaveOptions.resolve),
+    ("CKPT_IF_BUSY", ckpt.SaveOptions.resolve),
+])
+def test_a_value_that_cannot_be_used_is_an_error_naming_the_variable(monkeypatch, var, read):
+    monkeypatch.setenv(var, "maybe")
+    with pytest.raises(ConfigError) as ei:
+        read()
+    assert isinstance(ei.value, ValueError) and f"{var}='maybe'" in str(ei.value) and ei.value.hint
+
+
+def test_switch_values_and_defaults(monkeypatch):
+    for var in ("CKPT_DIRECT_READS", "CKPT_DIRECT_WRITES", "CKPT_IO_CONCURRENCY", "CKPT_RECYCLE"):
+        monkeypatch.setenv(var, " ")  # blank: the default
+    assert _config.direct_reads() and _config.direct_writes() == "direct"
+    assert _config.io_concurrency() == 32 and not _config.recycle()
+    for raw, mode in (("0", "off"), ("off", "off"), ("1", "direct"), ("Buffered", "buffered")):
+        monkeypatch.setenv("CKPT_DIRECT_WRITES", raw)
+        assert _config.direct_writes() == mode
+    monkeypatch.setenv("CKPT_DIRECT_READS", "no")
+    assert not _config.direct_reads()
+    monkeypatch.setenv("CKPT_RECYCLE", "yes")
+    assert _config.recycle() and not _config.recycle(False)  # explicit beats the environment
+    monkeypatch.setenv("CKPT_CHUNK_BYTES", "1MiB")
+    assert ckpt.SaveOptions.resolve().chunk_bytes == 1 << 20
+    assert ckpt.SaveOptions.resolve(None, chunk_bytes=2 << 20).chunk_bytes == 2 << 20
+
+
+def test_no_module_reads_a_ckpt_variable_itself():
+    root = Path(ckpt.__file__).parent
+    pending: set[str] = set()
+    readers = []
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root).as_posix()
+        if rel == "_config.py" or rel in pending:
+            continue
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if re.search(r"(os\.environ|getenv)\b.*CKPT_", line):
+                readers.append(f"{rel}:{i}: {line.strip()}")
+    assert not readers, readers
