@@ -65,6 +65,14 @@ class FileStorage(Storage):
             raise _translate(e, "reading", str(p)) from e
 
     def write_bytes(self, path: str, data: bytes | memoryview) -> None:
+        self._put(path, data, exclusive=False)
+
+    def create_bytes(self, path: str, data: bytes | memoryview) -> None:
+        """Atomic: the bytes go to a temporary file that is then hard-linked into place,
+        which fails where ``path`` exists (FileExistsError)."""
+        self._put(path, data, exclusive=True)
+
+    def _put(self, path: str, data: bytes | memoryview, *, exclusive: bool) -> None:
         p = self.local_path(path)
         tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:12]}")
         try:
@@ -84,13 +92,19 @@ class FileStorage(Storage):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, p)
+            if exclusive:
+                os.link(tmp, p)  # FileExistsError where another writer was first
+                tmp.unlink()
+            else:
+                os.replace(tmp, p)
             fsync_dir(p.parent)
         except OSError as e:
             try:
                 tmp.unlink()
             except OSError:
                 pass
+            if exclusive and isinstance(e, FileExistsError):
+                raise FileExistsError(f"{self.describe(path)} exists") from None
             raise _translate(e, "writing", str(p)) from e
 
     def exists(self, path: str) -> bool:

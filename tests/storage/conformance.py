@@ -92,6 +92,32 @@ class StorageConformance:
         assert storage.size("o.bin") == 5
         assert _paths(storage.list_files()) == ["o.bin"]
 
+    def test_create_bytes_writes_only_where_nothing_is(self, storage: Storage) -> None:
+        storage.create_bytes("c/manifest.json", b"first")
+        with pytest.raises(FileExistsError):
+            storage.create_bytes("c/manifest.json", b"second")
+        assert storage.read_bytes("c/manifest.json") == b"first"
+        assert _paths(storage.list_files("c")) == ["c/manifest.json"]
+
+    def test_concurrent_creates_of_one_object_exactly_one_wins(self, storage: Storage) -> None:
+        # the commit of object stores rests on this: of two savers of one checkpoint
+        # name, exactly one creates the manifest
+        for round_ in range(3):
+            path = f"race-{round_}/manifest.json"
+            bodies = [_payload(2000, seed=100 * round_ + i) for i in range(6)]
+
+            def create(body: bytes) -> bool:
+                try:
+                    storage.create_bytes(path, body)
+                    return True
+                except FileExistsError:
+                    return False
+
+            with ThreadPoolExecutor(len(bodies)) as pool:
+                won = list(pool.map(create, bodies))
+            assert won.count(True) == 1, won
+            assert storage.read_bytes(path) == bodies[won.index(True)]
+
     def test_unusual_key_characters(self, storage: Storage) -> None:
         path = "dir with space/k=v+x~y,z@é.bin"
         storage.write_bytes(path, b"ok")
