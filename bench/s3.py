@@ -1,25 +1,30 @@
-"""``python -m bench.s3``: save and load N GiB to a local S3 server (moto, in this
-process, on 127.0.0.1): ckpt vs torch.distributed.checkpoint with its fsspec writer
-vs a plain parallel s3fs upload/download of the same bytes.
+"""``python -m bench.s3``: save and load N GiB to local S3 servers on 127.0.0.1 (moto,
+in this process, and SeaweedFS, a real object store, in one run): ckpt vs
+torch.distributed.checkpoint with its fsspec writer vs a plain parallel s3fs
+upload/download of the same bytes.
 
 The plain s3fs variant is the transfer ceiling: the tensors' bytes are prepared before
 the clock starts and go up as one object per tensor (``fs.pipe``) and come back whole
 (``fs.cat``) on a pool of threads. ckpt and DCP pay for their own serialisation. Every
 load is checked bit for bit after its clock stops. moto keeps objects in memory, so the
-machine needs a few times N GiB of RAM; its speed, not the network's, bounds all three.
+machine needs a few times N GiB of RAM; SeaweedFS writes them to a temporary directory.
+The servers' speed, not a network's, bounds all three.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
 import platform
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,20 +72,47 @@ def _time(fn: Any) -> float:
     return time.perf_counter() - t0
 
 
-def run_s3(gib: float, out: str | None, repeats: int = 1, quiet: bool = False) -> dict[str, Any]:
-    _env()
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+SERVERS = ("moto", "seaweedfs")
+_KEY, _SECRET = "bench-key", "bench-secret"
+_SERVER_NAMES = {"moto": "moto ThreadedMotoServer (in process, objects in memory)",
+                 "seaweedfs": "SeaweedFS `weed server` (separate process, objects on local disk)"}
+
+
+@contextlib.contextmanager
+def _server(kind: str) -> Iterator[str]:
+    """A local S3 server of ``kind`` on 127.0.0.1; yields its endpoint."""
+    if kind == "moto":
+        from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        assert host == "127.0.0.1"
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.stop()
+    elif kind == "seaweedfs":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests._seaweedfs import SeaweedFS  # the launcher the test suite uses
+
+        with tempfile.TemporaryDirectory(prefix="bench-seaweedfs-") as root:
+            weed = SeaweedFS(root, _KEY, _SECRET).start()
+            try:
+                yield weed.endpoint_url
+            finally:
+                weed.stop()
+    else:
+        raise ValueError(f"unknown S3 server {kind!r}; choose from {', '.join(SERVERS)}")
+
+
+def _bench_on(endpoint: str, state: dict[str, torch.Tensor], repeats: int, quiet: bool) -> dict[str, dict[str, float]]:
+    """ckpt, DCP's fsspec writer and plain s3fs on one server: {variant: {op_s: seconds}}."""
     import boto3
     import s3fs
-    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 
     import ckpt
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    assert host == "127.0.0.1"
-    endpoint = f"http://127.0.0.1:{port}"
     bucket = f"bench-{uuid.uuid4().hex[:10]}"
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=bucket)
@@ -89,9 +121,6 @@ def run_s3(gib: float, out: str | None, repeats: int = 1, quiet: bool = False) -
                "config_kwargs": {"s3": {"addressing_style": "path"}, "max_pool_connections": 32},
                "skip_instance_cache": True, "use_listings_cache": False}
     fs = s3fs.S3FileSystem(**fs_opts)
-
-    state = make_state(int(gib * GIB))
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
     results: dict[str, dict[str, float]] = {}
 
     def clear(prefix: str) -> None:
@@ -109,9 +138,6 @@ def run_s3(gib: float, out: str | None, repeats: int = 1, quiet: bool = False) -
         results.setdefault(name, {})[f"{op}_s"] = min(times)
         if not quiet:
             print(f"  {name:<10} {op:<5} {min(times):8.2f} s", flush=True)
-
-    if not quiet:
-        print(f"S3 benchmark: {nbytes / GIB:.2f} GiB in {len(state)} tensors, moto on {endpoint}", flush=True)
 
     # -- plain s3fs: the bytes, prepared beforehand, one object per tensor ------------
     payload = {k: t.numpy().tobytes() for k, t in state.items()}
@@ -151,34 +177,55 @@ def run_s3(gib: float, out: str | None, repeats: int = 1, quiet: bool = False) -
     best("dcp", "load", lambda: dcp.load(target, storage_reader=FsspecReader(dcp_url, **fs_opts), no_dist=True))
     _check(target, state, "dcp")
     clear("dcp/")
-
     pool.shutdown()
-    server.stop()
+    client.delete_bucket(Bucket=bucket)
+    return results
+
+
+def run_s3(gib: float, out: str | None, repeats: int = 1, quiet: bool = False,
+           servers: tuple[str, ...] = SERVERS) -> dict[str, Any]:
+    _env()
+    os.environ.update(AWS_ACCESS_KEY_ID=_KEY, AWS_SECRET_ACCESS_KEY=_SECRET)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    state = make_state(int(gib * GIB))
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    by_server: dict[str, dict[str, dict[str, float]]] = {}
+    for kind in servers:
+        with _server(kind) as endpoint:
+            if not quiet:
+                print(f"S3 benchmark: {nbytes / GIB:.2f} GiB in {len(state)} tensors, {kind} on {endpoint}", flush=True)
+            by_server[kind] = _bench_on(endpoint, state, repeats, quiet)
 
     rows = []
-    for name in ("ckpt", "dcp", "s3fs"):
-        for op in ("save", "load"):
-            s = results[name][f"{op}_s"]
-            base = results["s3fs"][f"{op}_s"]
-            rows.append({"variant": name, "op": op, "seconds": s, "gbps": nbytes / s / 1e9, "ratio_to_s3fs": s / base})
-    table = md_table(["variant", "op", "seconds", "GB/s", "time / plain s3fs"],
-                     [[r["variant"], r["op"], f"{r['seconds']:.2f}", f"{r['gbps']:.3f}", f"{r['ratio_to_s3fs']:.2f}x"]
-                      for r in rows], "llrrr")
+    for kind, results in by_server.items():
+        for name in ("ckpt", "dcp", "s3fs"):
+            for op in ("save", "load"):
+                sec = results[name][f"{op}_s"]
+                base = results["s3fs"][f"{op}_s"]
+                rows.append({"server": kind, "variant": name, "op": op, "seconds": sec, "gbps": nbytes / sec / 1e9,
+                             "ratio_to_s3fs": sec / base})
+    table = md_table(["server", "variant", "op", "seconds", "GB/s", "time / plain s3fs"],
+                     [[r["server"], r["variant"], r["op"], f"{r['seconds']:.2f}", f"{r['gbps']:.3f}",
+                       f"{r['ratio_to_s3fs']:.2f}x"] for r in rows], "lllrrr")
     if not quiet:
         print()
         print(table)
     report = {
         "benchmark": "s3", "bytes": nbytes, "tensors": len(state), "threads": THREADS, "repeats": repeats,
-        "server": "moto ThreadedMotoServer (in process, 127.0.0.1)",
+        "servers": {k: _SERVER_NAMES[k] for k in by_server},
         "host": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                  "platform": platform.platform()},
         "rows": rows,
-        "ratios": {"ckpt_save_speedup_over_dcp": results["dcp"]["save_s"] / results["ckpt"]["save_s"],
-                   "ckpt_load_speedup_over_dcp": results["dcp"]["load_s"] / results["ckpt"]["load_s"]},
-        "markdown": (f"### S3 (local moto server on 127.0.0.1)\n\nSave and load of {nbytes / GIB:.2f} GiB "
-                     f"({len(state)} float32 tensors): ckpt vs DCP's fsspec writer/reader vs a plain parallel "
-                     f"s3fs upload/download of the same bytes ({THREADS} threads), bit-exact checked after each "
-                     "load. moto keeps objects in memory and its speed bounds all three.\n\n" + table),
+        "ratios": {kind: {"ckpt_save_speedup_over_dcp": r["dcp"]["save_s"] / r["ckpt"]["save_s"],
+                          "ckpt_load_speedup_over_dcp": r["dcp"]["load_s"] / r["ckpt"]["load_s"],
+                          "ckpt_save_time_over_s3fs": r["ckpt"]["save_s"] / r["s3fs"]["save_s"],
+                          "ckpt_load_time_over_s3fs": r["ckpt"]["load_s"] / r["s3fs"]["load_s"]}
+                   for kind, r in by_server.items()},
+        "markdown": (f"### S3 (local servers on 127.0.0.1: {', '.join(by_server)})\n\nSave and load of "
+                     f"{nbytes / GIB:.2f} GiB ({len(state)} float32 tensors): ckpt vs DCP's fsspec writer/reader "
+                     f"vs a plain parallel s3fs upload/download of the same bytes ({THREADS} threads), bit-exact "
+                     "checked after each load. "
+                     + " ".join(f"{k}: {_SERVER_NAMES[k]}." for k in by_server) + "\n\n" + table),
     }
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -194,11 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a small, fast run (smoke test)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each operation; the minimum is kept")
     p.add_argument("--out", default="bench/results/s3.json", help="where the JSON report goes")
+    p.add_argument("--servers", default=",".join(SERVERS),
+                   help=f"comma-separated S3 servers to run on (default: {','.join(SERVERS)})")
     a = p.parse_args(argv)
+    servers = tuple(k.strip() for k in a.servers.split(",") if k.strip())
+    if not servers or set(servers) - set(SERVERS):
+        p.error(f"--servers: choose from {', '.join(SERVERS)}")
     gib = a.gib if a.gib is not None else (0.05 if a.quick else 1.0)
     if gib <= 0:
         p.error("--gib must be positive")
-    run_s3(gib, a.out, repeats=max(1, a.repeats))
+    run_s3(gib, a.out, repeats=max(1, a.repeats), servers=servers)
     return 0
 
 
