@@ -15,7 +15,9 @@ files are hidden and instance metadata is disabled, so no request leaves 127.0.0
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +25,8 @@ from typing import Any
 
 import pytest
 
-__all__ = ["s3_server", "s3_url", "s3_options", "s3_storage_options", "S3Server"]
+__all__ = ["s3_server", "s3_url", "s3_options", "s3_storage_options", "S3Server", "server", "server_params",
+           "stop_servers", "fresh_place"]
 
 ENDPOINT_VAR = "CKPT_TEST_S3_ENDPOINT"
 BUCKET_VAR = "CKPT_TEST_S3_BUCKET"
@@ -43,6 +46,13 @@ class S3Server:
     external: bool
     kind: str = "moto"  # "moto", "seaweedfs" or "external"
 
+    def storage_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``S3Storage`` / ``open_storage`` that reach this server."""
+        opts: dict[str, Any] = {"endpoint_url": self.endpoint_url, "region": self.region}
+        if self.key and self.secret:
+            opts.update(key=self.key, secret=self.secret)
+        return opts
+
     def client(self) -> Any:
         import boto3
         from botocore.config import Config
@@ -61,10 +71,7 @@ def s3_storage_options() -> dict[str, Any]:
     """Keyword arguments for ``S3Storage`` / ``open_storage`` that reach the test server."""
     if _current is None:
         raise RuntimeError("the S3 test server is not running: request the s3_url fixture first")
-    opts: dict[str, Any] = {"endpoint_url": _current.endpoint_url, "region": _current.region}
-    if _current.key and _current.secret:
-        opts.update(key=_current.key, secret=_current.secret)
-    return opts
+    return _current.storage_options()
 
 
 def _moto_env(mp: pytest.MonkeyPatch) -> None:
@@ -96,66 +103,91 @@ def _server_params() -> list[str]:
     return chosen
 
 
-@pytest.fixture(scope="session", params=_server_params())
-def s3_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """The S3 endpoint of this test session: moto, then SeaweedFS, on 127.0.0.1 (or the
-    endpoint that CKPT_TEST_S3_ENDPOINT names)."""
+_running: dict[str, tuple[S3Server, Any]] = {}  # kind -> (server, its stop function)
+_env_patch = pytest.MonkeyPatch()
+
+
+def server(kind: str, tmp_path_factory: pytest.TempPathFactory) -> S3Server:
+    """The S3 server of ``kind`` (moto, seaweedfs or external), started on first use and
+    kept for the session: one instance per kind, stopped by :func:`stop_servers`."""
     global _current
+    if kind in _running:
+        _current = _running[kind][0]
+        return _current
     pytest.importorskip("s3fs")
     pytest.importorskip("boto3")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    _env_patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     stop: Any = None
-    try:
-        if request.param == "external":
-            _current = S3Server(
-                endpoint_url=os.environ[ENDPOINT_VAR].rstrip("/"),
-                region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-                key=os.environ.get("AWS_ACCESS_KEY_ID"),
-                secret=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                bucket=os.environ.get(BUCKET_VAR) or None,
-                external=True, kind="external",
-            )
-        elif request.param == "seaweedfs":
-            from tests._seaweedfs import SeaweedFS
+    if kind == "external":
+        srv = S3Server(
+            endpoint_url=os.environ[ENDPOINT_VAR].rstrip("/"),
+            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            key=os.environ.get("AWS_ACCESS_KEY_ID"),
+            secret=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            bucket=os.environ.get(BUCKET_VAR) or None,
+            external=True, kind="external",
+        )
+    elif kind == "seaweedfs":
+        from tests._seaweedfs import SeaweedFS
 
-            _moto_env(mp)
-            weed = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), DUMMY_KEY, DUMMY_SECRET).start()
-            stop = weed.stop
-            _current = S3Server(endpoint_url=weed.endpoint_url, region="us-east-1", key=DUMMY_KEY,
-                                secret=DUMMY_SECRET, bucket=None, external=False, kind="seaweedfs")
-        else:
-            pytest.importorskip("moto")
-            from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+        _moto_env(_env_patch)
+        weed = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), DUMMY_KEY, DUMMY_SECRET).start()
+        stop = weed.stop
+        srv = S3Server(endpoint_url=weed.endpoint_url, region="us-east-1", key=DUMMY_KEY,
+                       secret=DUMMY_SECRET, bucket=None, external=False, kind="seaweedfs")
+    else:
+        pytest.importorskip("moto")
+        from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 
-            _moto_env(mp)
-            server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-            server.start()
-            stop = server.stop
-            host, port = server.get_host_and_port()
-            assert host == "127.0.0.1", host
-            _current = S3Server(endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1",
-                                key=DUMMY_KEY, secret=DUMMY_SECRET, bucket=None, external=False)
-        yield _current
-    finally:
-        _current = None
+        _moto_env(_env_patch)
+        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        moto.start()
+        stop = moto.stop
+        host, port = moto.get_host_and_port()
+        assert host == "127.0.0.1", host
+        srv = S3Server(endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1",
+                       key=DUMMY_KEY, secret=DUMMY_SECRET, bucket=None, external=False)
+    _running[kind] = (srv, stop)
+    _current = srv
+    return srv
+
+
+def stop_servers() -> None:
+    """Stop every server :func:`server` started (the session's end)."""
+    global _current
+    _current = None
+    for _srv, stop in _running.values():
         if stop is not None:
             stop()
-        mp.undo()
+    _running.clear()
+    _env_patch.undo()
 
 
-@pytest.fixture
-def s3_url(s3_server: S3Server) -> Iterator[str]:
-    """``s3://bucket/prefix``: an empty place of its own for one test."""
-    client = s3_server.client()
+def server_params() -> list[str]:
+    """The S3 servers this session runs S3 tests on."""
+    return _server_params()
+
+
+@pytest.fixture(scope="session", params=_server_params())
+def s3_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> S3Server:
+    """The S3 endpoint of a test: moto, then SeaweedFS, on 127.0.0.1 (or the endpoint that
+    CKPT_TEST_S3_ENDPOINT names)."""
+    return server(request.param, tmp_path_factory)
+
+
+@contextlib.contextmanager
+def fresh_place(srv: S3Server) -> Iterator[str]:
+    """``s3://bucket/prefix`` on ``srv``: an empty place of its own, emptied afterwards."""
+    client = srv.client()
     prefix = f"t-{uuid.uuid4().hex[:12]}"
-    bucket = s3_server.bucket
+    bucket = srv.bucket
     created = bucket is None
     if bucket is None:
         bucket = f"ckpt-test-{uuid.uuid4().hex[:16]}"
-        extra = ({} if s3_server.region == "us-east-1"
-                 else {"CreateBucketConfiguration": {"LocationConstraint": s3_server.region}})
+        extra = ({} if srv.region == "us-east-1"
+                 else {"CreateBucketConfiguration": {"LocationConstraint": srv.region}})
         client.create_bucket(Bucket=bucket, **extra)
+        _wait_for_bucket(client, bucket)
     try:
         yield f"s3://{bucket}/{prefix}"
     finally:
@@ -165,9 +197,32 @@ def s3_url(s3_server: S3Server) -> Iterator[str]:
 
 
 @pytest.fixture
+def s3_url(s3_server: S3Server) -> Iterator[str]:
+    """``s3://bucket/prefix``: an empty place of its own for one test."""
+    with fresh_place(s3_server) as url:
+        yield url
+
+
+@pytest.fixture
 def s3_options(s3_server: S3Server) -> dict[str, Any]:
-    """:func:`s3_storage_options` as a fixture."""
-    return s3_storage_options()
+    """The storage options of this test's server (the one ``s3_url`` is on)."""
+    return s3_server.storage_options()
+
+
+def _wait_for_bucket(client: Any, bucket: str, timeout_s: float = 30.0) -> None:
+    """Until a new bucket takes writes. SeaweedFS's gateway learns of a bucket from the
+    filer's metadata stream, so under load a PUT right after CreateBucket can still get
+    NoSuchBucket for a moment (AWS and moto: at once)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.put_object(Bucket=bucket, Key=".ready", Body=b"")
+            client.delete_object(Bucket=bucket, Key=".ready")
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _empty(client: Any, bucket: str, prefix: str) -> None:

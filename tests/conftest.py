@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from tests._s3server import *  # noqa: F401,F403
+from tests._s3server import fresh_place, server, server_params, stop_servers
 
 
 @dataclasses.dataclass
@@ -36,11 +37,17 @@ class RunPlace:
         self.storage().write_bytes(path, data)
 
 
-@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.s3)])
-def run_place(request: pytest.FixtureRequest) -> Iterator[RunPlace]:
-    """A fresh place for a run on local disk, then on the S3 server the tests start on
+@pytest.fixture(params=["file"] + [pytest.param(f"s3-{k}", marks=pytest.mark.s3) for k in server_params()])
+def run_place(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunPlace]:
+    """A fresh place for a run on local disk, then on each S3 server the tests start on
     127.0.0.1 (or the endpoint that CKPT_TEST_S3_* variables name)."""
     if request.param == "file":
         yield RunPlace(str(request.getfixturevalue("tmp_path") / "run"))
     else:
-        yield RunPlace(request.getfixturevalue("s3_url") + "/run", request.getfixturevalue("s3_options"))
+        srv = server(request.param.removeprefix("s3-"), tmp_path_factory)
+        with fresh_place(srv) as url:
+            yield RunPlace(url + "/run", srv.storage_options())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    stop_servers()  # the S3 servers the tests started

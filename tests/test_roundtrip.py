@@ -8,8 +8,8 @@ with tensors' raw bits so NaN payloads and -0.0 count.
 
 Backends are the parametrized ``url_factory`` fixture (fresh checkpoint URLs plus the
 ``storage_options`` that reach them); add a backend by adding a case to ``_BACKENDS``.
-An S3 case: ``UrlFactory(request.getfixturevalue("s3_url"),
-request.getfixturevalue("s3_options"))``, marked ``s3``.
+The S3 cases (``s3-moto``, ``s3-seaweedfs``) run on the servers tests/_s3server.py starts,
+marked ``s3``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import ckpt
 from ckpt._format import supported_dtypes
 from ckpt.errors import PickleNotAllowedError
 from ckpt.storage._memory import drop
+from tests._s3server import fresh_place, server, server_params
 
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 
@@ -75,19 +76,24 @@ def _memory_backend(request: pytest.FixtureRequest) -> Iterator[UrlFactory]:
     drop(name)
 
 
-def _s3_backend(request: pytest.FixtureRequest) -> Iterator[UrlFactory]:
-    """The local moto server (or CKPT_TEST_S3_ENDPOINT), real S3 protocol over HTTP."""
-    yield UrlFactory(request.getfixturevalue("s3_url"), request.getfixturevalue("s3_options"))
+def _s3_backend(kind: str) -> Callable[[pytest.FixtureRequest], Iterator[UrlFactory]]:
+    """A local S3 server of ``kind`` (moto, SeaweedFS; or CKPT_TEST_S3_ENDPOINT), real S3
+    protocol over HTTP."""
+    def backend(request: pytest.FixtureRequest) -> Iterator[UrlFactory]:
+        srv = server(kind, request.getfixturevalue("tmp_path_factory"))
+        with fresh_place(srv) as url:
+            yield UrlFactory(url, srv.storage_options())
+    return backend
 
 
 _BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Iterator[UrlFactory]]] = {
     "file": _file_backend,
     "memory": _memory_backend,
-    "s3": _s3_backend,
+    **{f"s3-{k}": _s3_backend(k) for k in server_params()},
 }
 
 
-@pytest.fixture(params=[pytest.param(b, marks=pytest.mark.s3) if b == "s3" else b for b in _BACKENDS])
+@pytest.fixture(params=[pytest.param(b, marks=pytest.mark.s3) if b.startswith("s3") else b for b in _BACKENDS])
 def url_factory(request: pytest.FixtureRequest) -> Iterator[UrlFactory]:
     """Fresh checkpoint URLs on one backend (one call per checkpoint: Hypothesis reuses
     the fixture across examples)."""

@@ -51,7 +51,7 @@ def _race(run: str, name: str, steps: list[int], opts: dict[str, Any]) -> list[t
         assert started.wait(60)
     go.set()
     out = []
-    for (p, _), s in zip(procs, steps):
+    for p, _ in procs:
         p.join(120)
         assert p.exitcode == 0
     for _ in steps:

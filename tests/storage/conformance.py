@@ -106,7 +106,7 @@ class StorageConformance:
             path = f"race-{round_}/manifest.json"
             bodies = [_payload(2000, seed=100 * round_ + i) for i in range(6)]
 
-            def create(body: bytes) -> bool:
+            def create(body: bytes, path: str = path) -> bool:
                 try:
                     storage.create_bytes(path, body)
                     return True

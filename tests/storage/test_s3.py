@@ -27,7 +27,7 @@ from ckpt.errors import (
 )
 from ckpt.storage import open_storage, split_checkpoint_url
 from ckpt.storage._s3 import S3Storage
-from tests._s3server import S3Server, s3_storage_options
+from tests._s3server import S3Server
 from tests.storage.conformance import StorageConformance
 
 pytestmark = pytest.mark.s3
@@ -44,8 +44,8 @@ def _split(url: str) -> tuple[str, str]:
 
 class TestS3Storage(StorageConformance):
     @pytest.fixture
-    def storage(self, s3_url: str) -> Iterator[S3Storage]:
-        st = open_storage(s3_url, **s3_storage_options())
+    def storage(self, s3_url: str, s3_options: dict[str, Any]) -> Iterator[S3Storage]:
+        st = open_storage(s3_url, **s3_options)
         assert isinstance(st, S3Storage)
         yield st
         st.close()
@@ -65,17 +65,17 @@ def test_open_storage_parses_bucket_and_prefix(s3_options: dict[str, Any]) -> No
         open_storage("s3:///no-bucket")
 
 
-def test_split_checkpoint_url(s3_url: str) -> None:
-    st, name = split_checkpoint_url(s3_url + "/run/step-000000100", **s3_storage_options())
+def test_split_checkpoint_url(s3_url: str, s3_options: dict[str, Any]) -> None:
+    st, name = split_checkpoint_url(s3_url + "/run/step-000000100", **s3_options)
     assert name == "step-000000100"
     assert st.url == s3_url + "/run"
     st.write_bytes(f"{name}/manifest.json", b"{}")
     assert st.list_dirs() == [name]
 
 
-def test_two_instances_see_each_others_changes(s3_url: str) -> None:
-    a = open_storage(s3_url, **s3_storage_options())
-    b = open_storage(s3_url, **s3_storage_options())
+def test_two_instances_see_each_others_changes(s3_url: str, s3_options: dict[str, Any]) -> None:
+    a = open_storage(s3_url, **s3_options)
+    b = open_storage(s3_url, **s3_options)
     assert b.list_dirs() == []
     a.write_bytes("step-1/manifest.json", b"{}")
     assert b.list_dirs() == ["step-1"]
@@ -84,17 +84,17 @@ def test_two_instances_see_each_others_changes(s3_url: str) -> None:
     assert b.list_dirs() == [] and not b.exists("step-1")
 
 
-def test_prefixes_isolate_storages(s3_url: str) -> None:
-    outer = open_storage(s3_url, **s3_storage_options())
-    inner = open_storage(s3_url + "/inner", **s3_storage_options())
+def test_prefixes_isolate_storages(s3_url: str, s3_options: dict[str, Any]) -> None:
+    outer = open_storage(s3_url, **s3_options)
+    inner = open_storage(s3_url + "/inner", **s3_options)
     inner.write_bytes("x.bin", b"1")
     outer.write_bytes("y.bin", b"2")
     assert [o.path for o in inner.list_files()] == ["x.bin"]
     assert [o.path for o in outer.list_files()] == ["inner/x.bin", "y.bin"]
 
 
-def test_delete_dir_refuses_the_root(s3_url: str) -> None:
-    st = open_storage(s3_url, **s3_storage_options())
+def test_delete_dir_refuses_the_root(s3_url: str, s3_options: dict[str, Any]) -> None:
+    st = open_storage(s3_url, **s3_options)
     st.write_bytes("keep.bin", b"1")
     with pytest.raises(StorageError):
         st.delete_dir("")
@@ -254,8 +254,8 @@ def test_secrets_never_show(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
     assert SECRET not in str(err) and TOKEN not in str(err) and "***" in str(err)
 
 
-def test_pickled_storage_still_works(s3_url: str) -> None:
-    st = open_storage(s3_url, **s3_storage_options())
+def test_pickled_storage_still_works(s3_url: str, s3_options: dict[str, Any]) -> None:
+    st = open_storage(s3_url, **s3_options)
     st.write_bytes("p.bin", b"pickled")
     clone = pickle.loads(pickle.dumps(st))
     assert clone.read_bytes("p.bin") == b"pickled"
@@ -273,7 +273,7 @@ def test_bad_credential_arguments() -> None:
 
 # -- errors -------------------------------------------------------------------------------
 def test_missing_bucket_is_a_clear_error(s3_server: S3Server) -> None:
-    st = S3Storage("ckpt-no-such-bucket", "run", **s3_storage_options())
+    st = S3Storage("ckpt-no-such-bucket", "run", **s3_server.storage_options())
     for op in (lambda: st.write_bytes("m.json", b"{}"), lambda: st.read_bytes("m.json"),
                lambda: st.size("m.json"), lambda: st.exists("m.json"), st.list_dirs,
                st.list_files, lambda: st.delete_dir("step-1")):
@@ -285,8 +285,8 @@ def test_missing_bucket_is_a_clear_error(s3_server: S3Server) -> None:
         assert info.value.hint
 
 
-def test_missing_object_is_a_plain_file_not_found(s3_url: str) -> None:
-    st = open_storage(s3_url, **s3_storage_options())
+def test_missing_object_is_a_plain_file_not_found(s3_url: str, s3_options: dict[str, Any]) -> None:
+    st = open_storage(s3_url, **s3_options)
     with pytest.raises(FileNotFoundError) as info:
         st.read_bytes("step-9/manifest.json")
     assert not isinstance(info.value, StorageError)
