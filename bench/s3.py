@@ -35,6 +35,7 @@ from bench._common import Config, Progress, md_table
 GIB = 1 << 30
 TENSOR_BYTES = 64 << 20  # the state is made of 64 MiB float32 tensors (the last may be smaller)
 THREADS = 8
+_KEY, _SECRET = "bench-key", "bench-secret"  # the servers' dummy credentials
 
 
 def _env() -> None:
@@ -42,7 +43,7 @@ def _env() -> None:
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
                 "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
         os.environ.pop(var, None)
-    os.environ.update(AWS_ACCESS_KEY_ID="bench-key", AWS_SECRET_ACCESS_KEY="bench-secret",
+    os.environ.update(AWS_ACCESS_KEY_ID=_KEY, AWS_SECRET_ACCESS_KEY=_SECRET,
                       AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
                       AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
                       NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
@@ -73,7 +74,6 @@ def _time(fn: Any) -> float:
 
 
 SERVERS = ("moto", "seaweedfs")
-_KEY, _SECRET = "bench-key", "bench-secret"
 _SERVER_NAMES = {"moto": "moto ThreadedMotoServer (in process, objects in memory)",
                  "seaweedfs": "SeaweedFS `weed server` (separate process, objects on local disk)"}
 
@@ -185,7 +185,6 @@ def _bench_on(endpoint: str, state: dict[str, torch.Tensor], repeats: int, quiet
 def run_s3(gib: float, out: str | None, repeats: int = 1, quiet: bool = False,
            servers: tuple[str, ...] = SERVERS) -> dict[str, Any]:
     _env()
-    os.environ.update(AWS_ACCESS_KEY_ID=_KEY, AWS_SECRET_ACCESS_KEY=_SECRET)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     state = make_state(int(gib * GIB))
     nbytes = sum(t.numel() * t.element_size() for t in state.values())

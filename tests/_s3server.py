@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-__all__ = ["s3_server", "s3_url", "s3_options", "s3_storage_options", "S3Server", "server", "server_params",
-           "stop_servers", "fresh_place"]
+__all__ = ["s3_server", "s3_url", "s3_options", "S3Server", "server", "server_params", "stop_servers",
+           "fresh_place"]
 
 ENDPOINT_VAR = "CKPT_TEST_S3_ENDPOINT"
 BUCKET_VAR = "CKPT_TEST_S3_BUCKET"
@@ -64,16 +64,6 @@ class S3Server:
         )
 
 
-_current: S3Server | None = None
-
-
-def s3_storage_options() -> dict[str, Any]:
-    """Keyword arguments for ``S3Storage`` / ``open_storage`` that reach the test server."""
-    if _current is None:
-        raise RuntimeError("the S3 test server is not running: request the s3_url fixture first")
-    return _current.storage_options()
-
-
 def _moto_env(mp: pytest.MonkeyPatch) -> None:
     for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
@@ -92,7 +82,8 @@ def _moto_env(mp: pytest.MonkeyPatch) -> None:
     mp.setenv("no_proxy", no_proxy)
 
 
-def _server_params() -> list[str]:
+def server_params() -> list[str]:
+    """The S3 servers this session runs S3 tests on (CKPT_TEST_S3_SERVERS, or external)."""
     if os.environ.get(ENDPOINT_VAR):
         return ["external"]
     chosen = [k.strip() for k in os.environ.get(SERVERS_VAR, ",".join(SERVERS)).split(",") if k.strip()]
@@ -110,10 +101,8 @@ _env_patch = pytest.MonkeyPatch()
 def server(kind: str, tmp_path_factory: pytest.TempPathFactory) -> S3Server:
     """The S3 server of ``kind`` (moto, seaweedfs or external), started on first use and
     kept for the session: one instance per kind, stopped by :func:`stop_servers`."""
-    global _current
     if kind in _running:
-        _current = _running[kind][0]
-        return _current
+        return _running[kind][0]
     pytest.importorskip("s3fs")
     pytest.importorskip("boto3")
     _env_patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
@@ -148,14 +137,11 @@ def server(kind: str, tmp_path_factory: pytest.TempPathFactory) -> S3Server:
         srv = S3Server(endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1",
                        key=DUMMY_KEY, secret=DUMMY_SECRET, bucket=None, external=False)
     _running[kind] = (srv, stop)
-    _current = srv
     return srv
 
 
 def stop_servers() -> None:
     """Stop every server :func:`server` started (the session's end)."""
-    global _current
-    _current = None
     for _srv, stop in _running.values():
         if stop is not None:
             stop()
@@ -163,12 +149,7 @@ def stop_servers() -> None:
     _env_patch.undo()
 
 
-def server_params() -> list[str]:
-    """The S3 servers this session runs S3 tests on."""
-    return _server_params()
-
-
-@pytest.fixture(scope="session", params=_server_params())
+@pytest.fixture(scope="session", params=server_params())
 def s3_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> S3Server:
     """The S3 endpoint of a test: moto, then SeaweedFS, on 127.0.0.1 (or the endpoint that
     CKPT_TEST_S3_ENDPOINT names)."""

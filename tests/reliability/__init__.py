@@ -110,14 +110,16 @@ def _setup_child(env: dict[str, str] | None) -> None:
 
 
 def save_worker(run: str, step: int, started: Any, env: dict[str, str] | None = None,
-                opts: dict[str, Any] | None = None, overwrite: bool = False, result: Any = None) -> None:
-    """Save make_state(step) to run/step-N; sets ``started`` right before the save."""
+                opts: dict[str, Any] | None = None, overwrite: bool = False, result: Any = None,
+                name: str | None = None) -> None:
+    """Save make_state(step) to run/step-N (or run/``name``); sets ``started`` right
+    before the save."""
     _setup_child(env)
     state = make_state(step)
     started.set()
     t0 = time.perf_counter()
     try:
-        ckpt.save(state, f"{run}/step-{step:09d}", step=step, overwrite=overwrite,
+        ckpt.save(state, f"{run}/{name or f'step-{step:09d}'}", step=step, overwrite=overwrite,
                   storage_options=opts)
     except Exception as e:  # noqa: BLE001 - reported to the parent, typed or not
         if result is not None:
@@ -125,6 +127,45 @@ def save_worker(run: str, step: int, started: Any, env: dict[str, str] | None = 
         return
     if result is not None:
         result.put(("ok", time.perf_counter() - t0, ""))
+
+
+class _Gate:
+    """``started`` for save_worker that, once set, waits for ``go``: the savers of a race
+    build their states first, then start their saves together."""
+
+    def __init__(self, started: Any, go: Any) -> None:
+        self.started, self.go = started, go
+
+    def set(self) -> None:
+        self.started.set()
+        self.go.wait(60)
+
+
+def _gated_save(run: str, step: int, name: str | None, opts: dict[str, Any] | None,
+                go: Any, started: Any, q: Any) -> None:
+    save_worker(run, step, _Gate(started, go), None, opts, False, q, name=name)
+
+
+def race_savers(run: str, steps: list[int], *, name: str | None = None,
+                opts: dict[str, Any] | None = None) -> list[tuple[str, Any, str]]:
+    """Save make_state(s) for each of ``steps`` in processes of their own, released
+    together (to run/step-N, or all to run/``name``); their results, sorted:
+    ``("ok", seconds, "")`` or ``("error", type name, message)``."""
+    c = ctx()
+    go, q = c.Event(), c.Queue()
+    procs = []
+    for s in steps:
+        started = c.Event()
+        p = c.Process(target=_gated_save, args=(run, s, name, opts, go, started, q), daemon=True)
+        p.start()
+        procs.append((p, started))
+    for _p, started in procs:
+        assert started.wait(60)
+    go.set()
+    for p, _ in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    return sorted(q.get(timeout=10) for _ in steps)
 
 
 def inject_kill(at: int, *, direct_writes: bool = False) -> None:

@@ -17,8 +17,8 @@ from tests.reliability import (
     ctx,
     gc_clean,
     make_state,
+    race_savers,
     save_many_worker,
-    save_worker,
 )
 
 COUNTS: dict[str, list[int]] = {}
@@ -37,42 +37,10 @@ def _report():
         print(f"\n[reliability] concurrency/{k}: {p}/{t} cases passed")
 
 
-def _pair(run, steps):
-    """Start two savers at once (released by one event); returns their results."""
-    c = ctx()
-    go, q = c.Event(), c.Queue()
-    procs = []
-    for s in steps:
-        started = c.Event()
-        p = c.Process(target=_gated_save, args=(run, s, go, started, q), daemon=True)
-        p.start()
-        procs.append((p, started))
-    for _p, started in procs:
-        assert started.wait(30)
-    go.set()
-    for p, _ in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    return sorted(q.get(timeout=10) for _ in steps)
-
-
-def _gated_save(run, step, go, started, q):
-    import threading
-
-    ev = threading.Event()
-
-    class Relay:  # save_worker sets "started" once its state is built; then wait for go
-        def set(self):
-            started.set()
-            go.wait(30)
-            ev.set()
-    save_worker(run, step, Relay(), None, None, False, q)
-
-
 def test_two_savers_different_steps(tmp_path):
     for n in range(3):
         run = str(tmp_path / f"run{n}")
-        res = _pair(run, [2, 3])
+        res = race_savers(run, [2, 3])
         assert [r[0] for r in res] == ["ok", "ok"], res
         assert committed_steps(run) == [3, 2]
         assert_bit_exact(f"{run}/step-000000003", 3)
@@ -85,7 +53,7 @@ def test_two_savers_same_step(tmp_path):
     outcomes = []
     for n in range(5):
         run = str(tmp_path / f"run{n}")
-        res = _pair(run, [2, 2])
+        res = race_savers(run, [2, 2])
         kinds = [r[0] if r[0] == "ok" else r[1] for r in res]
         outcomes.append(tuple(sorted(kinds)))
         assert kinds.count("ok") >= 1, res

@@ -14,57 +14,16 @@ import torch
 import ckpt
 from ckpt import tools
 from ckpt.storage import open_storage
-from tests.reliability import assert_bit_exact, blank_state, ctx, debris, make_state, save_worker
+from tests.reliability import assert_bit_exact, blank_state, debris, make_state, race_savers
 
 pytestmark = pytest.mark.s3
-
-
-def _gated_save(run: str, step: int, name: str, opts: dict[str, Any], go: Any, started: Any, q: Any) -> None:
-    """save_worker's save of make_state(step), under ``name``, released by ``go``."""
-    import ckpt as ck
-
-    real = ck.save
-
-    def save(state: Any, url: str, **kw: Any) -> Any:
-        return real(state, f"{run}/{name}", **kw)
-
-    ck.save = save  # type: ignore[assignment]
-
-    class Relay:  # save_worker sets "started" once its state is built; wait for go then
-        def set(self) -> None:
-            started.set()
-            go.wait(60)
-
-    save_worker(run, step, Relay(), None, opts, False, q)
-
-
-def _race(run: str, name: str, steps: list[int], opts: dict[str, Any]) -> list[tuple[int, str, str]]:
-    c = ctx()
-    go, q = c.Event(), c.Queue()
-    procs = []
-    for s in steps:
-        started = c.Event()
-        p = c.Process(target=_gated_save, args=(run, s, name, opts, go, started, q), daemon=True)
-        p.start()
-        procs.append((p, started))
-    for _p, started in procs:
-        assert started.wait(60)
-    go.set()
-    out = []
-    for p, _ in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    for _ in steps:
-        kind, a, b = q.get(timeout=10)
-        out.append((kind, a, b))
-    return out
 
 
 def test_two_savers_of_one_name_exactly_one_commits_a_whole_checkpoint(s3_url, s3_options):
     for n in range(3):
         run = f"{s3_url}/race{n}"
         # different states under one name: what loads tells whose checkpoint committed
-        res = _race(run, "ckpt", [2, 3], s3_options)
+        res = race_savers(run, [2, 3], name="ckpt", opts=s3_options)
         kinds = sorted(r[0] if r[0] == "ok" else r[1] for r in res)
         assert kinds == ["CheckpointExistsError", "ok"], res
         info = ckpt.list_checkpoints(run, storage_options=s3_options)

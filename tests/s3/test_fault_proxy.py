@@ -17,7 +17,7 @@ import torch
 import ckpt
 from ckpt.errors import StorageError
 from ckpt.storage._s3 import S3Storage
-from tests._s3server import S3Server, s3_storage_options
+from tests._s3server import S3Server
 from tests.s3._proxy import FAULTS, FaultProxy
 
 pytestmark = pytest.mark.s3
@@ -37,8 +37,9 @@ def proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
     p.stop()
 
 
-def _opts(p: FaultProxy, **extra: Any) -> dict[str, Any]:
-    return {**s3_storage_options(), "endpoint_url": p.endpoint_url, **extra}
+def _opts(p: FaultProxy, server_options: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """``server_options`` (the test's s3_options) with the proxy as the endpoint."""
+    return {**server_options, "endpoint_url": p.endpoint_url, **extra}
 
 
 def make_state(seed: int) -> dict[str, Any]:
@@ -78,9 +79,9 @@ def assert_bit_exact(got: dict[str, Any], want: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_save_and_load_survive_ten_percent_faults(proxy: FaultProxy, s3_url: str, seed: int) -> None:
+def test_save_and_load_survive_ten_percent_faults(proxy: FaultProxy, s3_url: str, s3_options: dict[str, Any], seed: int) -> None:
     proxy.configure(share=SHARE, seed=seed)
-    opts = _opts(proxy, deadline_s=60)
+    opts = _opts(proxy, s3_options, deadline_s=60)
     run = f"{s3_url}/run"
     snap = ckpt.Snapshotter(OPTIONS)
     try:
@@ -104,9 +105,9 @@ def test_save_and_load_survive_ten_percent_faults(proxy: FaultProxy, s3_url: str
     assert 0.04 * proxy.counts["requests"] < total < 0.2 * proxy.counts["requests"]
 
 
-def test_server_gone_fails_within_the_deadline(proxy: FaultProxy, s3_url: str) -> None:
+def test_server_gone_fails_within_the_deadline(proxy: FaultProxy, s3_url: str, s3_options: dict[str, Any]) -> None:
     deadline = 4.0
-    opts = _opts(proxy, deadline_s=deadline)
+    opts = _opts(proxy, s3_options, deadline_s=deadline)
     run = f"{s3_url}/run"
     first = make_state(7)
     snap = ckpt.Snapshotter(OPTIONS)
@@ -151,17 +152,17 @@ def test_server_gone_fails_within_the_deadline(proxy: FaultProxy, s3_url: str) -
         snap.close()
 
     # The committed checkpoint is intact, read straight from the server.
-    direct = s3_storage_options()
+    direct = s3_options
     got = zeros_like(first)
     ckpt.load(got, f"{run}/step-000000001", storage_options=direct)
     assert_bit_exact(got, first)
     assert [c.step for c in ckpt.list_checkpoints(run, storage_options=direct)] == [1]
 
 
-def test_closed_port_is_a_clear_error_within_the_deadline(proxy: FaultProxy, s3_url: str) -> None:
+def test_closed_port_is_a_clear_error_within_the_deadline(proxy: FaultProxy, s3_url: str, s3_options: dict[str, Any]) -> None:
     proxy.stop()  # its port is now closed
     bucket, prefix = urlsplit(s3_url).netloc, urlsplit(s3_url).path.strip("/")
-    st = S3Storage(bucket, prefix, **_opts(proxy, deadline_s=2.0))
+    st = S3Storage(bucket, prefix, **_opts(proxy, s3_options, deadline_s=2.0))
     for op in (lambda: st.write_bytes("m.json", b"{}"), lambda: st.read_bytes("m.json"), st.list_dirs):
         t0 = time.monotonic()
         with pytest.raises(StorageError) as info:
@@ -170,12 +171,12 @@ def test_closed_port_is_a_clear_error_within_the_deadline(proxy: FaultProxy, s3_
         assert "deadline" in str(info.value) and st.endpoint_url in str(info.value.hint)
 
 
-def test_multipart_upload_survives_faults(proxy: FaultProxy, s3_url: str) -> None:
+def test_multipart_upload_survives_faults(proxy: FaultProxy, s3_url: str, s3_options: dict[str, Any]) -> None:
     import os
 
     proxy.configure(share=0.2, seed=5)
     bucket, prefix = urlsplit(s3_url).netloc, urlsplit(s3_url).path.strip("/")
-    st = S3Storage(bucket, prefix, **_opts(proxy, deadline_s=60, part_bytes=5 << 20,
+    st = S3Storage(bucket, prefix, **_opts(proxy, s3_options, deadline_s=60, part_bytes=5 << 20,
                                           multipart_threshold=10 << 20, upload_concurrency=3))
     data = os.urandom((17 << 20) + 12345)  # 4 parts, the last one short
     st.write_bytes("big.bin", data)
@@ -185,9 +186,9 @@ def test_multipart_upload_survives_faults(proxy: FaultProxy, s3_url: str) -> Non
     assert st.read_bytes("big.bin", 5 << 20, (5 << 20) + 100) == data[5 << 20:(5 << 20) + 100]
 
 
-def test_failed_multipart_upload_is_aborted(proxy: FaultProxy, s3_url: str, s3_server: S3Server) -> None:
+def test_failed_multipart_upload_is_aborted(proxy: FaultProxy, s3_url: str, s3_options: dict[str, Any], s3_server: S3Server) -> None:
     bucket, prefix = urlsplit(s3_url).netloc, urlsplit(s3_url).path.strip("/")
-    st = S3Storage(bucket, prefix, **_opts(proxy, deadline_s=3, part_bytes=5 << 20,
+    st = S3Storage(bucket, prefix, **_opts(proxy, s3_options, deadline_s=3, part_bytes=5 << 20,
                                           multipart_threshold=10 << 20))
     # part 2 always fails (the server keeps answering 500): the upload cannot finish
     proxy.rules.append(lambda method, path: "500" if method == "PUT" and "partNumber=2&" in path + "&" else None)
