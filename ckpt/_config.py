@@ -95,6 +95,13 @@ def recycle(explicit: bool | None = None) -> bool:
     return setting("CKPT_RECYCLE", False, parse_flag, explicit)
 
 
+def node_dir(explicit: str | None = None) -> str:
+    """``CKPT_NODE_DIR`` (default ``/dev/shm/ckpt-<uid>``): this node's memory-tier
+    directory. Ranks that name one directory form one node; set it per torchrun agent to
+    make agents of one machine separate nodes."""
+    return setting("CKPT_NODE_DIR", f"/dev/shm/ckpt-{os.getuid()}", str, explicit)
+
+
 def debug() -> bool:
     """``CKPT_DEBUG`` (default off): the ``ckpt`` command shows tracebacks."""
     return setting("CKPT_DEBUG", False, parse_flag)

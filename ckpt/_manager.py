@@ -35,6 +35,7 @@ from ckpt._engine._coord import coordinator
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._recycle import purge_recycled, retire
 from ckpt._format import MANIFEST, step_dirname
+from ckpt.elastic._tier import MemoryTier
 from ckpt.errors import CheckpointError
 from ckpt.storage import open_storage
 
@@ -100,6 +101,14 @@ class CheckpointManager:
     deletes it. Only for runs that nobody reads while they train: a reader that opened a
     checkpoint before retention retired it can get the next step's bytes, with valid
     checksums. Off, a reader of a retired checkpoint gets a typed error, never other bytes.
+
+    ``memory_every_steps`` turns on the memory tier (:class:`ckpt.elastic.MemoryTier`):
+    every that many steps a snapshot into node-local shared memory (``CKPT_NODE_DIR``),
+    replicated to ``replicas`` other nodes; ``memory_keep`` steps at most per node,
+    ``memory_max_bytes`` a node's budget. ``restore()`` then resumes from the newest tier
+    step the surviving nodes can assemble, on any world size, before it looks at
+    persistent checkpoints (``restored_from`` says which). Persistent saves go on as
+    configured; ``close()`` deletes the job's tier.
     """
 
     def __init__(self, run: str | os.PathLike[str], *, every_steps: int | None = None,
@@ -109,7 +118,9 @@ class CheckpointManager:
                  save_on_signals: Sequence[int] | None = None,
                  exit_on_preemption: bool = True, save_on_close: bool = True,
                  options: SaveOptions | None = None, storage_options: dict[str, Any] | None = None,
-                 process_group: Any = None, allow_pickle: bool = False, recycle: bool | None = None) -> None:
+                 process_group: Any = None, allow_pickle: bool = False, recycle: bool | None = None,
+                 memory_every_steps: int | None = None, memory_keep: int = 2, replicas: int = 1,
+                 memory_max_bytes: int | None = None, node_dir: str | None = None) -> None:
         self.run = os.fspath(run).rstrip("/")
         self.recycle = config.recycle(recycle)
         self.policies: list[SavePolicy] = list(policies)
@@ -136,6 +147,12 @@ class CheckpointManager:
             self._agree_group = dist.new_group(ranks=ranks, backend="gloo")
         self.allow_pickle = allow_pickle
         self.snapshotter = Snapshotter(options)
+        self.tier = MemoryTier(self.run, every_steps=memory_every_steps, keep=memory_keep, replicas=replicas,
+                               max_bytes=memory_max_bytes, node_dir=node_dir, options=options,
+                               allow_pickle=allow_pickle, process_group=process_group) \
+            if memory_every_steps else None
+        self.restored_from: str | None = None  # "memory" or "persistent" after restore()
+        self.tier_restore: Any = None  # the TierRestore of a restore from memory
         if save_on_signals is None:
             # Under a torchrun elastic agent SIGTERM means "your group restarts" (a peer
             # died): a collective save would wait on the dead peer. SIGUSR1 stays a
@@ -190,6 +207,12 @@ class CheckpointManager:
                               RuntimeWarning, stacklevel=2)
         candidates = self.checkpoints() if self.coord.rank == 0 else None
         candidates = self.coord.broadcast(candidates)
+        if self.tier is not None:
+            newest = max((c.step for c in candidates if c.step is not None), default=None)
+            res = self.tier.restore(state, min_step=newest)
+            if res is not None:
+                self.restored_step, self.restored_from, self.tier_restore = res.step, "memory", res
+                return res.step + 1
         for info in candidates:
             err: BaseException | None = None
             try:
@@ -204,6 +227,7 @@ class CheckpointManager:
                               RuntimeWarning, stacklevel=2)
                 continue
             self.restored_step = info.step
+            self.restored_from = "persistent"
             self._last_saved = info.step
             return (info.step or 0) + 1 if info.step is not None else 0
         return 0
@@ -224,9 +248,10 @@ class CheckpointManager:
         if preempt:
             self._preempt(step, state)
             return None
-        if not due:
-            return None
-        return self.save(step, state)
+        handle = self.save(step, state) if due else None
+        if self.tier is not None and self.tier.due(step):
+            self.tier.snapshot(step, state)
+        return handle
 
     def save(self, step: int, state: dict[str, Any], *, block: bool = False) -> SaveHandle:
         """Snapshot now (asynchronously unless ``block``)."""
@@ -288,6 +313,8 @@ class CheckpointManager:
             self.wait()
         if self.exit_on_preemption:
             self._restore_handlers()
+            if self.tier is not None:
+                self.tier.close(remove=False)  # the job is not over: it resumes from here
             self.snapshotter.close()
             raise SystemExit(0)
 
@@ -312,6 +339,8 @@ class CheckpointManager:
         self.wait()
         if self.coord.rank == 0 and self.recycle:
             purge_recycled(self.storage)
+        if self.tier is not None:
+            self.tier.close()
         self.snapshotter.close()
         self._restore_handlers()
 

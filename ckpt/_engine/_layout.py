@@ -237,3 +237,16 @@ def pickle_objects(manifest: Manifest) -> list[tuple[str, str]]:
     """(key, checkpoint-relative path) of every pickled value."""
     return sorted((k, check_relpath(e["path"], key=k)) for k, e in manifest.entries.items()
                   if e.get("kind") == "pickle")
+
+
+def expected_objects(manifest: Manifest) -> dict[str, int | None]:
+    """Every object a checkpoint's manifest implies -> its exact size (None where only
+    presence is fixed: ``zarr.json`` files and pickles)."""
+    out: dict[str, int | None] = {}
+    for a in stored_arrays(manifest):
+        out[f"{a.path}/zarr.json"] = None
+        for _idx, path, region in a.shards():
+            out[path] = a.expected_size(region)
+    for _key, path in pickle_objects(manifest):
+        out[path] = None
+    return out

@@ -1,0 +1,380 @@
+"""The memory tier: per-step snapshots in node-local shared memory, replicated to peers.
+
+Every ``every_steps`` steps the state is saved through the same engine (async staging,
+the same format, crc32c per chunk) as one *global* checkpoint whose files are spread
+over the nodes: every rank writes the pieces the plan gives it into its own node's
+directory (``CKPT_NODE_DIR``, tmpfs), rank 0 commits in its directory and every other
+node's lowest rank (its *leader*) commits the same manifest in its own. A background
+thread then sends each node's files to the leaders of the next ``replicas`` nodes (a
+ring over a side gloo group, never the training group); once every node holds its own
+files and has received its predecessors', every leader writes ``complete.json``. The
+step is then held on ``1 + replicas`` nodes and the older steps are deleted.
+
+A tier step is taken or skipped by all ranks together: skipped while the previous one is
+still being replicated, or when the node has no room (a :class:`MemoryTierWarning`);
+training never waits for the tier beyond the optimizer hook of a snapshot in flight, and
+the tier never touches persistent checkpoints. :mod:`._recover` reads it back.
+
+Layout of a node directory (docs/format.md, "Memory tier")::
+
+    $CKPT_NODE_DIR/<job>/step-<9 digits>/  manifest.json, the files this node wrote,
+                                           replicas received (received-<node>.json lists
+                                           them), complete.json once held on 1+replicas nodes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckpt import _config as config
+from ckpt._api import SaveHandle, Snapshotter
+from ckpt._engine._options import SaveOptions
+from ckpt._format import MANIFEST, TMP_PREFIX, parse_step_dirname, step_dirname
+from ckpt.elastic._transfer import bundle_of, swap
+
+__all__ = ["MemoryTier", "MemoryTierWarning", "TierStats", "job_id"]
+
+COMPLETE = "complete.json"
+RECEIVED = "received-"  # received-<node index>.json: the files a replica brought
+META_KEY = "ckpt_tier"
+
+
+class MemoryTierWarning(RuntimeWarning):
+    """The memory tier skipped a step or could not be used; training goes on."""
+
+
+@dataclass
+class TierStats:
+    """What the tier did on this rank (bytes held and moved are this node's)."""
+
+    taken: int = 0
+    completed: int = 0
+    skipped_busy: int = 0
+    skipped_full: int = 0
+    failed: int = 0
+    last_complete: int | None = None
+    held_bytes: int = 0  # this node's tier now
+    peak_held_bytes: int = 0
+    replicated_bytes: int = 0  # sent to peers
+    replicate_s: float = 0.0
+    call_s: list[float] = field(default_factory=list)  # the save_async calls
+    finish_s: list[float] = field(default_factory=list)  # the background part after staging
+
+
+def job_id(run: str) -> str:
+    """The tier directory of one job: its run URL and torchrun's run id. Another job
+    (another run, or another ``--rdzv-id``) never reads it."""
+    run = run if "://" in run else os.path.abspath(run)
+    key = f"{run}\0{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, f))
+            except OSError:
+                pass
+    return total
+
+
+def own_files(step_dir: Path) -> list[str]:
+    """Files of a tier step this node wrote itself (checkpoint-relative), sorted."""
+    received: set[str] = set()
+    for listing in step_dir.glob(f"{RECEIVED}*.json"):
+        received.update(json.loads(listing.read_text()))
+    out = []
+    for dirpath, _dirs, files in os.walk(step_dir):
+        for f in files:
+            rel = os.path.relpath(os.path.join(dirpath, f), step_dir)
+            if rel in (MANIFEST, COMPLETE) or rel.startswith(RECEIVED) or rel.endswith(".part"):
+                continue
+            if rel not in received:
+                out.append(rel)
+    return sorted(out)
+
+
+class MemoryTier:
+    """Per-step snapshots of one job in node-local memory (see the module docstring).
+
+    ``every_steps``: take a step when ``(step + 1) % every_steps == 0``. ``keep``: tier
+    steps a node holds at most (the newest complete one(s) and the one being written).
+    ``replicas``: other nodes that hold a copy of each node's files. ``max_bytes``: this
+    node's tier budget (default: what the directory's file system has free).
+    ``node_dir``: overrides ``CKPT_NODE_DIR``.
+    """
+
+    def __init__(self, run: str, *, every_steps: int = 1, keep: int = 2, replicas: int = 1,
+                 max_bytes: int | None = None, node_dir: str | None = None,
+                 options: SaveOptions | None = None, allow_pickle: bool = False, process_group: Any = None) -> None:
+        if every_steps < 1 or keep < 2 or replicas < 0:
+            raise ValueError(f"memory tier: every_steps={every_steps} (>= 1), keep={keep} (>= 2: the newest "
+                             f"complete step and the one being written), replicas={replicas} (>= 0)")
+        self.every_steps, self.keep, self.replicas, self.max_bytes = every_steps, keep, replicas, max_bytes
+        self.allow_pickle = allow_pickle
+        self.node_dir = Path(config.node_dir(node_dir))
+        self.job = job_id(run)
+        self.root = self.node_dir / self.job
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.stats = TierStats()
+        self.snapshotter = Snapshotter(options)
+        self.process_group = process_group
+        self.group: Any = None  # the tier thread's collectives and transfers
+        self._agree_group: Any = None  # the training thread's agreement
+        self.rank, self.world_size = 0, 1
+        self._setup_groups()
+        self._topology()
+        (self.root / "job.json").write_text(json.dumps({"run": run, "job": self.job,
+                                                        "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}))
+        self._thread: threading.Thread | None = None
+        self._footprint = 0  # bytes this node's tier grew by in the last complete step
+        self._warned_single = False
+
+    # -- topology --------------------------------------------------------------
+    def _setup_groups(self) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        ranks = None if self.process_group is None else dist.get_process_group_ranks(self.process_group)
+        self.group = dist.new_group(ranks=ranks, backend="gloo")
+        self._agree_group = dist.new_group(ranks=ranks, backend="gloo")
+        self.rank, self.world_size = dist.get_rank(self.group), dist.get_world_size(self.group)
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if self.group is None:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` of group rank ``src`` on every rank."""
+        if self.group is None:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, src), group=self.group)
+        return box[0]
+
+    def global_rank(self, group_rank: int) -> int:
+        import torch.distributed as dist
+
+        return dist.get_global_rank(self.group, group_rank)
+
+    def all_ok(self, ok: bool, *, training_thread: bool = False) -> bool:
+        return not self.any_flags([not ok], training_thread=training_thread)[0]
+
+    def any_flags(self, flags: list[bool], *, training_thread: bool = False) -> list[bool]:
+        if self.group is None:
+            return flags
+        import torch.distributed as dist
+
+        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._agree_group if training_thread else self.group)
+        return [bool(x) for x in t.tolist()]
+
+    def _topology(self) -> None:
+        """Nodes are the distinct (host, node directory) pairs, in order of their lowest
+        rank; that rank is the node's leader."""
+        key = f"{socket.gethostname()}:{os.path.realpath(self.node_dir)}"
+        keys = self.all_gather(key)
+        order: list[str] = []
+        for k in keys:
+            if k not in order:
+                order.append(k)
+        self.nnodes = len(order)
+        self.node = order.index(key)
+        self.leaders = [keys.index(k) for k in order]  # group ranks
+        self.node_ranks = [[r for r, k in enumerate(keys) if k == n] for n in order]
+        self.leader = self.leaders[self.node] == self.rank
+
+    # -- taking a step (training thread) -----------------------------------------
+    def due(self, step: int) -> bool:
+        return (step + 1) % self.every_steps == 0
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _room(self) -> bool:
+        """Room on this node for one more step like the last one."""
+        need = self._footprint
+        st = os.statvfs(self.root)
+        if need and need > st.f_bavail * st.f_frsize:
+            return False
+        if self.max_bytes is not None and need and self.stats.held_bytes + need > self.max_bytes:
+            return False
+        return True
+
+    def snapshot(self, step: int, state: dict[str, Any]) -> SaveHandle | None:
+        """Take tier step ``step`` now (every rank calls this at the same steps); None
+        when the ranks agree to skip it."""
+        busy, full = self.any_flags([self.busy(), not self._room()], training_thread=True)
+        if busy:
+            self.stats.skipped_busy += 1
+            return None
+        if full:
+            self.stats.skipped_full += 1
+            where = f"{self.root} (budget {self.max_bytes} bytes)" if self.max_bytes else str(self.root)
+            warnings.warn(f"ckpt memory tier: no room for step {step} on a node ({where}; a step needs about "
+                          f"{self._footprint} bytes): step skipped, training and persistent checkpoints go on",
+                          MemoryTierWarning, stacklevel=3)
+            return None
+        t0 = time.perf_counter()
+        handle = self.snapshotter.save_async(
+            state, os.fspath(self.root / step_dirname(step)), step=step, overwrite=True,
+            allow_pickle=self.allow_pickle, process_group=self.group,
+            metadata={META_KEY: {"job": self.job, "nodes": self.nnodes, "replicas": self.replicas}})
+        self.stats.call_s.append(time.perf_counter() - t0)
+        self.stats.taken += 1
+        self._thread = threading.Thread(target=self._finish_logged, args=(step, handle),
+                                        name=f"ckpt-tier-{step}", daemon=True)
+        self._thread.start()
+        return handle
+
+    # -- finishing a step (tier thread) ---------------------------------------------
+    def _finish_logged(self, step: int, handle: SaveHandle) -> None:
+        try:
+            self._finish(step, handle)
+        except Exception as e:  # noqa: BLE001 - the tier never raises into training
+            self.stats.failed += 1
+            warnings.warn(f"ckpt memory tier: step {step} not held: {e!r}", MemoryTierWarning, stacklevel=1)
+
+    def _finish(self, step: int, handle: SaveHandle) -> None:
+        err = handle.exception()  # every rank learns a failure of any rank
+        t0 = time.perf_counter()
+        name = step_dirname(step)
+        if err is not None:
+            self.stats.failed += 1
+            if self.leader:
+                self.clean_tmp()
+            warnings.warn(f"ckpt memory tier: step {step} skipped: {err}", MemoryTierWarning, stacklevel=1)
+            return
+        manifest = (self.root / name / MANIFEST).read_bytes() if self.rank == 0 else None
+        manifest = self.broadcast(manifest)
+        ok = True
+        if self.leader:
+            try:
+                if self.rank != 0:
+                    self._commit_here(name, manifest)
+                self._replicate(name)
+            except Exception as e:  # noqa: BLE001 - reported through the agreement
+                ok = False
+                warnings.warn(f"ckpt memory tier: step {step} not replicated: {e!r}", MemoryTierWarning,
+                              stacklevel=1)
+        if not self.all_ok(ok):
+            self.stats.failed += 1
+            return
+        if self.leader:
+            held = min(1 + self.replicas, self.nnodes)
+            (self.root / name / COMPLETE).write_text(json.dumps({"step": step, "nodes": self.nnodes,
+                                                                  "held_on": held, "t": time.time()}))
+            before = self.stats.held_bytes
+            self._retain(name)
+            self.stats.held_bytes = tree_bytes(self.root)
+            self._footprint = max(tree_bytes(self.root / name), self.stats.held_bytes - before)
+            self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, self.stats.held_bytes)
+        self._footprint = max(self.all_gather(self._footprint))
+        self.stats.completed += 1
+        self.stats.last_complete = step
+        self.stats.finish_s.append(time.perf_counter() - t0)
+
+    def _commit_here(self, name: str, manifest: bytes) -> None:
+        """On a node other than rank 0's: the same commit in this node's directory."""
+        tmps = sorted(self.root.glob(f"{TMP_PREFIX}{name}-*"), key=lambda p: p.stat().st_mtime)
+        final = self.root / name
+        if final.exists():
+            shutil.rmtree(final)
+        if tmps:
+            src = tmps[-1]
+            for old in tmps[:-1]:
+                shutil.rmtree(old, ignore_errors=True)
+        else:  # this node's ranks were given nothing to write
+            src = self.root / f"{TMP_PREFIX}{name}-empty"
+            src.mkdir()
+        (src / MANIFEST).write_bytes(manifest)
+        os.rename(src, final)
+
+    def _replicate(self, name: str) -> None:
+        r = min(self.replicas, self.nnodes - 1)
+        if self.replicas and r < self.replicas and not self._warned_single:
+            self._warned_single = True
+            warnings.warn(f"ckpt memory tier: replicas={self.replicas} needs {self.replicas + 1} nodes, the job "
+                          f"has {self.nnodes}: each node's files are held on {r + 1}", MemoryTierWarning,
+                          stacklevel=1)
+        if r <= 0:
+            return
+        t0 = time.perf_counter()
+        step_dir = self.root / name
+        mine = bundle_of(step_dir, own_files(step_dir))
+        for d in range(1, r + 1):
+            dst = self.global_rank(self.leaders[(self.node + d) % self.nnodes])
+            src_node = (self.node - d) % self.nnodes
+            got = swap(self.group, mine, dst, step_dir, self.global_rank(self.leaders[src_node]))
+            (step_dir / f"{RECEIVED}{src_node}.json").write_text(json.dumps([p for p, _ in got]))
+            self.stats.replicated_bytes += mine.nbytes
+        self.stats.replicate_s += time.perf_counter() - t0
+
+    def _retain(self, newest: str) -> None:
+        """Keep the newest ``keep - 1`` complete steps (the next step takes the last place)."""
+        steps = sorted((p for p in self.root.iterdir() if parse_step_dirname(p.name) is not None),
+                       key=lambda p: parse_step_dirname(p.name) or 0)
+        complete = [p for p in steps if (p / COMPLETE).exists()]
+        keep = {p.name for p in complete[-(self.keep - 1):]} | {newest}
+        for p in steps:
+            if p.name not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+        self.clean_tmp()
+
+    def clean_tmp(self) -> None:
+        for p in self.root.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    # -- restore and the end ----------------------------------------------------
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def drop_steps(self, keep: str | None = None) -> None:
+        """Leaders delete this job's tier steps (all but ``keep``): after a restore, what
+        is left belongs to a timeline the job no longer follows."""
+        if self.leader and self.root.exists():
+            for p in self.root.iterdir():
+                if p.is_dir() and p.name != keep:
+                    shutil.rmtree(p, ignore_errors=True)
+            self.stats.held_bytes = tree_bytes(self.root)
+
+    def close(self, *, remove: bool = True) -> None:
+        """Wait for the step in flight; with ``remove`` (a clean end of the job) every
+        node's tier of this job is deleted once every rank is done with it."""
+        self.wait()
+        self.snapshotter.close()
+        if remove:
+            self.all_ok(True)  # nobody deletes while a peer may still read from it
+            if self.leader:
+                shutil.rmtree(self.root, ignore_errors=True)
+
+    def restore(self, state: dict[str, Any], *, min_step: int | None = None) -> Any:
+        """Load the newest tier step the surviving nodes can assemble (and not older than
+        ``min_step``) into ``state``; a :class:`~ckpt.elastic._recover.TierRestore` or
+        None. Every rank calls it."""
+        from ckpt.elastic._recover import restore_from_tier
+
+        return restore_from_tier(self, state, min_step=min_step)
