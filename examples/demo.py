@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -98,23 +99,32 @@ def agent_cmd(port: int, run: Path, args: argparse.Namespace, nnodes: str) -> li
             "--rdzv-conf=last_call_timeout=3,join_timeout=120,close_timeout=10,keep_alive_interval=1,keep_alive_max_attempt=3",
             "--max-restarts=5", "--monitor-interval=0.2",
             TRAIN, "--run-dir", str(run), "--steps", str(args.steps), "--every", str(args.every),
-            "--step-sleep", str(args.step_sleep), "--batch", str(args.batch)]
+            "--step-sleep", str(args.step_sleep), "--batch", str(args.batch),
+            "--memory-every", str(getattr(args, "memory_every", 0)), "--time-persistent-restore"]
 
 
-def elastic_run(out: Path, args: argparse.Namespace) -> tuple[float, dict]:
+def node_dirs(out: Path) -> list[Path]:
+    """One memory-tier directory per agent (CKPT_NODE_DIR): three "nodes" on one machine."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else out
+    return [base / f"ckpt-demo-{os.getuid()}-{os.getpid()}" / f"node{i}" for i in range(3)]
+
+
+def elastic_run(out: Path, args: argparse.Namespace) -> tuple[float, dict[str, Any]]:
     run = out / "run"
     port = free_port()
     logs = []
     agents = []
+    nodes = node_dirs(out)
     for i in range(3):
         log = open(out / f"agent{i}.log", "w")
         logs.append(log)
         agents.append(subprocess.Popen(agent_cmd(port, run, args, "2:3"), stdout=log, stderr=subprocess.STDOUT,
-                                       env=env(), start_new_session=True, cwd=ROOT))
+                                       env={**env(), "CKPT_NODE_DIR": str(nodes[i])}, start_new_session=True,
+                                       cwd=ROOT))
         if i == 0:
             time.sleep(1.0)  # the first agent hosts the rendezvous store; it must stay up
     print(f"[demo] 3 torchrun agents started (rendezvous 127.0.0.1:{port}); training...", flush=True)
-    kill_t = None
+    kill_t, kill_step = None, None
     deadline = time.time() + args.timeout
     while time.time() < deadline:
         time.sleep(0.2)
@@ -124,8 +134,10 @@ def elastic_run(out: Path, args: argparse.Namespace) -> tuple[float, dict]:
             victim = agents[2]
             kill_tree(victim.pid)
             kill_t = time.time()
-            print(f"[demo] killed agent 2 (pid {victim.pid}) and its worker at step {max(r['step'] for r in steps3)}",
-                  flush=True)
+            shutil.rmtree(nodes[2], ignore_errors=True)  # the node is gone, and its memory with it
+            kill_step = max(r["step"] for r in steps3)
+            print(f"[demo] killed agent 2 (pid {victim.pid}) and its worker at step {kill_step}; its node's memory "
+                  "is gone", flush=True)
         if kill_t is not None and all(a.poll() is not None for a in agents[:2]):
             break
         if kill_t is None and all(a.poll() is not None for a in agents):
@@ -134,6 +146,7 @@ def elastic_run(out: Path, args: argparse.Namespace) -> tuple[float, dict]:
         kill_tree(a.pid)
     for log in logs:
         log.close()
+    shutil.rmtree(nodes[0].parent, ignore_errors=True)
     codes = [a.wait() for a in agents[:2]]
     if kill_t is None:
         tail = (out / "agent0.log").read_text()[-3000:]
@@ -141,7 +154,7 @@ def elastic_run(out: Path, args: argparse.Namespace) -> tuple[float, dict]:
     if any(codes):
         tail = (out / "agent0.log").read_text()[-3000:]
         raise SystemExit(f"[demo] surviving agents exited with {codes}\n{tail}")
-    return kill_t, {}
+    return kill_t, {"kill_step": kill_step}
 
 
 def reference_run(out: Path, args: argparse.Namespace, resize_step: int) -> Path:
@@ -196,13 +209,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--step-sleep", type=float, default=0.05)
     ap.add_argument("--timeout", type=float, default=420)
+    ap.add_argument("--memory-every", type=int, default=1, help="memory-tier snapshot every N steps (0: off)")
     args = ap.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t_start = time.time()
 
-    kill_t, _ = elastic_run(out, args)
+    kill_t, info = elastic_run(out, args)
+    kill_step = info["kill_step"]
     recs = read_logs(out / "run" / "log")
     starts = [r for r in recs if r["event"] == "start"]
     resumed = [r for r in starts if r["t"] > kill_t]
@@ -249,11 +264,44 @@ def main() -> None:
         print(f"blocked time / ckpt      median {sorted(blocked)[len(blocked) // 2] * 1e3:.2f} ms, "
               f"max {max(blocked) * 1e3:.2f} ms (step time median "
               f"{sorted(step_times)[len(step_times) // 2] * 1e3:.1f} ms)")
-    print(f"resumed from             step {resume_from} on world size 2")
-    if first_after is not None:
-        print(f"MTTR (kill -> 1st step)  {first_after - kill_t:.2f} s")
+    sources = sorted({r.get("source") for r in resumed if r.get("source")})
+    print(f"resumed from             step {resume_from} on world size 2, from {' and '.join(sources) or '-'}")
+    persistent_steps = [r["persistent_step"] for r in resumed if r.get("persistent_step") is not None]
+    if kill_step is not None and resume_from is not None:
+        lost_p = kill_step - max(persistent_steps) if persistent_steps else None
+        print(f"steps lost               {kill_step - resume_from} (last step done {kill_step}, resumed after "
+              f"{resume_from}); from the newest persistent checkpoint it would be "
+              f"{'-' if lost_p is None else lost_p}")
+    tiers = [r["tier"] for r in resumed if r.get("tier")]
+    if tiers:
+        mib = 1 << 20
+        own, rep, peer = (sum(t[k] for t in tiers) / mib for k in ("own_bytes", "replica_bytes", "peer_bytes"))
+        print(f"bytes restored from      own memory {own:.2f} MiB, replicas held in memory {rep:.2f} MiB, "
+              f"peers over gloo {peer:.2f} MiB, persistent storage 0 MiB (each node's whole copy)")
     if restore_s:
-        print(f"restore (ckpt.restore)   {max(restore_s):.3f} s on the slowest rank")
+        pers = [r["restore_s"] for r in recs if r["event"] == "persistent_restore" and r["t"] > kill_t]
+        print(f"restore (ckpt.restore)   {max(restore_s):.3f} s on the slowest rank"
+              + (f"; the persistent checkpoint of step {max(persistent_steps)} takes {max(pers):.3f} s "
+                 f"(same state, same run, {max(pers) / max(restore_s):.2f}x)" if pers and persistent_steps else ""))
+    if first_after is not None and resumed:
+        born = min(r["proc_start"] for r in resumed if r.get("proc_start"))
+        init = max(r["init_t"] for r in resumed if r.get("init_t"))
+        started = max(r["t"] for r in resumed)
+        print(f"MTTR (kill -> 1st step)  {first_after - kill_t:.2f} s = detection + rendezvous + restart "
+              f"{born - kill_t:.2f} s, process start + group init {init - born:.2f} s, restore "
+              f"{started - init:.2f} s, first step {first_after - started:.2f} s")
+    tier_stats = [r["tier"] for r in recs if r["event"] == "checkpoints" and r.get("tier")]
+    if tier_stats:
+        calls = sorted(c for t in tier_stats for c in t["call_s"])
+        mib = 1 << 20
+        rep_b = sum(t["replicated_bytes"] for t in tier_stats)
+        rep_s = sum(t["replicate_s"] for t in tier_stats)
+        print(f"memory tier              {sum(t['completed'] for t in tier_stats)} steps held over the ranks "
+              f"({sum(t['skipped_busy'] for t in tier_stats)} skipped busy, "
+              f"{sum(t['skipped_full'] for t in tier_stats)} no room); call median "
+              f"{calls[len(calls) // 2] * 1e3:.2f} ms; node memory peak "
+              f"{max(t['peak_held_bytes'] for t in tier_stats) / mib:.1f} MiB; replicated "
+              f"{rep_b / mib:.0f} MiB at {rep_b / rep_s / 1e6 if rep_s else 0:.0f} MB/s")
     print(f"restore vs dcp.load      ckpt.load {t_ck * 1e3:.1f} ms, dcp.load {t_dcp * 1e3:.1f} ms "
           f"(same state, 1 process; {t_dcp / t_ck:.2f}x)")
     print(f"exactly-once samples     {'PASS' if exactly_once else 'FAIL'} ({len(ids)} samples, "

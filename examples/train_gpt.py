@@ -17,6 +17,7 @@ checkpoint stats); examples/demo.py reads them for its report.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -75,7 +76,18 @@ def sample(i: int, ctx: int, vocab: int) -> torch.Tensor:
     return torch.where(noise, torch.randint(vocab, (ctx + 1,), generator=g), seq)
 
 
+def process_start_time() -> float:
+    """Wall-clock time this process was created (Linux /proc), else now."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        btime = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration):
+        return time.time()
+
+
 def main() -> None:
+    t_main = time.time()
     ap = argparse.ArgumentParser()
     ap.add_argument("--run-dir", dest="run", required=True, help="checkpoint run directory or URL")
     ap.add_argument("--steps", type=int, default=60, help="stop after this global step")
@@ -86,6 +98,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="samples per rank per step")
     ap.add_argument("--step-sleep", type=float, default=0.0, help="seconds of extra work per step")
     ap.add_argument("--width", dest="d", type=int, default=128, help="model width")
+    ap.add_argument("--memory-every", type=int, default=0,
+                    help="memory-tier snapshot every N steps (0: off); CKPT_NODE_DIR names the node")
+    ap.add_argument("--time-persistent-restore", action="store_true",
+                    help="on a restore from memory, also time a load of the newest persistent checkpoint")
     ap.add_argument("--log", default=None, help="log directory (default <run>/log when local)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: rank i of a host on GPU LOCAL_RANK, NCCL (needs a GPU per local rank)")
@@ -99,18 +115,25 @@ def main() -> None:
         torch.cuda.set_device(device)
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    t_init = time.time()
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     torch.set_num_threads(1)
 
-    torch.manual_seed(1234)  # same initial weights on every rank
     ctx, vocab = 32, 256
-    model = GPT(vocab=vocab, d=args.d, ctx=ctx).to(device)
-    optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / 10))
-    sampler = ElasticSampler(args.dataset, args.batch, rank=rank, world_size=world, seed=7)
-    rng = ckpt.RNGState()
-    state = {"model": model, "optim": optim, "sched": sched, "sampler": sampler, "rng": rng}
+
+    def build() -> dict[str, object]:
+        torch.manual_seed(1234)  # same initial weights on every rank
+        model = GPT(vocab=vocab, d=args.d, ctx=ctx).to(device)
+        optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / 10))
+        sampler = ElasticSampler(args.dataset, args.batch, rank=rank, world_size=world, seed=7)
+        return {"model": model, "optim": optim, "sched": sched, "sampler": sampler}
+
+    state = build()
+    state["rng"] = ckpt.RNGState()
+    model, optim, sched, sampler = state["model"], state["optim"], state["sched"], state["sampler"]
+    assert isinstance(model, GPT) and isinstance(optim, torch.optim.AdamW) and isinstance(sampler, ElasticSampler)
 
     log_dir = args.log or os.path.join(args.run, "log")
     os.makedirs(log_dir, exist_ok=True)
@@ -120,11 +143,17 @@ def main() -> None:
         rec.update(t=time.time(), rank=rank, world=world, pid=os.getpid())
         logf.write(json.dumps(rec) + "\n")
 
-    mgr = ckpt.CheckpointManager(args.run, every_steps=args.every, keep_last=args.keep_last)
+    mgr = ckpt.CheckpointManager(args.run, every_steps=args.every, keep_last=args.keep_last,
+                                 memory_every_steps=args.memory_every or None)
+    latest = ckpt.latest(args.run) if args.time_persistent_restore else None
     t0 = time.perf_counter()
     start = mgr.restore(state)
+    tier = mgr.tier_restore.to_dict() if mgr.tier_restore is not None else None
     emit(event="start", start_step=start, restore_s=time.perf_counter() - t0,
-         restored_from=mgr.restored_step, epoch=sampler.epoch, consumed=sampler.consumed)
+         restored_from=mgr.restored_step, source=mgr.restored_from, tier=tier,
+         persistent_step=latest.step if latest is not None else None,
+         proc_start=process_start_time(), main_t=t_main, init_t=t_init,
+         epoch=sampler.epoch, consumed=sampler.consumed)
 
     params = [p for p in model.parameters()]
     it = iter(sampler)
@@ -168,6 +197,12 @@ def main() -> None:
              opt_s=opt_s, saved=handle is not None,
              save_call_s=handle.stats.call_s if handle is not None else 0.0)
         step += 1
+        if step == start + 1 and latest is not None and mgr.restored_from == "memory":
+            # for the report: the same state (but RNG) from the persistent checkpoint, into fresh
+            # objects, once the first step after the restore is done (MTTR does not include it)
+            t0 = time.perf_counter()
+            ckpt.load(build(), latest.url)
+            emit(event="persistent_restore", step=latest.step, restore_s=time.perf_counter() - t0)
         if args.stop_at is not None and step > args.stop_at:
             break
     mgr.close()  # saves the last step if it was not saved (a planned stop)
@@ -175,7 +210,8 @@ def main() -> None:
         if h.done() and h.exception() is None and h.stats.total_bytes:
             emit(event="checkpoint", step=h.step, blocked_s=h.stats.blocked_s, total_s=h.stats.total_s,
                  bytes=h.stats.bytes, total_bytes=h.stats.total_bytes)
-    emit(event="checkpoints", blocked_s=mgr.blocked_s, failures=[repr(e) for _, e in mgr.failures])
+    emit(event="checkpoints", blocked_s=mgr.blocked_s, failures=[repr(e) for _, e in mgr.failures],
+         tier=dataclasses.asdict(mgr.tier.stats) if mgr.tier is not None else None)
     if rank == 0:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(log_dir, "final.pt"))
     emit(event="end", step=step)

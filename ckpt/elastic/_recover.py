@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,12 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckpt._api import load
-from ckpt._engine._layout import expected_objects
+from ckpt._engine._layout import expected_objects, stored_arrays
 from ckpt._format import MANIFEST, Manifest, parse_step_dirname
 from ckpt._tools._common import object_sizes
-from ckpt._tools._verify import verify_checkpoint
 from ckpt.elastic._transfer import bundle_of, swap
-from ckpt.errors import CheckpointError
+from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.storage import open_storage
 
 if TYPE_CHECKING:
@@ -57,7 +57,8 @@ class TierRestore:
 
 
 def _held(root: Path, name: str, tier_job: str) -> dict[str, Any] | None:
-    """What a node holds of one tier step: manifest checksum and the good files."""
+    """What a node holds of one tier step: manifest checksum and the files present with
+    the size the manifest implies (their chunks' crc32c is checked as they load)."""
     d = root / name
     try:
         raw = (d / MANIFEST).read_bytes()
@@ -67,17 +68,25 @@ def _held(root: Path, name: str, tier_job: str) -> dict[str, Any] | None:
     if (m.user_metadata.get("ckpt_tier") or {}).get("job") != tier_job:
         return None  # another job's (never read)
     expected = expected_objects(m)
-    st = open_storage(str(root))
-    sizes = object_sizes(st, name)
-    report = verify_checkpoint(st, name)
-    bad = {p.path for p in report.problems if p.what != "missing"}
+    sizes = object_sizes(open_storage(str(root)), name)
     received: set[str] = set()
     for f in d.glob("received-*.json"):
         received.update(json.loads(f.read_text()))
-    good = {p: s for p, s in sizes.items() if p in expected and p not in bad
-            and (expected[p] is None or expected[p] == s)}
+    good = {p: s for p, s in sizes.items() if p in expected and (expected[p] is None or expected[p] == s)}
     return {"name": name, "step": m.step, "sha": hashlib.sha256(raw).hexdigest(), "created": m.created,
-            "files": good, "received": sorted(received & set(good)), "bad": sorted(bad)}
+            "files": good, "received": sorted(received & set(good))}
+
+
+def _bad_objects(err: CheckpointError, name: str, m: Manifest) -> list[str]:
+    """The checkpoint-relative objects a load error blames: its path, else every object
+    holding the key's data."""
+    path = (err.path or "").replace("file://", "")
+    cut = path.find(f"/{name}/")
+    if cut >= 0:
+        rel = path[cut + len(name) + 2:]
+        return [p for p in expected_objects(m) if p == rel or p.startswith(rel.rstrip("/") + "/")] or [rel]
+    return [f"{a.path}/{k}" for a in stored_arrays(m) if err.key in a.keys
+            for k in ["zarr.json", *(p.rsplit("/", 1)[1] for _i, p, _r in a.shards())]]
 
 
 def _candidates(reports: list[list[dict[str, Any]] | None]) -> list[tuple[int, str, str, list[int]]]:
@@ -127,50 +136,17 @@ def restore_from_tier(tier: MemoryTier, state: dict[str, Any], *, min_step: int 
     for step, name, sha, holders in _candidates(reports):
         if min_step is not None and step < min_step:
             break
-        held: list[dict[str, int]] = [next((h["files"] for h in rep or [] if h["sha"] == sha), {}) for rep in reports]
         src_node = holders[0]
-        manifest = None
-        if tier.node == src_node and tier.leader:
-            manifest = (tier.root / name / MANIFEST).read_bytes()
+        manifest = (tier.root / name / MANIFEST).read_bytes() if tier.node == src_node and tier.leader else None
         manifest = tier.broadcast(manifest, src=tier.leaders[src_node])
-        m = Manifest.from_json(manifest, where=name)
         if hashlib.sha256(manifest).hexdigest() != sha:
             continue
-        plan = _plan(expected_objects(m), held)
-        if isinstance(plan, str):
-            skipped.append(f"step {step}: {plan}")
-            continue
-        res = TierRestore(step=step, name=name, skipped=list(skipped))
-        ok = True
-        t_asm = time.perf_counter()
-        if tier.leader:
-            try:
-                _assemble(tier, name, manifest, plan, res, reports, sha)
-            except Exception as e:  # noqa: BLE001 - agreed below
-                ok = False
-                skipped.append(f"step {step}: assembling failed on node {tier.node}: {e!r}")
-        if not tier.all_ok(ok):
-            skipped.append(f"step {step}: could not be assembled on every node")
-            continue
-        res.assemble_s = time.perf_counter() - t_asm
-        acct = tier.all_gather((res.own_bytes, res.replica_bytes, res.peer_bytes) if tier.leader else None)
-        res.own_bytes, res.replica_bytes, res.peer_bytes = acct[tier.leaders[tier.node]]
-        t_load = time.perf_counter()
-        err: BaseException | None = None
-        try:
-            load(state, os.fspath(tier.root / name), allow_pickle=tier.allow_pickle,
-                 process_group=tier.process_group)
-        except CheckpointError as e:
-            err = e
-        if not tier.all_ok(err is None):
-            skipped.append(f"step {step}: {err if err is not None else 'a load failed on another rank'}")
-            warnings.warn(f"ckpt memory tier: step {step} did not load ({skipped[-1]}); trying an older one",
-                          RuntimeWarning, stacklevel=3)
-            continue
-        res.load_s = time.perf_counter() - t_load
-        res.seconds = time.perf_counter() - t0
-        tier.drop_steps(keep=name)
-        return res
+        res = _restore_step(tier, state, step, name, Manifest.from_json(manifest, where=name), manifest,
+                            [next((h for h in rep or [] if h["sha"] == sha), None) for rep in reports], skipped)
+        if res is not None:
+            res.seconds = time.perf_counter() - t0
+            tier.drop_steps(keep=name)
+            return res
     tier.drop_steps()
     if skipped:
         warnings.warn("ckpt memory tier: no tier step could be restored (" + "; ".join(skipped) + ")",
@@ -178,31 +154,82 @@ def restore_from_tier(tier: MemoryTier, state: dict[str, Any], *, min_step: int 
     return None
 
 
-def _assemble(tier: MemoryTier, name: str, manifest: bytes, plan: list[tuple[int, int, list[str]]],
-              res: TierRestore, reports: list[list[dict[str, Any]] | None], sha: str) -> None:
-    """Leaders only: give this node a whole copy of the step (the moves run in one global
-    order, each between two leaders, so every pair meets)."""
-    d = tier.root / name
-    mine = next((h for h in reports[tier.node] or [] if h["sha"] == sha), None)
-    if mine is None:  # nothing of it here (a new node, or its copy was another timeline's)
-        if d.exists():
-            import shutil
+def _restore_step(tier: MemoryTier, state: dict[str, Any], step: int, name: str, m: Manifest, manifest: bytes,
+                  holds: list[dict[str, Any] | None], skipped: list[str], attempts: int = 3) -> TierRestore | None:
+    """Assemble step ``name`` on every node and load it; a file that fails its checksum
+    is dropped on the node that read it and on the node it came from, then the step is
+    assembled again from the other holders (``attempts`` times at most)."""
+    held: list[dict[str, int]] = [dict(h["files"]) if h else {} for h in holds]
+    res = TierRestore(step=step, name=name, skipped=list(skipped))
+    if tier.leader and holds[tier.node] is not None:
+        h = holds[tier.node]
+        assert h is not None
+        received = set(h["received"])
+        res.replica_bytes = sum(sz for p, sz in h["files"].items() if p in received)
+        res.own_bytes = sum(sz for p, sz in h["files"].items() if p not in received)
+    for _attempt in range(attempts):
+        plan = _plan(expected_objects(m), held)
+        if isinstance(plan, str):
+            skipped.append(f"step {step}: {plan}")
+            return None
+        ok = True
+        t_asm = time.perf_counter()
+        if tier.leader:
+            try:
+                _assemble(tier, name, manifest, plan, res, holds[tier.node] is not None, held[tier.node])
+            except Exception as e:  # noqa: BLE001 - agreed below
+                ok = False
+                skipped.append(f"step {step}: assembling failed on node {tier.node}: {e!r}")
+        if not tier.all_ok(ok):
+            skipped.append(f"step {step}: could not be assembled on every node")
+            return None
+        res.assemble_s += time.perf_counter() - t_asm
+        t_load = time.perf_counter()
+        err: CheckpointError | None = None
+        try:
+            load(state, os.fspath(tier.root / name), allow_pickle=tier.allow_pickle,
+                 process_group=tier.process_group)
+        except CheckpointError as e:
+            err = e
+        res.load_s += time.perf_counter() - t_load
+        bad = _bad_objects(err, name, m) if isinstance(err, CorruptCheckpointError) else []
+        outcomes = tier.all_gather((err is None, bad, str(err) if err is not None else None))
+        if all(o[0] for o in outcomes):
+            acct = tier.all_gather((res.own_bytes, res.replica_bytes, res.peer_bytes) if tier.leader else None)
+            res.own_bytes, res.replica_bytes, res.peer_bytes = acct[tier.leaders[tier.node]]
+            return res
+        hopeless = [o[2] for o in outcomes if not o[0] and not o[1]]
+        if hopeless:
+            skipped.append(f"step {step}: {hopeless[0]}")
+            return None
+        for rank, (_ok, paths, text) in enumerate(outcomes):
+            node = next(n for n, ranks in enumerate(tier.node_ranks) if rank in ranks)
+            for p in paths:
+                for src, dst, moved in plan:  # a fetched copy is only as good as its source
+                    if dst == node and p in moved:
+                        held[src].pop(p, None)
+                held[node].pop(p, None)
+            warnings.warn(f"ckpt memory tier: node {node}'s copy of {name}/{', '.join(paths)} is damaged "
+                          f"({text}): using another node's copy", RuntimeWarning, stacklevel=4)
+    skipped.append(f"step {step}: still damaged after {attempts} attempts")
+    return None
 
+
+def _assemble(tier: MemoryTier, name: str, manifest: bytes, plan: list[tuple[int, int, list[str]]],
+              res: TierRestore, holds_step: bool, have: dict[str, int]) -> None:
+    """Leaders only: give this node a whole copy of the step (the moves run in one global
+    order, each between two leaders, so every pair meets). Files of the step this node
+    has but does not count as held (damaged) are replaced."""
+    d = tier.root / name
+    if not holds_step:  # nothing of it here (a new node, or its copy was another timeline's)
+        if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
         (d / MANIFEST).write_bytes(manifest)
-    else:
-        received = set(mine["received"])
-        for p, s in mine["files"].items():
-            if p in received:
-                res.replica_bytes += s
-            else:
-                res.own_bytes += s
-        for p in mine["bad"]:
-            (d / p).unlink(missing_ok=True)
     for src, dst, paths in plan:
         if tier.node == src:
             swap(tier.group, bundle_of(d, paths), tier.global_rank(tier.leaders[dst]), None, None)
         elif tier.node == dst:
             got = swap(tier.group, None, None, d, tier.global_rank(tier.leaders[src]))
             res.peer_bytes += sum(s for _, s in got)
+            have.update(got)
