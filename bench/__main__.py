@@ -5,7 +5,8 @@ Scenarios (``--only`` picks some): ``hardware`` (the storage's and memory's own 
 time, over k and over state size), ``files`` (what writing the checkpoint's files costs
 the loop: ckpt vs its files written raw vs the same bytes as one file), ``durable`` (time to durable and persisted GB/s over
 state size), ``restore`` (restore time, same layout and resharded 4->2, 4->3 ranks),
-``memory`` (peak host memory during a save), ``s3`` (save/load to a local S3 server).
+``memory`` (peak host memory during a save), ``s3`` (save/load to a local S3 server),
+``tier`` (the memory tier: per-step cost, replication against raw gloo, restore from it).
 
 Writes ``results.json`` (every raw figure, the machine, the versions), ``summary.md``
 (the tables and the goals) and PNG plots into ``--out``.
@@ -28,9 +29,9 @@ import torch
 from bench._common import Config, Progress, fmt, machine_info, md_table
 from bench.train_loop import sweep_k
 
-SCENARIOS = ("hardware", "train", "files", "durable", "restore", "memory", "s3")
+SCENARIOS = ("hardware", "train", "files", "durable", "restore", "memory", "s3", "tier")
 MODULES = {"hardware": "bench.hardware", "train": "bench.train_loop", "files": "bench.files", "durable": "bench.durable",
-           "restore": "bench.restore", "memory": "bench.memory", "s3": "bench.s3"}
+           "restore": "bench.restore", "memory": "bench.memory", "s3": "bench.s3", "tier": "bench.tier"}
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -150,6 +151,13 @@ def goals(results: dict[str, Any], cfg: Config) -> list[dict[str, Any]]:
             val = peak * (1 << 20) / row["pool_bytes"]
         out.append({"goal": "peak host memory during save / configured pool", "value": val, "target": None,
                     "op": "within", "met": bool(mem["goal_pool_met"]), "how": "RSS above the pre-save level"})
+    ti = results.get("tier")
+    if ti:
+        sc, rp = ti["step_cost"], ti["replication"]
+        goal("memory tier: blocked per step / step time", max(0.0, sc["blocked_over_step"]), 0.03, False,
+             f"tier snapshot every step, {sc['state_bytes'] / (1 << 30):.2f} GiB, one process, one torch thread")
+        goal("memory tier: replication GB/s / raw gloo GB/s", rp["over_raw"], 0.8, True,
+             "2 ranks on loopback, same bytes")
     if tr is not None and hw is not None and hw.get("d2h_pinned_gbps"):
         s = tr["summary"]
         goal("GPU: blocked / iteration time", max(0.0, s["ckpt"]["blocked_per_ckpt_s"]) / s["baseline"]["iter_s"],

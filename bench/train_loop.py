@@ -131,6 +131,18 @@ def pick_batch(model: nn.Module, d: int, target_s: float) -> tuple[int, float]:
     return b, fwd_bwd_seconds(model, d, b)
 
 
+def bench_model(state_gib: float) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any], int, float, int, float]:
+    """The bench model of ``state_gib`` and a batch whose fwd+bwd is about 1.5x a memcpy
+    of the state: (model, optimizer, shape, state bytes, memcpy s, batch, fwd+bwd s)."""
+    model, opt, shape = build(state_gib)
+    tensors = state_tensors(model, opt)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    memcpy_s = memcpy_seconds(tensors)
+    del tensors
+    batch, fb_s = pick_batch(model, shape["d"], 1.5 * memcpy_s)
+    return model, opt, shape, nbytes, memcpy_s, batch, fb_s
+
+
 # --------------------------------------------------------------------------- variants
 
 
@@ -319,12 +331,7 @@ def steps(cfg: Config) -> int:
 
 def run_one(cfg: Config, tmp: Path, progress: Progress, state_gib: float, every: int) -> dict[str, Any]:
     progress.step(f"train loop {state_gib:g} GiB, every {every}: building the model")
-    model, opt, shape = build(state_gib)
-    tensors = state_tensors(model, opt)
-    nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    memcpy_s = memcpy_seconds(tensors)
-    del tensors
-    batch, fb_s = pick_batch(model, shape["d"], 1.5 * memcpy_s)
+    model, opt, shape, nbytes, memcpy_s, batch, fb_s = bench_model(state_gib)
     x = torch.randn(batch, shape["d"], device=DEVICE)
     steps_ = n_steps(cfg, every)
     train(model, opt, x, 3, every + 3, Variant(model, opt, tmp))  # warm-up steps

@@ -30,7 +30,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert summary.startswith("## ckpt benchmark") and "### Goals" in summary
     for key in ("cpu_count", "ram_gib", "torch", "tensorstore", "zarr", "date"):
         assert r["machine"][key]
-    assert r["scenarios"] == ["hardware", "train", "files", "durable", "restore", "memory", "s3"]
+    assert r["scenarios"] == ["hardware", "train", "files", "durable", "restore", "memory", "s3", "tier"]
     res = r["results"]
     for name in r["scenarios"]:
         assert res[name]["markdown"].startswith("### "), name
@@ -77,6 +77,11 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert ck["pool_bytes"] > 0 and 0 < ck["pool_peak_bytes"] <= ck["pool_bytes"]  # the pool never exceeds itself
 
     assert {row["variant"] for row in res["s3"]["rows"]} == {"ckpt", "dcp", "s3fs"}
+
+    ti = res["tier"]
+    assert ti["step_cost"]["taken"] >= 1 and math.isfinite(ti["step_cost"]["blocked_over_step"])
+    assert _finite_positive(ti["replication"]["swap_gbps"]) and _finite_positive(ti["replication"]["raw_gbps"])
+    assert _finite_positive(ti["restore"]["tier_s"])
 
     goals = r["goals"]
     assert any(g["goal"].startswith("blocked / torch.save") for g in goals)
