@@ -82,6 +82,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert ti["step_cost"]["taken"] >= 1 and math.isfinite(ti["step_cost"]["blocked_over_step"])
     assert _finite_positive(ti["replication"]["swap_gbps"]) and _finite_positive(ti["replication"]["raw_gbps"])
     assert _finite_positive(ti["restore"]["tier_s"])
+    assert _finite_positive(ti["replication"]["new_file_write_gbps"])
 
     goals = r["goals"]
     assert any(g["goal"].startswith("blocked / torch.save") for g in goals)
