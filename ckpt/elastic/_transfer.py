@@ -1,7 +1,7 @@
 """Files of a memory-tier step moved between nodes over a gloo group.
 
-A *bundle* is the list of files one node sends another: first two lengths (header bytes
-and file count), then the header (JSON: checkpoint-relative paths and sizes), then one
+A *bundle* is the list of files one node sends another: first the header's length, then
+the header (JSON: checkpoint-relative paths and sizes), then one
 message per non-empty file. Each file goes over the wire straight from a memory map of
 the sender's copy into a memory map of the receiver's (tmpfs pages in, tmpfs pages
 out): no staging buffer, no copy beyond the socket's. A received file is written beside
@@ -83,8 +83,8 @@ def swap(group: Any, send: Bundle | None, dst: int | None, recv_root: Path | Non
     head_out = lens_out = None
     if send is not None and sending:
         head_out = torch.frombuffer(bytearray(send.header()), dtype=torch.uint8)
-        lens_out = torch.tensor([head_out.numel(), len(send.paths)], dtype=torch.int64)
-    lens_in = torch.zeros(2, dtype=torch.int64) if receiving else None
+        lens_out = torch.tensor([head_out.numel()], dtype=torch.int64)
+    lens_in = torch.zeros(1, dtype=torch.int64) if receiving else None
     _exchange(dist, group, lens_out, dst, lens_in, src)
     head_in = torch.empty(int(lens_in[0]), dtype=torch.uint8) if lens_in is not None else None
     _exchange(dist, group, head_out, dst, head_in, src)
