@@ -147,10 +147,14 @@ class Snapshotter:
     def save_async(self, state: dict[str, Any], url: str | os.PathLike[str], *, step: int | None = None,
                    overwrite: bool = False, allow_pickle: bool = False,
                    storage_options: dict[str, Any] | None = None, process_group: Any = None,
-                   metadata: dict[str, Any] | None = None, if_busy: str | None = None) -> SaveHandle:
+                   metadata: dict[str, Any] | None = None, if_busy: str | None = None,
+                   recycle_here: bool | None = None) -> SaveHandle:
+        """As :func:`ckpt.save_async`. ``recycle_here`` (every rank passes it, or none):
+        where each node has a storage of its own, the ranks passing True each rename a
+        recycle slot of theirs into the write directory (default: rank 0 only)."""
         return self._submit(state, url, step=step, overwrite=overwrite, allow_pickle=allow_pickle,
                             storage_options=storage_options, process_group=process_group, metadata=metadata,
-                            if_busy=if_busy)
+                            if_busy=if_busy, recycle_here=recycle_here)
 
     def save(self, state: dict[str, Any], url: str | os.PathLike[str], **kwargs: Any) -> SaveStats:
         """Save and return once durable and committed (``ckpt.save``; keyword arguments as
@@ -160,7 +164,8 @@ class Snapshotter:
     def _submit(self, state: dict[str, Any], url: str | os.PathLike[str], *, step: int | None = None,
                 overwrite: bool = False, allow_pickle: bool = False,
                 storage_options: dict[str, Any] | None = None, process_group: Any = None,
-                metadata: dict[str, Any] | None = None, if_busy: str | None = None) -> SaveHandle:
+                metadata: dict[str, Any] | None = None, if_busy: str | None = None,
+                recycle_here: bool | None = None) -> SaveHandle:
         t0 = time.perf_counter()
         policy = if_busy or self.options.if_busy
         prev = self._job
@@ -195,7 +200,7 @@ class Snapshotter:
                           pool=self._pool_for(bool(devices)), options=self.options, plan_cache=self._plan_cache,
                           overwrite=overwrite, user_metadata=dict(metadata or {}),
                           streams=self._copy_streams(devices), t_call=t0,
-                          early_error=early)
+                          early_error=early, recycle_here=recycle_here)
         self._job = job
         job.start()  # with inline staging (SaveOptions.cpu_staging), the copy happens now
         call = time.perf_counter() - t0

@@ -4,7 +4,13 @@ Retention keeps the tree of one retired checkpoint (its manifest deleted first: 
 longer a checkpoint) as ``.tmp-recycle-<id>/``; the next save renames it to its write
 directory and overwrites its files in place, so a checkpoint of an unchanged state
 allocates no inode and no block: creating and deleting a few hundred files per checkpoint
-is most of what a save costs the loop on file systems where inode allocation is expensive.
+is most of what a save costs the loop on file systems where inode allocation is expensive
+(on tmpfs, the memory tier's, a new page costs its first touch).
+
+Taking a slot sets every file's modification time to the epoch: a file the save rewrites
+gets a new one, so before the commit every file still at the epoch is another step's and
+is deleted (:func:`prune_stale`), whether or not the new manifest names it. A checkpoint
+committed in a recycled tree holds this save's bytes only.
 """
 
 from __future__ import annotations
@@ -13,11 +19,11 @@ import logging
 import os
 import uuid
 
-from ckpt._engine._layout import pickle_objects, stored_arrays
-from ckpt._format import MANIFEST, TMP_PREFIX, Manifest
+from ckpt._format import TMP_PREFIX
 from ckpt.storage import Storage
 
-__all__ = ["RECYCLE_PREFIX", "retire", "take_recycled", "prune_recycled", "purge_recycled"]
+__all__ = ["RECYCLE_PREFIX", "retire", "take_recycled", "prune_recycled", "prune_stale",
+           "purge_recycled"]
 
 RECYCLE_PREFIX = f"{TMP_PREFIX}recycle-"
 log = logging.getLogger("ckpt")
@@ -53,35 +59,55 @@ def take_recycled(storage: Storage, write_dir: str) -> set[str] | None:
             storage.rename_dir(d, write_dir)
         except OSError:  # taken or deleted meanwhile
             continue
-        root = storage.local_path(write_dir)
-        return {os.path.relpath(os.path.join(dp, f), root).replace(os.sep, "/")
-                for dp, _dn, fn in os.walk(root) for f in fn}
+        return _mark_stale(os.fspath(storage.local_path(write_dir)))
     return None
 
 
-def prune_recycled(storage: Storage, write_dir: str, manifest: Manifest, old_files: set[str]) -> int:
-    """Before the commit of a save into a recycled tree: delete the old files the new
-    manifest does not refer to (the state's structure changed), then empty directories.
-    Only files the tree held before the save are candidates. Returns how many went."""
-    keep = {MANIFEST}
-    for a in stored_arrays(manifest):
-        keep.add(f"{a.path}/zarr.json")
-        keep.update(path for _, path, _ in a.shards())
-    keep.update(path for _, path in pickle_objects(manifest))
-    root = storage.local_path(write_dir)
-    gone = sorted(old_files - keep)
-    for rel in gone:
-        try:
-            os.unlink(os.path.join(root, rel))
-        except FileNotFoundError:
-            pass
+def _mark_stale(root: str) -> set[str]:
+    """Every file under ``root`` gets the epoch as its modification time (one that cannot
+    be marked is deleted); the files (root-relative paths)."""
+    out = set()
+    for dp, _dn, fn in os.walk(root):
+        for f in fn:
+            path = os.path.join(dp, f)
+            try:
+                os.utime(path, ns=(0, 0), follow_symlinks=False)
+            except OSError:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+                continue
+            out.add(os.path.relpath(path, root).replace(os.sep, "/"))
+    return out
+
+
+def prune_stale(root: str) -> int:
+    """Delete every file under ``root`` still at the epoch (not rewritten since its tree
+    was taken as a slot), then empty directories. Returns how many files went."""
+    gone = 0
+    for dp, _dn, fn in os.walk(root):
+        for f in fn:
+            path = os.path.join(dp, f)
+            try:
+                if os.lstat(path).st_mtime_ns == 0:
+                    os.unlink(path)
+                    gone += 1
+            except FileNotFoundError:
+                pass
     for dp, _dn, _fn in sorted(os.walk(root), key=lambda w: -len(w[0])):
-        if dp != str(root):
+        if dp != root:
             try:
                 os.rmdir(dp)  # only an empty one goes
             except OSError:
                 pass
-    return len(gone)
+    return gone
+
+
+def prune_recycled(storage: Storage, write_dir: str) -> int:
+    """Before the commit of a save into a recycled tree: delete the files the save did not
+    rewrite (another step's bytes, valid checksums included), then empty directories."""
+    return prune_stale(os.fspath(storage.local_path(write_dir)))
 
 
 def purge_recycled(storage: Storage) -> None:

@@ -149,8 +149,12 @@ class SnapshotJob:
     def __init__(self, *, prep: Prepared, storage: Storage, name: str, step: int | None,
                  coord: LocalCoordinator | DistCoordinator, pool: HostPool, options: SaveOptions,
                  plan_cache: dict[str, GlobalPlan], overwrite: bool, user_metadata: dict[str, Any],
-                 streams: dict[Any, list[Any]], t_call: float, early_error: Exception | None = None) -> None:
+                 streams: dict[Any, list[Any]], t_call: float, early_error: Exception | None = None,
+                 recycle_here: bool | None = None) -> None:
         self.prep = prep
+        # None: rank 0 takes a recycle slot of the (shared) storage; a bool on every rank:
+        # each rank so marked takes one of its own storage (a storage per node: the tier's)
+        self.recycle_here = recycle_here
         self._early_error = early_error  # describing the state failed on this rank
         self.storage = storage
         self.name = name
@@ -173,7 +177,7 @@ class SnapshotJob:
         self._callbacks: list[Callable[[SnapshotJob], None]] = []
         self._cb_lock = threading.Lock()
         self._plan_obj: GlobalPlan | None = None
-        self._recycled: set[str] | None = None  # rank 0, writing into a recycled tree: the files it held
+        self._recycled: set[str] | None = None  # writing into a recycled tree it took: the files it held
         self.in_recycled = False  # every rank: the write directory is a recycled tree
         self._thread = threading.Thread(target=self._run, name=f"ckpt-save-{name}", daemon=True)
 
@@ -268,7 +272,7 @@ class SnapshotJob:
                         "a committed checkpoint already exists here", path=self.url,
                         hint="save under another step/name, or pass overwrite=True")
                 decision["target"] = self.committer.target(self.name)
-                if self.storage.capabilities.atomic_rename:
+                if self.storage.capabilities.atomic_rename and self.recycle_here is not False:
                     # a tree retention retired becomes the write directory (files overwritten in place)
                     self._recycled = take_recycled(self.storage, decision["target"].dir)
                     decision["recycled"] = self._recycled is not None
@@ -279,6 +283,11 @@ class SnapshotJob:
             err = decision["error"]
             raise err if isinstance(err, BaseException) else CheckpointError(str(err), path=self.url)
         self.in_recycled = bool(decision.get("recycled"))
+        if self.recycle_here is not None:  # a storage per node: each node's marked rank takes its slot
+            if self.recycle_here and self.coord.rank != 0:
+                self._recycled = take_recycled(self.storage, decision["target"].dir)
+            self.coord.barrier()  # nobody writes before its node's slot became the write directory
+            self.in_recycled = True  # may be, on this node: a write must expect an older tree
         return decision["target"]
 
     def _plan(self) -> GlobalPlan:
@@ -422,7 +431,7 @@ class SnapshotJob:
                                               values=self.prep.values, pickles=self.prep.pickles,
                                               user_metadata=self.user_metadata, prefix=target.prefix)
                     if self._recycled is not None:
-                        prune_recycled(self.storage, target.dir, manifest, self._recycled)
+                        prune_recycled(self.storage, target.dir)
                     self.committer.commit(target, self.name, manifest.to_json(), overwrite=self.overwrite)
                 except BaseException as e:  # noqa: BLE001
                     outcome = {"ok": False, "failures": {0: _portable(e)}}

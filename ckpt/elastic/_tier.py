@@ -41,6 +41,7 @@ import torch
 from ckpt import _config as config
 from ckpt._api import SaveHandle, Snapshotter
 from ckpt._engine._options import SaveOptions
+from ckpt._engine._recycle import RECYCLE_PREFIX, prune_stale, retire
 from ckpt._format import MANIFEST, TMP_PREFIX, parse_step_dirname, step_dirname
 from ckpt.elastic._transfer import bundle_of, swap
 
@@ -48,6 +49,7 @@ __all__ = ["MemoryTier", "MemoryTierWarning", "TierStats", "job_id"]
 
 COMPLETE = "complete.json"
 RECEIVED = "received-"  # received-<node index>.json: the files a replica brought
+SPARE = f"{TMP_PREFIX}spare"  # a retired step's replica files, for the next one to receive into
 META_KEY = "ckpt_tier"
 
 
@@ -143,6 +145,8 @@ class MemoryTier:
         self._thread: threading.Thread | None = None
         self._footprint = 0  # bytes this node's tier grew by in the last complete step
         self._warned_single = False
+        self._storage: Any = None  # this node's tier as a Storage (recycling)
+        self._reusable = 0  # bytes of the recycle slot and spare files (the next step's pages)
 
     # -- topology --------------------------------------------------------------
     def _setup_groups(self) -> None:
@@ -215,11 +219,11 @@ class MemoryTier:
 
     def _room(self) -> bool:
         """Room on this node for one more step like the last one."""
-        need = self._footprint
+        need = max(0, self._footprint - self._reusable)  # a recycled step's pages are reused
         st = os.statvfs(self.root)
         if need and need > st.f_bavail * st.f_frsize:
             return False
-        if self.max_bytes is not None and need and self.stats.held_bytes + need > self.max_bytes:
+        if self.max_bytes is not None and self._footprint and self.stats.held_bytes + need > self.max_bytes:
             return False
         return True
 
@@ -240,7 +244,7 @@ class MemoryTier:
         t0 = time.perf_counter()
         handle = self.snapshotter.save_async(
             state, os.fspath(self.root / step_dirname(step)), step=step, overwrite=True,
-            allow_pickle=self.allow_pickle, process_group=self.group,
+            allow_pickle=self.allow_pickle, process_group=self.group, recycle_here=self.leader,
             metadata={META_KEY: {"job": self.job, "nodes": self.nnodes, "replicas": self.replicas}})
         self.stats.call_s.append(time.perf_counter() - t0)
         self.stats.taken += 1
@@ -288,7 +292,8 @@ class MemoryTier:
                                                                   "held_on": held, "t": time.time()}))
             before = self.stats.held_bytes
             self._retain(name)
-            self.stats.held_bytes = tree_bytes(self.root)
+            self.stats.held_bytes = tree_bytes(self.root)  # the recycle slot and spare files included
+            self._reusable = sum(tree_bytes(p) for p in self.root.glob(f"{TMP_PREFIX}*"))
             self._footprint = max(tree_bytes(self.root / name), self.stats.held_bytes - before)
             self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, self.stats.held_bytes)
         self._footprint = max(self.all_gather(self._footprint))
@@ -309,6 +314,7 @@ class MemoryTier:
         else:  # this node's ranks were given nothing to write
             src = self.root / f"{TMP_PREFIX}{name}-empty"
             src.mkdir()
+        prune_stale(os.fspath(src))  # a recycled slot's files this save did not rewrite
         (src / MANIFEST).write_bytes(manifest)
         os.rename(src, final)
 
@@ -327,7 +333,8 @@ class MemoryTier:
         for d in range(1, r + 1):
             dst = self.global_rank(self.leaders[(self.node + d) % self.nnodes])
             src_node = (self.node - d) % self.nnodes
-            got = swap(self.group, mine, dst, step_dir, self.global_rank(self.leaders[src_node]))
+            got = swap(self.group, mine, dst, step_dir, self.global_rank(self.leaders[src_node]),
+                       spare=self.root / SPARE)
             (step_dir / f"{RECEIVED}{src_node}.json").write_text(json.dumps([p for p, _ in got]))
             self.stats.replicated_bytes += mine.nbytes
         self.stats.replicate_s += time.perf_counter() - t0
@@ -338,14 +345,39 @@ class MemoryTier:
                        key=lambda p: parse_step_dirname(p.name) or 0)
         complete = [p for p in steps if (p / COMPLETE).exists()]
         keep = {p.name for p in complete[-(self.keep - 1):]} | {newest}
-        for p in steps:
-            if p.name not in keep:
-                shutil.rmtree(p, ignore_errors=True)
+        gone = [p for p in steps if p.name not in keep]
         self.clean_tmp()
+        for i, p in enumerate(gone):
+            if i < len(gone) - 1 or not self._retire(p):  # the newest of them is recycled
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _retire(self, step_dir: Path) -> bool:
+        """Make a step that goes the node's recycle slot (its received replicas the spare
+        files); False where it must be deleted instead."""
+        for f in (COMPLETE, MANIFEST):  # no longer a step, first
+            (step_dir / f).unlink(missing_ok=True)
+        spare = self.root / SPARE
+        shutil.rmtree(spare, ignore_errors=True)
+        for listing in step_dir.glob(f"{RECEIVED}*.json"):
+            for rel in json.loads(listing.read_text()):
+                dst = spare / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(step_dir / rel, dst)
+                except FileNotFoundError:
+                    pass
+            listing.unlink()
+        if self._storage is None:
+            from ckpt.storage import open_storage
+
+            self._storage = open_storage(os.fspath(self.root))
+        return retire(self._storage, step_dir.name)
 
     def clean_tmp(self) -> None:
+        """Delete unfinished writes (the recycle slot and the spare files stay)."""
         for p in self.root.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(p, ignore_errors=True)
+            if p.name != SPARE and not p.name.startswith(RECYCLE_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
 
     # -- restore and the end ----------------------------------------------------
     def wait(self) -> None:
