@@ -55,9 +55,11 @@ def _shm(tmp: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix="ckpt-bench-tier-", dir=base))
 
 
-def _loop(model: Any, opt: Any, x: torch.Tensor, steps: int, tier: Any) -> float:
+def _loop(model: Any, opt: Any, x: torch.Tensor, steps: int, tier: Any, first: int = 0) -> float:
+    """``steps`` training steps numbered from ``first`` (a tier keeps its newest steps by
+    number: numbers must grow from one loop to the next, as a job's do)."""
     t0 = time.perf_counter()
-    for i in range(steps):
+    for i in range(first, first + steps):
         model(x).pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=False)
@@ -86,7 +88,7 @@ def per_step_cost(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
             gc.collect()
             base.append(_loop(model, opt, x, cfg.steps, None))
             t0, s0 = tier.stats.taken, tier.stats.skipped_busy
-            with_tier.append(_loop(model, opt, x, cfg.steps, tier))
+            with_tier.append(_loop(model, opt, x, cfg.steps, tier, first=3 + rep * cfg.steps))
             tier.wait()
             taken, skipped = tier.stats.taken - t0, tier.stats.skipped_busy - s0
         calls = tier.stats.call_s[-taken:] if taken else []

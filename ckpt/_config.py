@@ -12,6 +12,7 @@ modules alike may use it.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -100,6 +101,31 @@ def node_dir(explicit: str | None = None) -> str:
     directory. Ranks that name one directory form one node; set it per torchrun agent to
     make agents of one machine separate nodes."""
     return setting("CKPT_NODE_DIR", f"/dev/shm/ckpt-{os.getuid()}", str, explicit)
+
+
+def background_nice() -> int:
+    """``CKPT_BACKGROUND_NICE`` (default 10, 0 turns it off): how much lower than the
+    training loop's the scheduling priority of the threads that finish a save in the
+    background (file writes, crc32c, memory-tier replication) is, so that where cores are
+    short the training loop keeps its core and the checkpoint takes what is left. The
+    copies that an optimizer step waits for are not lowered."""
+    return min(19, max(0, setting("CKPT_BACKGROUND_NICE", 10, int)))
+
+
+def lower_this_thread() -> None:
+    """Give the calling (background) thread :func:`background_nice`'s lower priority;
+    Linux schedules threads one by one (elsewhere: nothing). Raising a nice value needs
+    no privilege; a failure changes nothing."""
+    n = background_nice()
+    if not n or not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
+        return
+    import threading
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + n))
+    except OSError:
+        pass
 
 
 def debug() -> bool:

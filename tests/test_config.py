@@ -19,6 +19,7 @@ from ckpt.errors import ConfigError
     ("CKPT_DIRECT_WRITES", _config.direct_writes),
     ("CKPT_IO_CONCURRENCY", _config.io_concurrency),
     ("CKPT_RECYCLE", _config.recycle),
+    ("CKPT_BACKGROUND_NICE", _config.background_nice),
     ("CKPT_POOL_BYTES", ckpt.SaveOptions.resolve),
     ("CKPT_HUGE_PAGES", ckpt.SaveOptions.resolve),
     ("CKPT_IF_BUSY", ckpt.SaveOptions.resolve),
@@ -59,3 +60,36 @@ def test_no_module_reads_a_ckpt_variable_itself():
             if re.search(r"(os\.environ|getenv)\b.*CKPT_", line):
                 readers.append(f"{rel}:{i}: {line.strip()}")
     assert not readers, readers
+
+
+def _nice_of_a_background_thread(monkeypatch, value):
+    import os
+    import threading
+
+    if value is not None:
+        monkeypatch.setenv("CKPT_BACKGROUND_NICE", value)
+    out = []
+
+    def body():
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        _config.lower_this_thread()
+        out.append((before, os.getpriority(os.PRIO_PROCESS, tid)))
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    return out[0]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "setpriority") or not __import__("sys").platform.startswith("linux"),
+                    reason="per-thread priorities are Linux's")
+def test_background_threads_run_at_a_lower_priority_than_the_training_loop(monkeypatch):
+    import os
+
+    main = os.getpriority(os.PRIO_PROCESS, 0)
+    before, after = _nice_of_a_background_thread(monkeypatch, None)
+    assert before == main and after == min(19, main + 10)  # the default: 10 lower
+    assert os.getpriority(os.PRIO_PROCESS, 0) == main  # the calling thread is untouched
+    before, after = _nice_of_a_background_thread(monkeypatch, "0")
+    assert after == before  # 0 turns it off

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ckpt._config import direct_writes
+from ckpt._config import direct_writes, lower_this_thread
 from ckpt._engine._arrays import translate
 from ckpt._engine._layout import ALIGN, ObjectImage, put_crc
 from ckpt._engine._plan import CRC_BYTES
@@ -106,7 +106,8 @@ class DirectWriter:
                  threads: int = 4) -> None:
         self.storage, self.crc = storage, crc
         self.o_direct = o_direct and hasattr(os, "O_DIRECT")
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-write")
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-write",
+                                                           initializer=lower_this_thread)
         self._dirs: set[str] = set()
         self._dirs_lock = threading.Lock()
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ckpt._config import lower_this_thread
 from ckpt._engine._arrays import translate
 from ckpt._engine._globalplan import Assignment
 from ckpt._engine._layout import ObjectImage
@@ -65,6 +66,7 @@ class Writer(threading.Thread):
         self._all_done = threading.Condition(self._lock)
 
     def run(self) -> None:
+        lower_this_thread()
         u: WriteUnit | None = None
         ended = False  # the stager's None was taken
         try:

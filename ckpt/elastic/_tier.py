@@ -255,6 +255,7 @@ class MemoryTier:
 
     # -- finishing a step (tier thread) ---------------------------------------------
     def _finish_logged(self, step: int, handle: SaveHandle) -> None:
+        config.lower_this_thread()  # replication yields to the training loop where cores are short
         try:
             self._finish(step, handle)
         except Exception as e:  # noqa: BLE001 - the tier never raises into training
@@ -340,9 +341,19 @@ class MemoryTier:
         self.stats.replicate_s += time.perf_counter() - t0
 
     def _retain(self, newest: str) -> None:
-        """Keep the newest ``keep - 1`` complete steps (the next step takes the last place)."""
+        """Keep the newest ``keep - 1`` complete steps (the next step takes the last place).
+        A step numbered above ``newest`` is of a timeline the job left (it went back to an
+        older checkpoint, or its step numbers started again): deleted, or a restore would
+        prefer it to the job's real newest step."""
+        n = parse_step_dirname(newest) or 0
         steps = sorted((p for p in self.root.iterdir() if parse_step_dirname(p.name) is not None),
                        key=lambda p: parse_step_dirname(p.name) or 0)
+        later = [p for p in steps if (parse_step_dirname(p.name) or 0) > n]
+        steps = [p for p in steps if p not in later]
+        for p in later:
+            for f in (COMPLETE, MANIFEST):
+                (p / f).unlink(missing_ok=True)
+            shutil.rmtree(p, ignore_errors=True)
         complete = [p for p in steps if (p / COMPLETE).exists()]
         keep = {p.name for p in complete[-(self.keep - 1):]} | {newest}
         gone = [p for p in steps if p.name not in keep]

@@ -11,7 +11,10 @@ threads move the bytes of the other slots meanwhile. One copy each side, but no 
 per 4 KiB page (a memory map of a tmpfs file faults each page in), a bounded footprint
 whatever the file sizes, and the receive overwrites the pages of a retired step's file in
 place where one is given (``spare``: a new tmpfs page costs its first touch, far more
-than a copy).
+than a copy). Not memory maps of the files, though they would save the copy: a mapped
+file that another process cuts short, or a write into a full tmpfs, is a SIGBUS that
+kills the training process, where ``preadv`` and ``pwrite`` fail with an error the tier
+reports.
 
 A received file is written beside its final name (``.part``) and renamed into place once
 whole, so a tier never holds a file cut short by a crash under its real name.

@@ -223,3 +223,51 @@ def test_no_room_skips_tier_steps_with_a_warning_and_training_goes_on(tmp_path, 
     m2, opt2 = _model()
     assert ckpt.CheckpointManager(tmp_path / "run", save_on_signals=()).restore({"model": m2, "optim": opt2}) == 6
     assert digest(_flat(m2, opt2)) == last
+
+
+def test_a_tier_step_written_into_a_retired_steps_pages_holds_only_its_own_bytes(tmp_path):
+    """The tier writes each step into the tree of the step it retired (its tmpfs pages);
+    a file of the old step that the new one does not rewrite is deleted before the commit."""
+    import ckpt
+    from ckpt.elastic import MemoryTier
+
+    tier = MemoryTier(os.fspath(tmp_path / "run"), node_dir=os.fspath(tmp_path / "node"), replicas=0)
+    big = 1 << 20
+    states = [{"a": torch.full((big,), 0.0), "b": torch.full((2 * big,), 0.0)},
+              {"a": torch.full((big,), 1.0), "b": torch.full((2 * big,), 1.0)},
+              {"a": torch.full((big,), 2.0)}]  # "b" is gone from the state
+    inodes = []
+    for s, st in enumerate(states):
+        tier.snapshot(s, {"m": st})
+        tier.wait()
+        inodes.append((tier.root / f"step-{s:09d}" / "arrays/m/a.zarr/c.0").stat().st_ino)
+    try:
+        step2 = tier.root / "step-000000002"
+        assert inodes[2] == inodes[0]  # step 2 took step 0's retired tree: its pages
+        assert not (step2 / "arrays/m/b.zarr").exists()  # step 0's "b" did not survive in it
+        assert all(p.stat().st_mtime > 0 for p in step2.rglob("*") if p.is_file())
+        out = {"m": {"a": torch.zeros(big)}}
+        stats = ckpt.load(out, os.fspath(step2))
+        assert not stats.unexpected and torch.equal(out["m"]["a"], states[2]["a"])
+        from ckpt import tools
+
+        assert tools.verify(os.fspath(step2)).ok
+    finally:
+        tier.close()
+
+
+def test_steps_of_a_timeline_the_job_left_are_dropped(tmp_path):
+    """A job that goes back (restores an older checkpoint, or numbers its steps anew)
+    must never be restored to a tier step of the timeline it left, though that step's
+    number is higher."""
+    from ckpt.elastic import MemoryTier
+
+    tier = MemoryTier(os.fspath(tmp_path / "run"), node_dir=os.fspath(tmp_path / "node"), replicas=0)
+    try:
+        for s in (5, 6, 2, 3):
+            tier.snapshot(s, {"m": {"w": torch.full((1000,), float(s))}})
+            tier.wait()
+        held = sorted(p.name for p in tier.root.iterdir() if p.name.startswith("step-"))
+        assert held == ["step-000000003"]
+    finally:
+        tier.close()
