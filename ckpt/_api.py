@@ -18,6 +18,7 @@ from ckpt._engine._globalplan import GlobalPlan
 from ckpt._engine._load import Loader, LoadStats
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._pool import HostPool
+from ckpt._engine._recycle import reading
 from ckpt._engine._save import Prepared, SnapshotJob, prepare
 from ckpt._engine._snapstate import SaveStats
 from ckpt.errors import SaveInProgressError
@@ -263,19 +264,20 @@ def load(state: dict[str, Any], url: str | os.PathLike[str], *, strict: bool = T
     t0 = time.perf_counter()
     storage, name = split_checkpoint_url(url, **(storage_options or {}))
     rank, world_size = rank_and_world(process_group)  # a load needs no collective
-    manifest = read_manifest(storage, name)
-    ctx = DescribeContext(allow_pickle=allow_pickle, rank=rank, world_size=world_size)
-    providers = describe(state, ctx)
-    loader = Loader(storage, name, manifest, strict=strict, allow_missing=allow_missing,
-                    allow_unexpected=allow_unexpected, cast=cast, allow_pickle=allow_pickle,
-                    rank=rank, world_size=world_size)
-    finalizers = []
-    for p in providers:
-        fin = p.load(loader)
-        if fin is not None:
-            finalizers.append(fin)
-    loader.check_unexpected(asked={str(k) for k in state})
-    stats = loader.execute()
+    with reading(storage, name):  # retention cannot recycle it under this load
+        manifest = read_manifest(storage, name)
+        ctx = DescribeContext(allow_pickle=allow_pickle, rank=rank, world_size=world_size)
+        providers = describe(state, ctx)
+        loader = Loader(storage, name, manifest, strict=strict, allow_missing=allow_missing,
+                        allow_unexpected=allow_unexpected, cast=cast, allow_pickle=allow_pickle,
+                        rank=rank, world_size=world_size)
+        finalizers = []
+        for p in providers:
+            fin = p.load(loader)
+            if fin is not None:
+                finalizers.append(fin)
+        loader.check_unexpected(asked={str(k) for k in state})
+        stats = loader.execute()
     for fin in finalizers:
         fin()
     stats.total_s = time.perf_counter() - t0

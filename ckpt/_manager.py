@@ -296,8 +296,12 @@ class CheckpointManager:
         removed = []
         for info in infos:
             if info.step not in keep:
-                self.storage.delete(f"{info.name}/{MANIFEST}")  # no longer a checkpoint
-                if not (self.recycle and retire(self.storage, info.name)):
+                if self.recycle:
+                    recycled = retire(self.storage, info.name)  # its manifest goes first
+                else:
+                    self.storage.delete(f"{info.name}/{MANIFEST}")  # no longer a checkpoint
+                    recycled = False
+                if not recycled:
                     self.storage.delete_dir(info.name)
                 removed.append(info.name)
         return removed

@@ -130,11 +130,13 @@ def _filled(step):
             "c": torch.full((3, 333), float(step))}
 
 
-def test_a_reader_racing_retention_never_gets_another_steps_bytes(tmp_path):
+@pytest.mark.parametrize("recycle", [False, True])
+def test_a_reader_racing_retention_never_gets_another_steps_bytes(tmp_path, recycle):
     """An evaluation job loads each checkpoint as it appears while training saves with
     keep_last=1 (retention retires each older one at once). Every load it completes holds
     exactly the bytes of the step it asked for; a load that loses the race ends in a
-    typed CheckpointError, never in another step's data. Default settings: no recycling."""
+    typed CheckpointError, never in another step's data. Recycling too: a checkpoint a
+    load holds is deleted, not overwritten by the next save."""
     import threading
 
     run = tmp_path / "run"
@@ -163,7 +165,8 @@ def test_a_reader_racing_retention_never_gets_another_steps_bytes(tmp_path):
                     wrong.append(f"{k} of step {info.step} holds {sorted(set(v.flatten().tolist()))[:4]}")
 
     t = threading.Thread(target=reader, daemon=True)
-    with ckpt.CheckpointManager(run, keep_last=1, save_on_signals=(), save_on_close=False) as mgr:
+    with ckpt.CheckpointManager(run, keep_last=1, save_on_signals=(), save_on_close=False,
+                                recycle=recycle) as mgr:
         t.start()
         for step in range(40):
             mgr.save(step, _filled(step)).result()
@@ -322,3 +325,63 @@ def test_kill_all_and_restart_on_same_world_size_is_bit_exact(tmp_path):
     a = torch.load(tmp_path / "ref" / "log" / "final.pt")
     b = torch.load(run / "log" / "final.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_recycling_never_overwrites_a_checkpoint_a_reader_holds(tmp_path):
+    """Retention with recycling retires a checkpoint while a load holds it (its files
+    open, mid-read): the tree is deleted, not recycled, so what the reader reads stays
+    that step's bytes though the next saves recycle trees. A load that begins as the
+    retirement runs is a typed CheckpointNotFoundError."""
+    import fcntl
+    import threading
+    import time
+
+    from ckpt._engine._recycle import reading
+    from ckpt.errors import CheckpointNotFoundError
+    from ckpt.storage import open_storage
+
+    run = tmp_path / "run"
+    with ckpt.CheckpointManager(run, keep_last=1, save_on_signals=(), save_on_close=False, recycle=True) as mgr:
+        mgr.save(0, _filled(0)).result()
+        mgr.wait()
+        storage = open_storage(os.fspath(run))
+        data = max((p for p in (run / "step-000000000").rglob("c*") if p.is_file()), key=lambda p: p.stat().st_size)
+        with reading(storage, "step-000000000"):
+            fd = os.open(data, os.O_RDONLY)
+            try:
+                before = os.pread(fd, os.fstat(fd).st_size, 0)
+                for step in (1, 2, 3):  # 1 retires step 0 under the reader; 2 and 3 recycle
+                    mgr.save(step, _filled(step)).result()
+                    mgr.wait()
+                assert not (run / "step-000000000").exists()
+                assert _recycle_slots(run)  # recycling went on for the trees no one held
+                assert os.pread(fd, len(before) + 1, 0) == before
+            finally:
+                os.close(fd)
+
+    # a load that opened the manifest just before a retirement took its lock waits for
+    # it, then finds the manifest unlinked: a typed error, not the recycled tree
+    manifest = run / "step-000000003" / "manifest.json"
+    outcome: list[object] = []
+
+    def read() -> None:
+        try:
+            with reading(storage, "step-000000003"):
+                outcome.append("read")
+        except CheckpointNotFoundError as e:
+            outcome.append(e)
+
+    lock = os.open(manifest, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as retiring() holds it
+        t = threading.Thread(target=read)
+        t.start()
+        deadline = time.monotonic() + 30
+        while "-> FLOCK" not in Path("/proc/locks").read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the reader waits on the lock
+        manifest.unlink()
+    finally:
+        os.close(lock)
+    t.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], CheckpointNotFoundError), outcome
+    assert "retired" in str(outcome[0])

@@ -15,25 +15,92 @@ committed in a recycled tree holds this save's bytes only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
+from collections.abc import Iterator
 
-from ckpt._format import TMP_PREFIX
+from ckpt._format import MANIFEST, TMP_PREFIX
+from ckpt.errors import CheckpointNotFoundError
 from ckpt.storage import Storage
 
-__all__ = ["RECYCLE_PREFIX", "retire", "take_recycled", "prune_recycled", "prune_stale",
+try:
+    import fcntl
+except ImportError:  # not POSIX: no reader locks, and no recycling either
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["RECYCLE_PREFIX", "reading", "retiring", "to_slot", "retire", "take_recycled", "prune_recycled", "prune_stale",
            "purge_recycled"]
 
 RECYCLE_PREFIX = f"{TMP_PREFIX}recycle-"
 log = logging.getLogger("ckpt")
 
 
-def retire(storage: Storage, name: str) -> bool:
-    """Keep ``name``'s tree (its manifest already deleted) as the one recycle slot; False
-    (the caller deletes it) where the storage cannot rename or a slot exists."""
-    if not (storage.capabilities.atomic_rename and storage.capabilities.local):
-        return False
+def _lockable(storage: Storage) -> bool:
+    return storage.capabilities.atomic_rename and storage.capabilities.local and fcntl is not None
+
+
+@contextlib.contextmanager
+def reading(storage: Storage, name: str) -> Iterator[None]:
+    """Hold checkpoint ``name`` against recycling while it is read: a shared ``flock`` on
+    its manifest (local storage; elsewhere nothing). A retirement that finds it held
+    deletes the tree instead of recycling it, so a reader never reads another step's
+    bytes: its open files keep their data, a file it opens later is gone (a typed error).
+    A manifest unlinked while this waited for the lock (retired meanwhile) is
+    :class:`~ckpt.errors.CheckpointNotFoundError`; a missing one is left to the reader's
+    own error."""
+    if not _lockable(storage):
+        yield
+        return
+    try:
+        fd = os.open(storage.local_path(f"{name}/{MANIFEST}"), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if os.fstat(fd).st_nlink == 0:
+            raise CheckpointNotFoundError(
+                "this checkpoint was retired as it was opened (retention removed it)", path=storage.describe(name),
+                hint="load a newer checkpoint of the run (`ckpt ls RUN` lists them), or keep more of them")
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def retiring(storage: Storage, name: str) -> Iterator[bool]:
+    """Take checkpoint ``name`` out of its run: its manifest is deleted at once (it is no
+    longer a checkpoint); the block is told whether its files may be reused (local
+    storage that renames, and no reader holds it: :func:`reading`), and until the block
+    ends no reader can begin. Where False, the caller deletes the tree."""
+    where = f"{name}/{MANIFEST}"
+    if not _lockable(storage):
+        storage.delete(where)
+        yield False
+        return
+    try:
+        fd: int | None = os.open(storage.local_path(where), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        fd = None
+    try:
+        free = True
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a reader holds it: its bytes must stay as they are
+                free = False
+        storage.delete(where)
+        yield free
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def to_slot(storage: Storage, name: str) -> bool:
+    """Rename ``name``'s tree (taken out by :func:`retiring`, which allowed reuse) to the
+    one recycle slot; False (the caller deletes it) where it cannot or a slot exists."""
     if any(d.startswith(RECYCLE_PREFIX) for d in storage.list_dirs("")):
         return False
     try:
@@ -41,6 +108,13 @@ def retire(storage: Storage, name: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def retire(storage: Storage, name: str) -> bool:
+    """Take ``name`` out of its run (its manifest deleted) and keep its tree as the recycle
+    slot; False where the caller must delete the tree instead (see :func:`retiring`)."""
+    with retiring(storage, name) as free:
+        return free and to_slot(storage, name)
 
 
 def take_recycled(storage: Storage, write_dir: str) -> set[str] | None:

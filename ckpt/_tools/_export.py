@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ckpt._engine._load import Loader
+from ckpt._engine._recycle import reading
 from ckpt._tools._common import Checkpoint, open_checkpoint, tensor_nbytes
 from ckpt.errors import MissingKeyError, UnsupportedDtypeError
 
@@ -106,46 +107,47 @@ def export(ckpt_url: str | os.PathLike[str], out: str | os.PathLike[str], format
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     t0 = time.perf_counter()
     ck = open_checkpoint(ckpt_url, storage_options)
-    config = _hf_config(ck) if format == "safetensors" and only in (None, "model") else None
-    if config is not None:
-        only = "model"  # a model saved through ckpt.integrations.hf: the layout from_pretrained opens
-    names, skipped = _selected(ck, only)
-    _check_dtypes(ck, names, format)
-    out_p = Path(os.fspath(out))
-    single = out_p.suffix in _SINGLE_SUFFIXES[format]
-    groups = [names] if single else _groups(ck, names, max(1, max_shard_bytes))
-    base, ext = _NAMES[format]
-    if single:
-        out_p.parent.mkdir(parents=True, exist_ok=True)
-        paths = [out_p]
-    else:
-        out_p.mkdir(parents=True, exist_ok=True)
-        n = len(groups)
-        paths = [out_p / (f"{base}{ext}" if n <= 1 else f"{base}-{i + 1:05d}-of-{n:05d}{ext}") for i in range(n)]
-    total = sum(tensor_nbytes(ck.manifest.entries[k]) for k, _ in names)
-    weight_map: dict[str, str] = {}
-    meta = {"format": "pt", "ckpt.source": ck.url, "ckpt.step": str(ck.manifest.step)}
-    for group, path in zip(groups, paths):
-        tensors = read_tensors(ck, [k for k, _ in group])
-        named = {name: tensors.pop(key) for key, name in group}
-        if format == "safetensors":
-            from safetensors.torch import save_file
-
-            save_file(named, str(path), metadata=meta)
+    with reading(ck.storage, ck.name):  # retention cannot recycle it under the export
+        config = _hf_config(ck) if format == "safetensors" and only in (None, "model") else None
+        if config is not None:
+            only = "model"  # a model saved through ckpt.integrations.hf: the layout from_pretrained opens
+        names, skipped = _selected(ck, only)
+        _check_dtypes(ck, names, format)
+        out_p = Path(os.fspath(out))
+        single = out_p.suffix in _SINGLE_SUFFIXES[format]
+        groups = [names] if single else _groups(ck, names, max(1, max_shard_bytes))
+        base, ext = _NAMES[format]
+        if single:
+            out_p.parent.mkdir(parents=True, exist_ok=True)
+            paths = [out_p]
         else:
-            torch.save(named, path)
-        for name, t in named.items():
-            weight_map[name] = path.name
-            if progress is not None:
-                progress(t.numel() * t.element_size(), total)
-        del named, tensors
-    index = None
-    if config is not None and not single:
-        (out_p / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if len(paths) > 1:
-        index = out_p / f"{base}{ext}.index.json"
-        index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    files = [str(p) for p in paths] + ([str(out_p / "config.json")] if config is not None and not single else [])
-    return {"src": ck.url, "format": format, "files": files, "tensors": len(names),
-            "bytes": total, "skipped": skipped, "index": str(index) if index else None,
-            "seconds": time.perf_counter() - t0}
+            out_p.mkdir(parents=True, exist_ok=True)
+            n = len(groups)
+            paths = [out_p / (f"{base}{ext}" if n <= 1 else f"{base}-{i + 1:05d}-of-{n:05d}{ext}") for i in range(n)]
+        total = sum(tensor_nbytes(ck.manifest.entries[k]) for k, _ in names)
+        weight_map: dict[str, str] = {}
+        meta = {"format": "pt", "ckpt.source": ck.url, "ckpt.step": str(ck.manifest.step)}
+        for group, path in zip(groups, paths):
+            tensors = read_tensors(ck, [k for k, _ in group])
+            named = {name: tensors.pop(key) for key, name in group}
+            if format == "safetensors":
+                from safetensors.torch import save_file
+
+                save_file(named, str(path), metadata=meta)
+            else:
+                torch.save(named, path)
+            for name, t in named.items():
+                weight_map[name] = path.name
+                if progress is not None:
+                    progress(t.numel() * t.element_size(), total)
+            del named, tensors
+        index = None
+        if config is not None and not single:
+            (out_p / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if len(paths) > 1:
+            index = out_p / f"{base}{ext}.index.json"
+            index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        files = [str(p) for p in paths] + ([str(out_p / "config.json")] if config is not None and not single else [])
+        return {"src": ck.url, "format": format, "files": files, "tensors": len(names),
+                "bytes": total, "skipped": skipped, "index": str(index) if index else None,
+                "seconds": time.perf_counter() - t0}

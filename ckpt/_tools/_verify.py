@@ -21,6 +21,7 @@ from typing import Any
 
 from ckpt._engine._catalog import read_manifest
 from ckpt._engine._layout import StoredArray, pickle_objects, stored_arrays
+from ckpt._engine._recycle import reading
 from ckpt._format import MANIFEST
 from ckpt._tools._common import Checkpoint, object_sizes
 from ckpt.errors import CheckpointError
@@ -100,6 +101,11 @@ def verify(ckpt_url: str | os.PathLike[str], quick: bool = False, progress: Prog
 def verify_checkpoint(storage: Storage, name: str, *, quick: bool = False,
                       progress: Progress | None = None) -> VerifyReport:
     """:func:`verify` for the checkpoint ``name`` of an open storage."""
+    with reading(storage, name):  # retention cannot recycle it under the check
+        return _verify(storage, name, quick, progress)
+
+
+def _verify(storage: Storage, name: str, quick: bool, progress: Progress | None) -> VerifyReport:
     t0 = time.perf_counter()
     report = VerifyReport(storage.describe(name), quick)
     try:

@@ -41,7 +41,7 @@ import torch
 from ckpt import _config as config
 from ckpt._api import SaveHandle, Snapshotter
 from ckpt._engine._options import SaveOptions
-from ckpt._engine._recycle import RECYCLE_PREFIX, prune_stale, retire
+from ckpt._engine._recycle import RECYCLE_PREFIX, prune_stale, retiring, to_slot
 from ckpt._format import MANIFEST, TMP_PREFIX, parse_step_dirname, step_dirname
 from ckpt.elastic._transfer import bundle_of, swap
 
@@ -364,25 +364,27 @@ class MemoryTier:
 
     def _retire(self, step_dir: Path) -> bool:
         """Make a step that goes the node's recycle slot (its received replicas the spare
-        files); False where it must be deleted instead."""
-        for f in (COMPLETE, MANIFEST):  # no longer a step, first
-            (step_dir / f).unlink(missing_ok=True)
-        spare = self.root / SPARE
-        shutil.rmtree(spare, ignore_errors=True)
-        for listing in step_dir.glob(f"{RECEIVED}*.json"):
-            for rel in json.loads(listing.read_text()):
-                dst = spare / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.replace(step_dir / rel, dst)
-                except FileNotFoundError:
-                    pass
-            listing.unlink()
+        files); False where it must be deleted instead (a reader holds it, or no slot)."""
+        (step_dir / COMPLETE).unlink(missing_ok=True)  # no longer a step, first
         if self._storage is None:
             from ckpt.storage import open_storage
 
             self._storage = open_storage(os.fspath(self.root))
-        return retire(self._storage, step_dir.name)
+        with retiring(self._storage, step_dir.name) as free:
+            if not free:
+                return False
+            spare = self.root / SPARE
+            shutil.rmtree(spare, ignore_errors=True)
+            for listing in step_dir.glob(f"{RECEIVED}*.json"):
+                for rel in json.loads(listing.read_text()):
+                    dst = spare / rel
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.replace(step_dir / rel, dst)
+                    except FileNotFoundError:
+                        pass
+                listing.unlink()
+            return to_slot(self._storage, step_dir.name)
 
     def clean_tmp(self) -> None:
         """Delete unfinished writes (the recycle slot and the spare files stay)."""
