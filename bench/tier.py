@@ -14,6 +14,10 @@ of the same run.
   replication GB/s (steady) >= 0.8x raw. Also against writing the same
   bytes as new files into the tier's file system, the receiver's floor (a new tmpfs page
   costs its first touch: on a VM whose memory was never touched, far more than a copy).
+* **Drain**: the same loop through ``CheckpointManager`` with a tier step every step and a
+  persistent checkpoint to the bench's disk every ``DRAIN_EVERY`` steps, the persistent
+  checkpoints drained from the tier (the default) against staged again, alternating:
+  loop time and the training loop's blocked time per persistent checkpoint.
 * **Restore**: the same state restored from a tier step (``MemoryTier.restore``) and
   loaded from a persistent checkpoint on the bench's disk (page cache dropped, as after a
   node restart, and warm).
@@ -48,6 +52,7 @@ from bench._common import (
 from bench.train_loop import bench_model, build
 
 STATE_GIB_CAP = 0.5  # the per-step scenario snapshots every step: keep it to a size a run affords
+DRAIN_EVERY = 4
 
 
 def _shm(tmp: Path) -> Path:
@@ -102,6 +107,61 @@ def per_step_cost(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
     finally:
         tier.close()
         shutil.rmtree(shm, ignore_errors=True)
+
+
+def _mgr_loop(mgr: Any, model: Any, opt: Any, x: torch.Tensor, steps: int, first: int) -> tuple[float, list[Any]]:
+    """The loop time (until every checkpoint is durable) and the persistent saves' handles."""
+    handles = []
+    t0 = time.perf_counter()
+    for i in range(first, first + steps):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        h = mgr.step(i, {"model": model, "optim": opt})
+        if h is not None:
+            handles.append(h)
+    mgr.wait()
+    mgr.tier.wait()
+    return time.perf_counter() - t0, handles
+
+
+def drain(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
+    import ckpt
+
+    gib = min(cfg.state_gib, STATE_GIB_CAP)
+    torch.set_num_threads(1)
+    model, opt, shape, nbytes, _memcpy_s, batch, _fb_s = bench_model(gib)
+    x = torch.randn(batch, shape["d"])
+    steps = max(DRAIN_EVERY, cfg.steps - cfg.steps % DRAIN_EVERY)
+    loops: dict[bool, list[float]] = {True: [], False: []}
+    blocked: dict[bool, list[float]] = {True: [], False: []}
+    persisted: dict[bool, list[float]] = {True: [], False: []}
+    for rep in range(cfg.repeats):
+        for drained in (True, False):
+            progress.step(f"tier drain {gib:g} GiB: run {rep + 1}, {'drained' if drained else 'staged'}")
+            shm, run = _shm(tmp), tmp / f"drain-{drained}-{rep}"
+            mgr = ckpt.CheckpointManager(run, every_steps=DRAIN_EVERY, keep_last=1, memory_every_steps=1,
+                                         replicas=0, node_dir=os.fspath(shm), memory_drain=drained,
+                                         save_on_signals=(), save_on_close=False)
+            try:
+                _mgr_loop(mgr, model, opt, x, DRAIN_EVERY, 0)  # warm-up: pools, plans, the first files
+                gc.collect()
+                b0, t0 = len(mgr.blocked_s), len(mgr.tier.stats.blocked_s)
+                loop_s, handles = _mgr_loop(mgr, model, opt, x, steps, DRAIN_EVERY)
+                loops[drained].append(loop_s)
+                # the training loop's waits: every tier step's, plus the staged saves' own
+                blocked[drained].append((sum(mgr.tier.stats.blocked_s[t0:]) + sum(mgr.blocked_s[b0:])) / steps)
+                persisted[drained].append(statistics.mean(h.result().total_s for h in handles))
+                assert not mgr.failures, mgr.failures
+            finally:
+                mgr.close()
+                shutil.rmtree(shm, ignore_errors=True)
+                shutil.rmtree(run, ignore_errors=True)
+    return {"state_bytes": nbytes, "steps": steps, "every": DRAIN_EVERY,
+            "loop_drained_s": min(loops[True]), "loop_staged_s": min(loops[False]),
+            "loop_ratio": ratio(min(loops[True]), min(loops[False])),
+            "blocked_per_step_drained_s": min(blocked[True]), "blocked_per_step_staged_s": min(blocked[False]),
+            "to_durable_drained_s": min(persisted[True]), "to_durable_staged_s": min(persisted[False])}
 
 
 def _repl_worker(rank: int, port: int, root: str, nbytes: int, repeats: int, out: str) -> None:
@@ -218,13 +278,14 @@ def restore(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
 
 
 def steps(cfg: Config) -> int:
-    return 1 + cfg.repeats + 2
+    return 1 + cfg.repeats + 2 + 2 * cfg.repeats
 
 
 def run(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
     r: dict[str, Any] = {"scenario": "tier"}
     r["step_cost"] = per_step_cost(cfg, tmp, progress)
     r["replication"] = replication(cfg, tmp, progress)
+    r["drain"] = drain(cfg, tmp, progress)
     r["restore"] = restore(cfg, tmp, progress)
     r["markdown"] = render(r)
     return r
@@ -245,6 +306,7 @@ def render(r: dict[str, Any]) -> str:
             ["replication / min(raw gloo, new-file write)", fmt(rp.get("over_floor"), 3),
              f"writing the same bytes as new files into the tier's file system: "
              f"{fmt(rp.get('new_file_write_gbps'), 2)} GB/s (the receiver's floor)", ""],
+            *_drain_rows(r.get("drain")),
             ["restore: persistent (cold) / tier", fmt(ratio(rs["persistent_cold_s"], rs["tier_s"]), 2),
              f"tier {rs['tier_s'] * 1e3:.0f} ms, persistent {fmt(rs['persistent_cold_s'], 3)} s cold, "
              f"{rs['persistent_warm_s'] * 1e3:.0f} ms warm (page cache)", ""]]
@@ -252,6 +314,17 @@ def render(r: dict[str, Any]) -> str:
             "thread, every step), replication between two ranks, and restore from the tier against a "
             "persistent checkpoint of the same state, all in this run.\n\n"
             + md_table(["what", "ratio", "figures", "goal"], rows, "lrll"))
+
+
+def _drain_rows(d: dict[str, Any] | None) -> list[list[str]]:
+    if not d:
+        return []
+    return [["persistent ckpt drained from the tier / staged: loop time", fmt(d["loop_ratio"], 3),
+             f"{d['steps']} steps, tier every step, persistent every {d['every']}: "
+             f"{d['loop_drained_s']:.2f} vs {d['loop_staged_s']:.2f} s; blocked per step (calls, hook waits) "
+             f"{d['blocked_per_step_drained_s'] * 1e3:.1f} vs {d['blocked_per_step_staged_s'] * 1e3:.1f} ms; "
+             f"persistent call to durable "
+             f"{d['to_durable_drained_s']:.2f} vs {d['to_durable_staged_s']:.2f} s", "<= 1"]]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -29,6 +29,27 @@ from ckpt.storage import split_checkpoint_url
 __all__ = ["save", "save_async", "load", "SaveHandle", "Snapshotter", "default_snapshotter"]
 
 
+class SaveJob(Protocol):
+    """What a :class:`SaveHandle` follows: a snapshot's background part (the engine's
+    ``SnapshotJob``), or a persistent checkpoint drained from the memory tier."""
+
+    url: str
+    step: int | None
+    stats: SaveStats
+    error_retrieved: bool
+
+    @property
+    def error(self) -> BaseException | None: ...
+
+    def done(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None: ...
+
+    def wait_staged(self) -> float: ...
+
+
 class SaveHandle:
     """The result of :func:`save_async`: a tiny future.
 
@@ -37,7 +58,7 @@ class SaveHandle:
     others' errors are attached as ``DistributedSaveError`` in ``__cause__``).
     """
 
-    def __init__(self, job: SnapshotJob | None, *, skipped: bool = False, url: str = "") -> None:
+    def __init__(self, job: SaveJob | None, *, skipped: bool = False, url: str = "") -> None:
         self._job = job
         self.skipped = skipped
         self.url = job.url if job is not None else url

@@ -35,6 +35,7 @@ from ckpt._engine._coord import coordinator
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._recycle import purge_recycled, retire
 from ckpt._format import MANIFEST, step_dirname
+from ckpt.elastic._drain import DrainJob
 from ckpt.elastic._tier import MemoryTier
 from ckpt.errors import CheckpointError
 from ckpt.storage import open_storage
@@ -108,7 +109,9 @@ class CheckpointManager:
     ``memory_max_bytes`` a node's budget. ``restore()`` then resumes from the newest tier
     step the surviving nodes can assemble, on any world size, before it looks at
     persistent checkpoints (``restored_from`` says which). Persistent saves go on as
-    configured; ``close()`` deletes the job's tier.
+    configured; one due on a step the tier takes is *drained* from it (``memory_drain``,
+    default on): the tier's files are copied to storage once the step is held, and the
+    state is staged once, not twice. ``close()`` deletes the job's tier.
     """
 
     def __init__(self, run: str | os.PathLike[str], *, every_steps: int | None = None,
@@ -120,7 +123,8 @@ class CheckpointManager:
                  options: SaveOptions | None = None, storage_options: dict[str, Any] | None = None,
                  process_group: Any = None, allow_pickle: bool = False, recycle: bool | None = None,
                  memory_every_steps: int | None = None, memory_keep: int = 2, replicas: int = 1,
-                 memory_max_bytes: int | None = None, node_dir: str | None = None) -> None:
+                 memory_max_bytes: int | None = None, node_dir: str | None = None,
+                 memory_drain: bool = True) -> None:
         self.run = os.fspath(run).rstrip("/")
         self.recycle = config.recycle(recycle)
         self.policies: list[SavePolicy] = list(policies)
@@ -147,6 +151,7 @@ class CheckpointManager:
             self._agree_group = dist.new_group(ranks=ranks, backend="gloo")
         self.allow_pickle = allow_pickle
         self.snapshotter = Snapshotter(options)
+        self.memory_drain = memory_drain
         self.tier = MemoryTier(self.run, every_steps=memory_every_steps, keep=memory_keep, replicas=replicas,
                                max_bytes=memory_max_bytes, node_dir=node_dir, options=options,
                                allow_pickle=allow_pickle, process_group=process_group) \
@@ -165,7 +170,7 @@ class CheckpointManager:
         self.failures: list[tuple[int | None, BaseException]] = []
         self.handles: list[SaveHandle] = []
         self.restored_step: int | None = None
-        self.blocked_s: list[float] = []  # per checkpoint: call + hook waits
+        self.blocked_s: list[float] = []  # per checkpoint that staged the state: call + hook waits
         self._signal = threading.Event()
         self._last_step: int | None = None
         self._last_saved: int | None = None
@@ -248,32 +253,46 @@ class CheckpointManager:
         if preempt:
             self._preempt(step, state)
             return None
-        handle = self.save(step, state) if due else None
+        handle: SaveHandle | None = None
         if self.tier is not None and self.tier.due(step):
-            self.tier.snapshot(step, state)
+            if due and self.memory_drain:  # one staging for both: the tier step is drained to storage
+                job = DrainJob(f"{self.run}/{step_dirname(step)}", step, self.storage_options)
+                if self.tier.snapshot(step, state, persist=job) is not None:
+                    handle = self._track(step, SaveHandle(job), staged=False)
+            else:
+                self.tier.snapshot(step, state)
+        if due and handle is None:
+            handle = self.save(step, state)  # no tier step now (or it was skipped): stage on its own
         return handle
 
     def save(self, step: int, state: dict[str, Any], *, block: bool = False) -> SaveHandle:
         """Snapshot now (asynchronously unless ``block``)."""
-        self._last_time = time.monotonic()
-        self._last_saved = step
         url = f"{self.run}/{step_dirname(step)}"
-        handle = self.snapshotter.save_async(state, url, step=step, allow_pickle=self.allow_pickle,
-                                             storage_options=self.storage_options,
-                                             process_group=self.process_group, overwrite=True)
-        self.handles = [h for h in self.handles if not h.done()] + [handle]
-        handle.add_done_callback(lambda h: self._after_commit(h, step))
+        handle = self._track(step, self.snapshotter.save_async(
+            state, url, step=step, allow_pickle=self.allow_pickle, storage_options=self.storage_options,
+            process_group=self.process_group, overwrite=True))
         if block:
             handle.exception()
         return handle
 
-    def _after_commit(self, handle: SaveHandle, step: int) -> None:
+    def _track(self, step: int, handle: SaveHandle, *, staged: bool = True) -> SaveHandle:
+        """A persistent checkpoint of ``step`` under way: waited for, retention after it.
+        ``staged``: it staged the state itself (a drained one is not in ``blocked_s``: its
+        cost is the tier step's, ``tier.stats.blocked_s``)."""
+        self._last_time = time.monotonic()
+        self._last_saved = step
+        self.handles = [h for h in self.handles if not h.done()] + [handle]
+        handle.add_done_callback(lambda h: self._after_commit(h, step, staged))
+        return handle
+
+    def _after_commit(self, handle: SaveHandle, step: int, staged: bool = True) -> None:
         err = handle.exception()
         if err is not None:
             self.failures.append((step, err))
             log.warning("ckpt: checkpoint of step %s failed: %r", step, err)
             return
-        self.blocked_s.append(handle.stats.blocked_s)
+        if staged:
+            self.blocked_s.append(handle.stats.blocked_s)
         if self.coord.rank == 0 and self.retention:
             try:
                 self.apply_retention()

@@ -260,10 +260,17 @@ def main() -> None:
     print(f"steps done               {steps_done} (killed one of 3 agents at step ~{args.kill_at})")
     print(f"checkpoints committed    {len(committed)} kept on disk (every {args.every} steps, keep last 3): "
           f"{', '.join(c.name for c in committed)}")
-    if blocked:
+    tier_stats = [r["tier"] for r in recs if r["event"] == "checkpoints" and r.get("tier")]
+    drained = sum(t["drained"] for t in tier_stats)
+    step_med = sorted(step_times)[len(step_times) // 2] * 1e3
+    if blocked:  # the persistent checkpoints that staged the state themselves
         print(f"blocked time / ckpt      median {sorted(blocked)[len(blocked) // 2] * 1e3:.2f} ms, "
-              f"max {max(blocked) * 1e3:.2f} ms (step time median "
-              f"{sorted(step_times)[len(step_times) // 2] * 1e3:.1f} ms)")
+              f"max {max(blocked) * 1e3:.2f} ms (step time median {step_med:.1f} ms)")
+    tier_blocked = sorted(b for t in tier_stats for b in t["blocked_s"])
+    if tier_blocked:
+        print(f"blocked / tier step      median {tier_blocked[len(tier_blocked) // 2] * 1e3:.2f} ms, "
+              f"max {tier_blocked[-1] * 1e3:.2f} ms (step time median {step_med:.1f} ms); {drained} "
+              f"persistent checkpoint(s) over the ranks drained from the tier (staged once, not twice)")
     sources = sorted({r.get("source") for r in resumed if r.get("source")})
     print(f"resumed from             step {resume_from} on world size 2, from {' and '.join(sources) or '-'}")
     persistent_steps = [r["persistent_step"] for r in resumed if r.get("persistent_step") is not None]
@@ -296,7 +303,6 @@ def main() -> None:
               f"{born - kill_t:.2f} s, process start + group init {init - born:.2f} s, model + "
               f"CheckpointManager setup {mgr_t - init:.2f} s, restore {started - mgr_t:.2f} s, first step "
               f"{first_after - started - probe_s:.2f} s (without the comparison loads)")
-    tier_stats = [r["tier"] for r in recs if r["event"] == "checkpoints" and r.get("tier")]
     if tier_stats:
         calls = sorted(c for t in tier_stats for c in t["call_s"])
         mib = 1 << 20

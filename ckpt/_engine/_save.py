@@ -27,7 +27,6 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +43,7 @@ from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import pack_metadata, zarr_metadata
 from ckpt._engine._pool import HostPool
 from ckpt._engine._recycle import prune_recycled, take_recycled
-from ckpt._engine._snapstate import SnapshotState
+from ckpt._engine._snapstate import Completion, SnapshotState
 from ckpt._engine._staging import direct_ok, inline_staging, stage
 from ckpt._engine._writer import Writer, WriteUnit
 from ckpt._format import (
@@ -143,7 +142,7 @@ def _eager_copy(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to("cpu", copy=True)
 
 
-class SnapshotJob:
+class SnapshotJob(Completion):
     """The background part of one save on one rank."""
 
     def __init__(self, *, prep: Prepared, storage: Storage, name: str, step: int | None,
@@ -171,11 +170,7 @@ class SnapshotJob:
                                     inline=inline_staging(options.cpu_staging, prep.tensors))
         self.stats = self.shared.stats
         self.stats.inline = self.shared.inline
-        self._done = threading.Event()
-        self._error: BaseException | None = None
-        self.error_retrieved = False
-        self._callbacks: list[Callable[[SnapshotJob], None]] = []
-        self._cb_lock = threading.Lock()
+        Completion.__init__(self)
         self._plan_obj: GlobalPlan | None = None
         self._recycled: set[str] | None = None  # writing into a recycled tree it took: the files it held
         self.in_recycled = False  # every rank: the write directory is a recycled tree
@@ -188,23 +183,6 @@ class SnapshotJob:
         self._thread.start()
         if self.shared.inline:
             self.shared.staged.wait()
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._error
-
-    def add_done_callback(self, fn: Callable[[SnapshotJob], None]) -> None:
-        with self._cb_lock:
-            if not self._done.is_set():
-                self._callbacks.append(fn)
-                return
-        fn(self)
 
     def wait_staged(self) -> float:
         """Block until no source tensor will be read again; returns seconds waited.
@@ -243,24 +221,16 @@ class SnapshotJob:
             self.shared.staged.set()
             # sources may be released now: nothing reads them any more
             self.prep.tensors = []
+        error: BaseException | None = None
         try:
             self._commit(local_error, target)
         except BaseException as e:  # noqa: BLE001
-            self._error = e
-        else:
-            self._error = None
+            error = e
         finally:
             self.stats.total_s = time.perf_counter() - self.t_call
             self.stats.pool_peak_bytes = pool.peak
             self.stats.pool_wait_s = pool.wait_s - wait0
-            self._done.set()
-            with self._cb_lock:
-                callbacks, self._callbacks = self._callbacks, []
-            for cb in callbacks:
-                try:
-                    cb(self)
-                except Exception:  # pragma: no cover - user callback
-                    traceback.print_exc()
+            self._complete(error)
 
     def _agree_on_dir(self) -> WriteTarget:
         """Rank 0 checks the target and picks the write directory; everyone learns it."""

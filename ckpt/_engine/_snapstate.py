@@ -1,10 +1,13 @@
 """What the threads of one snapshot share: the stager, the inline copy threads and the
 writer get a :class:`SnapshotState` (cancel flag, staged event, copy events, pool,
-stats), never the whole :class:`~ckpt._engine._save.SnapshotJob`."""
+stats), never the whole :class:`~ckpt._engine._save.SnapshotJob`. :class:`Completion` is
+the future part of a job (the engine's and a drained checkpoint's)."""
 
 from __future__ import annotations
 
 import threading
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,3 +71,46 @@ class SnapshotState:
     staged: threading.Event = field(default_factory=threading.Event)
     copy_events: list[tuple[Any, Any]] = field(default_factory=list)
     direct: DirectWriter | None = None
+
+
+class Completion:
+    """Done once, with an error or none; callbacks run once done, on the finishing thread
+    (or at once when added later). ``error_retrieved``: a caller has seen the outcome."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self.error_retrieved = False
+        self._callbacks: list[Callable[[Any], None]] = []
+        self._cb_lock = threading.Lock()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        with self._cb_lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _complete(self, error: BaseException | None) -> None:
+        """Finish (once: a second call changes nothing) and run the callbacks."""
+        with self._cb_lock:
+            if self._done.is_set():
+                return
+            self._error = error
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            try:
+                cb(self)
+            except Exception:  # pragma: no cover - user callback
+                traceback.print_exc()

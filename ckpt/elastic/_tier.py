@@ -43,6 +43,7 @@ from ckpt._api import SaveHandle, Snapshotter
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._recycle import RECYCLE_PREFIX, prune_stale, retiring, to_slot
 from ckpt._format import MANIFEST, TMP_PREFIX, parse_step_dirname, step_dirname
+from ckpt.elastic._drain import DrainJob, drain
 from ckpt.elastic._transfer import bundle_of, swap
 
 __all__ = ["MemoryTier", "MemoryTierWarning", "TierStats", "job_id"]
@@ -72,7 +73,10 @@ class TierStats:
     replicated_bytes: int = 0  # sent to peers
     replicate_s: float = 0.0
     call_s: list[float] = field(default_factory=list)  # the save_async calls
+    blocked_s: list[float] = field(default_factory=list)  # per step taken: the call + optimizer-hook waits
     finish_s: list[float] = field(default_factory=list)  # the background part after staging
+    drained: int = 0  # persistent checkpoints made from a tier step (no second staging)
+    drain_s: list[float] = field(default_factory=list)
 
 
 def job_id(run: str) -> str:
@@ -227,9 +231,11 @@ class MemoryTier:
             return False
         return True
 
-    def snapshot(self, step: int, state: dict[str, Any]) -> SaveHandle | None:
+    def snapshot(self, step: int, state: dict[str, Any], *, persist: DrainJob | None = None) -> SaveHandle | None:
         """Take tier step ``step`` now (every rank calls this at the same steps); None
-        when the ranks agree to skip it."""
+        when the ranks agree to skip it. ``persist`` (every rank passes one, or none):
+        once the step is held, drain it into that persistent checkpoint
+        (:mod:`._drain`); a skipped step leaves it untouched, for the caller to save."""
         busy, full = self.any_flags([self.busy(), not self._room()], training_thread=True)
         if busy:
             self.stats.skipped_busy += 1
@@ -248,45 +254,71 @@ class MemoryTier:
             metadata={META_KEY: {"job": self.job, "nodes": self.nnodes, "replicas": self.replicas}})
         self.stats.call_s.append(time.perf_counter() - t0)
         self.stats.taken += 1
-        self._thread = threading.Thread(target=self._finish_logged, args=(step, handle),
+        self._thread = threading.Thread(target=self._finish_logged, args=(step, handle, persist),
                                         name=f"ckpt-tier-{step}", daemon=True)
         self._thread.start()
         return handle
 
     # -- finishing a step (tier thread) ---------------------------------------------
-    def _finish_logged(self, step: int, handle: SaveHandle) -> None:
+    def _finish_logged(self, step: int, handle: SaveHandle, persist: DrainJob | None) -> None:
         config.lower_this_thread()  # replication yields to the training loop where cores are short
         try:
-            self._finish(step, handle)
+            self._finish(step, handle, persist)
         except Exception as e:  # noqa: BLE001 - the tier never raises into training
             self.stats.failed += 1
             warnings.warn(f"ckpt memory tier: step {step} not held: {e!r}", MemoryTierWarning, stacklevel=1)
+            if persist is not None:
+                persist.finish(e)  # a no-op where the drain already finished it
 
-    def _finish(self, step: int, handle: SaveHandle) -> None:
+    def _finish(self, step: int, handle: SaveHandle, persist: DrainJob | None = None) -> None:
         err = handle.exception()  # every rank learns a failure of any rank
         t0 = time.perf_counter()
+        self.stats.blocked_s.append(handle.stats.blocked_s)
         name = step_dirname(step)
         if err is not None:
             self.stats.failed += 1
             if self.leader:
                 self.clean_tmp()
             warnings.warn(f"ckpt memory tier: step {step} skipped: {err}", MemoryTierWarning, stacklevel=1)
+            if persist is not None:
+                persist.finish(err)
             return
         manifest = (self.root / name / MANIFEST).read_bytes() if self.rank == 0 else None
         manifest = self.broadcast(manifest)
         ok = True
+        if self.leader and self.rank != 0:
+            try:
+                self._commit_here(name, manifest)
+            except Exception as e:  # noqa: BLE001 - reported through the agreement
+                ok = False
+                warnings.warn(f"ckpt memory tier: step {step} not committed here: {e!r}", MemoryTierWarning,
+                              stacklevel=1)
+        if not self.all_ok(ok):
+            self.stats.failed += 1
+            if persist is not None:
+                persist.finish(RuntimeError(f"memory tier step {step} was not committed on every node"))
+            return
         if self.leader:
             try:
-                if self.rank != 0:
-                    self._commit_here(name, manifest)
                 self._replicate(name)
             except Exception as e:  # noqa: BLE001 - reported through the agreement
                 ok = False
                 warnings.warn(f"ckpt memory tier: step {step} not replicated: {e!r}", MemoryTierWarning,
                               stacklevel=1)
-        if not self.all_ok(ok):
+        if self.all_ok(ok):
+            self._held(step, name)
+        else:
             self.stats.failed += 1
-            return
+        if persist is not None:  # the step is whole in the nodes' tiers, replicated or not
+            t1 = time.perf_counter()
+            drain(self, self.root / name, own_files(self.root / name) if self.leader else [], persist,
+                  tier_key=META_KEY)
+            self.stats.drained += persist.error is None
+            self.stats.drain_s.append(time.perf_counter() - t1)
+        self.stats.finish_s.append(time.perf_counter() - t0)
+
+    def _held(self, step: int, name: str) -> None:
+        """Every node holds step ``name`` and its predecessors' replicas: complete."""
         if self.leader:
             held = min(1 + self.replicas, self.nnodes)
             (self.root / name / COMPLETE).write_text(json.dumps({"step": step, "nodes": self.nnodes,
@@ -300,7 +332,6 @@ class MemoryTier:
         self._footprint = max(self.all_gather(self._footprint))
         self.stats.completed += 1
         self.stats.last_complete = step
-        self.stats.finish_s.append(time.perf_counter() - t0)
 
     def _commit_here(self, name: str, manifest: bytes) -> None:
         """On a node other than rank 0's: the same commit in this node's directory."""
