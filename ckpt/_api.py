@@ -111,8 +111,12 @@ class Snapshotter:
     """Owns what outlives one snapshot: the host pool, copy streams, the plan cache, the
     optimizer hooks, and the snapshot in flight (at most one)."""
 
-    def __init__(self, options: SaveOptions | None = None) -> None:
+    def __init__(self, options: SaveOptions | None = None, *, background_nice: int = 0) -> None:
+        """``background_nice``: how much lower the threads that finish a snapshot in the
+        background (writes, crc32c) run than the training loop (the memory tier's: see
+        ``CKPT_BACKGROUND_NICE``); the copies the optimizer hook waits for never are."""
         self.options = SaveOptions.resolve(options)
+        self.background_nice = background_nice
         self._pool: HostPool | None = None
         self._streams: dict[torch.device, list[Any]] = {}
         self._plan_cache: dict[str, GlobalPlan] = {}
@@ -222,7 +226,7 @@ class Snapshotter:
                           pool=self._pool_for(bool(devices)), options=self.options, plan_cache=self._plan_cache,
                           overwrite=overwrite, user_metadata=dict(metadata or {}),
                           streams=self._copy_streams(devices), t_call=t0,
-                          early_error=early, recycle_here=recycle_here)
+                          early_error=early, recycle_here=recycle_here, nice=self.background_nice)
         self._job = job
         job.start()  # with inline staging (SaveOptions.cpu_staging), the copy happens now
         call = time.perf_counter() - t0

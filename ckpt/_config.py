@@ -105,25 +105,32 @@ def node_dir(explicit: str | None = None) -> str:
 
 def background_nice() -> int:
     """``CKPT_BACKGROUND_NICE`` (default 10, 0 turns it off): how much lower than the
-    training loop's the scheduling priority of the threads that finish a save in the
-    background (file writes, crc32c, memory-tier replication) is, so that where cores are
-    short the training loop keeps its core and the checkpoint takes what is left. The
-    copies that an optimizer step waits for are not lowered."""
+    training loop's the scheduling priority of the memory tier's background threads (its
+    file writes and crc32c, replication, drains) is, so that where cores are short the
+    training loop keeps its core and the tier takes what is left (a tier step that finds
+    the previous one unfinished is skipped, never waited for). Persistent saves keep the
+    loop's priority: the next one waits for the previous one, so slowing its writes only
+    moves the wait (measured: docs/bench/knobs.md). The copies that an optimizer step
+    waits for are never lowered."""
     return min(19, max(0, setting("CKPT_BACKGROUND_NICE", 10, int)))
 
 
-def lower_this_thread() -> None:
-    """Give the calling (background) thread :func:`background_nice`'s lower priority;
-    Linux schedules threads one by one (elsewhere: nothing). Raising a nice value needs
-    no privilege; a failure changes nothing."""
-    n = background_nice()
+def lower_this_thread(nice: int | None = None) -> None:
+    """Run the calling (background) thread ``nice`` (default :func:`background_nice`; 0:
+    nothing) lower than the process's main thread; Linux schedules threads one by one
+    (elsewhere: nothing). Idempotent: a thread started by a lowered one (which inherits
+    its priority) is not lowered twice. Raising a nice value needs no privilege; a
+    failure changes nothing."""
+    n = background_nice() if nice is None else nice
     if not n or not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
         return
     import threading
 
     try:
         tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + n))
+        target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + n)  # the main thread's, + n
+        if os.getpriority(os.PRIO_PROCESS, tid) < target:
+            os.setpriority(os.PRIO_PROCESS, tid, target)
     except OSError:
         pass
 

@@ -93,3 +93,46 @@ def test_background_threads_run_at_a_lower_priority_than_the_training_loop(monke
     assert os.getpriority(os.PRIO_PROCESS, 0) == main  # the calling thread is untouched
     before, after = _nice_of_a_background_thread(monkeypatch, "0")
     assert after == before  # 0 turns it off
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "setpriority") or not __import__("sys").platform.startswith("linux"),
+                    reason="per-thread priorities are Linux's")
+def test_only_the_memory_tiers_writer_threads_are_lowered_and_never_twice(tmp_path, monkeypatch):
+    """A persistent save's writers keep the loop's priority (the next save would wait for
+    them); the memory tier's run CKPT_BACKGROUND_NICE lower (a busy tier skips a step),
+    also where a lowered thread starts them (they inherit its priority)."""
+    import os
+    import threading
+
+    import ckpt
+    from ckpt._engine._direct_write import DirectWriter
+    from ckpt.elastic import MemoryTier
+    from ckpt.storage import open_storage
+
+    monkeypatch.setenv("CKPT_BACKGROUND_NICE", "4")
+    main = os.getpriority(os.PRIO_PROCESS, 0)
+    assert ckpt.Snapshotter().background_nice == 0
+    tier = MemoryTier(str(tmp_path / "run"), node_dir=str(tmp_path / "node"), replicas=0)
+    assert tier.snapshotter.background_nice == 4
+    tier.close()
+
+    def writer_nice(nice: int) -> int:
+        w = DirectWriter.for_storage(open_storage(str(tmp_path)), nice=nice)
+        assert w is not None
+        try:
+            return w.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+        finally:
+            w.close()
+
+    assert writer_nice(0) == main
+    assert writer_nice(4) == min(19, main + 4)
+    out: list[int] = []
+
+    def lowered_parent() -> None:  # the tier's Writer thread starts the write threads
+        _config.lower_this_thread(4)
+        out.append(writer_nice(4))
+
+    t = threading.Thread(target=lowered_parent)
+    t.start()
+    t.join()
+    assert out == [min(19, main + 4)]  # inherited 4, not lowered to 8

@@ -103,11 +103,11 @@ class DirectWriter:
     durable (:meth:`finish`)."""
 
     def __init__(self, storage: Storage, crc: Callable[[int, int, int], int], *, o_direct: bool,
-                 threads: int = 4) -> None:
+                 threads: int = 4, nice: int = 0) -> None:
         self.storage, self.crc = storage, crc
         self.o_direct = o_direct and hasattr(os, "O_DIRECT")
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-write",
-                                                           initializer=lower_this_thread)
+                                                           initializer=lower_this_thread, initargs=(nice,))
         self._dirs: set[str] = set()
         self._dirs_lock = threading.Lock()
 

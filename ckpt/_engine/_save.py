@@ -149,7 +149,7 @@ class SnapshotJob(Completion):
                  coord: LocalCoordinator | DistCoordinator, pool: HostPool, options: SaveOptions,
                  plan_cache: dict[str, GlobalPlan], overwrite: bool, user_metadata: dict[str, Any],
                  streams: dict[Any, list[Any]], t_call: float, early_error: Exception | None = None,
-                 recycle_here: bool | None = None) -> None:
+                 recycle_here: bool | None = None, nice: int = 0) -> None:
         self.prep = prep
         # None: rank 0 takes a recycle slot of the (shared) storage; a bool on every rank:
         # each rank so marked takes one of its own storage (a storage per node: the tier's)
@@ -167,7 +167,7 @@ class SnapshotJob(Completion):
         self.url = storage.describe(name)
         self.committer = commit_strategy(storage)
         self.shared = SnapshotState(storage, self.url, pool, t_call, streams, prep.ready_events, prep.versions,
-                                    inline=inline_staging(options.cpu_staging, prep.tensors))
+                                    inline=inline_staging(options.cpu_staging, prep.tensors), nice=nice)
         self.stats = self.shared.stats
         self.stats.inline = self.shared.inline
         Completion.__init__(self)
@@ -320,7 +320,7 @@ class SnapshotJob(Completion):
         return a.box
 
     def _stage_and_write(self, plan: GlobalPlan, write_dir: str) -> None:
-        direct = DirectWriter.for_storage(self.storage)
+        direct = DirectWriter.for_storage(self.storage, nice=self.shared.nice)
         self.shared.direct = direct
         try:
             units = self._units(plan, write_dir, direct)

@@ -71,6 +71,7 @@ class SnapshotState:
     staged: threading.Event = field(default_factory=threading.Event)
     copy_events: list[tuple[Any, Any]] = field(default_factory=list)
     direct: DirectWriter | None = None
+    nice: int = 0  # how much lower the background threads run (the memory tier's saves)
 
 
 class Completion:

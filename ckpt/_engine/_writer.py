@@ -55,6 +55,7 @@ class Writer(threading.Thread):
         self.q = q
         self.write_dir = write_dir
         self.direct = shared.direct
+        self.nice = shared.nice
         # tensorstore may keep referencing a written array; pool blocks are reused, so only
         # let it where the kvstore copies the bytes out.
         self.zero_copy = not shared.storage.capabilities.retains_written_buffers
@@ -66,7 +67,7 @@ class Writer(threading.Thread):
         self._all_done = threading.Condition(self._lock)
 
     def run(self) -> None:
-        lower_this_thread()
+        lower_this_thread(self.nice)
         u: WriteUnit | None = None
         ended = False  # the stager's None was taken
         try:

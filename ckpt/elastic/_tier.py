@@ -137,7 +137,7 @@ class MemoryTier:
         self.root = self.node_dir / self.job
         self.root.mkdir(parents=True, exist_ok=True)
         self.stats = TierStats()
-        self.snapshotter = Snapshotter(options)
+        self.snapshotter = Snapshotter(options, background_nice=config.background_nice())
         self.process_group = process_group
         self.group: Any = None  # the tier thread's collectives and transfers
         self._agree_group: Any = None  # the training thread's agreement
