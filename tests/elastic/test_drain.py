@@ -22,14 +22,18 @@ from tests.elastic.test_tier import _dirs, _flat, _model, _train_step, digest, l
 
 
 def _loop(mgr: ckpt.CheckpointManager, steps: range, m: torch.nn.Module, opt: torch.optim.Optimizer,
-          digests: dict[int, str]) -> None:
+          digests: dict[int, str]) -> list[ckpt.SaveHandle]:
     state = {"model": m, "optim": opt}
+    handles = []
     for s in steps:
         _train_step(m, opt, s)
         digests[s] = digest(_flat(m, opt))
-        mgr.step(s, state)
+        h = mgr.step(s, state)
+        if h is not None:
+            handles.append(h)
         assert mgr.tier is not None
         mgr.tier.wait()
+    return handles
 
 
 def _loaded(url: str, options: dict | None = None) -> str:
@@ -44,10 +48,11 @@ def test_a_persistent_save_on_a_tier_step_is_drained_not_staged_again(run_place,
     digests: dict[int, str] = {}
     mgr = ckpt.CheckpointManager(run_place.url, every_steps=3, memory_every_steps=1, replicas=0, save_on_signals=(),
                                  storage_options=run_place.options, node_dir=str(tmp_path / "node"))
-    _loop(mgr, range(6), m, opt, digests)
+    handles = _loop(mgr, range(6), m, opt, digests)
     mgr.wait()
     assert mgr.tier is not None and mgr.tier.stats.drained == 2 and not mgr.failures
     assert [i.step for i in mgr.checkpoints()] == [5, 2]
+    assert handles and all(h.result().total_bytes == h.result().bytes > 0 for h in handles)
     for step in (2, 5):
         url = f"{run_place.url}/{step_dirname(step)}"
         assert _loaded(url, run_place.options) == digests[step]
