@@ -22,6 +22,7 @@ ckpt-native checkpoint (ckpt's RNG states) have no DCP equivalent and are not of
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ from torch.futures import Future
 from ckpt._engine._catalog import read_manifest
 from ckpt._engine._coord import rank_and_world
 from ckpt._engine._load import Loader
+from ckpt._engine._recycle import reading
 from ckpt._format import parse_step_dirname, torch_dtype
 from ckpt._tools._import import Leaves, flatten, place
 from ckpt.errors import CheckpointError, UnsupportedStateError
@@ -244,7 +246,9 @@ class _Placeholders:
 class CkptReader(_Located, StorageReader):
     """A DCP ``StorageReader`` over a ckpt checkpoint (written by :class:`CkptWriter` or
     ``ckpt.save``). ``url`` as for :class:`CkptWriter`; ``allow_pickle``: unpickle values
-    saved with pickle when DCP asks for them."""
+    saved with pickle when DCP asks for them. From the manifest's first read to the end
+    of ``read_data`` it holds the checkpoint as ``ckpt.load`` does (the reader lock: a
+    recycling retention deletes it instead of overwriting its files)."""
 
     def __init__(self, url: str | os.PathLike[str] | None = None, *, allow_pickle: bool = False,
                  storage_options: dict[str, Any] | None = None) -> None:
@@ -253,21 +257,34 @@ class CkptReader(_Located, StorageReader):
         self.allow_pickle = allow_pickle
         self.storage_options = storage_options
         self._loader: Loader | None = None
+        self._hold = contextlib.ExitStack()  # the reader lock while a load is under way
         self._keys: dict[str, str] = {}
         self._values: dict[str, Any] = {}
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        self._release()
         self._point(checkpoint_id)
-        self._loader = None
 
     def _open(self) -> Loader:
         if self._loader is None:
             storage, name = split_checkpoint_url(_checkpoint_url(self.url, type(self).__name__),
                                                  **(self.storage_options or {}))
             rank, world = rank_and_world()
-            self._loader = Loader(storage, name, read_manifest(storage, name), strict=False,
-                                  allow_pickle=self.allow_pickle, rank=rank, world_size=world)
+            hold = contextlib.ExitStack()
+            hold.enter_context(reading(storage, name))
+            try:
+                self._loader = Loader(storage, name, read_manifest(storage, name), strict=False,
+                                      allow_pickle=self.allow_pickle, rank=rank, world_size=world)
+            except BaseException:
+                hold.close()
+                raise
+            self._hold = hold
         return self._loader
+
+    def _release(self) -> None:
+        """The load is over (or abandoned): let the checkpoint go."""
+        self._loader = None
+        self._hold.close()
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         from torch.distributed.checkpoint._nested_dict import flatten_state_dict
@@ -311,7 +328,15 @@ class CkptReader(_Located, StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        loader = self._open()
+        try:
+            self._read(self._open(), plan, planner)
+        finally:
+            self._release()
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read(self, loader: Loader, plan: LoadPlan, planner: LoadPlanner) -> None:
         done: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
         for req in plan.items:
             fqn = req.storage_index.fqn
@@ -337,9 +362,6 @@ class CkptReader(_Located, StorageReader):
             if into is not dest:
                 dest.copy_(into)  # DCP casts to the destination's dtype and device too
             planner.commit_tensor(req, dest)
-        fut: Future[None] = Future()
-        fut.set_result(None)
-        return fut
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:

@@ -226,3 +226,29 @@ def test_dcp_save_and_load_on_s3(s3_url: str, s3_options: dict[str, Any]) -> Non
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert same_bits(a, b), name
     assert ckpt.read_manifest(url, storage_options=s3_options).step == 2
+
+
+def test_a_dcp_load_holds_the_checkpoint_against_recycling(tmp_path: Path) -> None:
+    """From its first manifest read to the end of read_data, CkptReader holds the
+    checkpoint as ckpt.load does: a recycling retirement in between deletes it rather than
+    overwriting its files; after the load it may be recycled."""
+    import torch.distributed.checkpoint as dcp
+
+    import ckpt
+    from ckpt._engine._recycle import retire
+    from ckpt.integrations.dcp import CkptReader
+    from ckpt.storage import open_storage
+
+    run = tmp_path / "run"
+    for step in (0, 1):
+        ckpt.save({"w": torch.full((1024,), float(step))}, run / f"step-00000000{step}", step=step)
+    storage = open_storage(str(run))
+
+    reader = CkptReader(run / "step-000000000")
+    reader.read_metadata()  # a load under way
+    assert retire(storage, "step-000000000") is False  # held: the caller deletes the tree instead
+
+    state = {"w": torch.zeros(1024)}
+    dcp.load(state, storage_reader=CkptReader(run / "step-000000001"), no_dist=True)
+    assert torch.equal(state["w"], torch.ones(1024))
+    assert retire(storage, "step-000000001") is True  # the load is over: nothing holds it
