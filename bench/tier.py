@@ -60,16 +60,17 @@ def _shm(tmp: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix="ckpt-bench-tier-", dir=base))
 
 
-def _loop(model: Any, opt: Any, x: torch.Tensor, steps: int, tier: Any, first: int = 0) -> float:
+def _loop(model: Any, opt: Any, x: torch.Tensor, steps: int, after: Any, first: int = 0) -> float:
     """``steps`` training steps numbered from ``first`` (a tier keeps its newest steps by
-    number: numbers must grow from one loop to the next, as a job's do)."""
+    number: numbers must grow from one loop to the next, as a job's do); ``after(step,
+    state)`` (a tier's ``snapshot``, a manager's ``step``, or None) follows each."""
     t0 = time.perf_counter()
     for i in range(first, first + steps):
         model(x).pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=False)
-        if tier is not None:
-            tier.snapshot(i, {"model": model, "optim": opt})
+        if after is not None:
+            after(i, {"model": model, "optim": opt})
     return time.perf_counter() - t0
 
 
@@ -84,7 +85,7 @@ def per_step_cost(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
     shm = _shm(tmp)
     tier = MemoryTier(os.fspath(tmp / "run"), node_dir=os.fspath(shm))
     try:
-        _loop(model, opt, x, 3, tier)  # warm-up: the tier's pool and plan
+        _loop(model, opt, x, 3, tier.snapshot)  # warm-up: the tier's pool and plan
         tier.wait()
         base, with_tier = [], []
         taken = skipped = 0
@@ -93,7 +94,7 @@ def per_step_cost(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
             gc.collect()
             base.append(_loop(model, opt, x, cfg.steps, None))
             t0, s0 = tier.stats.taken, tier.stats.skipped_busy
-            with_tier.append(_loop(model, opt, x, cfg.steps, tier, first=3 + rep * cfg.steps))
+            with_tier.append(_loop(model, opt, x, cfg.steps, tier.snapshot, first=3 + rep * cfg.steps))
             tier.wait()
             taken, skipped = tier.stats.taken - t0, tier.stats.skipped_busy - s0
         calls = tier.stats.call_s[-taken:] if taken else []
@@ -111,15 +112,15 @@ def per_step_cost(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
 
 def _mgr_loop(mgr: Any, model: Any, opt: Any, x: torch.Tensor, steps: int, first: int) -> tuple[float, list[Any]]:
     """The loop time (until every checkpoint is durable) and the persistent saves' handles."""
-    handles = []
-    t0 = time.perf_counter()
-    for i in range(first, first + steps):
-        model(x).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        h = mgr.step(i, {"model": model, "optim": opt})
+    handles: list[Any] = []
+
+    def step(i: int, state: dict[str, Any]) -> None:
+        h = mgr.step(i, state)
         if h is not None:
             handles.append(h)
+
+    t0 = time.perf_counter()
+    _loop(model, opt, x, steps, step, first)
     mgr.wait()
     mgr.tier.wait()
     return time.perf_counter() - t0, handles

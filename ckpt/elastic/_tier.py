@@ -298,9 +298,10 @@ class MemoryTier:
             if persist is not None:
                 persist.finish(RuntimeError(f"memory tier step {step} was not committed on every node"))
             return
+        mine = own_files(self.root / name) if self.leader else []  # sent to peers, drained to storage
         if self.leader:
             try:
-                self._replicate(name)
+                self._replicate(name, mine)
             except Exception as e:  # noqa: BLE001 - reported through the agreement
                 ok = False
                 warnings.warn(f"ckpt memory tier: step {step} not replicated: {e!r}", MemoryTierWarning,
@@ -311,8 +312,7 @@ class MemoryTier:
             self.stats.failed += 1
         if persist is not None:  # the step is whole in the nodes' tiers, replicated or not
             t1 = time.perf_counter()
-            drain(self, self.root / name, own_files(self.root / name) if self.leader else [], persist,
-                  tier_key=META_KEY)
+            drain(self, self.root / name, mine, persist, tier_key=META_KEY)
             self.stats.drained += persist.error is None
             self.stats.drain_s.append(time.perf_counter() - t1)
         self.stats.finish_s.append(time.perf_counter() - t0)
@@ -350,7 +350,8 @@ class MemoryTier:
         (src / MANIFEST).write_bytes(manifest)
         os.rename(src, final)
 
-    def _replicate(self, name: str) -> None:
+    def _replicate(self, name: str, files: list[str]) -> None:
+        """Send this node's ``files`` of step ``name`` to the next nodes, receive theirs."""
         r = min(self.replicas, self.nnodes - 1)
         if self.replicas and r < self.replicas and not self._warned_single:
             self._warned_single = True
@@ -361,7 +362,7 @@ class MemoryTier:
             return
         t0 = time.perf_counter()
         step_dir = self.root / name
-        mine = bundle_of(step_dir, own_files(step_dir))
+        mine = bundle_of(step_dir, files)
         for d in range(1, r + 1):
             dst = self.global_rank(self.leaders[(self.node + d) % self.nnodes])
             src_node = (self.node - d) % self.nnodes

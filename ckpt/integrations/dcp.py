@@ -270,15 +270,11 @@ class CkptReader(_Located, StorageReader):
             storage, name = split_checkpoint_url(_checkpoint_url(self.url, type(self).__name__),
                                                  **(self.storage_options or {}))
             rank, world = rank_and_world()
-            hold = contextlib.ExitStack()
-            hold.enter_context(reading(storage, name))
-            try:
+            with contextlib.ExitStack() as hold:  # let go at once where the manifest fails
+                hold.enter_context(reading(storage, name))
                 self._loader = Loader(storage, name, read_manifest(storage, name), strict=False,
                                       allow_pickle=self.allow_pickle, rank=rank, world_size=world)
-            except BaseException:
-                hold.close()
-                raise
-            self._hold = hold
+                self._hold = hold.pop_all()
         return self._loader
 
     def _release(self) -> None:
