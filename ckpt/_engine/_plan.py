@@ -140,12 +140,18 @@ def plan_array(path: str, shape: tuple[int, ...], itemsize: int, boxes: list[Box
                cfg: PlanConfig) -> ArrayLayout | None:
     """The array layout for a tensor written as ``boxes``; None if the boxes' alignment is
     too poor for one array (the caller then stores each box as its own array)."""
-    align = box_alignment(shape, boxes)
+    return layout_for(path, shape, itemsize, box_alignment(shape, boxes), len(boxes), cfg)
+
+
+def layout_for(path: str, shape: tuple[int, ...], itemsize: int, align: tuple[int, ...], n_boxes: int,
+               cfg: PlanConfig) -> ArrayLayout | None:
+    """As :func:`plan_array`, from the boxes' alignment and count (a sharding rule gives
+    both without listing the boxes)."""
     shard = choose_block(align, itemsize, cfg.max_shard_bytes)
     chunk = choose_block(shard, itemsize, cfg.chunk_bytes)
     shard_bytes = math.prod(shard) * itemsize
     n_shards = math.prod(-(-max(1, n) // s) for n, s in zip(shape, shard))
-    if len(boxes) > 1 and shard_bytes < (256 << 10) and n_shards > 8 * len(boxes):
+    if n_boxes > 1 and shard_bytes < (256 << 10) and n_shards > 8 * n_boxes:
         return None
     return ArrayLayout(path, shape, shard, chunk)
 
