@@ -83,13 +83,14 @@ def choose_block(align: tuple[int, ...], itemsize: int, target: int) -> tuple[in
 
 
 def box_alignment(shape: tuple[int, ...], boxes: list[Box]) -> tuple[int, ...]:
-    """Per dim, the gcd of every interior box boundary (the dim size if there is none)."""
+    """Per dim, the gcd of every interior box boundary (the dim size if there is none):
+    shards of that size never straddle a boundary (the last one may be short)."""
     out = []
     for d, n in enumerate(shape):
         cuts = {o[d] for o, _ in boxes} | {o[d] + s[d] for o, s in boxes}
         cuts.discard(0)
         cuts.discard(n)
-        out.append(reduce(math.gcd, cuts, n) if n else 1)
+        out.append((reduce(math.gcd, cuts) if cuts else n) if n else 1)
     return tuple(out)
 
 

@@ -348,9 +348,10 @@ def plan_save(local: LocalPieces, coord: Collectives, *, where: str = "") -> tup
     A rank that failed to describe its state takes part (``local.failed``) and every rank
     raises: that one its own error (the caller's), the others DistributedSaveError."""
     total = coord.all_reduce_sum(local.contribution())
-    if total[0]:
-        raise DistributedSaveError(f"{total[0]} rank(s) failed to describe their state", path=where,
-                                   failures={-1: "failed before the save began"})
+    if total[0]:  # the failing ranks say so to rank 0, which tells everyone who they are
+        got = coord.gather_sparse("failed before the save began" if local.failed else None)
+        failures = coord.broadcast(dict(got) if got is not None else None)
+        raise DistributedSaveError("another rank failed to describe its state", path=where, failures=failures)
     reused = local.reusable(total)
     if reused is not None:
         return reused, True
