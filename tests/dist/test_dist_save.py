@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.dist._boxes import entry_boxes
+from tests._boxes import entry_boxes
 from tests.dist._launch import launch
 from tests.dist.test_reshard_grid import UserBoxes, same_bits
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.dist._boxes import entry_boxes
+from tests._boxes import entry_boxes
 from tests.dist._launch import launch
 
 pytestmark = pytest.mark.slow
