@@ -109,6 +109,7 @@ def storage_torch_dtype(name: str) -> torch.dtype:
     return _STORAGE_TORCH[storage_dtype(name)]
 
 
+@functools.lru_cache(maxsize=64)
 def itemsize(name: str) -> int:
     return torch.empty((), dtype=torch_dtype(name)).element_size()
 

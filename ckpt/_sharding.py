@@ -16,6 +16,7 @@ replicas across boxes and tensors.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -60,6 +61,12 @@ def intervals(size: int, ks: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     return starts, lens
 
 
+@functools.lru_cache(maxsize=4096)
+def _replicate_dims(n: int, dims: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+    used = {m for ms in dims for m in ms}
+    return tuple(m for m in range(n) if m not in used)
+
+
 @dataclass(frozen=True)
 class Sharding:
     """How one tensor is cut over a mesh.
@@ -77,13 +84,12 @@ class Sharding:
 
     @property
     def replicate_dims(self) -> tuple[int, ...]:
-        used = {m for ms in self.dims for m in ms}
-        return tuple(m for m in range(len(self.mesh)) if m not in used)
+        return _replicate_dims(len(self.mesh), self.dims)
 
     @property
     def replicas(self) -> int:
         """How many ranks hold each box."""
-        return math.prod(self.mesh[m] for m in self.replicate_dims)
+        return math.prod(self.mesh[m] for m in _replicate_dims(len(self.mesh), self.dims))
 
     @property
     def holders(self) -> int:

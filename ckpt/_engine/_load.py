@@ -283,19 +283,7 @@ class Loader:
         destinations are filled (the loader may then schedule and execute more)."""
         t0 = time.perf_counter()
         reads, self._reads = self._reads, []
-        jobs: list[tuple[_Read, str, Box, Box, ArrayLayout | None]] = []  # read, array path, src region, dest sub-box
-        for r in reads:
-            e = self.manifest.entries[r.key]
-            st = e["storage"]
-            if math.prod(r.box[1]) == 0:
-                continue
-            if st["layout"] == "array":
-                lay = array_layout(r.key, tuple(e["shape"]), st, self._separator)
-                jobs.append((r, lay.path, r.box, ((0,) * len(r.box[0]), r.box[1]), lay))
-            elif st["layout"] == "packed":
-                jobs.append((r, check_relpath(st["path"], key=r.key), r.box, ((0,) * len(r.box[0]), r.box[1]), None))
-            else:
-                jobs.extend(self._piece_jobs(r, e))
+        jobs = self._jobs(reads)
         self._open([(p, lay, self.manifest.entries[r.key]) for r, p, _, _, lay in jobs])
         direct = DirectReader.for_storage(self.storage, self.name)  # None: tensorstore reads only
         window: collections.deque[tuple[Any, _Read, str, Box, Box, int]] = collections.deque()
@@ -342,6 +330,38 @@ class Loader:
         if any(r.dest.device.type == "cuda" for r in reads):
             torch.cuda.synchronize()
         return self.stats
+
+    def _jobs(self, reads: list[_Read]) -> list[tuple[_Read, str, Box, Box, ArrayLayout | None]]:
+        """(read, array or pack path, source region in it, destination sub-box) per stored
+        array a read touches: O(the reads x the pieces each overlaps)."""
+        jobs: list[tuple[_Read, str, Box, Box, ArrayLayout | None]] = []
+        for r in reads:
+            e = self.manifest.entries[r.key]
+            st = e["storage"]
+            if math.prod(r.box[1]) == 0:
+                continue
+            if st["layout"] == "array":
+                lay = array_layout(r.key, tuple(e["shape"]), st, self._separator)
+                jobs.append((r, lay.path, r.box, ((0,) * len(r.box[0]), r.box[1]), lay))
+            elif st["layout"] == "packed":
+                jobs.append((r, check_relpath(st["path"], key=r.key), r.box, ((0,) * len(r.box[0]), r.box[1]), None))
+            else:
+                jobs.extend(self._piece_jobs(r, e))
+        return jobs
+
+    def planned_objects(self) -> dict[str, int]:
+        """The storage objects the reads scheduled so far will touch (shards of arrays,
+        whole packs) -> how many reads touch each; nothing is read. The load's plan, for
+        tools that move only what a rank needs (the memory tier) and for ``bench.scale``."""
+        out: dict[str, int] = {}
+        for _r, path, src, _sub, lay in self._jobs(self._reads):
+            if lay is None:
+                out[path] = out.get(path, 0) + 1
+                continue
+            for idx in lay.shards_touching(src):
+                obj = f"{path}/{lay.shard_key(idx)}"
+                out[obj] = out.get(obj, 0) + 1
+        return out
 
     def _piece_jobs(self, r: _Read, e: dict[str, Any]) -> list[tuple[_Read, str, Box, Box, ArrayLayout | None]]:
         out: list[tuple[_Read, str, Box, Box, ArrayLayout | None]] = []

@@ -288,7 +288,7 @@ class SnapshotJob(Completion):
         self.stats.plan_reused = reused
         if not reused:
             self.plan_cache.clear()
-            self.plan_cache["last"] = (local.signature, plan)
+            self.plan_cache["last"] = (local.structure, plan)
         return plan
 
     def _units(self, plan: RankPlan, write_dir: str, direct: DirectWriter | None) -> list[WriteUnit]:
