@@ -383,6 +383,18 @@ def validate_entry(key: Any, entry: Any, where: str) -> None:
     if math.prod(shape) > MAX_ELEMENTS:
         raise ManifestError(f"shape {shape} is absurdly large", key=key, path=where,
                             hint="the manifest is damaged or hostile")
+    sh = entry.get("sharding")
+    if sh is not None:  # format 3: the placement rule (informational for readers: storage says where)
+        mesh = sh.get("mesh") if isinstance(sh, dict) else None
+        dims = sh.get("dims") if isinstance(sh, dict) else None
+        if (not isinstance(mesh, list) or not isinstance(dims, list) or len(dims) != len(shape)
+                or any(not isinstance(d, list) for d in dims)):
+            raise ManifestError(f"bad sharding {sh!r}"[:200], key=key, path=where)
+        _check_int_list(mesh, None, "sharding mesh", key, where)
+        for d in dims:
+            _check_int_list(d, None, "sharding dims", key, where)
+            if any(m >= len(mesh) for m in d):
+                raise ManifestError(f"bad sharding {sh!r}"[:200], key=key, path=where)
     st = entry.get("storage")
     if not isinstance(st, dict):
         raise ManifestError("tensor entry without storage", key=key, path=where)
