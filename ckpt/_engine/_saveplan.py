@@ -144,9 +144,12 @@ class LocalPieces:
         self.rules: list[_Rule] = []
         self.uniform: list[tuple[str, str, tuple[int, ...]]] = []
         self.explicit: list[PieceMeta] = []
-        if self.reuse is not None:
-            return
-        for meta, sh, whole in pieces:
+        self._pieces = pieces
+        if self.reuse is None:
+            self._classify()
+
+    def _classify(self) -> None:
+        for meta, sh, whole in self._pieces:
             if sh is not None and math.prod(meta.shape) > 0 and len(sh.dims) == len(meta.shape):
                 self.rules.append(_Rule(meta.key, meta.dtype, meta.shape, sh))
             elif whole and math.prod(meta.shape) > 0:
@@ -181,6 +184,10 @@ class LocalPieces:
     # -- phase 2: the sparse gather to rank 0 -------------------------------------
     def payload(self, total: list[int]) -> dict[str, Any] | None:
         """What this rank tells the coordinator (None: nothing; most ranks)."""
+        if self.reuse is not None:  # unchanged here, but another rank changed: plan again
+            self.digests = self.reuse.contribution[2:_FLAGS + 3 * LANES]
+            self.reuse = None
+            self._classify()
         self.uniform_ok = self._same_everywhere(total, 1, lanes(self.uniform))
         self.keys_ok = self._same_everywhere(total, 2, lanes(self.rank_keys))
         if not self.uniform_ok:  # not every rank holds the same plain tensors: the coordinator places them

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ckpt._engine._catalog import read_manifest
-from ckpt._engine._layout import StoredArray, pickle_objects, stored_arrays
+from ckpt._engine._layout import StoredArray, pickle_objects, rank_objects, stored_arrays
 from ckpt._engine._recycle import reading
-from ckpt._format import MANIFEST
+from ckpt._format import MANIFEST, parse_rank_object
 from ckpt._tools._common import Checkpoint, object_sizes
 from ckpt.errors import CheckpointError
 from ckpt.storage import Storage, split_checkpoint_url
@@ -151,6 +151,18 @@ def _check_presence(ck: Checkpoint, arrays: list[StoredArray], report: VerifyRep
             report.problems.append(Problem("missing", "the pickled object is missing", [key], path))
         elif sizes[path] == 0:
             report.problems.append(Problem("size", "the pickled object is empty", [key], path))
+    ro = ck.manifest.rank_objects
+    for rank, path in enumerate(rank_objects(ck.manifest)):
+        report.objects += 1
+        if path not in sizes:
+            report.problems.append(Problem("missing", f"rank {rank}'s per-rank values object is missing",
+                                           list(ro["keys"]) if ro else [], path))
+        elif not report.quick:
+            try:
+                parse_rank_object(ck.storage.read_bytes(f"{ck.name}/{path}"), rank, ro["id"] if ro else "",
+                                  where=ck.storage.describe(f"{ck.name}/{path}"))
+            except CheckpointError as e:
+                report.problems.append(Problem("corrupt", e.message, list(ro["keys"]) if ro else [], path))
     return sizes
 
 
