@@ -25,12 +25,6 @@ class LocalCoordinator:
     def broadcast(self, obj: Any) -> Any:
         return obj
 
-    def gather(self, obj: Any) -> list[Any] | None:
-        return [obj]
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        return [obj]
-
     def barrier(self) -> None:
         pass
 
@@ -73,16 +67,6 @@ class DistCoordinator:
         box = [obj]
         self._dist.broadcast_object_list(box, src=self._global_root, group=self.group)
         return box[0]
-
-    def gather(self, obj: Any) -> list[Any] | None:
-        out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
-        self._dist.gather_object(obj, out, dst=self._global_root, group=self.group)
-        return out
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.world_size
-        self._dist.all_gather_object(out, obj, group=self.group)
-        return out
 
     def barrier(self) -> None:
         self._dist.barrier(group=self.group)

@@ -1,17 +1,16 @@
-"""The global save plan: from every rank's tensor pieces to manifest entries and to each
-rank's write assignments.
+"""The plan of explicitly placed pieces: from every rank's pieces to manifest entries and
+to each rank's write assignments.
 
-Every rank computes the same plan from the same all-gathered piece lists, so no plan
-has to be broadcast. Replicated pieces are written once, by the holder with the fewest
+Run by one process that holds every rank's pieces: the save's coordinator (rank 0) for
+the pieces no sharding rule places (``ckpt._engine._saveplan``), and ``ckpt reshard`` for
+its target layout. Replicated pieces are written once, by the holder with the fewest
 bytes assigned so far (largest pieces first), which spreads bytes over ranks.
 """
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import math
-import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,10 +58,6 @@ def array_path(key: str) -> str:
 
 def piece_path(key: str, i: int) -> str:
     return f"arrays/{key_to_path(key)}.pieces/{i:05d}.zarr"
-
-
-def signature(metas: list[list[PieceMeta]]) -> str:
-    return hashlib.sha256(pickle.dumps(metas)).hexdigest()
 
 
 def _overlap(a: Box, b: Box) -> bool:
