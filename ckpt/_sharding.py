@@ -67,6 +67,11 @@ def _replicate_dims(n: int, dims: tuple[tuple[int, ...], ...]) -> tuple[int, ...
     return tuple(m for m in range(n) if m not in used)
 
 
+@functools.lru_cache(maxsize=4096)
+def _grid(mesh: tuple[int, ...], dims: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+    return tuple(math.prod(mesh[m] for m in ms) for ms in dims)
+
+
 @dataclass(frozen=True)
 class Sharding:
     """How one tensor is cut over a mesh.
@@ -98,7 +103,7 @@ class Sharding:
 
     def grid(self) -> tuple[int, ...]:
         """Intervals per tensor dim (empty ones included)."""
-        return tuple(math.prod(self.mesh[m] for m in ms) for ms in self.dims)
+        return _grid(self.mesh, self.dims)
 
     def grid_index(self, coord: tuple[int, ...] | None = None) -> tuple[int, ...]:
         c = self.coord if coord is None else coord

@@ -153,15 +153,19 @@ def plan_array(path: str, shape: tuple[int, ...], itemsize: int, boxes: list[Box
     return layout_for(path, shape, itemsize, box_alignment(shape, boxes), len(boxes), cfg)
 
 
+SMALL_SHARD = 256 << 10  # shards under this, and 8x more of them than boxes: each box its own array
+SMALL_SHARD_BY_RULE = 16 << 10  # the same, for a tensor placed by rule (its pieces are listed one per box)
+
+
 def layout_for(path: str, shape: tuple[int, ...], itemsize: int, align: tuple[int, ...], n_boxes: int,
-               cfg: PlanConfig) -> ArrayLayout | None:
+               cfg: PlanConfig, small_shard: int = SMALL_SHARD) -> ArrayLayout | None:
     """As :func:`plan_array`, from the boxes' alignment and count (a sharding rule gives
     both without listing the boxes)."""
     shard = choose_block(align, itemsize, cfg.max_shard_bytes)
     chunk = choose_block(shard, itemsize, cfg.chunk_bytes)
     shard_bytes = math.prod(shard) * itemsize
     n_shards = math.prod(-(-max(1, n) // s) for n, s in zip(shape, shard))
-    if n_boxes > 1 and shard_bytes < (256 << 10) and n_shards > 8 * n_boxes:
+    if n_boxes > 1 and shard_bytes < small_shard and n_shards > 8 * n_boxes:
         return None
     return ArrayLayout(path, shape, shard, chunk)
 

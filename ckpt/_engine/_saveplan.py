@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ckpt._engine._globalplan import Assignment, PieceMeta, array_path, build_plan, piece_path
-from ckpt._engine._plan import ArrayLayout, PackPlan, PlanConfig, layout_for, plan_array
+from ckpt._engine._plan import SMALL_SHARD_BY_RULE, ArrayLayout, PackPlan, PlanConfig, layout_for, plan_array
 from ckpt._format import itemsize
 from ckpt._sharding import Sharding
 from ckpt.errors import DistributedSaveError, ReshardError, ShapeMismatchError
@@ -92,7 +92,9 @@ def rule_layout(key: str, dtype: str, shape: tuple[int, ...], sh: Sharding, cfg:
 def _rule_layout(key: str, dtype: str, shape: tuple[int, ...], mesh: tuple[int, ...],
                  dims: tuple[tuple[int, ...], ...], cfg: PlanConfig) -> ArrayLayout | None:
     align, n_boxes = Sharding(mesh, dims, (0,) * len(mesh)).alignment(shape)
-    return layout_for(array_path(key), shape, itemsize(dtype), align, n_boxes, cfg)
+    # smaller shards before the pieces layout: a tensor placed by rule as pieces lists
+    # every box in the manifest (O(boxes)), as one array it is described by its rule
+    return layout_for(array_path(key), shape, itemsize(dtype), align, n_boxes, cfg, SMALL_SHARD_BY_RULE)
 
 
 def rule_storage(key: str, dtype: str, shape: tuple[int, ...], sh: Sharding,
