@@ -32,7 +32,7 @@ from ckpt._engine._plan import CRC_BYTES, ArrayLayout, shard_index_bytes
 from ckpt._format import Box, Manifest, check_relpath
 from ckpt.storage import Storage
 
-__all__ = ["Catalog", "NeedsLoader", "load_reads", "runs_of", "shards_of_runs", "shard_sizes"]
+__all__ = ["Catalog", "NeedsLoader", "load_reads", "runs_minus", "runs_of", "shards_of_runs", "shard_sizes"]
 
 
 def runs_of(unit: int, shards: np.ndarray) -> np.ndarray:
@@ -52,6 +52,18 @@ def shards_of_runs(runs: np.ndarray) -> dict[int, np.ndarray]:
     for u, lo, hi in np.asarray(runs, dtype=np.int64).reshape(-1, 3).tolist():
         out.setdefault(u, []).append(np.arange(lo, hi, dtype=np.int64))
     return {u: np.unique(np.concatenate(parts)) for u, parts in out.items()}
+
+
+def runs_minus(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Runs of the shards of ``a`` not in ``b``, merged and sorted."""
+    have = shards_of_runs(b)
+    parts = []
+    for u, s in sorted(shards_of_runs(a).items()):
+        if u in have:
+            s = np.setdiff1d(s, have[u], assume_unique=True)
+        if s.size:
+            parts.append(runs_of(u, s))
+    return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
 
 
 def shard_sizes(layout: ArrayLayout, itemsize: int) -> np.ndarray:

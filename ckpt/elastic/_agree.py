@@ -3,7 +3,8 @@
 Two shapes, both of O(nodes) messages per node and bytes in proportion to what a node
 holds or needs (never an all-gather of file lists):
 
-* :func:`to_leader`: every rank of a node sends an int64 array to its node's leader.
+* :func:`to_leader` / :func:`from_leader`: every rank of a node sends an int64 array to
+  its node's leader / the leader sends one to every rank of its node.
 * :func:`all_to_all`: every leader sends one int64 array to every other leader (empty
   ones included: a length of 0 and no payload).
 
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Nodes", "all_to_all", "to_leader"]
+__all__ = ["Nodes", "all_to_all", "from_leader", "to_leader"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,17 @@ def to_leader(nodes: Nodes, data: np.ndarray) -> list[np.ndarray] | None:
         return [data, *(got[r] for r in nodes.members if r != lead)]
     _send_recv(nodes.group, {lead: data}, [])
     return None
+
+
+def from_leader(nodes: Nodes, data: np.ndarray) -> np.ndarray:
+    """The leader's ``data`` on every rank of its node (an int64 array)."""
+    if nodes.group is None or len(nodes.members) == 1:
+        return data
+    lead = nodes.leaders[nodes.node]
+    if nodes.leader:
+        _send_recv(nodes.group, {r: data for r in nodes.members if r != lead}, [])
+        return data
+    return _send_recv(nodes.group, {}, [lead])[lead]
 
 
 def all_to_all(nodes: Nodes, out: list[np.ndarray]) -> list[np.ndarray]:

@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ckpt._api import load
-from ckpt._engine._needs import Catalog, load_reads, runs_of, shards_of_runs
+from ckpt._engine._needs import Catalog, load_reads, runs_minus, runs_of
 from ckpt._format import MANIFEST, TMP_PREFIX, Manifest, parse_step_dirname
-from ckpt.elastic._agree import Nodes, all_to_all, to_leader
+from ckpt.elastic._agree import Nodes, all_to_all, from_leader, to_leader
 from ckpt.elastic._moves import plan_moves, split_by_directory
 from ckpt.elastic._transfer import bundle_of, swap
 from ckpt.errors import CheckpointError, CorruptCheckpointError
@@ -173,18 +173,6 @@ def _holdings(d: Path, cat: Catalog, res: TierRestore) -> np.ndarray:
     return np.concatenate(parts) if parts else _NONE3
 
 
-def _minus(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Runs of ``a`` not in ``b``."""
-    have = shards_of_runs(b)
-    parts = []
-    for u, s in shards_of_runs(a).items():
-        if u in have:
-            s = np.setdiff1d(s, have[u], assume_unique=True)
-        if s.size:
-            parts.append(runs_of(u, s))
-    return np.concatenate(parts) if parts else _NONE3
-
-
 def _nbytes(cat: Catalog, runs: np.ndarray, d: Path | None = None) -> int:
     total = 0
     for u, lo, hi in runs.tolist():
@@ -225,7 +213,7 @@ def _restore_step(tier: MemoryTier, state: dict[str, Any], step: int, name: str,
     gathered = to_leader(nodes, need)
     if gathered is not None:
         need = np.concatenate([g.reshape(-1, 3) for g in gathered])
-        need = _minus(need, _NONE3)  # merged and sorted
+        need = runs_minus(need, _NONE3)  # merged and sorted
         res.need_bytes = _nbytes(cat, need, d)
     if not tier.all_ok(ok):
         skipped.append(f"step {step}: {why or 'planning failed on another rank'}")
@@ -236,7 +224,7 @@ def _restore_step(tier: MemoryTier, state: dict[str, Any], step: int, name: str,
         fetch = send = _NONE3
         ok, why = True, ""
         if tier.leader:
-            lack = _minus(need, held)
+            lack = runs_minus(need, held)
             if attempt == 0:
                 res.lacked_bytes = _nbytes(cat, lack)
             try:
@@ -271,14 +259,15 @@ def _restore_step(tier: MemoryTier, state: dict[str, Any], step: int, name: str,
         except CheckpointError as e:
             err = e
         res.load_s += time.perf_counter() - t_load
+        if tier.all_ok(err is None):  # the damaged objects are gathered only where a load failed
+            fields = ("own_bytes", "replica_bytes", "peer_bytes", "need_bytes", "lacked_bytes", "sent_bytes",
+                      "agree_bytes")
+            acct = from_leader(nodes, np.array([getattr(res, f) for f in fields], dtype=np.int64))
+            for f, v in zip(fields, acct.tolist()):
+                setattr(res, f, v)
+            return res
         bad = _bad_runs(err, name, cat, need) if isinstance(err, CorruptCheckpointError) else _NONE3
         outcomes = tier.all_gather((err is None, bad.tolist(), str(err) if err is not None else None))
-        if all(o[0] for o in outcomes):
-            acct = tier.all_gather((res.own_bytes, res.replica_bytes, res.peer_bytes, res.need_bytes,
-                                    res.lacked_bytes, res.sent_bytes, res.agree_bytes) if tier.leader else None)
-            (res.own_bytes, res.replica_bytes, res.peer_bytes, res.need_bytes, res.lacked_bytes, res.sent_bytes,
-             res.agree_bytes) = acct[tier.leaders[tier.node]]
-            return res
         hopeless = [o[2] for o in outcomes if not o[0] and not o[1]]
         if hopeless:
             skipped.append(f"step {step}: {hopeless[0]}")
@@ -289,10 +278,10 @@ def _restore_step(tier: MemoryTier, state: dict[str, Any], step: int, name: str,
             if not len(runs):
                 continue
             if node == tier.node:
-                held = _minus(held, runs)
+                held = runs_minus(held, runs)
             elif tier.leader:  # a fetched copy is only as good as its source
                 mine = send[send[:, 0] == node][:, 1:] if len(send) else _NONE3
-                held = _minus(held, _intersect(runs, mine))
+                held = runs_minus(held, _intersect(runs, mine))
             if rank == tier.rank or (tier.leader and node == tier.node):
                 paths = sorted({cat.object_path(u, s) for u, lo, hi in runs.tolist() for s in range(lo, hi)})
                 if rank == tier.rank:
@@ -303,7 +292,7 @@ def _restore_step(tier: MemoryTier, state: dict[str, Any], step: int, name: str,
 
 
 def _intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return _minus(a, _minus(a, b))
+    return runs_minus(a, runs_minus(a, b))
 
 
 def _bad_runs(err: CheckpointError, name: str, cat: Catalog, need: np.ndarray) -> np.ndarray:
