@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.ckpt-installed
 
-.PHONY: setup test test-fast demo bench lint clean
+.PHONY: setup test test-fast demo bench scale lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ demo: setup
 
 bench: setup
 	$(VPY) -m bench $(BENCH_ARGS)
+
+scale: setup  # planner costs at W simulated ranks, ckpt vs DCP (bench/scale.py)
+	$(VPY) -m bench.scale $(SCALE_ARGS)
 
 lint: setup
 	$(VPY) -m ruff check ckpt tests bench examples

@@ -14,7 +14,6 @@ import torch
 
 from ckpt._engine._catalog import read_manifest
 from ckpt._engine._coord import coordinator, rank_and_world
-from ckpt._engine._globalplan import GlobalPlan
 from ckpt._engine._load import Loader, LoadStats
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._pool import HostPool
@@ -119,7 +118,7 @@ class Snapshotter:
         self.background_nice = background_nice
         self._pool: HostPool | None = None
         self._streams: dict[torch.device, list[Any]] = {}
-        self._plan_cache: dict[str, GlobalPlan] = {}
+        self._plan_cache: dict[str, Any] = {}  # the last save's (structure signature, RankPlan)
         self._job: SnapshotJob | None = None
         self._hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._lock = threading.Lock()

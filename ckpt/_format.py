@@ -20,7 +20,7 @@ import torch
 
 from ckpt.errors import FormatVersionError, ManifestError, UnsafePathError, UnsupportedDtypeError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def chunk_separator(format_version: int) -> str:
@@ -109,6 +109,7 @@ def storage_torch_dtype(name: str) -> torch.dtype:
     return _STORAGE_TORCH[storage_dtype(name)]
 
 
+@functools.lru_cache(maxsize=64)
 def itemsize(name: str) -> int:
     return torch.empty((), dtype=torch_dtype(name)).element_size()
 
@@ -194,6 +195,9 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     user_metadata: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # format 3: per-rank values live in one object per rank ({"path", "id", "keys"}), not in
+    # ``rank_state`` (which grows with the world size)
+    rank_objects: dict[str, Any] | None = None
 
     def to_json(self) -> bytes:
         body = {
@@ -208,6 +212,8 @@ class Manifest:
             "rank_state": self.rank_state,
             "user_metadata": self.user_metadata,
         }
+        if self.rank_objects is not None:
+            body["rank_objects"] = self.rank_objects
         canon = _canonical(body)
         body["checksum"] = "sha256:" + hashlib.sha256(canon).hexdigest()
         # Not sorted: dict values keep their key order on load (the checksum is over the sorted form).
@@ -259,6 +265,9 @@ class Manifest:
         ws = body.get("world_size", 1)
         if not isinstance(ws, int) or ws < 1:
             raise ManifestError(f"bad world_size {ws!r}", path=where)
+        rank_objects = body.get("rank_objects")
+        if rank_objects is not None:
+            _check_rank_objects(rank_objects, where)
         created = body.get("created") or 0.0
         if not isinstance(created, int | float) or isinstance(created, int) and abs(created) > 1e300:
             raise ManifestError(f"bad created time {created!r}", path=where)
@@ -267,7 +276,50 @@ class Manifest:
             layout=body.get("layout") or {}, rank_state=body.get("rank_state") or {},
             created=float(created), versions=body.get("versions") or {},
             user_metadata=body.get("user_metadata") or {}, format_version=version,
+            rank_objects=rank_objects,
         )
+
+
+def _check_rank_objects(ro: Any, where: str) -> None:
+    if not isinstance(ro, dict) or not isinstance(ro.get("id"), str) or not isinstance(ro.get("keys"), list) \
+            or not all(isinstance(k, str) for k in ro["keys"]):
+        raise ManifestError(f"bad rank_objects {ro!r}"[:200], path=where, hint="the manifest is damaged or hostile")
+    check_relpath(ro.get("path"), what="rank objects path")
+
+
+# ---------------------------------------------------------------------------
+# per-rank objects (format 3): ranks/r<6 digits>.json, one per rank of the save
+# ---------------------------------------------------------------------------
+RANKS_DIR = "ranks"
+
+
+def rank_object_path(rank: int, base: str = RANKS_DIR) -> str:
+    return f"{base}/r{rank:06d}.json"
+
+
+def rank_object(rank: int, save_id: str, values: dict[str, Any]) -> bytes:
+    """The bytes of rank ``rank``'s per-rank values object of save ``save_id``."""
+    body = {"format": "ckpt-rank", "rank": rank, "id": save_id, "values": values}
+    body["checksum"] = "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
+    return json.dumps(body, allow_nan=False).encode()
+
+
+def parse_rank_object(data: bytes, rank: int, save_id: str, *, where: str) -> dict[str, Any]:
+    """The values of a per-rank object, checked: its own checksum, and that it is rank
+    ``rank``'s object of this very save (no reader gets another save's bytes)."""
+    from ckpt.errors import CorruptCheckpointError
+
+    try:
+        body = json.loads(data)
+        checksum = body.pop("checksum")
+        ok = checksum == "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
+    except (ValueError, RecursionError, AttributeError, KeyError, TypeError):
+        ok = False
+    if not ok or body.get("rank") != rank or body.get("id") != save_id or not isinstance(body.get("values"), dict):
+        raise CorruptCheckpointError(f"rank {rank}'s per-rank values object is damaged or from another save",
+                                     path=where, hint="load an earlier checkpoint (CheckpointManager.restore "
+                                                      "falls back on its own)")
+    return body["values"]
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
@@ -331,6 +383,18 @@ def validate_entry(key: Any, entry: Any, where: str) -> None:
     if math.prod(shape) > MAX_ELEMENTS:
         raise ManifestError(f"shape {shape} is absurdly large", key=key, path=where,
                             hint="the manifest is damaged or hostile")
+    sh = entry.get("sharding")
+    if sh is not None:  # format 3: the placement rule (informational for readers: storage says where)
+        mesh = sh.get("mesh") if isinstance(sh, dict) else None
+        dims = sh.get("dims") if isinstance(sh, dict) else None
+        if (not isinstance(mesh, list) or not isinstance(dims, list) or len(dims) != len(shape)
+                or any(not isinstance(d, list) for d in dims)):
+            raise ManifestError(f"bad sharding {sh!r}"[:200], key=key, path=where)
+        _check_int_list(mesh, None, "sharding mesh", key, where)
+        for d in dims:
+            _check_int_list(d, None, "sharding dims", key, where)
+            if any(m >= len(mesh) for m in d):
+                raise ManifestError(f"bad sharding {sh!r}"[:200], key=key, path=where)
     st = entry.get("storage")
     if not isinstance(st, dict):
         raise ManifestError("tensor entry without storage", key=key, path=where)

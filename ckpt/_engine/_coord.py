@@ -9,10 +9,12 @@ background thread that commits. A single process uses :class:`LocalCoordinator`.
 from __future__ import annotations
 
 import datetime
+import pickle
 import threading
 from typing import Any
 
 _side_groups: dict[Any, Any] = {}
+_TAG_GATHER, _TAG_SEND = 7301, 7302
 _lock = threading.Lock()
 
 
@@ -31,6 +33,15 @@ class LocalCoordinator:
 
     def barrier(self) -> None:
         pass
+
+    def all_reduce_sum(self, values: list[int]) -> list[int]:
+        return list(values)
+
+    def gather_sparse(self, obj: Any) -> list[tuple[int, Any]] | None:
+        return [] if obj is None else [(0, obj)]
+
+    def send_sparse(self, objs: dict[int, Any] | None, expect: bool) -> Any:
+        return None
 
 
 class DistCoordinator:
@@ -75,6 +86,70 @@ class DistCoordinator:
 
     def barrier(self) -> None:
         self._dist.barrier(group=self.group)
+
+    # Collectives whose size does not grow with the world (DESIGN.md, "Built for 16,384
+    # ranks"): a fixed-size sum, and point-to-point messages between rank 0 and only the
+    # ranks that have something to say or to hear.
+    def all_reduce_sum(self, values: list[int]) -> list[int]:
+        import torch
+
+        t = torch.tensor(values, dtype=torch.int64)
+        self._dist.all_reduce(t, group=self.group)
+        return [int(v) for v in t.tolist()]
+
+    def gather_sparse(self, obj: Any) -> list[tuple[int, Any]] | None:
+        """Rank 0 gets ``(rank, obj)`` for every rank whose ``obj`` is not None (its own
+        included); the others send 8 bytes, plus their object if they have one."""
+        import torch
+
+        data = pickle.dumps(obj) if obj is not None and self.rank != 0 else b""
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)] if self.rank == 0 else None
+        self._dist.gather(size, sizes, dst=self._global_root, group=self.group)
+        if self.rank != 0:
+            if data:
+                self._dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=self._global_root,
+                                group=self.group, tag=_TAG_GATHER)
+            return None
+        assert sizes is not None
+        out: list[tuple[int, Any]] = [] if obj is None else [(0, obj)]
+        bufs = [(r, torch.empty(int(n.item()), dtype=torch.uint8)) for r, n in enumerate(sizes) if r and n.item()]
+        works = [self._dist.irecv(b, src=self._dist.get_global_rank(self.group, r), group=self.group,
+                                  tag=_TAG_GATHER) for r, b in bufs]
+        for w in works:
+            if w is not None:
+                w.wait()
+        out += [(r, pickle.loads(b.numpy().tobytes())) for r, b in bufs]
+        return out
+
+    def send_sparse(self, objs: dict[int, Any] | None, expect: bool) -> Any:
+        """Rank 0 sends ``objs[r]`` to each rank r in it (not itself); a rank with
+        ``expect`` receives its object (None otherwise). Every rank in ``objs`` must
+        expect, and only those."""
+        import torch
+
+        if self.rank == 0:
+            works = []
+            for r, obj in sorted((objs or {}).items()):
+                if r == 0:
+                    continue
+                data = pickle.dumps(obj)
+                dst = self._dist.get_global_rank(self.group, r)
+                works.append(self._dist.isend(torch.tensor([len(data)], dtype=torch.int64), dst=dst,
+                                              group=self.group, tag=_TAG_SEND))
+                works.append(self._dist.isend(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=dst,
+                                              group=self.group, tag=_TAG_SEND + 1))
+            for w in works:
+                if w is not None:
+                    w.wait()
+            return None
+        if not expect:
+            return None
+        size = torch.zeros(1, dtype=torch.int64)
+        self._dist.recv(size, src=self._global_root, group=self.group, tag=_TAG_SEND)
+        buf = torch.empty(int(size.item()), dtype=torch.uint8)
+        self._dist.recv(buf, src=self._global_root, group=self.group, tag=_TAG_SEND + 1)
+        return pickle.loads(buf.numpy().tobytes())
 
 
 def coordinator(process_group: Any = None) -> LocalCoordinator | DistCoordinator:

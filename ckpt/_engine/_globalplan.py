@@ -9,6 +9,7 @@ bytes assigned so far (largest pieces first), which spreads bytes over ranks.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 import pickle
 from collections import defaultdict
@@ -142,20 +143,26 @@ def build_plan(metas: list[list[PieceMeta]], cfg: PlanConfig) -> GlobalPlan:
 
 
 def _check_tiling(key: str, shape: tuple[int, ...], boxes: list[Box]) -> None:
+    """Every box inside the tensor, no two distinct boxes overlapping, every element
+    covered: a sweep line over dim 0 (O(n log n) plus the pairs that share a dim-0 range,
+    as DCP's validation since pytorch#166820), not a comparison of every pair."""
     vol = 0
     for o, s in boxes:
-        if len(o) != len(shape) or any(a + b > d for a, b, d in zip(o, s, shape)):
+        if len(o) != len(shape) or len(s) != len(shape) or any(a + b > d for a, b, d in zip(o, s, shape)):
             raise ReshardError(f"a piece {list(o)}+{list(s)} lies outside the tensor {list(shape)}", key=key,
                                hint="the provider's offsets/global shape are wrong")
         vol += math.prod(s)
-    if vol != math.prod(shape):
-        if vol < math.prod(shape):
-            raise ReshardError(f"the pieces of all ranks cover {vol} of {math.prod(shape)} elements", key=key,
-                               hint="every element of a global tensor must be held by some rank")
-    if len(boxes) > 1:
-        nonempty = [b for b in boxes if math.prod(b[1])]
-        for i in range(len(nonempty)):
-            for j in range(i + 1, len(nonempty)):
-                if _overlap(nonempty[i], nonempty[j]):
-                    raise ReshardError(f"pieces {nonempty[i]} and {nonempty[j]} overlap without being equal",
-                                       key=key, hint="replicated pieces must have identical boxes")
+    nonempty = sorted(b for b in boxes if math.prod(b[1])) if shape else []
+    active: list[tuple[int, int, Box]] = []  # heap of (dim-0 end, index, box) still open at the sweep
+    for i, b in enumerate(nonempty):
+        start = b[0][0]
+        while active and active[0][0] <= start:
+            heapq.heappop(active)
+        for _end, _i, a in active:
+            if _overlap(a, b):
+                raise ReshardError(f"pieces {a} and {b} overlap without being equal",
+                                   key=key, hint="replicated pieces must have identical boxes")
+        heapq.heappush(active, (start + b[1][0], i, b))
+    if vol < math.prod(shape):
+        raise ReshardError(f"the pieces of all ranks cover {vol} of {math.prod(shape)} elements", key=key,
+                           hint="every element of a global tensor must be held by some rank")

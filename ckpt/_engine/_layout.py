@@ -32,7 +32,14 @@ from ckpt._engine._plan import (
     shard_key,
     zarr_metadata,
 )
-from ckpt._format import Box, Manifest, check_relpath, chunk_separator, storage_dtype
+from ckpt._format import (
+    Box,
+    Manifest,
+    check_relpath,
+    chunk_separator,
+    rank_object_path,
+    storage_dtype,
+)
 from ckpt.errors import CorruptCheckpointError
 
 ABSENT = 2**64 - 1  # both fields of a shard index entry of an absent chunk
@@ -249,4 +256,14 @@ def expected_objects(manifest: Manifest) -> dict[str, int | None]:
             out[path] = a.expected_size(region)
     for _key, path in pickle_objects(manifest):
         out[path] = None
+    for path in rank_objects(manifest):
+        out[path] = None
     return out
+
+
+def rank_objects(manifest: Manifest) -> list[str]:
+    """The per-rank values objects of a format-3 checkpoint (one per rank of the save)."""
+    ro = manifest.rank_objects
+    if ro is None:
+        return []
+    return [check_relpath(rank_object_path(r, ro["path"]), what="per-rank object") for r in range(manifest.world_size)]

@@ -6,6 +6,7 @@ On local disk most array reads take the fast path of :mod:`ckpt._engine._direct`
 
 from __future__ import annotations
 
+import bisect
 import collections
 import concurrent.futures
 import math
@@ -27,6 +28,8 @@ from ckpt._format import (
     Manifest,
     check_relpath,
     chunk_separator,
+    parse_rank_object,
+    rank_object_path,
     storage_dtype,
     storage_torch_dtype,
     torch_dtype,
@@ -99,10 +102,37 @@ class Loader:
         self.stats = LoadStats()
         self._arrays: dict[str, Any] = {}
         self._packs: dict[str, np.ndarray] = {}
+        self._rank_cache: dict[int, dict[str, Any]] = {}
+        self._piece_index: dict[str, tuple[list[int], int, list[dict[str, Any]]]] = {}
 
     # -- LoadSource ---------------------------------------------------------
     def has(self, key: str) -> bool:
+        ro = self.manifest.rank_objects
+        if ro is not None:
+            return key in self.manifest.entries or key in ro["keys"]
         return key in self.manifest.entries or any(key in rs for rs in self.manifest.rank_state.values())
+
+    def rank_values(self, rank: int) -> dict[str, Any]:
+        """Rank ``rank``'s per-rank values of the save (format 3: its own object, read once
+        and checked; before: the manifest's ``rank_state``)."""
+        ro = self.manifest.rank_objects
+        if ro is None:
+            return self.manifest.rank_state.get(str(rank), {})
+        if rank in self._rank_cache:
+            return self._rank_cache[rank]
+        if not 0 <= rank < self.manifest.world_size:
+            return {}
+        path = check_relpath(rank_object_path(rank, ro["path"]), what="per-rank object")
+        _refuse_symlinks(self.storage, self.name, path, None)
+        where = self.storage.describe(f"{self.name}/{path}")
+        try:
+            data = self.storage.read_bytes(f"{self.name}/{path}")
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"rank {rank}'s per-rank values object is missing", path=where,
+                                         hint="load an earlier checkpoint") from None
+        values = parse_rank_object(data, rank, ro["id"], where=where)
+        self._rank_cache[rank] = values
+        return values
 
     def keys(self, prefix: str = "") -> list[str]:
         p = prefix.rstrip("/") + "/" if prefix else ""
@@ -144,7 +174,7 @@ class Loader:
                     key=key, path=self.where,
                     hint="give this state a resharding policy (see docs/format.md, 'Per-rank state') "
                          "or drop it from the state before loading")
-            ranks = self.manifest.rank_state.get(str(r), {})
+            ranks = self.rank_values(r)
             if key not in ranks:
                 if default is not _MISSING:
                     self._used.add(key)
@@ -253,19 +283,7 @@ class Loader:
         destinations are filled (the loader may then schedule and execute more)."""
         t0 = time.perf_counter()
         reads, self._reads = self._reads, []
-        jobs: list[tuple[_Read, str, Box, Box, ArrayLayout | None]] = []  # read, array path, src region, dest sub-box
-        for r in reads:
-            e = self.manifest.entries[r.key]
-            st = e["storage"]
-            if math.prod(r.box[1]) == 0:
-                continue
-            if st["layout"] == "array":
-                lay = array_layout(r.key, tuple(e["shape"]), st, self._separator)
-                jobs.append((r, lay.path, r.box, ((0,) * len(r.box[0]), r.box[1]), lay))
-            elif st["layout"] == "packed":
-                jobs.append((r, check_relpath(st["path"], key=r.key), r.box, ((0,) * len(r.box[0]), r.box[1]), None))
-            else:
-                jobs.extend(self._piece_jobs(r, e))
+        jobs = self._jobs(reads)
         self._open([(p, lay, self.manifest.entries[r.key]) for r, p, _, _, lay in jobs])
         direct = DirectReader.for_storage(self.storage, self.name)  # None: tensorstore reads only
         window: collections.deque[tuple[Any, _Read, str, Box, Box, int]] = collections.deque()
@@ -313,11 +331,43 @@ class Loader:
             torch.cuda.synchronize()
         return self.stats
 
+    def _jobs(self, reads: list[_Read]) -> list[tuple[_Read, str, Box, Box, ArrayLayout | None]]:
+        """(read, array or pack path, source region in it, destination sub-box) per stored
+        array a read touches: O(the reads x the pieces each overlaps)."""
+        jobs: list[tuple[_Read, str, Box, Box, ArrayLayout | None]] = []
+        for r in reads:
+            e = self.manifest.entries[r.key]
+            st = e["storage"]
+            if math.prod(r.box[1]) == 0:
+                continue
+            if st["layout"] == "array":
+                lay = array_layout(r.key, tuple(e["shape"]), st, self._separator)
+                jobs.append((r, lay.path, r.box, ((0,) * len(r.box[0]), r.box[1]), lay))
+            elif st["layout"] == "packed":
+                jobs.append((r, check_relpath(st["path"], key=r.key), r.box, ((0,) * len(r.box[0]), r.box[1]), None))
+            else:
+                jobs.extend(self._piece_jobs(r, e))
+        return jobs
+
+    def planned_objects(self) -> dict[str, int]:
+        """The storage objects the reads scheduled so far will touch (shards of arrays,
+        whole packs) -> how many reads touch each; nothing is read. The load's plan, for
+        tools that move only what a rank needs (the memory tier) and for ``bench.scale``."""
+        out: dict[str, int] = {}
+        for _r, path, src, _sub, lay in self._jobs(self._reads):
+            if lay is None:
+                out[path] = out.get(path, 0) + 1
+                continue
+            for idx in lay.shards_touching(src):
+                obj = f"{path}/{lay.shard_key(idx)}"
+                out[obj] = out.get(obj, 0) + 1
+        return out
+
     def _piece_jobs(self, r: _Read, e: dict[str, Any]) -> list[tuple[_Read, str, Box, Box, ArrayLayout | None]]:
         out: list[tuple[_Read, str, Box, Box, ArrayLayout | None]] = []
         need_o, need_s = r.box
         covered = 0
-        for p in e["storage"]["pieces"]:
+        for p in self._pieces_overlapping(r.key, e, r.box):
             po, ps = tuple(p["offsets"]), tuple(p["sizes"])
             lo = tuple(max(a, b) for a, b in zip(need_o, po))
             hi = tuple(min(a + s, b + t) for a, s, b, t in zip(need_o, need_s, po, ps))
@@ -333,6 +383,23 @@ class Loader:
             raise ReshardError("the saved pieces do not cover the requested region", key=r.key, path=self.where,
                                hint="the checkpoint is incomplete or damaged")
         return out
+
+    def _pieces_overlapping(self, key: str, e: dict[str, Any], box: Box) -> list[dict[str, Any]]:
+        """The saved pieces whose dim-0 range meets ``box``'s: a sorted index per tensor
+        (built once), so a read costs O(log pieces + its overlaps), not a scan of every
+        saved piece (a checkpoint of 16,384 ranks' fragments)."""
+        pieces = e["storage"]["pieces"]
+        if not box[0] or len(pieces) < 16:
+            return pieces
+        index = self._piece_index.get(key)
+        if index is None:
+            order = sorted(pieces, key=lambda p: p["offsets"][0])
+            index = ([p["offsets"][0] for p in order], max(p["sizes"][0] for p in order), order)
+            self._piece_index[key] = index
+        starts, longest, order = index
+        lo = bisect.bisect_left(starts, box[0][0] - longest + 1)
+        hi = bisect.bisect_left(starts, box[0][0] + box[1][0])
+        return order[lo:hi]
 
     def _open(self, wanted: list[tuple[str, ArrayLayout | None, dict[str, Any]]]) -> None:
         """Open every array once, from the manifest's metadata (no zarr.json reads)."""

@@ -6,27 +6,35 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
-from ckpt._engine._globalplan import GlobalPlan
-from ckpt._format import Manifest, key_to_path
+from ckpt._format import RANKS_DIR, Manifest, key_to_path
 
-__all__ = ["build_manifest", "under_prefix", "object_paths"]
+__all__ = ["build_manifest", "manifest_under_prefix", "under_prefix", "object_paths"]
 
 
-def build_manifest(plan: GlobalPlan, *, step: int | None, world_size: int, rank_values: list[Any],
+def build_manifest(entries: dict[str, dict[str, Any]], *, step: int | None, world_size: int, total_bytes: int,
                    values: dict[str, Any], pickles: dict[str, bytes], user_metadata: dict[str, Any],
-                   prefix: str = "") -> Manifest:
+                   prefix: str = "", rank_objects: tuple[str, list[str]] | None = None) -> Manifest:
     """The manifest of a save every rank finished: the plan's tensor entries, the plain
-    values (JSON, or a pickle object each), each rank's per-rank values. ``prefix``: the
-    directory (relative to the checkpoint) that the ranks wrote the objects under."""
-    manifest = Manifest(
-        step=step, entries=dict(plan.entries), world_size=world_size,
-        layout={"bytes_per_rank": [plan.bytes_per_rank.get(r, 0) for r in range(world_size)]},
-        rank_state={str(r): v for r, v in enumerate(rank_values)}, user_metadata=user_metadata)
+    values (JSON, or a pickle object each), and where each rank's per-rank values are
+    (``rank_objects``: the save's id and the per-rank keys; one object per rank).
+    ``prefix``: the directory (relative to the checkpoint) that the ranks wrote the
+    objects under."""
+    manifest = Manifest(step=step, entries=dict(entries), world_size=world_size,
+                        layout={"bytes": total_bytes}, user_metadata=user_metadata)
     for key, value in values.items():
         manifest.entries[key] = {"kind": "json", "value": value}
     for key in pickles:
         manifest.entries[key] = {"kind": "pickle", "path": f"objects/{key_to_path(key)}.pkl", "format": "pickle"}
+    if rank_objects is not None:
+        manifest.rank_objects = {"path": RANKS_DIR, "id": rank_objects[0], "keys": sorted(rank_objects[1])}
+    return manifest_under_prefix(manifest, prefix)
+
+
+def manifest_under_prefix(manifest: Manifest, prefix: str) -> Manifest:
+    """``manifest`` with every object path (entries and per-rank objects) under ``prefix``."""
     manifest.entries = under_prefix(manifest.entries, prefix)
+    if prefix and manifest.rank_objects is not None:
+        manifest.rank_objects = {**manifest.rank_objects, "path": f"{prefix}/{manifest.rank_objects['path']}"}
     return manifest
 
 

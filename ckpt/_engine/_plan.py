@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import reduce
 
@@ -83,13 +84,14 @@ def choose_block(align: tuple[int, ...], itemsize: int, target: int) -> tuple[in
 
 
 def box_alignment(shape: tuple[int, ...], boxes: list[Box]) -> tuple[int, ...]:
-    """Per dim, the gcd of every interior box boundary (the dim size if there is none)."""
+    """Per dim, the gcd of every interior box boundary (the dim size if there is none):
+    shards of that size never straddle a boundary (the last one may be short)."""
     out = []
     for d, n in enumerate(shape):
         cuts = {o[d] for o, _ in boxes} | {o[d] + s[d] for o, s in boxes}
         cuts.discard(0)
         cuts.discard(n)
-        out.append(reduce(math.gcd, cuts, n) if n else 1)
+        out.append((reduce(math.gcd, cuts) if cuts else n) if n else 1)
     return tuple(out)
 
 
@@ -126,6 +128,14 @@ class ArrayLayout:
             for combo in itertools.product(*ranges)
         ]
 
+    def shards_touching(self, box: Box) -> Iterator[tuple[int, ...]]:
+        """Grid indices of the shards (storage objects) a region meets: O(those shards)."""
+        offsets, sizes = box
+        if any(s == 0 for s in sizes):
+            return iter(())
+        ranges = [range(o // sh, (o + s - 1) // sh + 1) for o, s, sh in zip(offsets, sizes, self.shard_shape)]
+        return itertools.product(*ranges)
+
     def chunks_in(self, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> int:
         """How many inner chunks a box touches (read amplification estimates)."""
         n = 1
@@ -140,12 +150,18 @@ def plan_array(path: str, shape: tuple[int, ...], itemsize: int, boxes: list[Box
                cfg: PlanConfig) -> ArrayLayout | None:
     """The array layout for a tensor written as ``boxes``; None if the boxes' alignment is
     too poor for one array (the caller then stores each box as its own array)."""
-    align = box_alignment(shape, boxes)
+    return layout_for(path, shape, itemsize, box_alignment(shape, boxes), len(boxes), cfg)
+
+
+def layout_for(path: str, shape: tuple[int, ...], itemsize: int, align: tuple[int, ...], n_boxes: int,
+               cfg: PlanConfig) -> ArrayLayout | None:
+    """As :func:`plan_array`, from the boxes' alignment and count (a sharding rule gives
+    both without listing the boxes)."""
     shard = choose_block(align, itemsize, cfg.max_shard_bytes)
     chunk = choose_block(shard, itemsize, cfg.chunk_bytes)
     shard_bytes = math.prod(shard) * itemsize
     n_shards = math.prod(-(-max(1, n) // s) for n, s in zip(shape, shard))
-    if len(boxes) > 1 and shard_bytes < (256 << 10) and n_shards > 8 * len(boxes):
+    if n_boxes > 1 and shard_bytes < (256 << 10) and n_shards > 8 * n_boxes:
         return None
     return ArrayLayout(path, shape, shard, chunk)
 

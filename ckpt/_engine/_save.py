@@ -22,6 +22,7 @@ Per rank, a save is (see DESIGN.md, "The flow of a save"):
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import queue
 import threading
@@ -36,13 +37,14 @@ from ckpt._engine._arrays import open_for_write
 from ckpt._engine._commit import WriteTarget, commit_strategy
 from ckpt._engine._coord import DistCoordinator, LocalCoordinator
 from ckpt._engine._direct_write import DirectWriter
-from ckpt._engine._globalplan import Assignment, GlobalPlan, PieceMeta, build_plan, signature
+from ckpt._engine._globalplan import Assignment, PieceMeta
 from ckpt._engine._layout import pack_image, shard_image
 from ckpt._engine._manifest import build_manifest
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import pack_metadata, zarr_metadata
 from ckpt._engine._pool import HostPool
 from ckpt._engine._recycle import prune_recycled, take_recycled
+from ckpt._engine._saveplan import LocalPieces, RankPlan, plan_save
 from ckpt._engine._snapstate import Completion, SnapshotState
 from ckpt._engine._staging import direct_ok, inline_staging, stage
 from ckpt._engine._writer import Writer, WriteUnit
@@ -50,6 +52,8 @@ from ckpt._format import (
     MANIFEST,
     dtype_name,
     key_to_path,
+    rank_object,
+    rank_object_path,
     storage_dtype,
     storage_torch_dtype,
 )
@@ -102,7 +106,7 @@ def prepare(items: list[Any], *, allow_pickle: bool, rank: int) -> Prepared:
                 raise UnsupportedStateError("a meta tensor has no data to save", key=it.key,
                                       hint="materialise the module (to_empty + init) before saving")
             if it.eager:
-                it = TensorItem(it.key, _eager_copy(t), it.global_shape, it.offsets, it.replica)
+                it = TensorItem(it.key, _eager_copy(t), it.global_shape, it.offsets, it.replica, sharding=it.sharding)
             tensors.append(it)
             continue
         assert isinstance(it, ValueItem)
@@ -147,7 +151,7 @@ class SnapshotJob(Completion):
 
     def __init__(self, *, prep: Prepared, storage: Storage, name: str, step: int | None,
                  coord: LocalCoordinator | DistCoordinator, pool: HostPool, options: SaveOptions,
-                 plan_cache: dict[str, GlobalPlan], overwrite: bool, user_metadata: dict[str, Any],
+                 plan_cache: dict[str, Any], overwrite: bool, user_metadata: dict[str, Any],
                  streams: dict[Any, list[Any]], t_call: float, early_error: Exception | None = None,
                  recycle_here: bool | None = None, nice: int = 0) -> None:
         self.prep = prep
@@ -171,9 +175,10 @@ class SnapshotJob(Completion):
         self.stats = self.shared.stats
         self.stats.inline = self.shared.inline
         Completion.__init__(self)
-        self._plan_obj: GlobalPlan | None = None
+        self._plan_obj: RankPlan | None = None
         self._recycled: set[str] | None = None  # writing into a recycled tree it took: the files it held
         self.in_recycled = False  # every rank: the write directory is a recycled tree
+        self.save_id = ""  # rank 0's random id of this save: per-rank objects carry it
         self._thread = threading.Thread(target=self._run, name=f"ckpt-save-{name}", daemon=True)
 
     # -- public-ish --------------------------------------------------------
@@ -242,6 +247,7 @@ class SnapshotJob(Completion):
                         "a committed checkpoint already exists here", path=self.url,
                         hint="save under another step/name, or pass overwrite=True")
                 decision["target"] = self.committer.target(self.name)
+                decision["save_id"] = os.urandom(8).hex()
                 if self.storage.capabilities.atomic_rename and self.recycle_here is not False:
                     # a tree retention retired becomes the write directory (files overwritten in place)
                     self._recycled = take_recycled(self.storage, decision["target"].dir)
@@ -253,6 +259,7 @@ class SnapshotJob(Completion):
             err = decision["error"]
             raise err if isinstance(err, BaseException) else CheckpointError(str(err), path=self.url)
         self.in_recycled = bool(decision.get("recycled"))
+        self.save_id = decision["save_id"]
         if self.recycle_here is not None:  # a storage per node: each node's marked rank takes its slot
             if self.recycle_here and self.coord.rank != 0:
                 self._recycled = take_recycled(self.storage, decision["target"].dir)
@@ -260,32 +267,35 @@ class SnapshotJob(Completion):
             self.in_recycled = True  # may be, on this node: a write must expect an older tree
         return decision["target"]
 
-    def _plan(self) -> GlobalPlan:
-        metas = []
+    def _plan(self) -> RankPlan:
+        pieces = []
         for it in self.prep.tensors:
             offs, sizes = it.box
-            metas.append(PieceMeta(it.key, dtype_name(it.tensor.dtype, it.key), it.shape, offs, sizes))
-        everyone = self.coord.all_gather(metas if self._early_error is None else None)
-        if self._early_error is not None:
-            raise self._early_error
-        failed = [r for r, m in enumerate(everyone) if m is None]
-        if failed:
-            raise DistributedSaveError("another rank failed to describe its state", path=self.url,
-                                       failures=dict.fromkeys(failed, "failed before the save began"))
-        sig = signature(everyone)
-        plan = self.plan_cache.get(sig)
-        if plan is None:
-            plan = build_plan(everyone, self.options.plan_config())
+            meta = PieceMeta(it.key, dtype_name(it.tensor.dtype, it.key), it.shape, offs, sizes)
+            pieces.append((meta, it.sharding, it.offsets is None and it.global_shape is None))
+        cache = self.plan_cache.get("last")
+        local = LocalPieces(pieces, list(self.prep.rank_values), rank=self.coord.rank,
+                            world=self.coord.world_size, cfg=self.options.plan_config(),
+                            failed=self._early_error is not None, cached=cache)
+        try:
+            t0 = time.perf_counter()
+            plan, reused = plan_save(local, self.coord, where=self.url)
+            self.stats.plan_s = time.perf_counter() - t0
+        except DistributedSaveError:
+            if self._early_error is not None:
+                raise self._early_error from None
+            raise
+        self.stats.plan_reused = reused
+        if not reused:
             self.plan_cache.clear()
-            self.plan_cache[sig] = plan
-        self.stats.total_bytes = sum(plan.bytes_per_rank.values())
+            self.plan_cache["last"] = (local.structure, plan)
         return plan
 
-    def _units(self, plan: GlobalPlan, write_dir: str, direct: DirectWriter | None) -> list[WriteUnit]:
+    def _units(self, plan: RankPlan, write_dir: str, direct: DirectWriter | None) -> list[WriteUnit]:
         local = {(it.key, it.box): it for it in self.prep.tensors}
         units: list[WriteUnit] = []
         pack_members: dict[str, list[tuple[torch.Tensor, int, tuple[str, Any]]]] = {}
-        for a in plan.per_rank.get(self.coord.rank, []):
+        for a in plan.assignments:
             it = local[(a.key, a.box)]
             t = it.tensor
             if a.kind == "pack":
@@ -305,7 +315,7 @@ class SnapshotJob(Completion):
                     u.image = shard_image(f"{write_dir}/{a.path}", a.layout, (offs, sizes), view.element_size())
                     u.storage_dtype = storage_torch_dtype(dtype_name(t.dtype))
                 units.append(u)
-        for path, nbytes in plan.packs.get(self.coord.rank, []):
+        for path, nbytes, _keys in plan.packs:
             u = WriteUnit(None, ((0,), (nbytes,)), pack_members.get(path, []), nbytes, (nbytes,),
                           "uint8", path, f"pack {path}")
             if direct is not None:
@@ -319,7 +329,7 @@ class SnapshotJob(Completion):
             return (0,) * len(a.box[0]), a.box[1]
         return a.box
 
-    def _stage_and_write(self, plan: GlobalPlan, write_dir: str) -> None:
+    def _stage_and_write(self, plan: RankPlan, write_dir: str) -> None:
         direct = DirectWriter.for_storage(self.storage, nice=self.shared.nice)
         self.shared.direct = direct
         try:
@@ -343,20 +353,23 @@ class SnapshotJob(Completion):
         if self.coord.rank == 0:
             for key, data in self.prep.pickles.items():
                 self.storage.write_bytes(f"{write_dir}/objects/{key_to_path(key)}.pkl", data)
+        if plan.rank_files:  # per-rank values: one object per rank, never in the manifest (O(W))
+            self.storage.write_bytes(f"{write_dir}/{rank_object_path(self.coord.rank)}",
+                                     rank_object(self.coord.rank, self.save_id, self.prep.rank_values))
         self.stats.write_s = time.perf_counter() - self.t_call - self.stats.staging_s
         self.stats.objects = len(units)
 
-    def _open_arrays(self, plan: GlobalPlan, write_dir: str, direct: DirectWriter | None) -> dict[str, Any]:
+    def _open_arrays(self, plan: RankPlan, write_dir: str, direct: DirectWriter | None) -> dict[str, Any]:
         """Start opening every array/pack this rank writes (zarr.json by its owner only);
         returns futures, so staging does not wait for the metadata writes (the writer
         resolves each future before its first write). With direct writes the future is
         the write of zarr.json itself (nothing to write for arrays another rank creates)."""
         futures: dict[str, Any] = {}
-        for a in plan.per_rank.get(self.coord.rank, []):
+        for a in plan.assignments:
             if a.kind == "pack" or a.path in futures:
                 continue
             assert a.layout is not None
-            dt = plan.entries[a.key]["dtype"]
+            dt = plan.dtypes[a.key]
             meta = zarr_metadata(a.layout, storage_dtype(dt), {"ckpt": {"key": a.key, "dtype": dt}})
             if direct is not None and direct_ok(a):
                 if a.create:
@@ -364,8 +377,7 @@ class SnapshotJob(Completion):
                 continue
             futures[a.path] = open_for_write(self.storage, f"{write_dir}/{a.path}", meta, create=a.create,
                                              reused=self.in_recycled)
-        for path, nbytes in plan.packs.get(self.coord.rank, []):
-            members = [k for k, e in plan.entries.items() if e.get("storage", {}).get("path") == path]
+        for path, nbytes, members in plan.packs:
             meta = pack_metadata(nbytes, {"ckpt": {"pack": True, "keys": members}})
             if direct is not None:
                 futures[path] = direct.submit(direct.write_json, f"{write_dir}/{path}/zarr.json", meta)
@@ -375,31 +387,34 @@ class SnapshotJob(Completion):
         return futures
 
     def _commit(self, local_error: BaseException | None, target: WriteTarget | None) -> None:
+        """One fixed-size sum tells every rank whether all succeeded (and the bytes
+        written); only on a failure do the failing ranks send their errors to rank 0.
+        Rank 0 writes manifest.json last (the commit) and tells every rank."""
         t0 = time.perf_counter()
-        report = {"ok": local_error is None, "rank_values": self.prep.rank_values,
-                  "bytes": self.stats.bytes}
-        if local_error is not None:
-            report["error"] = _portable(local_error)
         try:
-            reports = self.coord.gather(report)
+            total = self.coord.all_reduce_sum([int(local_error is not None), self.stats.bytes])
+            got = (self.coord.gather_sparse(None if local_error is None else _portable(local_error))
+                   if total[0] else [])
         except BaseException as e:  # a collective failed: a peer is gone
-            raise DistributedSaveError("the commit could not gather every rank's report", path=self.url,
+            raise DistributedSaveError("the commit could not hear from every rank", path=self.url,
                                        failures={self.coord.rank: e}) from (local_error or e)
+        self.stats.total_bytes = total[1]
         outcome: dict[str, Any] = {"ok": True}
         if self.coord.rank == 0:
-            assert reports is not None
-            failures = {r: rep.get("error") for r, rep in enumerate(reports) if not rep.get("ok")}
-            if failures:
-                outcome = {"ok": False, "failures": failures}
+            assert got is not None
+            if total[0]:
+                outcome = {"ok": False, "failures": dict(got) or {-1: "a rank failed"}}
                 self._cleanup(target)
             else:
                 try:
                     plan = self._plan_obj
-                    assert plan is not None and target is not None
-                    manifest = build_manifest(plan, step=self.step, world_size=self.coord.world_size,
-                                              rank_values=[rep["rank_values"] for rep in reports],
-                                              values=self.prep.values, pickles=self.prep.pickles,
-                                              user_metadata=self.user_metadata, prefix=target.prefix)
+                    assert plan is not None and target is not None and plan.entries is not None
+                    manifest = build_manifest(plan.entries, step=self.step, world_size=self.coord.world_size,
+                                              total_bytes=total[1], values=self.prep.values,
+                                              pickles=self.prep.pickles, user_metadata=self.user_metadata,
+                                              prefix=target.prefix,
+                                              rank_objects=(self.save_id, plan.rank_keys) if plan.rank_files
+                                              else None)
                     if self._recycled is not None:
                         prune_recycled(self.storage, target.dir)
                     self.committer.commit(target, self.name, manifest.to_json(), overwrite=self.overwrite)

@@ -21,7 +21,9 @@ class SaveStats:
     """Figures of one snapshot (seconds and bytes, this rank)."""
 
     bytes: int = 0  # bytes this rank wrote (tensor data)
-    total_bytes: int = 0  # bytes of the whole checkpoint (all ranks), known after planning
+    total_bytes: int = 0  # bytes of the whole checkpoint (all ranks), known once committed
+    plan_s: float = 0.0  # planning the save (agreement with the other ranks included)
+    plan_reused: bool = False  # the plan of the previous save was reused (same structure)
     blocked_s: float = 0.0  # time the training loop waited: the call + optimizer-hook waits
     call_s: float = 0.0
     hook_wait_s: float = 0.0

@@ -61,6 +61,15 @@ def _entry_info(key: str, e: dict[str, Any]) -> dict[str, Any]:
     boxes = e.get("boxes") or []
     lay: dict[str, Any] = {"type": st["layout"], "boxes": len(boxes),
                            "ranks": len({b.get("rank") for b in boxes}) if boxes else 1}
+    sh = e.get("sharding")
+    if isinstance(sh, dict):  # format 3, placed by rule: the boxes follow from the mesh and placements
+        lay.update(mesh=sh.get("mesh"), placements=sh.get("dims"))
+        try:
+            grid = [math.prod(sh["mesh"][m] for m in ms) for ms in sh["dims"]]
+            lay["boxes"] = math.prod(min(g, n) for g, n in zip(grid, e["shape"]))
+            lay["ranks"] = math.prod(sh["mesh"])
+        except (TypeError, IndexError, KeyError):
+            pass
     if st["layout"] == "array":
         shards = math.prod(-(-n // s) for n, s in zip(e["shape"], st["shard_shape"])) if math.prod(e["shape"]) else 0
         lay.update(path=st["path"], shards=shards, shard_shape=st["shard_shape"], chunk_shape=st["chunk_shape"])
@@ -100,5 +109,6 @@ def info(ckpt_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | 
         "format_version": m.format_version, "versions": dict(m.versions),
         "user_metadata": dict(m.user_metadata),
         "bytes_per_rank": list((m.layout or {}).get("bytes_per_rank") or []),
+        "bytes": (m.layout or {}).get("bytes"),
         "totals": totals, "entries": entries,
     }

@@ -25,14 +25,17 @@ from ckpt._engine._catalog import read_manifest
 from ckpt._engine._commit import commit_strategy
 from ckpt._engine._globalplan import PieceMeta, build_plan
 from ckpt._engine._load import Loader
-from ckpt._engine._manifest import under_prefix
+from ckpt._engine._manifest import manifest_under_prefix
 from ckpt._engine._plan import PlanConfig, pack_metadata, zarr_metadata
 from ckpt._engine._recycle import reading
 from ckpt._format import (
     MANIFEST,
+    RANKS_DIR,
     Manifest,
     check_relpath,
     itemsize,
+    rank_object,
+    rank_object_path,
     storage_dtype,
     torch_dtype,
 )
@@ -145,12 +148,20 @@ def reshard(src: str | os.PathLike[str], dst: str | os.PathLike[str], world_size
                     path = check_relpath(e["path"], key=key)
                     d_storage.write_bytes(f"{write_dir}/{path}", s_storage.read_bytes(f"{s_name}/{path}"))
                     entries[key] = e
-            rank_state = {str(r): manifest.rank_state[str(r)] for r in range(world_size) if str(r) in manifest.rank_state}
-            out = Manifest(step=manifest.step, entries=under_prefix(entries, target.prefix), world_size=world_size,
-                           layout={"bytes_per_rank": [plan.bytes_per_rank.get(r, 0) for r in range(world_size)],
+            save_id, rank_keys = os.urandom(8).hex(), set[str]()
+            if manifest.rank_objects is not None or manifest.rank_state:
+                for r in range(world_size):  # ranks beyond the source's get an empty object
+                    vals = loader.rank_values(r) if r < manifest.world_size else {}
+                    rank_keys.update(vals)
+                    d_storage.write_bytes(f"{write_dir}/{rank_object_path(r)}", rank_object(r, save_id, vals))
+            out = Manifest(step=manifest.step, entries=entries, world_size=world_size,
+                           layout={"bytes": sum(plan.bytes_per_rank.values()),
                                    "resharded_from": {"world_size": manifest.world_size, "url": s_storage.describe(s_name)},
                                    "target_layout": layout},
-                           rank_state=rank_state, user_metadata=manifest.user_metadata)
+                           user_metadata=manifest.user_metadata,
+                           rank_objects={"path": RANKS_DIR, "id": save_id, "keys": sorted(rank_keys)}
+                           if manifest.rank_objects is not None or manifest.rank_state else None)
+            out = manifest_under_prefix(out, target.prefix)
             committer.commit(target, d_name, out.to_json(), overwrite=overwrite)
         except BaseException:
             try:
@@ -160,7 +171,7 @@ def reshard(src: str | os.PathLike[str], dst: str | os.PathLike[str], world_size
             raise
         return {"src": s_storage.describe(s_name), "dst": d_storage.describe(d_name), "world_size": world_size,
                 "layout": layout, "tensors": len(tensors), "bytes": done, "seconds": time.perf_counter() - t0,
-                "bytes_per_rank": out.layout["bytes_per_rank"]}
+                "bytes_per_rank": [plan.bytes_per_rank.get(r, 0) for r in range(world_size)]}
 
 
 def _result(fut: Any, storage: Any, write_dir: str, path: str, key: str | None) -> Any:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckpt._engine._commit import WriteTarget, commit_strategy
-from ckpt._engine._manifest import under_prefix
+from ckpt._engine._manifest import manifest_under_prefix
 from ckpt._engine._snapstate import Completion, SaveStats
 from ckpt._format import MANIFEST, Manifest
 from ckpt.errors import DistributedSaveError
@@ -119,7 +119,7 @@ def _drain(tier: MemoryTier, step_dir: Path, files: list[str], job: DrainJob, ti
                 raw = (step_dir / MANIFEST).read_bytes()
                 manifest = Manifest.from_json(raw, where=os.fspath(step_dir))
                 manifest.user_metadata = {k: v for k, v in manifest.user_metadata.items() if k != tier_key}
-                manifest.entries = under_prefix(manifest.entries, target.prefix)
+                manifest = manifest_under_prefix(manifest, target.prefix)
                 committer.commit(target, name, manifest.to_json(), overwrite=True)
         except Exception as e:  # noqa: BLE001 - every rank learns it
             outcome = repr(e)

@@ -18,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ckpt._sharding import Sharding
+
 __all__ = [
     "TensorItem",
     "ValueItem",
@@ -38,6 +40,9 @@ class TensorItem:
     ``global_shape == tensor.shape``. ``replica`` > 0 marks a copy that another rank
     also holds (exactly one replica is written). ``eager`` asks for a copy at
     snapshot time, for state that changes during forward (BatchNorm statistics...).
+    ``sharding``: the rule that places every rank's piece of this tensor (DTensor
+    placements over a mesh), when the provider knows it: the save then derives the whole
+    layout locally instead of asking the coordinator for every rank's box.
     """
 
     key: str
@@ -46,6 +51,7 @@ class TensorItem:
     offsets: tuple[int, ...] | None = None
     replica: int = 0
     eager: bool = False
+    sharding: Sharding | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -7,10 +7,12 @@ placements give several ranks the same box; the save plan writes it once.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from ckpt._sharding import Sharding
 from ckpt.errors import UnsupportedStateError
 from ckpt.providers._base import LoadSource, TensorItem
 
@@ -33,9 +35,32 @@ def local_box(dt: Any, key: str) -> tuple[torch.Tensor, tuple[int, ...], tuple[i
     return local, tuple(dt.shape), tuple(int(o) for o in offsets)
 
 
+def mesh_sharding(dt: Any, shape: tuple[int, ...], box: tuple[tuple[int, ...], tuple[int, ...]]) -> Sharding | None:
+    """The rule of ``dt``'s placements (plain ``Shard``/``Replicate`` only), checked to
+    give exactly this rank's box; None where the rule cannot be derived (strided shards,
+    a rank outside the mesh): the save plan then learns the box from the coordinator."""
+    coord = dt.device_mesh.get_coordinate()
+    if coord is None:
+        return None
+    dims: list[list[int]] = [[] for _ in shape]
+    for m, p in enumerate(dt.placements):
+        if p.is_replicate():
+            continue
+        if type(p).__name__ != "Shard" or not p.is_shard():
+            return None  # _StridedShard and newer kinds: derived by the coordinator instead
+        dims[p.dim % max(1, len(shape))].append(m)
+    sh = Sharding(tuple(int(n) for n in dt.device_mesh.shape), tuple(tuple(d) for d in dims),
+                  tuple(int(c) for c in coord))
+    offs, sizes = sh.box(shape)
+    if sizes != box[1] or (math.prod(sizes) > 0 and offs != box[0]):
+        return None
+    return sh
+
+
 def dtensor_item(key: str, dt: Any, *, eager: bool = False) -> TensorItem:
     local, shape, offsets = local_box(dt, key)
-    return TensorItem(key, local.detach(), shape, offsets, eager=eager)
+    sharding = mesh_sharding(dt, shape, (offsets, tuple(local.shape)))
+    return TensorItem(key, local.detach(), shape, offsets, eager=eager, sharding=sharding)
 
 
 def read_dtensor(src: LoadSource, key: str, dt: Any) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests._boxes import entry_boxes
 from tests.dist._launch import launch
 from tests.dist.test_reshard_grid import same_bits
 
@@ -78,7 +79,7 @@ def _full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str,
     return out
 
 
-def train_and_save(root: str) -> int:
+def train_and_save(root: str) -> tuple[int, int]:
     import torch.distributed as dist
 
     import ckpt
@@ -86,11 +87,11 @@ def train_and_save(root: str) -> int:
     model, opt = _sharded(seed=0)
     for i in range(5):
         _step(model, opt, i)
-    ckpt.save({"model": model, "optim": opt}, f"{root}/fsdp")
+    stats = ckpt.save({"model": model, "optim": opt}, f"{root}/fsdp")
     full = _full_state(model, opt)
     if dist.get_rank() == 0:
         torch.save(full, f"{root}/full.pt")
-    return len(full)
+    return len(full), stats.bytes
 
 
 def load_and_compare(root: str) -> dict[str, Any]:
@@ -109,31 +110,32 @@ def load_and_compare(root: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, list[int]]:
     root = tmp_path_factory.mktemp("fsdp2")
-    n = launch(train_and_save, 4, str(root), timeout=150)[0]
-    return root, n
+    res = launch(train_and_save, 4, str(root), timeout=150)
+    return root, res[0][0], [b for _n, b in res]
 
 
-def test_fsdp2_save_on_4(saved: tuple[Path, int]) -> None:
+def test_fsdp2_save_on_4(saved: tuple[Path, int, list[int]]) -> None:
     import ckpt
 
-    root, n = saved
+    root, n, written = saved
     m = ckpt.read_manifest(str(root / "fsdp"))
     assert m.world_size == 4
     # 2 blocks x 12 parameters + 2 of the head; AdamW: exp_avg, exp_avg_sq, step each
     assert n == 26 * 4
     w = m.entries["model/2.weight"]  # 7 rows on 4 ranks: 2, 2, 2, 1
-    assert w["shape"] == [N_OUT, D_MODEL] and len(w["boxes"]) == 4
+    assert w["shape"] == [N_OUT, D_MODEL] and len(entry_boxes(w)) == 4
+    assert w["sharding"] == {"mesh": [4], "dims": [[0], []]}  # placed by rule: no per-rank list
     steps = [k for k in m.entries if k.endswith("/step")]
-    assert len(steps) == 26 and all(len(m.entries[k]["boxes"]) == 1 for k in steps)  # replicated: once
-    per_rank = m.layout["bytes_per_rank"]
+    assert len(steps) == 26 and all(len(entry_boxes(m.entries[k])) == 1 for k in steps)  # replicated: once
+    per_rank = written  # what each rank wrote (SaveStats.bytes)
     assert max(per_rank) - min(per_rank) <= 4 * FF * D_MODEL, per_rank  # within one piece of even
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_fsdp2_load_resharded(saved: tuple[Path, int], world: int) -> None:
-    root, n = saved
+def test_fsdp2_load_resharded(saved: tuple[Path, int, list[int]], world: int) -> None:
+    root, n, _written = saved
     res = launch(load_and_compare, world, str(root), timeout=150)
     for r, out in enumerate(res):
         assert out["bad"] == [], f"rank {r} of {world}: {len(out['bad'])} tensors differ: {out['bad'][:10]}"

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests._boxes import entry_boxes
 from tests._s3server import *  # noqa: F401,F403  (the S3 fixtures)
 from tests.dist._launch import launch
 from tests.dist.test_fsdp2 import _full_state, _model, _sharded, _step
@@ -139,9 +140,9 @@ def test_dcp_save_writes_ckpt_format_that_reshards_2_to_3_to_1(saved: tuple[Path
     m = ckpt.read_manifest(str(root / "sync" / "step-000000003"))
     assert m.world_size == 2 and m.step == 3 and m.user_metadata["written_by"] == "torch.distributed.checkpoint"
     w = m.entries["model/2.weight"]  # the head's 7 rows, FSDP2-sharded over 2 ranks: one box each
-    assert w["kind"] == "tensor" and w["shape"] == [7, 32] and len(w["boxes"]) == 2
+    assert w["kind"] == "tensor" and w["shape"] == [7, 32] and len(entry_boxes(w)) == 2
     assert m.entries["optim/state/2.weight/step"]["kind"] == "tensor"  # replicated: written once
-    assert len(m.entries["optim/state/2.weight/step"]["boxes"]) == 1
+    assert len(entry_boxes(m.entries["optim/state/2.weight/step"])) == 1
     res = launch(load_on_3_and_save, 3, str(root), timeout=150)
     for r, out in enumerate(res):
         assert out["sync/step-000000003"] == [], f"rank {r}: {out['sync/step-000000003'][:10]}"
