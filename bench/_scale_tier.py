@@ -1,8 +1,8 @@
 """The memory tier's restore at scale, simulated through the real planning code.
 
 ``run_tier([4, 8, ..., 2048])``: for each N, a job of N nodes (``ranks_per_node`` each)
-holds one tier step of a Llama-3-70B-shaped state with AdamW (parameters, ``exp_avg``,
-``exp_avg_sq``, float32) under FSDP dim-0 (every tensor split over all ranks by
+holds one tier step of a model's training state (``bench._shapes``: Llama-3-70B's
+bfloat16 parameters, AdamW's float32 ``exp_avg`` and ``exp_avg_sq``) under FSDP dim-0 (every tensor split over all ranks by
 torch.chunk's rule); one node is lost and the job restarts on N - 1 nodes. Nothing is
 moved; what is planned is exactly what a restore would plan:
 
@@ -37,24 +37,25 @@ from ckpt._engine._plan import PlanConfig, plan_array
 from ckpt._format import Manifest
 from ckpt.elastic._moves import directory, plan_moves
 
-__all__ = ["run_tier", "llama3_70b_shapes"]
+__all__ = ["run_tier", "model_shapes"]
 
 RUN_BYTES = 24  # a run (unit, lo, hi) as three int64
 MOVE_BYTES = 32  # a planned move sent back: (peer, unit, lo, hi)
 STEP_REPORT_BYTES = 120  # one node's report of one held step (checksum, step, name, time)
 
 
-def llama3_70b_shapes() -> dict[str, tuple[tuple[int, ...], int]]:
-    """Distinct tensor shapes of Llama-3-70B's parameters -> (shape, how many)."""
-    layers, hidden, ffn, vocab, kv = 80, 8192, 28672, 128256, 8 * 128
-    return {
-        "attn.wq_wo": ((hidden, hidden), 2 * layers),
-        "attn.wk_wv": ((kv, hidden), 2 * layers),
-        "mlp.w1_w3": ((ffn, hidden), 2 * layers),
-        "mlp.w2": ((hidden, ffn), layers),
-        "norms": ((hidden,), 2 * layers + 1),
-        "embed_output": ((vocab, hidden), 2),
-    }
+Shapes = dict[str, tuple[tuple[int, ...], str, int]]  # class name -> (shape, dtype, how many tensors)
+
+
+def model_shapes(model: str) -> Shapes:
+    """The distinct (shape, dtype) of a model's training state (``bench._shapes``:
+    parameters, AdamW's ``exp_avg`` and ``exp_avg_sq``) -> how many tensors have it."""
+    from bench._shapes import model_tensors
+
+    groups: dict[tuple[tuple[int, ...], str], int] = {}
+    for _key, shape, dtype, _role in model_tensors(model):
+        groups[(tuple(shape), dtype)] = groups.get((tuple(shape), dtype), 0) + 1
+    return {f"{dtype}-{'x'.join(map(str, shape))}": (shape, dtype, n) for (shape, dtype), n in sorted(groups.items())}
 
 
 def _chunk_rows(n: int, world: int) -> tuple[int, int]:
@@ -63,27 +64,27 @@ def _chunk_rows(n: int, world: int) -> tuple[int, int]:
     return c, -(-n // c)
 
 
-def _step(shapes: dict[str, tuple[tuple[int, ...], int]], world: int,
-          itemsize: int) -> tuple[Catalog, list[int], list[int]]:
+def _step(shapes: Shapes, world: int) -> tuple[Catalog, list[int], list[int]]:
     """The catalog of one tier step saved on ``world`` ranks, laid out as the save planner
     does (one array per distinct shape, or one per writer's box where the boxes align
-    too poorly: the "pieces" layout), each unit's multiplicity (tensors of that shape x
-    AdamW's three) and the first row each unit holds."""
+    too poorly: the "pieces" layout), each unit's multiplicity (tensors of that shape and
+    dtype) and the first row each unit holds."""
     entries: dict[str, dict[str, Any]] = {}
     counts: dict[str, int] = {}
     origin: dict[str, int] = {}
     cfg = PlanConfig()
-    for name, (shape, count) in shapes.items():
+    for name, (shape, dtype, count) in shapes.items():
+        itemsize = np.dtype("uint16" if dtype == "bfloat16" else dtype).itemsize
         c, used = _chunk_rows(shape[0], world)
         tail = (0,) * (len(shape) - 1)
         boxes = [((r * c, *tail), (min(c, shape[0] - r * c), *shape[1:])) for r in range(used)]
         path = array_path(name)
         lay = plan_array(path, shape, itemsize, boxes, cfg)
-        entry: dict[str, Any] = {"kind": "tensor", "dtype": "float32", "shape": list(shape)}
+        entry: dict[str, Any] = {"kind": "tensor", "dtype": dtype, "shape": list(shape)}
         if lay is not None:
             entry["storage"] = {"layout": "array", "path": path, "shard_shape": list(lay.shard_shape),
                                 "chunk_shape": list(lay.chunk_shape)}
-            counts[path], origin[path] = 3 * count, 0
+            counts[path], origin[path] = count, 0
         else:
             pieces = []
             for i, (offs, sizes) in enumerate(boxes):
@@ -92,7 +93,7 @@ def _step(shapes: dict[str, tuple[tuple[int, ...], int]], world: int,
                 assert pl is not None
                 pieces.append({"offsets": list(offs), "sizes": list(sizes), "path": pp,
                                "shard_shape": list(pl.shard_shape), "chunk_shape": list(pl.chunk_shape)})
-                counts[pp], origin[pp] = 3 * count, offs[0]
+                counts[pp], origin[pp] = count, offs[0]
             entry["storage"] = {"layout": "pieces", "pieces": pieces}
         entries[name] = entry
     cat = Catalog(Manifest(step=0, entries=entries, world_size=world))
@@ -109,16 +110,15 @@ def _writer_nodes(cat: Catalog, unit: int, first_row: int, world: int, rpn: int)
     return np.repeat((rows0 // c) // rpn, math.prod(grid[1:]))
 
 
-def _exact_lack(shapes: dict[str, tuple[tuple[int, ...], int]], n: int, survivors: list[int], rpn: int,
-                replicas: int, itemsize: int) -> np.ndarray:
+def _exact_lack(shapes: Shapes, n: int, survivors: list[int], rpn: int, replicas: int) -> np.ndarray:
     """Bytes each new node's ranks read and its node does not hold, row by row (no
     object granularity): the least any restore from memory must move to it."""
     old_w, new_w = n * rpn, len(survivors) * rpn
     out = np.zeros(len(survivors))
-    for shape, count in shapes.values():
+    for shape, dtype, count in shapes.values():
         rows = shape[0]
         c, c2 = _chunk_rows(rows, old_w)[0], _chunk_rows(rows, new_w)[0]
-        row_bytes = math.prod(shape[1:]) * itemsize * 3 * count
+        row_bytes = math.prod(shape[1:]) * np.dtype("uint16" if dtype == "bfloat16" else dtype).itemsize * count
         for k, j in enumerate(survivors):
             a, b = min(rows, k * rpn * c2), min(rows, (k + 1) * rpn * c2)
             have = 0
@@ -137,11 +137,9 @@ def _lost_index(lost: str | int, n: int) -> int:
 
 def run_one(n: int, *, ranks_per_node: int = 8, replicas: int = 1, model: str = "llama3-70b",
             lost: str | int = "middle", memory_keep: int = 2) -> dict[str, Any]:
-    if model != "llama3-70b":
-        raise ValueError(f"unknown model {model!r} (llama3-70b)")
-    shapes = llama3_70b_shapes()
+    shapes = model_shapes(model)
     rpn, old_world, new_world = ranks_per_node, n * ranks_per_node, (n - 1) * ranks_per_node
-    cat, weight, first = _step(shapes, old_world, 4)
+    cat, weight, first = _step(shapes, old_world)
     sizes = [np.asarray(cat.sizes(u)) * w for u, w in enumerate(weight)]
     gone = _lost_index(lost, n)
     survivors = [j for j in range(n) if j != gone]  # new node k is old node survivors[k]
@@ -197,7 +195,7 @@ def run_one(n: int, *, ranks_per_node: int = 8, replicas: int = 1, model: str = 
         own += np.bincount(w, weights=sizes[u], minlength=n).astype(np.int64)
     lost_share = int(own[gone])
     worst = int(np.argmax(recv))
-    exact = _exact_lack(shapes, n, survivors, rpn, replicas, 4)
+    exact = _exact_lack(shapes, n, survivors, rpn, replicas)
     # agreement bytes of a node, sent and received: the step reports (all-gathered), the
     # runs to the directories, the moves back (all-to-all; lengths and headers per peer)
     wt = np.asarray(weight, dtype=np.float64)

@@ -29,7 +29,7 @@ import numpy as np
 from ckpt._engine._layout import StoredArray, pickle_objects, stored_arrays
 from ckpt._engine._load import Loader, LoadStats
 from ckpt._engine._plan import CRC_BYTES, ArrayLayout, shard_index_bytes
-from ckpt._format import Box, Manifest, check_relpath
+from ckpt._format import Box, Manifest, check_relpath, rank_object_path
 from ckpt.storage import Storage
 
 __all__ = ["Catalog", "NeedsLoader", "load_reads", "runs_minus", "runs_of", "shards_of_runs", "shard_sizes"]
@@ -88,13 +88,17 @@ def shard_sizes(layout: ArrayLayout, itemsize: int) -> np.ndarray:
 @dataclass(frozen=True)
 class _Unit:
     path: str
-    kind: str  # "array" | "piece" | "pack" | "pickle"
+    kind: str  # "array" | "piece" | "pack" | "pickle" | "ranks" (the per-rank objects: one shard per rank)
     layout: ArrayLayout | None
     itemsize: int
     stored: StoredArray | None
 
+    ranks: int = 0  # "ranks": the save's world size
+
     @property
     def grid(self) -> tuple[int, ...]:
+        if self.kind == "ranks":
+            return (self.ranks,)
         if self.layout is None or self.kind == "pack":
             return (1,)
         return tuple(-(-n // s) for n, s in zip(self.layout.shape, self.layout.shard_shape))
@@ -110,6 +114,9 @@ class Catalog:
             units[a.path] = _Unit(a.path, a.kind, a.layout, a.itemsize, a)
         for _key, path in pickle_objects(manifest):
             units[path] = _Unit(path, "pickle", None, 1, None)
+        if manifest.rank_objects is not None:  # format 3: per-rank values in one object per rank
+            base = check_relpath(manifest.rank_objects["path"], what="per-rank object")
+            units[base] = _Unit(base, "ranks", None, 1, None, manifest.world_size)
         self.paths = sorted(units)
         self.units = [units[p] for p in self.paths]
         self.number = {p: i for i, p in enumerate(self.paths)}
@@ -124,6 +131,8 @@ class Catalog:
 
     def object_path(self, unit: int, shard: int) -> str:
         u = self.units[unit]
+        if u.kind == "ranks":
+            return rank_object_path(shard, u.path)
         if u.layout is None:
             return u.path
         idx = np.unravel_index(shard, u.grid) if u.kind != "pack" else (0,)
@@ -161,6 +170,11 @@ class Catalog:
             if unit is None:
                 continue
             u = self.units[unit]
+            if u.kind == "ranks":
+                r = key[1:-5] if key.startswith("r") and key.endswith(".json") else ""
+                if not r.isdigit() or int(r) >= u.ranks or rank_object_path(int(r), u.path) != rel:
+                    return None
+                return unit, int(r)
             if u.layout is None:
                 return None
             parts = key.split(u.layout.separator)
@@ -185,9 +199,10 @@ class Catalog:
         grids = np.meshgrid(*ranges, indexing="ij")
         return np.ravel_multi_index(tuple(g.reshape(-1) for g in grids), u.grid).astype(np.int64)
 
-    def objects_of(self, reads: Iterable[tuple[str, Box]], pickles: Iterable[str] = ()) -> np.ndarray:
-        """Runs of every object that the reads ``(key, global box)`` and the pickled
-        values ``pickles`` (keys) touch."""
+    def objects_of(self, reads: Iterable[tuple[str, Box]], pickles: Iterable[str] = (),
+                   ranks: Iterable[int] = ()) -> np.ndarray:
+        """Runs of every object that the reads ``(key, global box)``, the pickled values
+        ``pickles`` (keys) and the per-rank values of the save's ``ranks`` touch."""
         per: dict[int, list[np.ndarray]] = {}
         for key, box in reads:
             if math.prod(box[1]) == 0:
@@ -211,6 +226,10 @@ class Catalog:
         for key in pickles:
             per.setdefault(self.number[check_relpath(self.entries[key]["path"], key=key)], []).append(
                 np.zeros(1, np.int64))
+        rank_units = [i for i, u in enumerate(self.units) if u.kind == "ranks"]
+        wanted = sorted(set(ranks))
+        if rank_units and wanted:
+            per.setdefault(rank_units[0], []).append(np.array(wanted, dtype=np.int64))
         parts = [runs_of(u, np.concatenate(v)) for u, v in sorted(per.items())]
         return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
 
@@ -224,16 +243,35 @@ class NeedsLoader(Loader):
         super().__init__(*args, **kwargs)
         self.reads: list[tuple[str, Box]] = []
         self.pickles: list[str] = []
+        self.ranks: set[int] = set()  # whose per-rank values were asked for
 
     def execute(self) -> LoadStats:
         reads, self._reads = self._reads, []
         self.reads.extend((r.key, r.box) for r in reads)
         return self.stats
 
+    def rank_values(self, rank: int) -> Any:
+        """Format 3: rank ``rank``'s object is recorded, not read; every key is there,
+        with None (a value asked for only reaches a finaliser)."""
+        if self.manifest.rank_objects is None:
+            return super().rank_values(rank)
+        if not 0 <= rank < self.manifest.world_size:
+            return {}
+        self.ranks.add(rank)
+        return _AnyKey()
+
     def _unpickle(self, key: str) -> Any:
         self.entry(key)
         self._used.add(key)
         self.pickles.append(key)
+        return None
+
+
+class _AnyKey(dict):  # type: ignore[type-arg]
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __missing__(self, key: Any) -> None:
         return None
 
 

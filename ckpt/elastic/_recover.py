@@ -207,7 +207,7 @@ def _restore_step(tier: MemoryTier, state: dict[str, Any], step: int, name: str,
             held = _holdings(d, cat, res)
         reads = load_reads(state, open_storage(os.fspath(tier.root)), name, m, allow_pickle=tier.allow_pickle,
                            rank=tier.rank, world_size=tier.world_size)
-        need = cat.objects_of(reads.reads, reads.pickles)
+        need = cat.objects_of(reads.reads, reads.pickles, reads.ranks)
     except Exception as e:  # noqa: BLE001 - agreed below; the load itself reports it again
         ok, why = False, f"planning failed on rank {tier.rank}: {e!r}"
     gathered = to_leader(nodes, need)

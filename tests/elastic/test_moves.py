@@ -54,3 +54,14 @@ def test_moves_come_from_a_holder_spread_over_holders_and_missing_is_named():
     assert all(s != d for s, d, _lo, _hi in got)
     assert mv.received(3).tolist() == [200, 0, 400] and sorted(mv.sent(3).tolist()) == [100, 200, 300]
     assert mv.missing.tolist() == [[0, 0, 6, 7]]  # shard 6 is held by no node
+
+
+def test_per_rank_objects_are_one_unit_with_a_shard_per_rank():
+    from ckpt._format import rank_object_path
+
+    m = Manifest(step=0, entries={}, world_size=5, rank_objects={"path": "ranks"})
+    cat = Catalog(m)
+    (unit,) = [u for u in range(len(cat)) if cat.n_shards(u) == 5]
+    assert cat.object_path(unit, 3) == rank_object_path(3, "ranks")
+    assert cat.parse(rank_object_path(3, "ranks")) == (unit, 3) and cat.parse(rank_object_path(7, "ranks")) is None
+    assert cat.objects_of([], ranks=[0, 2, 2]).tolist() == [[unit, 0, 1], [unit, 2, 3]]
