@@ -243,11 +243,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tier: list[dict[str, Any]] = []
     if args.tier_nodes:
         try:
-            from bench._scale_tier import run_tier  # type: ignore[import-not-found,unused-ignore]
+            from bench._scale_tier import run_tier
         except ImportError:
             print("bench._scale_tier is absent: no tier restore figures", flush=True)
         else:
             tier = run_tier(list(args.tier_nodes))
+            for t in tier:
+                print(f"tier restore N={t['N']} -> {t['N'] - 1}: moved/node {t['moved_per_node_max'] / 2**30:.2f} "
+                      f"GiB, total/lost share {t['total_over_lost_share']:.1f}", flush=True)
     return {"rows": rows, "loads": loads, "dcp": dcp_rows, "tier": tier, "goals": GOALS}
 
 
@@ -280,9 +283,21 @@ def markdown(res: dict[str, Any]) -> str:
                               f"{lp['plan_s']:.3f} s", lp["objects"], f"{lp['need_bytes'] / MIB:.0f} MiB"]
                              for lp in res["loads"]]))
     if res["tier"]:
-        out += ["", "## Memory-tier restore, N → N−1 nodes", ""]
-        keys = list(res["tier"][0])
-        out.append(md_table(keys, [[row[k] for k in keys] for row in res["tier"]]))
+        out += ["", "## Memory-tier restore, N → N−1 nodes (`bench._scale_tier`, FSDP dim-0, 8 ranks per node, "
+                    "1 replica)", "",
+                "need & lack: the bytes a node's new ranks read and it does not hold (exact rows); moved: what "
+                "the restore moves (whole shards). Old: every node given every file.", ""]
+        g = 1 << 30
+        out.append(md_table(
+            ["N", "share/node", "moved/node max", "worst need & lack", "moved/need", "total/need & lack",
+             "total/lost share", "old total/lost share", "peak/bound", "plan/node", "agreement/node"],
+            [[t["N"], f"{t['share_bytes'] / g:.1f} GiB", f"{t['moved_per_node_max'] / g:.2f} GiB",
+              f"{t['need_and_lack_worst_node'] / g:.2f} GiB", f"{t['moved_over_need_and_lack']:.2f}"
+              if t["need_and_lack_worst_node"] else "-", f"{t['total_over_need_and_lack']:.2f}"
+              if t["total_need_and_lack"] else "-", f"{t['total_over_lost_share']:.1f}",
+              f"{t['old_total_over_lost_share']:.0f}", f"{t['peak_node_bytes'] / max(1, t['memory_bound_bytes']):.2f}",
+              f"{1e3 * t['plan_s_node_max']:.0f} ms", f"{t['agree_bytes_per_node_max'] / 1024:.0f} KiB"]
+             for t in res["tier"]]))
     out += ["", "Goals: plan ≤ 1 s first / ≤ 50 ms cached at W = 16,384; received ≤ 16 MiB first / ≤ 1 MiB "
                 "cached; manifest ≤ 8 MiB (70B), ≤ 32 MiB (405B FSDP×TP)."]
     return "\n".join(out) + "\n"

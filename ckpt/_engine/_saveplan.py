@@ -36,7 +36,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ckpt._engine._globalplan import Assignment, PieceMeta, array_path, build_plan, piece_path
-from ckpt._engine._plan import SMALL_SHARD_BY_RULE, ArrayLayout, PackPlan, PlanConfig, layout_for, plan_array
+from ckpt._engine._plan import (
+    SMALL_SHARD_BY_RULE,
+    ArrayLayout,
+    PackPlan,
+    PlanConfig,
+    layout_for,
+    plan_array,
+)
 from ckpt._format import itemsize
 from ckpt._sharding import Sharding
 from ckpt.errors import DistributedSaveError, ReshardError, ShapeMismatchError
