@@ -104,9 +104,9 @@ def _drain(tier: MemoryTier, step_dir: Path, files: list[str], job: DrainJob, ti
         except Exception as e:  # noqa: BLE001 - reported through the agreement
             failure = f"node {tier.node}: {e!r}"
     job.stats.write_s = time.perf_counter() - t0
-    reports = tier.all_gather((failure, job.stats.bytes))
-    failures = [f for f, _ in reports if f is not None]
-    job.stats.total_bytes = sum(n for _, n in reports)
+    failed, job.stats.total_bytes = tier.sum_ints([failure is not None, job.stats.bytes])
+    # the failing nodes' words travel only when there are some
+    failures = [f for f in tier.all_gather(failure) if f is not None] if failed else []
     t1 = time.perf_counter()
     outcome: str | None = None
     if tier.rank == 0:

@@ -199,6 +199,17 @@ class MemoryTier:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._agree_group if training_thread else self.group)
         return [bool(x) for x in t.tolist()]
 
+    def sum_ints(self, values: list[int], *, op: str = "sum") -> list[int]:
+        """A fixed-size all-reduce (``op``: "sum" or "max") over the tier's group: per-step
+        agreement whose traffic does not grow with the world."""
+        if self.group is None:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
+        return [int(x) for x in t.tolist()]
+
     def _topology(self) -> None:
         """Nodes are the distinct (host, node directory) pairs, in order of their lowest
         rank; that rank is the node's leader."""
@@ -329,7 +340,7 @@ class MemoryTier:
             self._reusable = sum(tree_bytes(p) for p in self.root.glob(f"{TMP_PREFIX}*"))
             self._footprint = max(tree_bytes(self.root / name), self.stats.held_bytes - before)
             self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, self.stats.held_bytes)
-        self._footprint = max(self.all_gather(self._footprint))
+        self._footprint = self.sum_ints([self._footprint], op="max")[0]
         self.stats.completed += 1
         self.stats.last_complete = step
 
