@@ -42,6 +42,7 @@ from bench._shapes import mesh_coordinate, mesh_shape, model_tensors, placements
 from ckpt._engine._globalplan import PieceMeta, build_plan
 from ckpt._engine._load import Loader
 from ckpt._engine._manifest import build_manifest
+from ckpt._engine._needs import Catalog
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._saveplan import VECTOR, LocalPieces, coordinate
 from ckpt._format import Manifest
@@ -188,25 +189,27 @@ def old_planner(model: str, layout: str, world: int, cfg: Any) -> dict[str, Any]
 
 
 def load_plan(saved: dict[str, Any], model: str, layout: str, world: int) -> dict[str, Any]:
-    """One destination rank's load planning on a changed world: parse the manifest, schedule
-    its boxes on the real Loader, and plan the objects the reads touch (nothing is read)."""
+    """One destination rank's load planning on a changed world: parse the manifest, check
+    its boxes on the real Loader, and find the objects its reads touch (the memory tier's
+    ``ckpt._engine._needs.Catalog``; nothing is read)."""
     storage = open_storage("memory://scale-bench")
     rank = world // 2 + 1
     t0 = time.perf_counter()
     m = Manifest.from_json(saved["_raw"], where="sim")
     t_parse = time.perf_counter() - t0
     loader = Loader(storage, "ckpt", m, rank=rank, world_size=world)
-    need = 0
+    need, reads = 0, []
     for meta, _sh, _w in rank_pieces(model, layout, world, rank):
         if not math.prod(meta.sizes):
             continue
         dt = getattr(torch, meta.dtype)
         loader.read_into(meta.key, torch.empty((), dtype=dt).expand(meta.sizes), meta.offsets, global_shape=meta.shape)
+        reads.append((meta.key, (meta.offsets, meta.sizes)))
         need += math.prod(meta.sizes) * torch.empty((), dtype=dt).element_size()
-    objects = loader.planned_objects()
+    runs = Catalog(m).objects_of(reads)
     t_plan = time.perf_counter() - t0 - t_parse
     return {"from_W": saved["W"], "to_W": world, "to_layout": layout, "parse_s": t_parse, "plan_s": t_plan,
-            "objects": len(objects), "need_bytes": need}
+            "objects": int((runs[:, 2] - runs[:, 1]).sum()) if len(runs) else 0, "need_bytes": need}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -6,7 +6,6 @@ On local disk most array reads take the fast path of :mod:`ckpt._engine._direct`
 
 from __future__ import annotations
 
-import bisect
 import collections
 import concurrent.futures
 import math
@@ -21,7 +20,7 @@ import torch
 
 from ckpt._engine._arrays import translate
 from ckpt._engine._direct import DirectReader
-from ckpt._engine._layout import array_layout, pack_length, piece_layout
+from ckpt._engine._layout import PieceIndex, array_layout, pack_length, piece_layout
 from ckpt._engine._plan import ArrayLayout, pack_metadata, zarr_metadata
 from ckpt._format import (
     Box,
@@ -103,7 +102,7 @@ class Loader:
         self._arrays: dict[str, Any] = {}
         self._packs: dict[str, np.ndarray] = {}
         self._rank_cache: dict[int, dict[str, Any]] = {}
-        self._piece_index: dict[str, tuple[list[int], int, list[dict[str, Any]]]] = {}
+        self._piece_index: dict[str, PieceIndex] = {}
 
     # -- LoadSource ---------------------------------------------------------
     def has(self, key: str) -> bool:
@@ -349,20 +348,6 @@ class Loader:
                 jobs.extend(self._piece_jobs(r, e))
         return jobs
 
-    def planned_objects(self) -> dict[str, int]:
-        """The storage objects the reads scheduled so far will touch (shards of arrays,
-        whole packs) -> how many reads touch each; nothing is read. The load's plan, for
-        tools that move only what a rank needs (the memory tier) and for ``bench.scale``."""
-        out: dict[str, int] = {}
-        for _r, path, src, _sub, lay in self._jobs(self._reads):
-            if lay is None:
-                out[path] = out.get(path, 0) + 1
-                continue
-            for idx in lay.shards_touching(src):
-                obj = f"{path}/{lay.shard_key(idx)}"
-                out[obj] = out.get(obj, 0) + 1
-        return out
-
     def _piece_jobs(self, r: _Read, e: dict[str, Any]) -> list[tuple[_Read, str, Box, Box, ArrayLayout | None]]:
         out: list[tuple[_Read, str, Box, Box, ArrayLayout | None]] = []
         need_o, need_s = r.box
@@ -385,21 +370,10 @@ class Loader:
         return out
 
     def _pieces_overlapping(self, key: str, e: dict[str, Any], box: Box) -> list[dict[str, Any]]:
-        """The saved pieces whose dim-0 range meets ``box``'s: a sorted index per tensor
-        (built once), so a read costs O(log pieces + its overlaps), not a scan of every
-        saved piece (a checkpoint of 16,384 ranks' fragments)."""
-        pieces = e["storage"]["pieces"]
-        if not box[0] or len(pieces) < 16:
-            return pieces
         index = self._piece_index.get(key)
         if index is None:
-            order = sorted(pieces, key=lambda p: p["offsets"][0])
-            index = ([p["offsets"][0] for p in order], max(p["sizes"][0] for p in order), order)
-            self._piece_index[key] = index
-        starts, longest, order = index
-        lo = bisect.bisect_left(starts, box[0][0] - longest + 1)
-        hi = bisect.bisect_left(starts, box[0][0] + box[1][0])
-        return order[lo:hi]
+            index = self._piece_index[key] = PieceIndex(e["storage"]["pieces"])
+        return index.meeting(box)
 
     def _open(self, wanted: list[tuple[str, ArrayLayout | None, dict[str, Any]]]) -> None:
         """Open every array once, from the manifest's metadata (no zarr.json reads)."""

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ckpt._engine._layout import StoredArray, pickle_objects, stored_arrays
+from ckpt._engine._layout import PieceIndex, StoredArray, pickle_objects, stored_arrays
 from ckpt._engine._load import Loader, LoadStats
 from ckpt._engine._plan import CRC_BYTES, ArrayLayout, shard_index_bytes
 from ckpt._format import Box, Manifest, check_relpath, rank_object_path
@@ -122,6 +122,7 @@ class Catalog:
         self.number = {p: i for i, p in enumerate(self.paths)}
         self.entries = manifest.entries
         self._sizes: dict[int, np.ndarray] = {}
+        self._piece_index: dict[str, PieceIndex] = {}
 
     def __len__(self) -> int:
         return len(self.units)
@@ -214,7 +215,10 @@ class Catalog:
             elif st["layout"] == "packed":
                 per.setdefault(self.number[check_relpath(st["path"], key=key)], []).append(np.zeros(1, np.int64))
             else:
-                for p in st["pieces"]:  # as the loader's _piece_jobs: every piece the box overlaps
+                index = self._piece_index.get(key)
+                if index is None:
+                    index = self._piece_index[key] = PieceIndex(st["pieces"])
+                for p in index.meeting(box):  # as the loader's _piece_jobs: every piece the box overlaps
                     po, ps = p["offsets"], p["sizes"]
                     lo = [max(a, b) for a, b in zip(box[0], po)]
                     hi = [min(a + s, b + t) for a, s, b, t in zip(box[0], box[1], po, ps)]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import reduce
 
@@ -127,14 +126,6 @@ class ArrayLayout:
             (tuple(a for a, _ in combo), tuple(b for _, b in combo))
             for combo in itertools.product(*ranges)
         ]
-
-    def shards_touching(self, box: Box) -> Iterator[tuple[int, ...]]:
-        """Grid indices of the shards (storage objects) a region meets: O(those shards)."""
-        offsets, sizes = box
-        if any(s == 0 for s in sizes):
-            return iter(())
-        ranges = [range(o // sh, (o + s - 1) // sh + 1) for o, s, sh in zip(offsets, sizes, self.shard_shape)]
-        return itertools.product(*ranges)
 
     def chunks_in(self, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> int:
         """How many inner chunks a box touches (read amplification estimates)."""
