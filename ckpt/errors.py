@@ -37,6 +37,7 @@ __all__ = [
     "ReshardError",
     "SaveInProgressError",
     "ConfigError",
+    "InsufficientMemoryError",
 ]
 
 
@@ -201,3 +202,7 @@ class SaveInProgressError(CheckpointError, RuntimeError):
 
 class ConfigError(CheckpointError, ValueError):
     """A setting (a ``CKPT_*`` environment variable) has a value ckpt cannot use."""
+
+
+class InsufficientMemoryError(CheckpointError, MemoryError):
+    """A saved tensor is larger than this host can allocate (or a damaged manifest says so)."""

@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ from ckpt._values import decode_value
 from ckpt.errors import (
     CorruptCheckpointError,
     DtypeMismatchError,
+    InsufficientMemoryError,
     MissingKeyError,
     PickleNotAllowedError,
     ReshardError,
@@ -53,6 +55,7 @@ class _Read:
     key: str
     dest: torch.Tensor  # local destination (any device)
     box: Box  # global region the destination covers
+    fresh: bool = False  # a tensor the loader made (read_new): nothing of the caller's to restore
 
 
 @dataclass
@@ -67,6 +70,7 @@ class LoadStats:
     unexpected: list[str] = field(default_factory=list)  # keys of asked-for objects the state lacks (allowed)
     missing: list[str] = field(default_factory=list)  # keys the state has and the checkpoint lacks (allowed)
     cast: list[str] = field(default_factory=list)  # keys read into another dtype than saved (cast=True)
+    backup_bytes: int = 0  # host memory that held the caller's old values during the load (all or nothing)
 
 
 class Loader:
@@ -75,12 +79,17 @@ class Loader:
     ``strict=False`` allows both directions of mismatch; ``allow_missing`` (keys the state
     has and the checkpoint lacks: left as they are) and ``allow_unexpected`` (keys of an
     asked-for object the state lacks: not loaded) allow one. ``cast``: read a tensor saved
-    in another dtype than its destination's, converting (else DtypeMismatchError)."""
+    in another dtype than its destination's, converting (else DtypeMismatchError).
+
+    ``rollback`` (``ckpt.load``'s): before the first byte of a read lands, each of the
+    caller's destinations is copied to host memory; :meth:`rollback` puts those copies
+    back (and runs the providers' :meth:`on_rollback` undos), so a load that fails part
+    way leaves the caller's objects as they were."""
 
     def __init__(self, storage: Storage, name: str, manifest: Manifest, *, strict: bool = True,
                  allow_missing: bool | None = None, allow_unexpected: bool | None = None, cast: bool = False,
                  allow_pickle: bool = False, rank: int = 0, world_size: int = 1,
-                 inflight_bytes: int = 1 << 30) -> None:
+                 inflight_bytes: int = 1 << 30, rollback: bool = False) -> None:
         self.storage = storage
         self.name = name
         self.manifest = manifest
@@ -99,6 +108,42 @@ class Loader:
         self.stats = LoadStats()
         self._arrays: dict[str, Any] = {}
         self._packs: dict[str, np.ndarray] = {}
+        self.keep_backup = rollback
+        self._backups: list[tuple[torch.Tensor, torch.Tensor]] = []  # (caller's destination, its old values)
+        self._backed: set[tuple[Any, ...]] = set()
+        self._undo: list[Callable[[], None]] = []
+
+    # -- all or nothing ------------------------------------------------------
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Register what undoes a change a provider made to the caller's objects before
+        the reads (run, newest first, by :meth:`rollback`)."""
+        self._undo.append(undo)
+
+    def _backup(self, reads: list[_Read]) -> None:
+        """Copy every caller's destination of ``reads`` to host memory, once each."""
+        if not self.keep_backup:
+            return
+        for r in reads:
+            d = r.dest
+            if r.fresh or d.numel() == 0:
+                continue
+            ident = (d.device, d.data_ptr(), tuple(d.shape), d.stride(), d.dtype)
+            if ident in self._backed:
+                continue
+            self._backed.add(ident)
+            self._backups.append((d, d.detach().to("cpu", copy=True)))
+        self.stats.backup_bytes = sum(b.numel() * b.element_size() for _, b in self._backups)
+
+    def rollback(self) -> None:
+        """Put the caller's objects back as they were before this load (after a failure)."""
+        with torch.no_grad():
+            for dest, saved in reversed(self._backups):
+                dest.copy_(saved)
+        if any(d.device.type == "cuda" for d, _ in self._backups):
+            torch.cuda.synchronize()
+        for undo in reversed(self._undo):
+            undo()
+        self._backups, self._backed, self._undo = [], set(), []
 
     # -- LoadSource ---------------------------------------------------------
     def has(self, key: str) -> bool:
@@ -207,6 +252,11 @@ class Loader:
         if dest.device.type == "meta":
             raise UnsupportedStateError("cannot load into a meta tensor: it has no storage", key=key, path=self.where,
                                         hint="materialise the module first (module.to_empty(device=...)), then load")
+        if any(st == 0 and n > 1 for st, n in zip(dest.stride(), dest.shape)):
+            raise UnsupportedStateError(
+                f"cannot load into a tensor whose elements share memory (stride {list(dest.stride())} of shape "
+                f"{list(dest.shape)}, e.g. made by expand()): one saved value would overwrite another",
+                key=key, path=self.where, hint="pass a real tensor of that shape (tensor.clone() or torch.empty)")
         offs = tuple(offsets) if offsets is not None else (0,) * dest.dim()
         if len(offs) != len(shape) or any(o + s > d for o, s, d in zip(offs, dest.shape, shape)):
             raise ShapeMismatchError(f"box {list(offs)}+{list(dest.shape)} lies outside {list(shape)}",
@@ -219,8 +269,9 @@ class Loader:
         e = self.entry(key)
         if e["kind"] != "tensor":
             raise ShapeMismatchError("this key holds a value, not a tensor", key=key, path=self.where)
-        t = torch.empty(tuple(e["shape"]), dtype=torch_dtype(e["dtype"], key), device=device or "cpu")
+        t = _allocate(key, tuple(e["shape"]), torch_dtype(e["dtype"], key), device or "cpu", self.where)
         self.read_into(key, t)
+        self._reads[-1].fresh = True
         return t if dtype is None else t  # conversion is the caller's business
 
     def unused_keys(self) -> list[str]:
@@ -267,6 +318,7 @@ class Loader:
             else:
                 jobs.extend(self._piece_jobs(r, e))
         self._open([(p, lay, self.manifest.entries[r.key]) for r, p, _, _, lay in jobs])
+        self._backup(reads)  # before the first byte lands
         direct = DirectReader.for_storage(self.storage, self.name)  # None: tensorstore reads only
         window: collections.deque[tuple[Any, _Read, str, Box, Box, int]] = collections.deque()
         inflight = 0
@@ -308,6 +360,8 @@ class Loader:
         finally:
             if direct is not None:
                 direct.close()
+            for item in window:  # a read failed: nothing may still write into a destination
+                _settle(item[0])
         self.stats.read_s = time.perf_counter() - t0
         if any(r.dest.device.type == "cuda" for r in reads):
             torch.cuda.synchronize()
@@ -409,6 +463,30 @@ class _Direct:
 
     write: Any  # tensorstore WriteFutures
     target: np.ndarray  # keeps the destination's numpy view alive until the write is done
+
+
+def _settle(fut: Any) -> None:
+    """Wait for a read of an abandoned load to finish, whatever its outcome."""
+    try:
+        if isinstance(fut, _Direct):
+            fut.write.result()
+        elif fut is not None and hasattr(fut, "result"):
+            fut.result()
+    except Exception:  # noqa: BLE001 - the load's first error is the one raised
+        pass
+
+
+def _allocate(key: str, shape: tuple[int, ...], dtype: torch.dtype, device: Any, where: str) -> torch.Tensor:
+    """A new tensor of a saved entry's shape; a shape this host cannot hold is a typed error."""
+    try:
+        return torch.empty(shape, dtype=dtype, device=device)
+    except (RuntimeError, MemoryError) as e:  # torch's allocators raise RuntimeError (OutOfMemoryError)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        raise InsufficientMemoryError(f"cannot allocate {nbytes} bytes for a saved tensor of shape "
+                                      f"{list(shape)} ({e.__class__.__name__})", key=key, path=where,
+                                      hint="read it on a host with more memory, or leave this key out "
+                                           "(--only / a state without it); if the size is absurd, the "
+                                           "checkpoint is damaged or hostile") from None
 
 
 def _direct_target(dest: torch.Tensor, sub: Box, dtype: str) -> np.ndarray | None:

@@ -224,7 +224,12 @@ class OptimizerProvider:
         if saved_names and not self.optim.state:
             from torch.distributed.checkpoint.state_dict import _init_optim_state
 
-            _init_optim_state(self.optim)
+            optim = self.optim
+            grads = [(p, p.grad) for g in optim.param_groups for p in g["params"]]
+            _init_optim_state(optim)
+            on_rollback = getattr(src, "on_rollback", None)
+            if on_rollback is not None:  # a failed load leaves the optimizer as fresh as it was
+                on_rollback(lambda: _forget_state(optim, grads))
         live = self._by_name(self.optim.state_dict())["state"]
         params = [p for g in self.optim.param_groups for p in g["params"]]
         state: dict[str, Any] = {}
@@ -251,6 +256,13 @@ class OptimizerProvider:
             optim.load_state_dict({"state": {index[n]: s for n, s in state.items()}, "param_groups": groups})
 
         return finish
+
+
+def _forget_state(optim: torch.optim.Optimizer, grads: list[tuple[torch.Tensor, Any]]) -> None:
+    """Undo ``_init_optim_state``: no optimizer state, every gradient as it was."""
+    optim.state.clear()
+    for p, g in grads:
+        p.grad = g
 
 
 def _to_device(state: Any, param: torch.Tensor) -> Any:
