@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import math
-import os
 import pickle
 import time
 from collections.abc import Callable
@@ -20,8 +19,9 @@ import numpy as np
 import torch
 
 from ckpt._engine._arrays import translate
+from ckpt._engine._confine import refuse_symlinks
 from ckpt._engine._direct import DirectReader
-from ckpt._engine._layout import array_layout, pack_length, piece_layout
+from ckpt._engine._layout import array_layout, pack_image, pack_length, piece_layout
 from ckpt._engine._plan import ArrayLayout, pack_metadata, zarr_metadata
 from ckpt._format import (
     Box,
@@ -42,7 +42,6 @@ from ckpt.errors import (
     ReshardError,
     ShapeMismatchError,
     UnexpectedKeyError,
-    UnsafePathError,
     UnsupportedStateError,
 )
 from ckpt.storage import Storage
@@ -219,7 +218,7 @@ class Loader:
                                         key=key, path=self.where,
                                         hint="pass allow_pickle=True to load only if you trust this checkpoint")
         path = check_relpath(e["path"], key=key)
-        _refuse_symlinks(self.storage, self.name, path, key)
+        refuse_symlinks(self.storage, self.name, path, key)
         try:
             data = self.storage.read_bytes(f"{self.name}/{path}")
         except FileNotFoundError:
@@ -397,7 +396,7 @@ class Loader:
         for path, lay, e in wanted:
             if path in self._arrays or path in futs:
                 continue
-            _refuse_symlinks(self.storage, self.name, path, None)
+            refuse_symlinks(self.storage, self.name, path, None)
             if lay is None:
                 continue  # packs are read whole below
             meta = zarr_metadata(lay, storage_dtype(e["dtype"]), {})
@@ -408,6 +407,7 @@ class Loader:
         pack_futs = {}
         for path in packs:
             nbytes = pack_length(self.manifest.entries, path)
+            self._check_pack_size(path, nbytes)  # before tensorstore allocates what the manifest says
             spec = {"driver": "zarr3", "kvstore": self.storage.kvstore_spec(f"{self.name}/{path}"),
                     "metadata": pack_metadata(nbytes, {}, self._separator), "fill_missing_data_reads": False}
             pack_futs[path] = ts.open(spec, open=True, assume_metadata=True, context=ctx)
@@ -415,9 +415,31 @@ class Loader:
             self._arrays[path] = self._result(f, path, None)
         reads = {p: self._result(f, p, None).read() for p, f in pack_futs.items()}
         for path, f in reads.items():
-            members = [k for k, e in self.manifest.entries.items() if (e.get("storage") or {}).get("path") == path]
-            self._packs[path] = self._result(f, path, ", ".join(members) or None)  # name the keys a bad pack holds
+            self._packs[path] = self._result(f, path, self._pack_members(path))  # name the keys a bad pack holds
             self.stats.bytes_fetched += self._packs[path].nbytes
+
+    def _pack_members(self, path: str) -> str | None:
+        return ", ".join(k for k, e in self.manifest.entries.items()
+                         if (e.get("storage") or {}).get("path") == path) or None
+
+    def _check_pack_size(self, path: str, nbytes: int) -> None:
+        """A pack is read whole: its object must hold exactly the bytes the manifest implies."""
+        obj = pack_image(f"{self.name}/{path}", nbytes, self._separator)
+        where = self.storage.describe(obj.file)
+        try:
+            size = self.storage.size(obj.file)
+        except (FileNotFoundError, NotADirectoryError):
+            raise CorruptCheckpointError("stored data is missing (the pack's object is not there)",
+                                         key=self._pack_members(path), path=where,
+                                         hint="an object of the checkpoint was deleted; load an earlier checkpoint") \
+                from None
+        except OSError as e:
+            raise translate(e, key=self._pack_members(path), where=where, reading=True) from e
+        if size != obj.nbytes:
+            raise CorruptCheckpointError(f"the pack's object holds {size} bytes, its manifest entries imply "
+                                         f"{obj.nbytes} (truncated, overwritten, or a damaged manifest)",
+                                         key=self._pack_members(path), path=where,
+                                         hint="the checkpoint is damaged; load an earlier checkpoint")
 
     def _result(self, fut: Any, path: str, key: str | None) -> Any:
         try:
@@ -502,30 +524,6 @@ def _direct_target(dest: torch.Tensor, sub: Box, dtype: str) -> np.ndarray | Non
         return (view if view.dtype == sdt else view.view(sdt)).numpy()
     except (RuntimeError, TypeError):  # a dtype numpy lacks, a view torch refuses
         return None
-
-
-def _refuse_symlinks(storage: Storage, name: str, path: str, key: str | None) -> None:
-    """Local storage: no object of the checkpoint may be reached through a symlink, which
-    could point anywhere outside it (an untrusted checkpoint must not read other files)."""
-    if not storage.capabilities.local:
-        return
-    p = storage.local_path(name)
-    found: str | os.PathLike[str] | None = None
-    for comp in path.split("/"):
-        p = p / comp
-        if p.is_symlink():
-            found = p
-            break
-    if found is None and p.is_dir():
-        for dirpath, dirs, files in os.walk(p):
-            found = next((os.path.join(dirpath, n) for n in dirs + files
-                          if os.path.islink(os.path.join(dirpath, n))), None)
-            if found:
-                break
-    if found is not None:
-        raise UnsafePathError("the checkpoint holds a symlink, which could lead outside it", key=key,
-                              path=str(found), hint="copy the real files into the checkpoint; "
-                                                    "ckpt does not follow symlinks inside checkpoints")
 
 
 def _chunk_elements(lay: ArrayLayout, src: Box) -> int:

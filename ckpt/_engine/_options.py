@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from ckpt._config import choice, parse_bytes, parse_flag, setting
 from ckpt._engine._plan import PlanConfig
+from ckpt._format import MAX_CHUNK_BYTES
 
 
 def _default_pool_bytes() -> int:
@@ -90,9 +91,10 @@ class SaveOptions:
         # at least 1 MiB, but never the whole pool: a block holds a shard plus its crc32c's
         # and index (direct writes), so a 1 MiB pool gets 512 KiB shards
         shard = max(min(1 << 20, self.pool_bytes // 2), min(self.max_shard_bytes, self.pool_bytes // 4))
+        # a chunk (a pack is one) never above what a reader accepts (_format.MAX_CHUNK_BYTES)
         return PlanConfig(
             max_shard_bytes=shard,
-            chunk_bytes=min(self.chunk_bytes, shard),
-            pack_threshold=min(self.pack_threshold, shard),
-            pack_bytes=min(self.pack_bytes, shard),
+            chunk_bytes=min(self.chunk_bytes, shard, MAX_CHUNK_BYTES),
+            pack_threshold=min(self.pack_threshold, shard, MAX_CHUNK_BYTES // 2),
+            pack_bytes=min(self.pack_bytes, shard, MAX_CHUNK_BYTES // 2),
         )
