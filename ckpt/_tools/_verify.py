@@ -25,7 +25,7 @@ from ckpt._engine._layout import StoredArray, pickle_objects, stored_arrays
 from ckpt._engine._recycle import reading
 from ckpt._format import MANIFEST
 from ckpt._tools._common import Checkpoint, object_sizes
-from ckpt.errors import CheckpointError
+from ckpt.errors import CheckpointError, UnsafePathError
 from ckpt.storage import Storage, split_checkpoint_url
 
 Progress = Callable[[int, int], None]  # (bytes just done, total bytes)
@@ -113,7 +113,7 @@ def _verify(storage: Storage, name: str, quick: bool, progress: Progress | None)
     try:
         manifest = read_manifest(storage, name)
     except CheckpointError as e:
-        if isinstance(e, FileNotFoundError):
+        if isinstance(e, FileNotFoundError | UnsafePathError):
             raise
         report.problems.append(Problem("manifest", e.message, [e.key] if e.key else [], MANIFEST))
         report.seconds = time.perf_counter() - t0
@@ -133,12 +133,30 @@ def _verify(storage: Storage, name: str, quick: bool, progress: Progress | None)
     return report
 
 
+_MAX_MISSING = 64  # missing objects of one array named one by one; then one summary
+_HOPELESS = "\x00hopeless:"  # marks, among the stored objects' sizes, an array not to read
+
+
+def _shard_count(a: StoredArray) -> int:
+    return _prod(tuple(-(-n // s) for n, s in zip(a.layout.shape, a.layout.shard_shape)))
+
+
 def _check_presence(ck: Checkpoint, arrays: list[StoredArray], report: VerifyReport) -> dict[str, int]:
     sizes = object_sizes(ck.storage, ck.name)
     for a in arrays:
+        missing = 0
         for idx, path, region in a.shards():
             report.objects += 1
             if path not in sizes:
+                missing += 1
+                if missing > _MAX_MISSING:  # a hostile manifest may imply 2**24 objects: stop naming them
+                    stored = sum(1 for p in sizes if p.startswith(f"{a.path}/"))
+                    report.problems.append(Problem(
+                        "missing", f"more than {_MAX_MISSING} objects of this array are missing: it has "
+                                   f"{_shard_count(a)} shards, {stored} objects are stored under it",
+                        list(a.keys), a.path))
+                    sizes[_HOPELESS + a.path] = 0  # not read: most of it is missing
+                    break
                 report.problems.append(Problem("missing", "the object is missing", list(a.keys), path,
                                                shard=list(idx), region=_region(region)))
             elif sizes[path] != a.expected_size(region):
@@ -210,6 +228,8 @@ def _read_all(ck: Checkpoint, arrays: list[StoredArray], present: dict[str, int]
     # shard larger than the window is read chunk by chunk (each at most MAX_CHUNK_BYTES).
     jobs: list[tuple[StoredArray, tuple[int, ...], str, Any, tuple[int, ...] | None]] = []
     for a in arrays:
+        if _HOPELESS + a.path in present:
+            continue  # most of it is missing: reported, not read
         for idx, path, region in a.shards():
             if present.get(path) != a.expected_size(region):
                 continue
