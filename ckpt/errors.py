@@ -38,6 +38,7 @@ __all__ = [
     "SaveInProgressError",
     "ConfigError",
     "InsufficientMemoryError",
+    "NotADirectoryPathError",
 ]
 
 
@@ -206,3 +207,7 @@ class ConfigError(CheckpointError, ValueError):
 
 class InsufficientMemoryError(CheckpointError, MemoryError):
     """A saved tensor is larger than this host can allocate (or a damaged manifest says so)."""
+
+
+class NotADirectoryPathError(CheckpointError, NotADirectoryError):
+    """A run or checkpoint location that exists and is a file, not a directory."""

@@ -101,7 +101,10 @@ def prepare(items: list[Any], *, allow_pickle: bool, rank: int) -> Prepared:
             if t.device.type == "meta":
                 raise UnsupportedStateError("a meta tensor has no data to save", key=it.key,
                                       hint="materialise the module (to_empty + init) before saving")
-            if it.eager:
+            if t.is_conj() or t.is_neg():
+                # a lazy view (x.conj(), torch._neg_view): save the values the user sees, resolved now
+                it = TensorItem(it.key, t.resolve_conj().resolve_neg(), it.global_shape, it.offsets, it.replica)
+            elif it.eager:
                 it = TensorItem(it.key, _eager_copy(t), it.global_shape, it.offsets, it.replica)
             tensors.append(it)
             continue

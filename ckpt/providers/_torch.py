@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ckpt._values import TAG
-from ckpt.errors import MissingKeyError, ShapeMismatchError
+from ckpt.errors import MissingKeyError, ShapeMismatchError, UnexpectedKeyError
 from ckpt.providers._base import DescribeContext, Finalizer, Item, LoadSource, TensorItem, ValueItem
 from ckpt.providers._tree import TreeProvider, flatten, unflatten
 
@@ -199,6 +199,14 @@ class OptimizerProvider:
         unknown = [n for n in saved_names if n not in index]
         if unknown:
             unnamed = not any(id(p) in self.ctx.param_names for g in self.optim.param_groups for p in g["params"])
+            if len(unknown) == len(saved_names):  # nothing would load: an error even when strict=False
+                raise UnexpectedKeyError(
+                    f"none of the checkpoint's optimizer state matches this optimizer's parameters "
+                    f"(saved for {unknown[:5]}, this optimizer has {names[:5]})", key=f"{self.prefix}/state/{unknown[0]}",
+                    path=src.where,
+                    hint="an optimizer's state is keyed by its module's parameter names: put the module in the "
+                         "same state, e.g. ckpt.load({'model': model, 'optim': optim}, url)" if unnamed else
+                         "build the optimizer over the same named parameters")
             src.unexpected(
                 f"{self.prefix}/state/{unknown[0]}",
                 f"the checkpoint has optimizer state for parameters this optimizer does not have: {unknown[:5]}",
