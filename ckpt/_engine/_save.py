@@ -183,6 +183,7 @@ class SnapshotJob(Completion):
     def start(self) -> None:
         """Start the background work; with inline staging, return once every copy is done
         (``SaveOptions.cpu_staging``: the copy happens in the call)."""
+        self.begin()  # interpreter exit waits for it
         self._thread.start()
         if self.shared.inline:
             self.shared.staged.wait()
