@@ -28,6 +28,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "if_busy": choice("wait", "skip", "error"),
     "cpu_staging": choice("background", "inline"),
     "huge_pages": parse_flag,
+    "check_snapshot": parse_flag,
 }
 
 
@@ -50,6 +51,11 @@ class SaveOptions:
     unpinned pool with transparent huge pages (``MADV_HUGEPAGE``; default on): O_DIRECT
     writes pin fewer pages, and the first touch of each pool page costs more; turn it
     off for jobs that checkpoint only a few times (figures: docs/bench/knobs.md).
+    ``check_snapshot`` (debug, default off; ``CKPT_CHECK_SNAPSHOT=1``): a crc32 of every
+    tensor at the call and again once it is staged; a mismatch fails the save with
+    ``SnapshotFailedError``. It catches writes that torch's version counter does not see
+    (``t.data.add_()``, ``t.numpy()[:] = ...``, another library's writes through DLPack),
+    at the cost of reading every tensor twice more (CUDA tensors through host memory).
     """
 
     pool_bytes: int = dataclasses.field(default_factory=_default_pool_bytes)
@@ -61,6 +67,7 @@ class SaveOptions:
     if_busy: Literal["wait", "skip", "error"] = "wait"
     cpu_staging: Literal["background", "inline"] = "background"
     huge_pages: bool = True
+    check_snapshot: bool = False
 
     def __post_init__(self) -> None:
         if self.if_busy not in ("wait", "skip", "error"):

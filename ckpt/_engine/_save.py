@@ -44,7 +44,7 @@ from ckpt._engine._plan import pack_metadata, zarr_metadata
 from ckpt._engine._pool import HostPool
 from ckpt._engine._recycle import prune_recycled, take_recycled
 from ckpt._engine._snapstate import Completion, SnapshotState
-from ckpt._engine._staging import direct_ok, inline_staging, stage
+from ckpt._engine._staging import direct_ok, inline_staging, stage, tensor_digest
 from ckpt._engine._writer import Writer, WriteUnit
 from ckpt._format import (
     MANIFEST,
@@ -171,6 +171,8 @@ class SnapshotJob(Completion):
         self.committer = commit_strategy(storage)
         self.shared = SnapshotState(storage, self.url, pool, t_call, streams, prep.ready_events, prep.versions,
                                     inline=inline_staging(options.cpu_staging, prep.tensors), nice=nice)
+        if options.check_snapshot:  # debug: every tensor's checksum at the call (compared once staged)
+            self.shared.digests = {(t.key, t.box): (t.tensor, tensor_digest(t.tensor)) for t in prep.tensors}
         self.stats = self.shared.stats
         self.stats.inline = self.shared.inline
         Completion.__init__(self)

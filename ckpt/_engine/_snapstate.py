@@ -72,6 +72,9 @@ class SnapshotState:
     copy_events: list[tuple[Any, Any]] = field(default_factory=list)
     direct: DirectWriter | None = None
     nice: int = 0  # how much lower the background threads run (the memory tier's saves)
+    # SaveOptions.check_snapshot: (key, box) -> (source tensor, its digest at the call)
+    digests: dict[tuple[str, Any], tuple[Any, int]] = field(default_factory=dict)
+    digest_left: dict[tuple[str, Any], int] = field(default_factory=dict)  # per source: units not yet copied
 
 
 _IN_FLIGHT: set[Completion] = set()  # begun, not complete (strong references: the work must finish)
