@@ -85,6 +85,8 @@ class ModuleProvider:
             yield from out
 
     def load(self, src: LoadSource) -> Finalizer | None:
+        if src.has(self.prefix) and src.entry(self.prefix).get("kind") == "json":
+            src.raw(self.prefix)  # saved as a state dict ({"model": model.state_dict()}): same tensor keys
         state = self._state()
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         for name, t in tensors.items():
