@@ -42,7 +42,7 @@ from ckpt._engine._manifest import build_manifest
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import pack_metadata, zarr_metadata
 from ckpt._engine._pool import HostPool
-from ckpt._engine._recycle import prune_recycled, take_recycled
+from ckpt._engine._recycle import prune_recycled, prune_unplanned, take_recycled
 from ckpt._engine._snapstate import Completion, SnapshotState
 from ckpt._engine._staging import direct_ok, inline_staging, stage, tensor_digest
 from ckpt._engine._writer import Writer, WriteUnit
@@ -219,6 +219,8 @@ class SnapshotJob(Completion):
             target = self._agree_on_dir()
             plan = self._plan()
             self._plan_obj = plan
+            if self._recycled is not None:  # files of the slot this plan will not overwrite go first
+                prune_unplanned(self.storage, target.dir, self._recycled, plan.entries)
             self._stage_and_write(plan, target.dir)
         except BaseException as e:  # noqa: BLE001 - reported through the handle
             local_error = e
