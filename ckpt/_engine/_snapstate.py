@@ -93,7 +93,7 @@ def _hook_exit() -> None:
             return
         _HOOKED = True
     try:
-        threading._register_atexit(wait_at_exit)
+        threading._register_atexit(wait_at_exit)  # type: ignore[attr-defined]
     except (AttributeError, RuntimeError):  # another Python; or exit has begun already
         import atexit
 
