@@ -341,7 +341,7 @@ def tensor_digest(t: torch.Tensor) -> int:
     flat = src.contiguous().reshape(-1)
     if flat.numel() == 0:
         return 0
-    return zlib.crc32(memoryview(flat.view(torch.uint8).numpy()))
+    return zlib.crc32(flat.view(torch.uint8).numpy().data)
 
 
 def _count_units(st: SnapshotState, units: list[WriteUnit]) -> None:
