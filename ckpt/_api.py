@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ckpt import _config as config
 from ckpt._engine._catalog import read_manifest
 from ckpt._engine._coord import coordinator, rank_and_world
 from ckpt._engine._globalplan import GlobalPlan
@@ -298,7 +299,7 @@ def load(state: dict[str, Any], url: str | os.PathLike[str], *, strict: bool = T
         providers = describe(state, ctx)
         loader = Loader(storage, name, manifest, strict=strict, allow_missing=allow_missing,
                         allow_unexpected=allow_unexpected, cast=cast, allow_pickle=allow_pickle,
-                        rank=rank, world_size=world_size, rollback=True)
+                        rank=rank, world_size=world_size, rollback=config.load_rollback())
         try:
             finalizers = []
             for p in providers:

@@ -111,3 +111,21 @@ def test_storage_error_mid_load_rolls_back(tmp_path, monkeypatch, direct):
     with pytest.raises((StorageError, CorruptCheckpointError)):
         ckpt.load(live, url)
     assert all(torch.equal(live[k], before[k]) for k in live)
+
+
+def test_rollback_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPT_LOAD_ROLLBACK", "0")
+    run = str(tmp_path / "run")
+    _two_damaged_checkpoints(run)
+    live = _state(5)
+    before = {k: v.clone() for k, v in live.items()}
+    with pytest.raises(CorruptCheckpointError):
+        ckpt.load(live, f"{run}/step-000000002")
+    assert not torch.equal(live["a"], before["a"])  # "a" landed before "z" failed: no copy was kept
+
+
+def test_a_load_reports_the_host_memory_its_copy_took(tmp_path):
+    url = str(tmp_path / "ck")
+    ckpt.save(_state(1), url)
+    stats = ckpt.load(_state(2), url)
+    assert stats.backup_bytes == 2 * N * 4
