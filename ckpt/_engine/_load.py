@@ -23,6 +23,7 @@ from ckpt._engine._confine import refuse_symlinks
 from ckpt._engine._direct import DirectReader
 from ckpt._engine._layout import array_layout, pack_image, pack_length, piece_layout
 from ckpt._engine._plan import ArrayLayout, pack_metadata, zarr_metadata
+from ckpt._engine._undo import UndoLog
 from ckpt._format import (
     Box,
     Manifest,
@@ -107,42 +108,17 @@ class Loader:
         self.stats = LoadStats()
         self._arrays: dict[str, Any] = {}
         self._packs: dict[str, np.ndarray] = {}
-        self.keep_backup = rollback
-        self._backups: list[tuple[torch.Tensor, torch.Tensor]] = []  # (caller's destination, its old values)
-        self._backed: set[tuple[Any, ...]] = set()
-        self._undo: list[Callable[[], None]] = []
+        self._undo = UndoLog(rollback)
 
-    # -- all or nothing ------------------------------------------------------
+    # -- all or nothing (ckpt._engine._undo) ---------------------------------
     def on_rollback(self, undo: Callable[[], None]) -> None:
         """Register what undoes a change a provider made to the caller's objects before
         the reads (run, newest first, by :meth:`rollback`)."""
-        self._undo.append(undo)
-
-    def _backup(self, reads: list[_Read]) -> None:
-        """Copy every caller's destination of ``reads`` to host memory, once each."""
-        if not self.keep_backup:
-            return
-        for r in reads:
-            d = r.dest
-            if r.fresh or d.numel() == 0:
-                continue
-            ident = (d.device, d.data_ptr(), tuple(d.shape), d.stride(), d.dtype)
-            if ident in self._backed:
-                continue
-            self._backed.add(ident)
-            self._backups.append((d, d.detach().to("cpu", copy=True)))
-        self.stats.backup_bytes = sum(b.numel() * b.element_size() for _, b in self._backups)
+        self._undo.on_rollback(undo)
 
     def rollback(self) -> None:
         """Put the caller's objects back as they were before this load (after a failure)."""
-        with torch.no_grad():
-            for dest, saved in reversed(self._backups):
-                dest.copy_(saved)
-        if any(d.device.type == "cuda" for d, _ in self._backups):
-            torch.cuda.synchronize()
-        for undo in reversed(self._undo):
-            undo()
-        self._backups, self._backed, self._undo = [], set(), []
+        self._undo.rollback()
 
     # -- LoadSource ---------------------------------------------------------
     def has(self, key: str) -> bool:
@@ -317,7 +293,8 @@ class Loader:
             else:
                 jobs.extend(self._piece_jobs(r, e))
         self._open([(p, lay, self.manifest.entries[r.key]) for r, p, _, _, lay in jobs])
-        self._backup(reads)  # before the first byte lands
+        self._undo.keep(r.dest for r in reads if not r.fresh)  # before the first byte lands
+        self.stats.backup_bytes = self._undo.nbytes
         direct = DirectReader.for_storage(self.storage, self.name)  # None: tensorstore reads only
         window: collections.deque[tuple[Any, _Read, str, Box, Box, int]] = collections.deque()
         inflight = 0
