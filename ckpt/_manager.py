@@ -37,7 +37,7 @@ from ckpt._engine._recycle import purge_recycled, retire
 from ckpt._format import MANIFEST, step_dirname
 from ckpt.elastic._drain import DrainJob
 from ckpt.elastic._tier import MemoryTier
-from ckpt.errors import CheckpointError, NotADirectoryPathError
+from ckpt.errors import CheckpointError
 from ckpt.storage import open_storage
 
 log = logging.getLogger("ckpt")
@@ -139,10 +139,6 @@ class CheckpointManager:
             self.retention.append(KeepEvery(keep_every))
         self.storage_options = dict(storage_options or {})
         self.storage = open_storage(self.run, **self.storage_options)
-        if self.storage.capabilities.local and self.storage.local_path().is_file():
-            raise NotADirectoryPathError("the run is a file, not a directory of checkpoints",
-                                         path=str(self.storage.local_path()),
-                                         hint="point the manager at a directory (or a path that does not exist yet)")
         self.process_group = process_group
         self.coord = coordinator(process_group)
         # The manager's own agreement collectives run in the training thread while a
