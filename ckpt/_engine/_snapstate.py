@@ -92,6 +92,8 @@ def _hook_exit() -> None:
         if _HOOKED:
             return
         _HOOKED = True
+    import concurrent.futures.thread  # noqa: F401 - its exit hook first registered, so ours runs before it
+
     try:
         threading._register_atexit(wait_at_exit)  # type: ignore[attr-defined]
     except (AttributeError, RuntimeError):  # another Python; or exit has begun already
