@@ -227,7 +227,7 @@ class Loader:
         if dest.device.type == "meta":
             raise UnsupportedStateError("cannot load into a meta tensor: it has no storage", key=key, path=self.where,
                                         hint="materialise the module first (module.to_empty(device=...)), then load")
-        if any(st == 0 and n > 1 for st, n in zip(dest.stride(), dest.shape)):
+        if dest.numel() > 1 and any(st == 0 and n > 1 for st, n in zip(dest.stride(), dest.shape)):
             raise UnsupportedStateError(
                 f"cannot load into a tensor whose elements share memory (stride {list(dest.stride())} of shape "
                 f"{list(dest.shape)}, e.g. made by expand()): one saved value would overwrite another",
