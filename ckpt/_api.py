@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ckpt import _config as config
 from ckpt._engine._catalog import read_manifest
 from ckpt._engine._coord import coordinator, rank_and_world
 from ckpt._engine._load import Loader, LoadStats
@@ -282,7 +283,10 @@ def load(state: dict[str, Any], url: str | os.PathLike[str], *, strict: bool = T
     state has and the checkpoint lacks are errors unless ``allow_missing`` (then left as
     they are, listed in ``LoadStats.missing``), and saved keys the state has no place for
     are errors unless ``allow_unexpected`` (listed in ``LoadStats.unexpected``);
-    ``strict=False`` allows both. A tensor saved in another dtype than its destination's
+    ``strict=False`` allows both. All or nothing: a load that fails part way (a corrupt
+    chunk, a missing object, a storage error) puts the caller's tensors back as they were
+    (their old values are held in host memory during the load: ``LoadStats.backup_bytes``)
+    before it raises. A tensor saved in another dtype than its destination's
     is an error unless ``cast`` (converted, listed in ``LoadStats.cast``). A load that
     matches nothing is an error."""
     t0 = time.perf_counter()
@@ -294,15 +298,21 @@ def load(state: dict[str, Any], url: str | os.PathLike[str], *, strict: bool = T
         providers = describe(state, ctx)
         loader = Loader(storage, name, manifest, strict=strict, allow_missing=allow_missing,
                         allow_unexpected=allow_unexpected, cast=cast, allow_pickle=allow_pickle,
-                        rank=rank, world_size=world_size)
-        finalizers = []
-        for p in providers:
-            fin = p.load(loader)
-            if fin is not None:
-                finalizers.append(fin)
-        loader.check_unexpected(asked={str(k) for k in state})
-        stats = loader.execute()
-    for fin in finalizers:
-        fin()
+                        rank=rank, world_size=world_size, rollback=config.load_rollback())
+        try:
+            finalizers = []
+            for p in providers:
+                fin = p.load(loader)
+                if fin is not None:
+                    finalizers.append(fin)
+            loader.check_unexpected(asked={str(k) for k in state})
+            stats = loader.execute()
+            for fin in finalizers:
+                fin()
+        except BaseException:
+            # all or nothing: the caller's tensors get their old values back (and what the
+            # providers changed before the reads is undone)
+            loader.rollback()
+            raise
     stats.total_s = time.perf_counter() - t0
     return stats

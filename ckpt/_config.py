@@ -86,6 +86,14 @@ def direct_writes() -> str:
     return setting("CKPT_DIRECT_WRITES", "direct", _write_mode)
 
 
+def load_rollback() -> bool:
+    """``CKPT_LOAD_ROLLBACK`` (default on): ``ckpt.load`` keeps the old values of the
+    tensors it loads into in host memory and puts them back when the load fails part
+    way (all or nothing); ``0`` saves that memory and copy, and a failed load may leave
+    tensors half loaded."""
+    return setting("CKPT_LOAD_ROLLBACK", True, parse_flag)
+
+
 def io_concurrency() -> int:
     """``CKPT_IO_CONCURRENCY`` (default 32): tensorstore's file I/O threads."""
     return max(1, setting("CKPT_IO_CONCURRENCY", 32, int))

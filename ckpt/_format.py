@@ -39,6 +39,10 @@ TMP_PREFIX = ".tmp-"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_DIMS = 32
 MAX_ELEMENTS = 1 << 50  # 1 Pi elements: far above any real tensor
+# The most bytes of one inner chunk (or one pack: a pack is one chunk). A reader decodes a
+# chunk whole (its crc32c covers all of it), so this bounds what one read allocates; ckpt
+# writes chunks of SaveOptions.chunk_bytes (4 MiB by default) and packs of pack_bytes.
+MAX_CHUNK_BYTES = 1 << 30
 
 # ---------------------------------------------------------------------------
 # dtypes: torch name -> (zarr v3 data_type written on disk, itemsize)
@@ -355,11 +359,16 @@ def _check_int_list(v: Any, n: int | None, what: str, key: str, where: str) -> l
 MAX_OBJECTS = 1 << 24  # shards of one array, or inner chunks of one shard: far above any real tensor's
 
 
-def _check_grid(shape: list[int], shard: list[int], chunk: list[int], key: str, where: str) -> None:
-    """Shard and chunk dims are >= 1 (ckpt writes no others), and their counts bounded, so
-    a hostile manifest cannot ask for a division by zero or 2**50 storage objects."""
+def _check_grid(shape: list[int], shard: list[int], chunk: list[int], key: str, where: str,
+                item: int = 1) -> None:
+    """Shard and chunk dims are >= 1 (ckpt writes no others), their counts bounded, and an
+    inner chunk at most MAX_CHUNK_BYTES, so a hostile manifest cannot ask for a division by
+    zero, 2**50 storage objects, or a chunk buffer of 2**40 bytes."""
     if any(s < 1 for s in shard) or any(c < 1 for c in chunk):
         raise ManifestError(f"bad shard/chunk shape {shard}/{chunk}: every dim must be >= 1", key=key, path=where)
+    if math.prod(chunk) * item > MAX_CHUNK_BYTES:
+        raise ManifestError(f"inner chunk {chunk} holds {math.prod(chunk) * item} bytes, more than any checkpoint "
+                            f"holds ({MAX_CHUNK_BYTES})", key=key, path=where, hint="the manifest is damaged or hostile")
     if (math.prod(-(-n // s) for n, s in zip(shape, shard)) > MAX_OBJECTS
             or math.prod(-(-s // c) for s, c in zip(shard, chunk)) > MAX_OBJECTS):
         raise ManifestError(f"shard/chunk shape {shard}/{chunk} of shape {shape} gives absurdly many objects",
@@ -402,7 +411,8 @@ def validate_entry(key: Any, entry: Any, where: str) -> None:
     if layout == "array":
         check_relpath(st.get("path"), what="array path", key=key)
         _check_grid(shape, _check_int_list(st.get("shard_shape"), len(shape), "shard_shape", key, where),
-                    _check_int_list(st.get("chunk_shape"), len(shape), "chunk_shape", key, where), key, where)
+                    _check_int_list(st.get("chunk_shape"), len(shape), "chunk_shape", key, where), key, where,
+                    itemsize(entry["dtype"]))
     elif layout == "packed":
         check_relpath(st.get("path"), what="pack path", key=key)
         off, nb = st.get("offset"), st.get("nbytes")
@@ -410,6 +420,9 @@ def validate_entry(key: Any, entry: Any, where: str) -> None:
             raise ManifestError("bad pack offset/nbytes", key=key, path=where)
         if nb != math.prod(shape) * itemsize(entry["dtype"]):
             raise ManifestError("pack nbytes disagrees with shape and dtype", key=key, path=where)
+        if off + nb > MAX_CHUNK_BYTES:  # a pack is one chunk, read whole
+            raise ManifestError(f"packed at bytes {off}..{off + nb}, beyond any pack ({MAX_CHUNK_BYTES} bytes)",
+                                key=key, path=where, hint="the manifest is damaged or hostile")
     elif layout == "pieces":
         pieces = st.get("pieces")
         if not isinstance(pieces, list) or not pieces:
@@ -423,8 +436,13 @@ def validate_entry(key: Any, entry: Any, where: str) -> None:
             if any(o + s > d for o, s, d in zip(offs, sizes, shape)):
                 raise ManifestError("piece lies outside the tensor", key=key, path=where)
             if p.get("shard_shape") or p.get("chunk_shape"):
-                _check_grid(sizes, _check_int_list(p.get("shard_shape") or sizes, len(shape), "shard_shape", key, where),
+                _check_grid(sizes, _check_int_list(p.get("shard_shape") or sizes, len(shape), "shard_shape", key,
+                                                   where),
                             _check_int_list(p.get("chunk_shape") or sizes, len(shape), "chunk_shape", key, where),
-                            key, where)
+                            key, where, itemsize(entry["dtype"]))
+            elif math.prod(sizes) * itemsize(entry["dtype"]) > MAX_CHUNK_BYTES:  # the piece is one chunk
+                raise ManifestError(f"a piece of {list(sizes)} stored as one chunk is larger than any checkpoint "
+                                    f"holds ({MAX_CHUNK_BYTES} bytes)", key=key, path=where,
+                                    hint="the manifest is damaged or hostile")
     else:
         raise ManifestError(f"unknown storage layout {layout!r}", key=key, path=where)

@@ -37,6 +37,8 @@ __all__ = [
     "ReshardError",
     "SaveInProgressError",
     "ConfigError",
+    "InsufficientMemoryError",
+    "NotADirectoryPathError",
 ]
 
 
@@ -201,3 +203,11 @@ class SaveInProgressError(CheckpointError, RuntimeError):
 
 class ConfigError(CheckpointError, ValueError):
     """A setting (a ``CKPT_*`` environment variable) has a value ckpt cannot use."""
+
+
+class InsufficientMemoryError(CheckpointError, MemoryError):
+    """A saved tensor is larger than this host can allocate (or a damaged manifest says so)."""
+
+
+class NotADirectoryPathError(CheckpointError, NotADirectoryError):
+    """A run or checkpoint location that exists and is a file, not a directory."""

@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "ckpt"
-FOREIGN_OK = {"_version"}  # torch.Tensor._version: the in-place change counter
+# torch.Tensor._version: the in-place change counter; threading._register_atexit: the exit
+# hook concurrent.futures itself uses (a save in flight at exit must run before it)
+FOREIGN_OK = {"_version", "_register_atexit"}
 
 
 def _defined(tree: ast.AST) -> set[str]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckpt._engine._commit import DATA_PREFIX
+from ckpt._engine._confine import refuse_symlinks
 from ckpt._engine._recycle import RECYCLE_PREFIX
 from ckpt._format import MANIFEST, TMP_PREFIX, Manifest, parse_step_dirname
 from ckpt.errors import CheckpointNotFoundError, IncompleteCheckpointError
@@ -16,6 +17,7 @@ __all__ = ["CheckpointInfo", "list_run", "read_manifest"]
 
 def read_manifest(storage: Storage, name: str) -> Manifest:
     where = storage.describe(name)
+    refuse_symlinks(storage, name, MANIFEST)  # a manifest.json that is a link: read from elsewhere
     try:
         data = storage.read_bytes(f"{name}/{MANIFEST}")
     except (FileNotFoundError, NotADirectoryError):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import math
-import os
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from ckpt._engine._arrays import translate
+from ckpt._engine._confine import refuse_symlinks
 from ckpt._engine._direct import DirectReader
-from ckpt._engine._layout import PieceIndex, array_layout, pack_length, piece_layout
+from ckpt._engine._layout import PieceIndex, array_layout, pack_image, pack_length, piece_layout
 from ckpt._engine._plan import ArrayLayout, pack_metadata, zarr_metadata
+from ckpt._engine._undo import UndoLog
 from ckpt._format import (
     Box,
     Manifest,
@@ -37,12 +39,12 @@ from ckpt._values import decode_value
 from ckpt.errors import (
     CorruptCheckpointError,
     DtypeMismatchError,
+    InsufficientMemoryError,
     MissingKeyError,
     PickleNotAllowedError,
     ReshardError,
     ShapeMismatchError,
     UnexpectedKeyError,
-    UnsafePathError,
     UnsupportedStateError,
 )
 from ckpt.storage import Storage
@@ -55,6 +57,7 @@ class _Read:
     key: str
     dest: torch.Tensor  # local destination (any device)
     box: Box  # global region the destination covers
+    fresh: bool = False  # a tensor the loader made (read_new): nothing of the caller's to restore
 
 
 @dataclass
@@ -69,6 +72,7 @@ class LoadStats:
     unexpected: list[str] = field(default_factory=list)  # keys of asked-for objects the state lacks (allowed)
     missing: list[str] = field(default_factory=list)  # keys the state has and the checkpoint lacks (allowed)
     cast: list[str] = field(default_factory=list)  # keys read into another dtype than saved (cast=True)
+    backup_bytes: int = 0  # host memory that held the caller's old values during the load (all or nothing)
 
 
 class Loader:
@@ -77,12 +81,17 @@ class Loader:
     ``strict=False`` allows both directions of mismatch; ``allow_missing`` (keys the state
     has and the checkpoint lacks: left as they are) and ``allow_unexpected`` (keys of an
     asked-for object the state lacks: not loaded) allow one. ``cast``: read a tensor saved
-    in another dtype than its destination's, converting (else DtypeMismatchError)."""
+    in another dtype than its destination's, converting (else DtypeMismatchError).
+
+    ``rollback`` (``ckpt.load``'s): before the first byte of a read lands, each of the
+    caller's destinations is copied to host memory; :meth:`rollback` puts those copies
+    back (and runs the providers' :meth:`on_rollback` undos), so a load that fails part
+    way leaves the caller's objects as they were."""
 
     def __init__(self, storage: Storage, name: str, manifest: Manifest, *, strict: bool = True,
                  allow_missing: bool | None = None, allow_unexpected: bool | None = None, cast: bool = False,
                  allow_pickle: bool = False, rank: int = 0, world_size: int = 1,
-                 inflight_bytes: int = 1 << 30) -> None:
+                 inflight_bytes: int = 1 << 30, rollback: bool = False) -> None:
         self.storage = storage
         self.name = name
         self.manifest = manifest
@@ -103,6 +112,17 @@ class Loader:
         self._packs: dict[str, np.ndarray] = {}
         self._rank_cache: dict[int, dict[str, Any]] = {}
         self._piece_index: dict[str, PieceIndex] = {}
+        self._undo = UndoLog(rollback)
+
+    # -- all or nothing (ckpt._engine._undo) ---------------------------------
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Register what undoes a change a provider made to the caller's objects before
+        the reads (run, newest first, by :meth:`rollback`)."""
+        self._undo.on_rollback(undo)
+
+    def rollback(self) -> None:
+        """Put the caller's objects back as they were before this load (after a failure)."""
+        self._undo.rollback()
 
     # -- LoadSource ---------------------------------------------------------
     def has(self, key: str) -> bool:
@@ -122,7 +142,7 @@ class Loader:
         if not 0 <= rank < self.manifest.world_size:
             return {}
         path = check_relpath(rank_object_path(rank, ro["path"]), what="per-rank object")
-        _refuse_symlinks(self.storage, self.name, path, None)
+        refuse_symlinks(self.storage, self.name, path, None)
         where = self.storage.describe(f"{self.name}/{path}")
         try:
             data = self.storage.read_bytes(f"{self.name}/{path}")
@@ -203,7 +223,7 @@ class Loader:
                                         key=key, path=self.where,
                                         hint="pass allow_pickle=True to load only if you trust this checkpoint")
         path = check_relpath(e["path"], key=key)
-        _refuse_symlinks(self.storage, self.name, path, key)
+        refuse_symlinks(self.storage, self.name, path, key)
         try:
             data = self.storage.read_bytes(f"{self.name}/{path}")
         except FileNotFoundError:
@@ -236,6 +256,11 @@ class Loader:
         if dest.device.type == "meta":
             raise UnsupportedStateError("cannot load into a meta tensor: it has no storage", key=key, path=self.where,
                                         hint="materialise the module first (module.to_empty(device=...)), then load")
+        if dest.numel() > 1 and any(st == 0 and n > 1 for st, n in zip(dest.stride(), dest.shape)):
+            raise UnsupportedStateError(
+                f"cannot load into a tensor whose elements share memory (stride {list(dest.stride())} of shape "
+                f"{list(dest.shape)}, e.g. made by expand()): one saved value would overwrite another",
+                key=key, path=self.where, hint="pass a real tensor of that shape (tensor.clone() or torch.empty)")
         offs = tuple(offsets) if offsets is not None else (0,) * dest.dim()
         if len(offs) != len(shape) or any(o + s > d for o, s, d in zip(offs, dest.shape, shape)):
             raise ShapeMismatchError(f"box {list(offs)}+{list(dest.shape)} lies outside {list(shape)}",
@@ -248,8 +273,9 @@ class Loader:
         e = self.entry(key)
         if e["kind"] != "tensor":
             raise ShapeMismatchError("this key holds a value, not a tensor", key=key, path=self.where)
-        t = torch.empty(tuple(e["shape"]), dtype=torch_dtype(e["dtype"], key), device=device or "cpu")
+        t = _allocate(key, tuple(e["shape"]), torch_dtype(e["dtype"], key), device or "cpu", self.where)
         self.read_into(key, t)
+        self._reads[-1].fresh = True
         return t if dtype is None else t  # conversion is the caller's business
 
     def unused_keys(self) -> list[str]:
@@ -284,6 +310,8 @@ class Loader:
         reads, self._reads = self._reads, []
         jobs = self._jobs(reads)
         self._open([(p, lay, self.manifest.entries[r.key]) for r, p, _, _, lay in jobs])
+        self._undo.keep(r.dest for r in reads if not r.fresh)  # before the first byte lands
+        self.stats.backup_bytes = self._undo.nbytes
         direct = DirectReader.for_storage(self.storage, self.name)  # None: tensorstore reads only
         window: collections.deque[tuple[Any, _Read, str, Box, Box, int]] = collections.deque()
         inflight = 0
@@ -325,6 +353,8 @@ class Loader:
         finally:
             if direct is not None:
                 direct.close()
+            for item in window:  # a read failed: nothing may still write into a destination
+                _settle(item[0])
         self.stats.read_s = time.perf_counter() - t0
         if any(r.dest.device.type == "cuda" for r in reads):
             torch.cuda.synchronize()
@@ -384,7 +414,7 @@ class Loader:
         for path, lay, e in wanted:
             if path in self._arrays or path in futs:
                 continue
-            _refuse_symlinks(self.storage, self.name, path, None)
+            refuse_symlinks(self.storage, self.name, path, None)
             if lay is None:
                 continue  # packs are read whole below
             meta = zarr_metadata(lay, storage_dtype(e["dtype"]), {})
@@ -395,6 +425,7 @@ class Loader:
         pack_futs = {}
         for path in packs:
             nbytes = pack_length(self.manifest.entries, path)
+            self._check_pack_size(path, nbytes)  # before tensorstore allocates what the manifest says
             spec = {"driver": "zarr3", "kvstore": self.storage.kvstore_spec(f"{self.name}/{path}"),
                     "metadata": pack_metadata(nbytes, {}, self._separator), "fill_missing_data_reads": False}
             pack_futs[path] = ts.open(spec, open=True, assume_metadata=True, context=ctx)
@@ -402,9 +433,31 @@ class Loader:
             self._arrays[path] = self._result(f, path, None)
         reads = {p: self._result(f, p, None).read() for p, f in pack_futs.items()}
         for path, f in reads.items():
-            members = [k for k, e in self.manifest.entries.items() if (e.get("storage") or {}).get("path") == path]
-            self._packs[path] = self._result(f, path, ", ".join(members) or None)  # name the keys a bad pack holds
+            self._packs[path] = self._result(f, path, self._pack_members(path))  # name the keys a bad pack holds
             self.stats.bytes_fetched += self._packs[path].nbytes
+
+    def _pack_members(self, path: str) -> str | None:
+        return ", ".join(k for k, e in self.manifest.entries.items()
+                         if (e.get("storage") or {}).get("path") == path) or None
+
+    def _check_pack_size(self, path: str, nbytes: int) -> None:
+        """A pack is read whole: its object must hold exactly the bytes the manifest implies."""
+        obj = pack_image(f"{self.name}/{path}", nbytes, self._separator)
+        where = self.storage.describe(obj.file)
+        try:
+            size = self.storage.size(obj.file)
+        except (FileNotFoundError, NotADirectoryError):
+            raise CorruptCheckpointError("stored data is missing (the pack's object is not there)",
+                                         key=self._pack_members(path), path=where,
+                                         hint="an object of the checkpoint was deleted; load an earlier checkpoint") \
+                from None
+        except OSError as e:
+            raise translate(e, key=self._pack_members(path), where=where, reading=True) from e
+        if size != obj.nbytes:
+            raise CorruptCheckpointError(f"the pack's object holds {size} bytes, its manifest entries imply "
+                                         f"{obj.nbytes} (truncated, overwritten, or a damaged manifest)",
+                                         key=self._pack_members(path), path=where,
+                                         hint="the checkpoint is damaged; load an earlier checkpoint")
 
     def _result(self, fut: Any, path: str, key: str | None) -> Any:
         try:
@@ -452,6 +505,30 @@ class _Direct:
     target: np.ndarray  # keeps the destination's numpy view alive until the write is done
 
 
+def _settle(fut: Any) -> None:
+    """Wait for a read of an abandoned load to finish, whatever its outcome."""
+    try:
+        if isinstance(fut, _Direct):
+            fut.write.result()
+        elif fut is not None and hasattr(fut, "result"):
+            fut.result()
+    except Exception:  # noqa: BLE001 - the load's first error is the one raised
+        pass
+
+
+def _allocate(key: str, shape: tuple[int, ...], dtype: torch.dtype, device: Any, where: str) -> torch.Tensor:
+    """A new tensor of a saved entry's shape; a shape this host cannot hold is a typed error."""
+    try:
+        return torch.empty(shape, dtype=dtype, device=device)
+    except (RuntimeError, MemoryError) as e:  # torch's allocators raise RuntimeError (OutOfMemoryError)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        raise InsufficientMemoryError(f"cannot allocate {nbytes} bytes for a saved tensor of shape "
+                                      f"{list(shape)} ({e.__class__.__name__})", key=key, path=where,
+                                      hint="read it on a host with more memory, or leave this key out "
+                                           "(--only / a state without it); if the size is absurd, the "
+                                           "checkpoint is damaged or hostile") from None
+
+
 def _direct_target(dest: torch.Tensor, sub: Box, dtype: str) -> np.ndarray | None:
     """A numpy view of ``dest[sub]`` in the stored dtype, when tensorstore can fill the
     destination in place (CPU, same dtype); None where a copy is needed instead."""
@@ -465,30 +542,6 @@ def _direct_target(dest: torch.Tensor, sub: Box, dtype: str) -> np.ndarray | Non
         return (view if view.dtype == sdt else view.view(sdt)).numpy()
     except (RuntimeError, TypeError):  # a dtype numpy lacks, a view torch refuses
         return None
-
-
-def _refuse_symlinks(storage: Storage, name: str, path: str, key: str | None) -> None:
-    """Local storage: no object of the checkpoint may be reached through a symlink, which
-    could point anywhere outside it (an untrusted checkpoint must not read other files)."""
-    if not storage.capabilities.local:
-        return
-    p = storage.local_path(name)
-    found: str | os.PathLike[str] | None = None
-    for comp in path.split("/"):
-        p = p / comp
-        if p.is_symlink():
-            found = p
-            break
-    if found is None and p.is_dir():
-        for dirpath, dirs, files in os.walk(p):
-            found = next((os.path.join(dirpath, n) for n in dirs + files
-                          if os.path.islink(os.path.join(dirpath, n))), None)
-            if found:
-                break
-    if found is not None:
-        raise UnsafePathError("the checkpoint holds a symlink, which could lead outside it", key=key,
-                              path=str(found), hint="copy the real files into the checkpoint; "
-                                                    "ckpt does not follow symlinks inside checkpoints")
 
 
 def _chunk_elements(lay: ArrayLayout, src: Box) -> int:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from ckpt._config import choice, parse_bytes, parse_flag, setting
 from ckpt._engine._plan import PlanConfig
+from ckpt._format import MAX_CHUNK_BYTES
 
 
 def _default_pool_bytes() -> int:
@@ -27,6 +28,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "if_busy": choice("wait", "skip", "error"),
     "cpu_staging": choice("background", "inline"),
     "huge_pages": parse_flag,
+    "check_snapshot": parse_flag,
 }
 
 
@@ -49,6 +51,11 @@ class SaveOptions:
     unpinned pool with transparent huge pages (``MADV_HUGEPAGE``; default on): O_DIRECT
     writes pin fewer pages, and the first touch of each pool page costs more; turn it
     off for jobs that checkpoint only a few times (figures: docs/bench/knobs.md).
+    ``check_snapshot`` (debug, default off; ``CKPT_CHECK_SNAPSHOT=1``): a crc32 of every
+    tensor at the call and again once it is staged; a mismatch fails the save with
+    ``SnapshotFailedError``. It catches writes that torch's version counter does not see
+    (``t.data.add_()``, ``t.numpy()[:] = ...``, another library's writes through DLPack),
+    at the cost of reading every tensor twice more (CUDA tensors through host memory).
     """
 
     pool_bytes: int = dataclasses.field(default_factory=_default_pool_bytes)
@@ -60,6 +67,7 @@ class SaveOptions:
     if_busy: Literal["wait", "skip", "error"] = "wait"
     cpu_staging: Literal["background", "inline"] = "background"
     huge_pages: bool = True
+    check_snapshot: bool = False
 
     def __post_init__(self) -> None:
         if self.if_busy not in ("wait", "skip", "error"):
@@ -90,9 +98,10 @@ class SaveOptions:
         # at least 1 MiB, but never the whole pool: a block holds a shard plus its crc32c's
         # and index (direct writes), so a 1 MiB pool gets 512 KiB shards
         shard = max(min(1 << 20, self.pool_bytes // 2), min(self.max_shard_bytes, self.pool_bytes // 4))
+        # a chunk (a pack is one) never above what a reader accepts (_format.MAX_CHUNK_BYTES)
         return PlanConfig(
             max_shard_bytes=shard,
-            chunk_bytes=min(self.chunk_bytes, shard),
-            pack_threshold=min(self.pack_threshold, shard),
-            pack_bytes=min(self.pack_bytes, shard),
+            chunk_bytes=min(self.chunk_bytes, shard, MAX_CHUNK_BYTES),
+            pack_threshold=min(self.pack_threshold, shard, MAX_CHUNK_BYTES // 2),
+            pack_bytes=min(self.pack_bytes, shard, MAX_CHUNK_BYTES // 2),
         )

@@ -20,6 +20,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 from ckpt._format import MANIFEST, TMP_PREFIX
 from ckpt.errors import CheckpointNotFoundError
@@ -31,7 +32,7 @@ except ImportError:  # not POSIX: no reader locks, and no recycling either
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["RECYCLE_PREFIX", "reading", "retiring", "to_slot", "retire", "take_recycled", "prune_recycled", "prune_stale",
-           "purge_recycled"]
+           "prune_unplanned", "purge_recycled"]
 
 RECYCLE_PREFIX = f"{TMP_PREFIX}recycle-"
 log = logging.getLogger("ckpt")
@@ -175,6 +176,29 @@ def prune_stale(root: str) -> int:
                 os.rmdir(dp)  # only an empty one goes
             except OSError:
                 pass
+    return gone
+
+
+def prune_unplanned(storage: Storage, write_dir: str, files: set[str], entries: dict[str, Any]) -> int:
+    """Once a save into a recycled tree knows its plan, and before it writes: delete the
+    tree's ``files`` that no object of the plan (``entries``: its tensor entries) will
+    overwrite, so a state whose tensors changed name never holds the old tree and the new
+    one at once (the peak stays that of a save without recycling). Pickled values (a
+    handful of small files) are left to :func:`prune_recycled`. Returns how many went."""
+    from ckpt._engine._layout import expected_objects
+    from ckpt._format import Manifest
+
+    keep = set(expected_objects(Manifest(step=None, entries=entries)))
+    root = storage.local_path(write_dir)
+    gone = 0
+    for rel in files - keep:
+        if rel.startswith("objects/"):
+            continue
+        try:
+            os.unlink(root / rel)
+            gone += 1
+        except OSError:  # already gone; prune_recycled gets what is left before the commit
+            pass
     return gone
 
 

@@ -43,10 +43,10 @@ from ckpt._engine._manifest import build_manifest
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import pack_metadata, zarr_metadata
 from ckpt._engine._pool import HostPool
-from ckpt._engine._recycle import prune_recycled, take_recycled
+from ckpt._engine._recycle import prune_recycled, prune_unplanned, take_recycled
 from ckpt._engine._saveplan import LocalPieces, RankPlan, plan_save
 from ckpt._engine._snapstate import Completion, SnapshotState
-from ckpt._engine._staging import direct_ok, inline_staging, stage
+from ckpt._engine._staging import direct_ok, inline_staging, stage, tensor_digest
 from ckpt._engine._writer import Writer, WriteUnit
 from ckpt._format import (
     MANIFEST,
@@ -105,7 +105,11 @@ def prepare(items: list[Any], *, allow_pickle: bool, rank: int) -> Prepared:
             if t.device.type == "meta":
                 raise UnsupportedStateError("a meta tensor has no data to save", key=it.key,
                                       hint="materialise the module (to_empty + init) before saving")
-            if it.eager:
+            if t.is_conj() or t.is_neg():
+                # a lazy view (x.conj(), torch._neg_view): save the values the user sees, resolved now
+                it = TensorItem(it.key, t.resolve_conj().resolve_neg(), it.global_shape, it.offsets, it.replica,
+                                sharding=it.sharding)
+            elif it.eager:
                 it = TensorItem(it.key, _eager_copy(t), it.global_shape, it.offsets, it.replica, sharding=it.sharding)
             tensors.append(it)
             continue
@@ -172,6 +176,8 @@ class SnapshotJob(Completion):
         self.committer = commit_strategy(storage)
         self.shared = SnapshotState(storage, self.url, pool, t_call, streams, prep.ready_events, prep.versions,
                                     inline=inline_staging(options.cpu_staging, prep.tensors), nice=nice)
+        if options.check_snapshot:  # debug: every tensor's checksum at the call (compared once staged)
+            self.shared.digests = {(t.key, t.box): (t.tensor, tensor_digest(t.tensor)) for t in prep.tensors}
         self.stats = self.shared.stats
         self.stats.inline = self.shared.inline
         Completion.__init__(self)
@@ -185,6 +191,7 @@ class SnapshotJob(Completion):
     def start(self) -> None:
         """Start the background work; with inline staging, return once every copy is done
         (``SaveOptions.cpu_staging``: the copy happens in the call)."""
+        self.begin()  # interpreter exit waits for it
         self._thread.start()
         if self.shared.inline:
             self.shared.staged.wait()
@@ -218,6 +225,10 @@ class SnapshotJob(Completion):
             target = self._agree_on_dir()
             plan = self._plan()
             self._plan_obj = plan
+            if self._recycled is not None and plan.entries is not None:
+                # files of the slot this plan will not overwrite go first (rank 0 knows every
+                # entry; a tier node's leader prunes what is left before its commit)
+                prune_unplanned(self.storage, target.dir, self._recycled, plan.entries)
             self._stage_and_write(plan, target.dir)
         except BaseException as e:  # noqa: BLE001 - reported through the handle
             local_error = e

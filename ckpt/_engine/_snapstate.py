@@ -74,6 +74,53 @@ class SnapshotState:
     copy_events: list[tuple[Any, Any]] = field(default_factory=list)
     direct: DirectWriter | None = None
     nice: int = 0  # how much lower the background threads run (the memory tier's saves)
+    # SaveOptions.check_snapshot: (key, box) -> (source tensor, its digest at the call)
+    digests: dict[tuple[str, Any], tuple[Any, int]] = field(default_factory=dict)
+    digest_left: dict[tuple[str, Any], int] = field(default_factory=dict)  # per source: units not yet copied
+
+
+_IN_FLIGHT: set[Completion] = set()  # begun, not complete (strong references: the work must finish)
+_IN_FLIGHT_LOCK = threading.Lock()
+_HOOKED = False
+
+
+def _hook_exit() -> None:
+    """Run :func:`wait_at_exit` when the interpreter exits, before ``concurrent.futures``
+    stops taking work (its exit hook is one of threading's, run before non-daemon threads
+    are joined; a plain ``atexit`` hook would run after it, when a save's thread pools
+    refuse new writes). Falls back to ``atexit`` where threading has no such hook."""
+    global _HOOKED
+    with _IN_FLIGHT_LOCK:
+        if _HOOKED:
+            return
+        _HOOKED = True
+    import concurrent.futures.thread  # noqa: F401 - its exit hook first registered, so ours runs before it
+
+    try:
+        threading._register_atexit(wait_at_exit)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # another Python; or exit has begun already
+        import atexit
+
+        atexit.register(wait_at_exit)
+
+
+def wait_at_exit() -> None:
+    """Block until every save in flight has committed or failed, saying so on stderr (a
+    daemon thread would otherwise be killed mid-write at exit: nothing written, or an
+    abort); a failure nobody retrieved is printed."""
+    import sys
+
+    with _IN_FLIGHT_LOCK:
+        jobs = [j for j in _IN_FLIGHT if not j.done()]
+    if not jobs:
+        return
+    urls = ", ".join(str(getattr(j, "url", "?")) for j in jobs)
+    print(f"ckpt: waiting for {len(jobs)} checkpoint save(s) in flight before exiting: {urls}",
+          file=sys.stderr, flush=True)
+    for j in jobs:
+        j.wait()
+        if j.error is not None and not j.error_retrieved:
+            print(f"ckpt: checkpoint {getattr(j, 'url', '?')} failed: {j.error!r}", file=sys.stderr, flush=True)
 
 
 class Completion:
@@ -104,6 +151,14 @@ class Completion:
                 return
         fn(self)
 
+    def begin(self) -> None:
+        """The work has started: until it completes, interpreter exit waits for it
+        (:func:`wait_at_exit`), so a script that ends right after ``save_async`` still
+        gets its checkpoint."""
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT.add(self)
+        _hook_exit()
+
     def _complete(self, error: BaseException | None) -> None:
         """Finish (once: a second call changes nothing) and run the callbacks."""
         with self._cb_lock:
@@ -112,6 +167,8 @@ class Completion:
             self._error = error
             self._done.set()
             callbacks, self._callbacks = self._callbacks, []
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT.discard(self)
         for cb in callbacks:
             try:
                 cb(self)

@@ -224,6 +224,8 @@ def stage(st: SnapshotState, units: list[WriteUnit], writer_q: queue.Queue[Write
     """Copy every unit of a snapshot into a pool block (waiting while the pool is full)
     and hand it to the writer: device units on the copy streams after the state's ready
     event, CPU units with numpy; inline staging (``st.inline``) on every core."""
+    if st.digests:
+        _count_units(st, units)
     if st.inline:
         _stage_inline(st, units, writer_q)
         return
@@ -315,7 +317,8 @@ def _stage_inline(st: SnapshotState, units: list[WriteUnit], writer_q: queue.Que
 
 def check_unchanged(st: SnapshotState, u: WriteUnit) -> None:
     """Fail loudly if a source changed before its copy completed: a checkpoint must
-    never hold a torn mix of two steps."""
+    never hold a torn mix of two steps. With ``SaveOptions.check_snapshot``, also
+    compare each tensor's digest with the call's once its last unit is copied."""
     for src, _, ident in u.members:
         key = ident[0]
         if src._version != st.versions.get(ident, src._version):
@@ -324,3 +327,47 @@ def check_unchanged(st: SnapshotState, u: WriteUnit) -> None:
                 path=st.url,
                 hint="mutate state only through the optimizer step (its hook waits), or call "
                      "handle.wait_staged() before changing tensors in place")
+    if st.digests:
+        _check_digests(st, u)
+
+
+def tensor_digest(t: torch.Tensor) -> int:
+    """crc32 of a tensor's bytes (SaveOptions.check_snapshot; zlib releases the GIL)."""
+    import zlib
+
+    src = t.detach()
+    if src.device.type != "cpu":
+        src = src.to("cpu")
+    flat = src.contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return 0
+    return zlib.crc32(flat.view(torch.uint8).numpy().data)
+
+
+def _count_units(st: SnapshotState, units: list[WriteUnit]) -> None:
+    for u in units:
+        for _, _, ident in u.members:
+            st.digest_left[ident] = st.digest_left.get(ident, 0) + 1
+
+
+def _check_digests(st: SnapshotState, u: WriteUnit) -> None:
+    left = st.digest_left
+    for _, _, ident in u.members:
+        with _DIGEST_LOCK:
+            left[ident] -= 1
+            last = left[ident] == 0
+        if not last or ident not in st.digests:
+            continue
+        if u.event is not None:
+            u.event.synchronize()
+        src, want = st.digests[ident]
+        if tensor_digest(src) != want:
+            raise SnapshotFailedError(
+                "a tensor changed between the save call and the end of its copy (check_snapshot: its "
+                "checksum differs), through a write torch's version counter does not see", key=ident[0],
+                path=st.url,
+                hint="do not write to state (t.data, t.numpy(), DLPack views) until the optimizer step "
+                     "or handle.wait_staged(); ckpt.save blocks until it is safe")
+
+
+_DIGEST_LOCK = threading.Lock()

@@ -16,6 +16,7 @@ from typing import Any
 
 from ckpt._engine._catalog import list_run, read_manifest
 from ckpt._engine._commit import WriteTarget, commit_strategy
+from ckpt._engine._confine import refuse_symlinks
 from ckpt._format import MANIFEST, TMP_PREFIX, Manifest, parse_step_dirname
 from ckpt._tools._verify import verify_checkpoint
 from ckpt.errors import CheckpointExistsError, CorruptCheckpointError
@@ -46,12 +47,14 @@ def cp(src: str | os.PathLike[str], dst: str | os.PathLike[str], dry_run: bool =
     s_store, s_name = split_checkpoint_url(src_s, **(storage_options or {}))
     d_opts = storage_options if dst_storage_options is None else dst_storage_options
     d_store, d_name = split_checkpoint_url(dst_s, **(d_opts or {}))
+    refuse_symlinks(s_store, s_name, MANIFEST)
     try:
         raw = s_store.read_bytes(f"{s_name}/{MANIFEST}")
     except (FileNotFoundError, NotADirectoryError):
         read_manifest(s_store, s_name)  # raises the fitting "not found" / "incomplete" error
         raise
     Manifest.from_json(raw, where=s_store.describe(s_name))  # only committed, valid checkpoints travel
+    refuse_symlinks(s_store, s_name)  # a link inside would copy some other file's bytes
     if s_store.describe(s_name) == d_store.describe(d_name):
         raise CheckpointExistsError("source and destination are the same checkpoint", path=d_store.describe(d_name),
                                     hint="give another destination")

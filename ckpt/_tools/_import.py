@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ckpt._api import save
+from ckpt._engine._confine import refuse_symlinks_under
 from ckpt._format import parse_step_dirname, step_dirname
 from ckpt.errors import (
     CheckpointError,
@@ -294,6 +295,7 @@ def import_(src: str | os.PathLike[str], run_or_ckpt_url: str | os.PathLike[str]
     if not src_p.exists():
         raise CheckpointNotFoundError("the source does not exist", path=str(src_p), hint="check the path")
     fmt = detect_format(src_p) if format == "auto" else format
+    refuse_symlinks_under(src_p)  # a DCP directory: nothing read through a link inside it
     if fmt == "dcp":
         obj: Any = _read_dcp(src_p, allow_pickle)
     elif fmt == "safetensors":

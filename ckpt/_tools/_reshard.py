@@ -23,6 +23,7 @@ import torch
 from ckpt._engine._arrays import open_for_write, translate
 from ckpt._engine._catalog import read_manifest
 from ckpt._engine._commit import commit_strategy
+from ckpt._engine._confine import refuse_symlinks
 from ckpt._engine._globalplan import PieceMeta, build_plan
 from ckpt._engine._load import Loader
 from ckpt._engine._manifest import manifest_under_prefix
@@ -146,6 +147,7 @@ def reshard(src: str | os.PathLike[str], dst: str | os.PathLike[str], world_size
                     entries[key] = e
                 elif e["kind"] == "pickle":
                     path = check_relpath(e["path"], key=key)
+                    refuse_symlinks(s_storage, s_name, path, key)
                     d_storage.write_bytes(f"{write_dir}/{path}", s_storage.read_bytes(f"{s_name}/{path}"))
                     entries[key] = e
             save_id, rank_keys = os.urandom(8).hex(), set[str]()

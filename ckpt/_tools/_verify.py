@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ckpt._engine._catalog import read_manifest
+from ckpt._engine._confine import refuse_symlinks
 from ckpt._engine._layout import StoredArray, pickle_objects, rank_objects, stored_arrays
 from ckpt._engine._recycle import reading
 from ckpt._format import MANIFEST, parse_rank_object
@@ -92,7 +93,8 @@ def verify(ckpt_url: str | os.PathLike[str], quick: bool = False, progress: Prog
     """Check the checkpoint at ``ckpt_url``; returns a report of every problem found.
 
     Raises only when there is no checkpoint at all (CheckpointNotFoundError,
-    IncompleteCheckpointError); a bad manifest is reported as a problem.
+    IncompleteCheckpointError) or it holds a symlink (UnsafePathError: nothing is read
+    through one); a bad manifest is reported as a problem.
     """
     storage, name = split_checkpoint_url(ckpt_url, **(storage_options or {}))
     return verify_checkpoint(storage, name, quick=quick, progress=progress)
@@ -108,6 +110,7 @@ def verify_checkpoint(storage: Storage, name: str, *, quick: bool = False,
 def _verify(storage: Storage, name: str, quick: bool, progress: Progress | None) -> VerifyReport:
     t0 = time.perf_counter()
     report = VerifyReport(storage.describe(name), quick)
+    refuse_symlinks(storage, name, MANIFEST)  # raised, not reported: nothing is read through a link
     try:
         manifest = read_manifest(storage, name)
     except CheckpointError as e:
@@ -116,6 +119,7 @@ def _verify(storage: Storage, name: str, quick: bool, progress: Progress | None)
         report.problems.append(Problem("manifest", e.message, [e.key] if e.key else [], MANIFEST))
         report.seconds = time.perf_counter() - t0
         return report
+    refuse_symlinks(storage, name)  # verify reads every object: none through a link
     ck = Checkpoint(storage, name, manifest)
     report.entries = len(manifest.entries)
     arrays = stored_arrays(manifest)
@@ -130,12 +134,30 @@ def _verify(storage: Storage, name: str, quick: bool, progress: Progress | None)
     return report
 
 
+_MAX_MISSING = 64  # missing objects of one array named one by one; then one summary
+_HOPELESS = "\x00hopeless:"  # marks, among the stored objects' sizes, an array not to read
+
+
+def _shard_count(a: StoredArray) -> int:
+    return _prod(tuple(-(-n // s) for n, s in zip(a.layout.shape, a.layout.shard_shape)))
+
+
 def _check_presence(ck: Checkpoint, arrays: list[StoredArray], report: VerifyReport) -> dict[str, int]:
     sizes = object_sizes(ck.storage, ck.name)
     for a in arrays:
+        missing = 0
         for idx, path, region in a.shards():
             report.objects += 1
             if path not in sizes:
+                missing += 1
+                if missing > _MAX_MISSING:  # a hostile manifest may imply 2**24 objects: stop naming them
+                    stored = sum(1 for p in sizes if p.startswith(f"{a.path}/"))
+                    report.problems.append(Problem(
+                        "missing", f"more than {_MAX_MISSING} objects of this array are missing: it has "
+                                   f"{_shard_count(a)} shards, {stored} objects are stored under it",
+                        list(a.keys), a.path))
+                    sizes[_HOPELESS + a.path] = 0  # not read: most of it is missing
+                    break
                 report.problems.append(Problem("missing", "the object is missing", list(a.keys), path,
                                                shard=list(idx), region=_region(region)))
             elif sizes[path] != a.expected_size(region):
@@ -214,12 +236,25 @@ def _open(ck: Checkpoint, a: StoredArray) -> Any:
 
 def _read_all(ck: Checkpoint, arrays: list[StoredArray], present: dict[str, int], report: VerifyReport,
               progress: Progress | None) -> None:
-    jobs = [(a, idx, path, region) for a in arrays for idx, path, region in a.shards() if path in present]
-    total = sum(a.itemsize * _prod(region[1]) for a, _, _, region in jobs)
+    # Only objects of exactly the size the manifest implies are read (the others are
+    # reported already): what a read allocates is then bounded by what storage holds. A
+    # shard larger than the window is read chunk by chunk (each at most MAX_CHUNK_BYTES).
+    jobs: list[tuple[StoredArray, tuple[int, ...], str, Any, tuple[int, ...] | None]] = []
+    for a in arrays:
+        if _HOPELESS + a.path in present:
+            continue  # most of it is missing: reported, not read
+        for idx, path, region in a.shards():
+            if present.get(path) != a.expected_size(region):
+                continue
+            if a.kind == "pack" or a.itemsize * _prod(region[1]) <= _WINDOW:
+                jobs.append((a, idx, path, region, None))
+            else:
+                jobs.extend((a, idx, path, box, cidx) for cidx, box in a.chunks(region))
+    total = sum(a.itemsize * _prod(region[1]) for a, _, _, region, _ in jobs)
     window: collections.deque[tuple[Any, StoredArray, tuple[int, ...], str, Any, int]] = collections.deque()
     inflight = 0
     opened: dict[str, Any] = {}
-    for a, idx, path, region in jobs:
+    for a, idx, path, region, cidx in jobs:
         nbytes = a.itemsize * _prod(region[1])
         while window and inflight + nbytes > _WINDOW:
             inflight -= _finish(window.popleft(), report, progress, total)
@@ -234,7 +269,7 @@ def _read_all(ck: Checkpoint, arrays: list[StoredArray], present: dict[str, int]
         if arr is None:
             continue
         fut = arr[tuple(slice(o, o + s) for o, s in zip(*region))].read()
-        window.append((fut, a, idx, path, (arr, region), nbytes))
+        window.append((fut, a, idx, path, (arr, region, cidx), nbytes))
         inflight += nbytes
     while window:
         _finish(window.popleft(), report, progress, total)
@@ -249,11 +284,14 @@ def _prod(sizes: tuple[int, ...]) -> int:
 
 def _finish(item: tuple[Any, StoredArray, tuple[int, ...], str, Any, int], report: VerifyReport,
             progress: Progress | None, total: int) -> int:
-    fut, a, idx, path, (arr, region), nbytes = item
+    fut, a, idx, path, (arr, region, cidx), nbytes = item
     try:
         fut.result()
     except Exception as e:  # noqa: BLE001
-        _locate(arr, a, idx, path, region, e, report)
+        if cidx is not None:  # one chunk of a large shard
+            report.problems.append(_failure(e, a, path, idx, region, cidx))
+        else:
+            _locate(arr, a, idx, path, region, e, report)
     else:
         report.bytes_read += nbytes
     report.shards_read += 1

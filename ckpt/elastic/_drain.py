@@ -70,6 +70,7 @@ def drain(tier: MemoryTier, step_dir: Path, files: list[str], job: DrainJob, *, 
     error of any (the persistent checkpoint is committed or not at all). ``tier_key``: the
     tier's entry of the manifest's metadata, which the persistent checkpoint drops."""
     error: BaseException | None = None
+    job.begin()  # from here on, interpreter exit waits for it
     try:
         _drain(tier, step_dir, files, job, tier_key)
     except BaseException as e:  # noqa: BLE001 - reported through the handle

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ckpt._values import TAG
-from ckpt.errors import MissingKeyError, ShapeMismatchError
+from ckpt.errors import MissingKeyError, ShapeMismatchError, UnexpectedKeyError
 from ckpt.providers._base import DescribeContext, Finalizer, Item, LoadSource, TensorItem, ValueItem
 from ckpt.providers._tree import TreeProvider, flatten, unflatten
 
@@ -85,6 +85,8 @@ class ModuleProvider:
             yield from out
 
     def load(self, src: LoadSource) -> Finalizer | None:
+        if src.has(self.prefix) and src.entry(self.prefix).get("kind") == "json":
+            src.raw(self.prefix)  # saved as a state dict ({"model": model.state_dict()}): same tensor keys
         state = self._state()
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         for name, t in tensors.items():
@@ -199,6 +201,14 @@ class OptimizerProvider:
         unknown = [n for n in saved_names if n not in index]
         if unknown:
             unnamed = not any(id(p) in self.ctx.param_names for g in self.optim.param_groups for p in g["params"])
+            if len(unknown) == len(saved_names):  # nothing would load: an error even when strict=False
+                raise UnexpectedKeyError(
+                    f"none of the checkpoint's optimizer state matches this optimizer's parameters "
+                    f"(saved for {unknown[:5]}, this optimizer has {names[:5]})", key=f"{self.prefix}/state/{unknown[0]}",
+                    path=src.where,
+                    hint="an optimizer's state is keyed by its module's parameter names: put the module in the "
+                         "same state, e.g. ckpt.load({'model': model, 'optim': optim}, url)" if unnamed else
+                         "build the optimizer over the same named parameters")
             src.unexpected(
                 f"{self.prefix}/state/{unknown[0]}",
                 f"the checkpoint has optimizer state for parameters this optimizer does not have: {unknown[:5]}",
@@ -224,7 +234,12 @@ class OptimizerProvider:
         if saved_names and not self.optim.state:
             from torch.distributed.checkpoint.state_dict import _init_optim_state
 
-            _init_optim_state(self.optim)
+            optim = self.optim
+            grads = [(p, p.grad) for g in optim.param_groups for p in g["params"]]
+            _init_optim_state(optim)
+            on_rollback = getattr(src, "on_rollback", None)
+            if on_rollback is not None:  # a failed load leaves the optimizer as fresh as it was
+                on_rollback(lambda: _forget_state(optim, grads))
         live = self._by_name(self.optim.state_dict())["state"]
         params = [p for g in self.optim.param_groups for p in g["params"]]
         state: dict[str, Any] = {}
@@ -251,6 +266,13 @@ class OptimizerProvider:
             optim.load_state_dict({"state": {index[n]: s for n, s in state.items()}, "param_groups": groups})
 
         return finish
+
+
+def _forget_state(optim: torch.optim.Optimizer, grads: list[tuple[torch.Tensor, Any]]) -> None:
+    """Undo ``_init_optim_state``: no optimizer state, every gradient as it was."""
+    optim.state.clear()
+    for p, g in grads:
+        p.grad = g
 
 
 def _to_device(state: Any, param: torch.Tensor) -> Any:

@@ -161,6 +161,10 @@ class TreeProvider:
         yield from out
 
     def load(self, src: LoadSource) -> Finalizer | None:
+        if not src.has(self.prefix):
+            live = self._get()
+            if isinstance(live, dict) and live and src.keys(self.prefix):
+                return self._load_flat(src, live)  # e.g. a module's state_dict, the module saved
         structure = src.raw(self.prefix)
         live = self._get()
         pending: list[Callable[[], None]] = []
@@ -173,6 +177,22 @@ class TreeProvider:
             setter(obj)
 
         return finish
+
+
+    def _load_flat(self, src: LoadSource, live: dict[Any, Any]) -> Finalizer | None:
+        """Tensors of a flat dict (``model.state_dict()``) loaded in place from a checkpoint
+        that stored them without a structure (a module saved as ``{"model": model}``): the
+        keys underneath are the same, ``<prefix>/<name>``."""
+        for k, v in live.items():
+            key = f"{self.prefix}/{component(k)}"
+            if not src.has(key):
+                src.missing(key)
+            elif isinstance(v, torch.Tensor) and _plain(v):
+                src.read_into(key, v.detach())
+            else:
+                src.unexpected(key, "the state holds a value here that the checkpoint saved as a tensor",
+                               "pass the module itself, or a state dict of tensors")
+        return None
 
 
 class StatefulProvider(TreeProvider):

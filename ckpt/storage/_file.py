@@ -10,7 +10,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ckpt.errors import StorageError, StorageFullError, StoragePermissionError
+from ckpt.errors import (
+    NotADirectoryPathError,
+    StorageError,
+    StorageFullError,
+    StoragePermissionError,
+)
 from ckpt.storage._base import Capabilities, ObjectInfo, Storage
 
 
@@ -123,6 +128,10 @@ class FileStorage(Storage):
             return sorted(e.name for e in os.scandir(p) if e.is_dir(follow_symlinks=False))
         except FileNotFoundError:
             return []
+        except NotADirectoryError:
+            raise NotADirectoryPathError("this location is a file, not a directory of checkpoints", path=str(p),
+                                         hint="point the run at a directory (or a path that does not exist yet)") \
+                from None
         except OSError as e:
             raise _translate(e, "listing", str(p)) from e
 
