@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from ckpt._config import direct_reads
 from ckpt._engine._arrays import translate
 from ckpt._engine._layout import ABSENT, HINT_CHECKSUM, HINT_DAMAGED, parse_shard_index
 from ckpt._engine._plan import CRC_BYTES, ArrayLayout, shard_index_bytes
-from ckpt._format import Box
+from ckpt._format import Box, storage_torch_dtype, torch_dtype
 from ckpt.errors import CheckpointError, CorruptCheckpointError, UnsafePathError
 from ckpt.storage import Storage
 
@@ -252,3 +253,29 @@ def _os_error(e: OSError, run: Run) -> BaseException:
                                path=run.file, hint="copy the real files into the checkpoint; "
                                                    "ckpt does not follow symlinks inside checkpoints")
     return translate(e, key=run.key, where=run.where, reading=True)
+
+
+def direct_target(dest: torch.Tensor, sub: Box, dtype: str) -> np.ndarray | None:
+    """A numpy view of ``dest[sub]`` in the stored dtype, when tensorstore can fill the
+    destination in place (CPU, same dtype); None where a copy is needed instead."""
+    if dest.device.type != "cpu" or dest.dtype != torch_dtype(dtype) or dest.is_conj() or dest.is_neg():
+        return None
+    view = dest.detach()
+    if view.dim():
+        view = view[tuple(slice(o, o + s) for o, s in zip(sub[0], sub[1]))]
+    sdt = storage_torch_dtype(dtype)
+    try:
+        return (view if view.dtype == sdt else view.view(sdt)).numpy()
+    except (RuntimeError, TypeError):  # a dtype numpy lacks, a view torch refuses
+        return None
+
+
+def chunk_elements(lay: ArrayLayout, src: Box) -> int:
+    """Elements of the inner chunks a read of region ``src`` decodes (each chunk is read
+    whole: its checksum covers all of it)."""
+    n = 1
+    for o, s, c, d in zip(src[0], src[1], lay.chunk_shape, lay.shape):
+        if s == 0:
+            return 0
+        n *= min(-(-(o + s) // c) * c, d) - o // c * c
+    return n

@@ -20,7 +20,7 @@ import torch
 
 from ckpt._engine._arrays import translate
 from ckpt._engine._confine import refuse_symlinks
-from ckpt._engine._direct import DirectReader
+from ckpt._engine._direct import DirectReader, chunk_elements, direct_target
 from ckpt._engine._layout import PieceIndex, array_layout, pack_image, pack_length, piece_layout
 from ckpt._engine._plan import ArrayLayout, pack_metadata, zarr_metadata
 from ckpt._engine._undo import UndoLog
@@ -317,7 +317,7 @@ class Loader:
         inflight = 0
         try:
             for r, path, src, sub, layout in jobs:
-                target = None if layout is None else _direct_target(r.dest, sub, self.manifest.entries[r.key]["dtype"])
+                target = None if layout is None else direct_target(r.dest, sub, self.manifest.entries[r.key]["dtype"])
                 runs = direct.plan(r.key, path, src, layout, target) if direct and layout and target is not None \
                     else None
                 for run in runs or ():  # direct reads: preadv into the destination, crc32c checked
@@ -344,7 +344,7 @@ class Loader:
                         fut = _Direct(ts.array(target, copy=False, write=True).write(region), target)
                     else:
                         fut = region.read()
-                    self.stats.bytes_fetched += _chunk_elements(layout, src) * r.dest.element_size()
+                    self.stats.bytes_fetched += chunk_elements(layout, src) * r.dest.element_size()
                     window.append((fut, r, path, src, sub, nbytes))
                 inflight += nbytes
                 self.stats.reads += 1
@@ -527,29 +527,3 @@ def _allocate(key: str, shape: tuple[int, ...], dtype: torch.dtype, device: Any,
                                       hint="read it on a host with more memory, or leave this key out "
                                            "(--only / a state without it); if the size is absurd, the "
                                            "checkpoint is damaged or hostile") from None
-
-
-def _direct_target(dest: torch.Tensor, sub: Box, dtype: str) -> np.ndarray | None:
-    """A numpy view of ``dest[sub]`` in the stored dtype, when tensorstore can fill the
-    destination in place (CPU, same dtype); None where a copy is needed instead."""
-    if dest.device.type != "cpu" or dest.dtype != torch_dtype(dtype) or dest.is_conj() or dest.is_neg():
-        return None
-    view = dest.detach()
-    if view.dim():
-        view = view[tuple(slice(o, o + s) for o, s in zip(sub[0], sub[1]))]
-    sdt = storage_torch_dtype(dtype)
-    try:
-        return (view if view.dtype == sdt else view.view(sdt)).numpy()
-    except (RuntimeError, TypeError):  # a dtype numpy lacks, a view torch refuses
-        return None
-
-
-def _chunk_elements(lay: ArrayLayout, src: Box) -> int:
-    """Elements of the inner chunks a read of region ``src`` decodes (each chunk is read
-    whole: its checksum covers all of it)."""
-    n = 1
-    for o, s, c, d in zip(src[0], src[1], lay.chunk_shape, lay.shape):
-        if s == 0:
-            return 0
-        n *= min(-(-(o + s) // c) * c, d) - o // c * c
-    return n

@@ -87,7 +87,7 @@ def test_checkpoints_are_ckpt_checkpoints_with_tied_weights_once(reference) -> N
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]
     ck = out / "checkpoint-3"
     files = {p.name for p in ck.iterdir()}
-    assert "manifest.json" in files and files <= {"manifest.json", "arrays", "packs"}  # none of the Trainer's
+    assert "manifest.json" in files and files <= {"manifest.json", "arrays", "packs", "ranks"}  # none of the Trainer's
     m = ckpt.read_manifest(ck)
     assert m.step == 3
     assert "model/transformer.wte.weight" in m.entries and "model/lm_head.weight" not in m.entries
