@@ -293,7 +293,7 @@ def test_format_1_checkpoints_still_load(tmp_path: Path, monkeypatch: pytest.Mon
     from ckpt._format import FORMAT_VERSION, chunk_separator
 
     assert chunk_separator(FORMAT_VERSION) == SEPARATOR  # what is written is what is read
-    assert ckpt.read_manifest(str(url)).format_version == 2
+    assert ckpt.read_manifest(str(url)).format_version == FORMAT_VERSION
     assert not list(url.rglob("c")), "format 2 writes no c/ directories"
     assert _to_format_1(url) == 3 + 1 + 1  # multi's 3 shards, h's one, the pack
     assert ckpt.read_manifest(str(url)).format_version == 1
@@ -303,11 +303,11 @@ def test_format_1_checkpoints_still_load(tmp_path: Path, monkeypatch: pytest.Mon
     for k, v in state.items():
         assert torch.equal(back[k].view(torch.uint8), v.view(torch.uint8)), k
     assert (stats.bytes_direct > 0) == (reads == "direct")
-    tools.reshard(str(url), str(tmp_path / "step-000000002"), 3)  # reads format 1, writes format 2
+    tools.reshard(str(url), str(tmp_path / "step-000000002"), 3)  # reads format 1, writes the current format
     again = {k: torch.zeros_like(v) for k, v in state.items()}
     ckpt.load(again, str(tmp_path / "step-000000002"))
     assert all(torch.equal(again[k].view(torch.uint8), v.view(torch.uint8)) for k, v in state.items())
-    assert ckpt.read_manifest(str(tmp_path / "step-000000002")).format_version == 2
+    assert ckpt.read_manifest(str(tmp_path / "step-000000002")).format_version == FORMAT_VERSION
     report = tools.verify(str(url))
     assert report.ok, report.problems
     (url / "arrays" / "multi.zarr" / "c" / "1" / "0").unlink()

@@ -22,7 +22,7 @@ from typing import Any
 FIELDS = ("shape", "dtype", "offset", "nbytes", "shard_shape", "chunk_shape", "path", "layout")
 _INTS = [0, 1, 2, 3, 7, 63, 64, 255, 256, 1023, 1024, 4096, 65536, 2**20, 2**24, 2**28, 2**31, 2**32, 2**36,
          2**40, 2**50, 2**62, 2**63 - 1, -1]
-_PATHS = ["arrays/w.zarr", "packs/r00000-0000", "arrays/b.zarr", "arrays/w.zarr/c.0.0", "packs",
+_PATHS = ["arrays/w.zarr", "packs/u00000-0000", "arrays/b.zarr", "arrays/w.zarr/c.0.0", "packs",
           "arrays", "arrays/nothere.zarr", "objects/x.pkl", "manifest.json"]
 _DTYPES = ["float32", "float16", "bfloat16", "int64", "int8", "uint8", "bool", "complex128", "float64",
            "float8_e4m3fn", "nope", ""]

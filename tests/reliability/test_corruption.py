@@ -49,12 +49,12 @@ def _damage_cases():
         where = rng.choice(["data", "data", "data", "index"])
         cases.append(("flip", f"arrays/w.zarr/c.{shard}.0", where, rng.random(), "w"))
     cases += [
-        ("flip", "packs/r00000-0000/c.0", "data", 0.3, "b"),
+        ("flip", "packs/u00000-0000/c.0", "data", 0.3, "b"),
         ("truncate", "arrays/w.zarr/c.1.0", "data", 0.5, "w"),
         ("truncate", "arrays/w.zarr/c.3.0", "data", 0.999, "w"),
-        ("truncate", "packs/r00000-0000/c.0", "data", 0.5, "b"),
+        ("truncate", "packs/u00000-0000/c.0", "data", 0.5, "b"),
         ("delete", "arrays/w.zarr/c.2.0", "", 0, "w"),
-        ("delete", "packs/r00000-0000/c.0", "", 0, "b"),
+        ("delete", "packs/u00000-0000/c.0", "", 0, "b"),
     ]
     return cases
 
@@ -171,7 +171,7 @@ def test_every_committed_checkpoint_corrupt_restores_nothing(template, tmp_path)
     COUNTS["tried"] += 1
     run = _copy(template, tmp_path)
     for s in (1, 2):
-        os.unlink(run / f"step-{s:09d}/packs/r00000-0000/c.0")
+        os.unlink(run / f"step-{s:09d}/packs/u00000-0000/c.0")
     mgr = ckpt.CheckpointManager(str(run), save_on_signals=(), save_on_close=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

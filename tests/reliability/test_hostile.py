@@ -114,8 +114,8 @@ def _outside_copy(tmp_path, src):
     return out
 
 
-@pytest.mark.parametrize("target", ["arrays/w.zarr", "arrays/w.zarr/c.0.0", "packs/r00000-0000",
-                                    "packs/r00000-0000/c.0", "objects/obj.pkl", "arrays"])
+@pytest.mark.parametrize("target", ["arrays/w.zarr", "arrays/w.zarr/c.0.0", "packs/u00000-0000",
+                                    "packs/u00000-0000/c.0", "objects/obj.pkl", "arrays"])
 def test_symlink_out_of_checkpoint_refused(good, tmp_path, target):
     """A symlink inside the checkpoint whose target lies outside must not be followed,
     even when the bytes outside are a perfectly valid copy."""
