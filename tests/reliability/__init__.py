@@ -10,10 +10,16 @@ OOM killer ends a process.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import multiprocessing as mp
 import os
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -269,3 +275,29 @@ def save_many_worker(run: str, first: int, started: Any, last: int) -> None:
     started.set()
     for s in range(first, last + 1):
         ckpt.save(make_state(s), f"{run}/step-{s:09d}", step=s)
+
+
+def sign_manifest(body: dict[str, Any]) -> bytes:
+    """A (tampered) manifest body with its checksum recomputed, so it passes the checksum
+    and reaches the validators and readers behind it."""
+    from ckpt._format import _canonical
+
+    body = {k: v for k, v in body.items() if k != "checksum"}
+    body["checksum"] = "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
+    return json.dumps(body).encode()
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` mounted at ``where`` (a volume that fills up); the test is
+    skipped where mounting is not allowed."""
+    import pytest
+
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

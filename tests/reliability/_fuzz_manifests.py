@@ -12,7 +12,6 @@ the mutation left alone. An absurd allocation aborts the child (tensorstore's
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -28,15 +27,8 @@ _DTYPES = ["float32", "float16", "bfloat16", "int64", "int8", "uint8", "bool", "
            "float8_e4m3fn", "nope", ""]
 
 
-def _sign(body: dict[str, Any]) -> bytes:
-    from ckpt._format import _canonical
-
-    body = {k: v for k, v in body.items() if k != "checksum"}
-    body["checksum"] = "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
-    return json.dumps(body).encode()
-
-
 def main(argv: list[str]) -> None:
+    from tests.reliability import sign_manifest
     from tests.reliability._readers import limit_memory
 
     limit_memory(int(argv[0]))
@@ -86,7 +78,7 @@ def main(argv: list[str]) -> None:
         url = os.path.join(work, f"ex{seen['n']}")
         shutil.copytree(template, url)
         with open(os.path.join(url, "manifest.json"), "wb") as f:
-            f.write(_sign(body))
+            f.write(sign_manifest(body))
         print(f"example {seen['n']}: {[(k, f) for k, f, _ in mutations]}", flush=True)
         try:
             res = run_all(url, blank)

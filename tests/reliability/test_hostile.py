@@ -4,7 +4,6 @@ read, no absurd allocation, no code runs, and only typed ckpt errors come out.""
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 
 import ckpt
 from ckpt import tools
-from ckpt._format import MAX_MANIFEST_BYTES, Manifest, _canonical
+from ckpt._format import MAX_MANIFEST_BYTES, Manifest
 from ckpt.errors import (
     CheckpointError,
     ManifestError,
@@ -26,7 +25,7 @@ from ckpt.errors import (
     ShapeMismatchError,
     UnsafePathError,
 )
-from tests.reliability import assert_bit_exact, blank_state, make_state
+from tests.reliability import assert_bit_exact, blank_state, make_state, sign_manifest
 
 COUNTS: dict[str, int] = {}
 
@@ -36,12 +35,6 @@ def _report():
     yield
     for k, v in sorted(COUNTS.items()):
         print(f"\n[reliability] hostile/{k}: {v}")
-
-
-def _sign(body: dict) -> bytes:
-    body = {k: v for k, v in body.items() if k != "checksum"}
-    body["checksum"] = "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
-    return json.dumps(body).encode()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +53,7 @@ def _clone(good, tmp_path, body=None):
     dst = tmp_path / "ck"
     shutil.copytree(run / "step-000000001", dst)
     if body is not None:
-        (dst / "manifest.json").write_bytes(_sign(body))
+        (dst / "manifest.json").write_bytes(sign_manifest(body))
     return dst
 
 
@@ -98,7 +91,7 @@ def test_path_traversal_every_field(good, tmp_path):
             dict(_path_fields(body))[field](bad)
             ck = tmp_path / f"c{n}"
             shutil.copytree(good[0] / "step-000000001", ck)
-            (ck / "manifest.json").write_bytes(_sign(body))
+            (ck / "manifest.json").write_bytes(sign_manifest(body))
             with pytest.raises((UnsafePathError, ManifestError)):
                 ckpt.load(_state(), str(ck), allow_pickle=True)
             rep = tools.verify(str(ck))
@@ -196,7 +189,7 @@ def test_large_valid_manifest_is_fine(good):
     body = copy.deepcopy(good[1])
     for i in range(50_000):
         body["entries"][f"v/{i}"] = {"kind": "json", "value": i}
-    m = Manifest.from_json(_sign(body), where="x")
+    m = Manifest.from_json(sign_manifest(body), where="x")
     assert len(m.entries) == 50_000 + len(good[1]["entries"])
 
 
@@ -211,7 +204,7 @@ def test_deeply_nested_json(good, depth):
         nested = [nested]
     body["user_metadata"] = {"n": nested}
     try:
-        data = _sign(body)
+        data = sign_manifest(body)
     except RecursionError:
         data = (b'{"format":"ckpt","format_version":1,"checksum":"sha256:0","user_metadata":'
                 + b"[" * depth + b"]" * depth + b"}")
@@ -326,7 +319,7 @@ def test_fuzz_mutated_valid_manifest(data):
             parent[path[-1]] = [parent[path[-1]]]
         else:
             parent[path[-1]] = data.draw(json_value)
-    _from_json(_sign(body))
+    _from_json(sign_manifest(body))
 
 
 def test_fuzz_count():

@@ -5,27 +5,20 @@ slot's files the new plan will not overwrite are deleted before the save writes)
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 import torch
 
 import ckpt
+from tests.reliability import small_tmpfs
 
 MIB = 1 << 20
 
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    d = tmp_path / "fs"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(d)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "fs", "5m") as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 def _state(step: int) -> dict:

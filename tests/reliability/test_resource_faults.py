@@ -14,7 +14,7 @@ import pytest
 
 import ckpt
 from ckpt.errors import StorageError, StorageFullError, StoragePermissionError
-from tests.reliability import assert_bit_exact, debris, gc_clean, make_state
+from tests.reliability import assert_bit_exact, debris, gc_clean, make_state, small_tmpfs
 
 SMALL, BIG = 256, 2048  # rows: 1 MiB and 8 MiB of "w"
 COUNTS = {"tried": 0, "passed": 0}
@@ -28,15 +28,8 @@ def _report():
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    d = tmp_path / "small"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(d)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "8m") as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 def _train(mgr, steps, state_of):

@@ -4,7 +4,6 @@ typed ckpt errors), and no reader reads through a symlink inside a checkpoint.""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
@@ -14,18 +13,11 @@ import ckpt
 from ckpt import tools
 from ckpt._engine._layout import shard_image
 from ckpt._engine._plan import ArrayLayout
-from ckpt._format import _canonical
 from ckpt.errors import CheckpointError, CorruptCheckpointError, UnsafePathError
-from tests.reliability import blank_state, make_state
+from tests.reliability import blank_state, make_state, sign_manifest
 from tests.reliability._readers import READERS, in_child
 
 LIMIT = 3 << 30  # address space of the child: well below what the hostile manifests ask for
-
-
-def _sign(body: dict) -> bytes:
-    body = {k: v for k, v in body.items() if k != "checksum"}
-    body["checksum"] = "sha256:" + hashlib.sha256(_canonical(body)).hexdigest()
-    return json.dumps(body).encode()
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +32,7 @@ def _variant(good, tmp_path, name, edit):
     shutil.copytree(good, dst)
     body = json.loads((dst / "manifest.json").read_text())
     edit(body, dst)
-    (dst / "manifest.json").write_bytes(_sign(body))
+    (dst / "manifest.json").write_bytes(sign_manifest(body))
     return str(dst)
 
 
