@@ -136,3 +136,39 @@ def test_only_the_memory_tiers_writer_threads_are_lowered_and_never_twice(tmp_pa
     t.start()
     t.join()
     assert out == [min(19, main + 4)]  # inherited 4, not lowered to 8
+
+
+def test_every_ckpt_variable_in_the_code_is_declared_in_the_knob_table():
+    root = Path(ckpt.__file__).parent
+    used = set()
+    for p in root.rglob("*.py"):
+        used |= set(re.findall(r"\bCKPT_[A-Z0-9_]*[A-Z0-9]\b", p.read_text()))
+    undeclared = sorted(used - set(_config.KNOBS))
+    assert not undeclared, f"declare these in ckpt/_config.py KNOBS: {undeclared}"
+
+
+def test_docs_configuration_md_is_the_knob_table():
+    doc = Path(__file__).parent.parent / "docs" / "configuration.md"
+    assert doc.read_text() == _config.markdown(), \
+        "regenerate it: python -m ckpt config --markdown > docs/configuration.md"
+
+
+def test_ckpt_config_prints_each_value_in_effect_and_where_it_came_from(monkeypatch, capsys):
+    from ckpt._cli.main import main
+
+    monkeypatch.setenv("CKPT_IO_CONCURRENCY", "7")
+    monkeypatch.delenv("CKPT_DEBUG", raising=False)
+    assert main(["config", "--json"]) == 0
+    rows = {r["name"]: r for r in __import__("json").loads(capsys.readouterr().out)}
+    assert set(rows) == set(_config.KNOBS)
+    assert rows["CKPT_IO_CONCURRENCY"]["value"] == 7 and rows["CKPT_IO_CONCURRENCY"]["source"] == "environment"
+    assert rows["CKPT_DEBUG"]["source"] == "default" and rows["CKPT_DEBUG"]["value"] is False
+    monkeypatch.setenv("CKPT_S3_PART_BYTES", "lots")
+    assert main(["config"]) == 1
+    assert "CKPT_S3_PART_BYTES='lots'" in capsys.readouterr().err
+
+
+def test_save_options_defaults_come_from_the_knob_table():
+    opts = ckpt.SaveOptions()
+    assert opts.max_shard_bytes == _config.KNOBS["CKPT_MAX_SHARD_BYTES"].default
+    assert opts.if_busy == _config.KNOBS["CKPT_IF_BUSY"].default

@@ -267,6 +267,21 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(config.markdown(), end="")
+        return 0
+    rows = config.effective()
+    if args.json:
+        print_json([{"name": k.name, "value": v, "source": src, "default": k.default_text(), "doc": k.doc}
+                    for k, v, src in rows])
+        return 0
+    width = max(len(k.name) for k, _, _ in rows)
+    for k, v, src in rows:
+        print(f"{k.name:<{width}}  {v!r:<24} ({src})")
+    return 0
+
+
 # -- the parser ----------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from ckpt import __version__
@@ -348,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--memory", metavar="MIB", type=_positive_int, default=256,
                     help="memory budget in MiB (one target shard at a time; default 256)")
     sp.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at DST")
+
+    sp = add("config", "print every CKPT_* setting in effect and where it came from", cmd_config, [js])
+    sp.add_argument("--markdown", action="store_true", help="print docs/configuration.md (the knob table)")
     return p
 
 

@@ -1,35 +1,23 @@
 """Save options: a plain frozen dataclass; explicit arguments beat ``CKPT_<FIELD>``
-environment variables (read by :func:`ckpt._config.setting`), which beat defaults."""
+environment variables, which beat defaults; both declared once, in ckpt._config.KNOBS."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ckpt._config import choice, parse_bytes, parse_flag, setting
+from ckpt._config import KNOBS, setting
 from ckpt._engine._plan import PlanConfig
 from ckpt._format import MAX_CHUNK_BYTES
 
-
-def _default_pool_bytes() -> int:
-    """1/8 of physical memory, between 256 MiB and 4 GiB."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
-        total = 16 << 30
-    return int(min(4 << 30, max(256 << 20, total // 8)))
-
-
 _UNSET: Any = object()
-_PARSERS: dict[str, Callable[[str], Any]] = {
-    "if_busy": choice("wait", "skip", "error"),
-    "cpu_staging": choice("background", "inline"),
-    "huge_pages": parse_flag,
-    "check_snapshot": parse_flag,
-}
+
+
+def _knob(field: str) -> Any:
+    """A field whose default (and ``CKPT_<FIELD>`` variable) the knob table declares."""
+    knob = KNOBS[f"CKPT_{field.upper()}"]
+    return dataclasses.field(default_factory=knob.default_value)
 
 
 @dataclass(frozen=True)
@@ -58,16 +46,16 @@ class SaveOptions:
     at the cost of reading every tensor twice more (CUDA tensors through host memory).
     """
 
-    pool_bytes: int = dataclasses.field(default_factory=_default_pool_bytes)
-    max_shard_bytes: int = 64 << 20
-    chunk_bytes: int = 4 << 20
-    pack_threshold: int = 256 << 10
-    pack_bytes: int = 16 << 20
-    copy_streams: int = 2
-    if_busy: Literal["wait", "skip", "error"] = "wait"
-    cpu_staging: Literal["background", "inline"] = "background"
-    huge_pages: bool = True
-    check_snapshot: bool = False
+    pool_bytes: int = _knob("pool_bytes")
+    max_shard_bytes: int = _knob("max_shard_bytes")
+    chunk_bytes: int = _knob("chunk_bytes")
+    pack_threshold: int = _knob("pack_threshold")
+    pack_bytes: int = _knob("pack_bytes")
+    copy_streams: int = _knob("copy_streams")
+    if_busy: Literal["wait", "skip", "error"] = _knob("if_busy")
+    cpu_staging: Literal["background", "inline"] = _knob("cpu_staging")
+    huge_pages: bool = _knob("huge_pages")
+    check_snapshot: bool = _knob("check_snapshot")
 
     def __post_init__(self) -> None:
         if self.if_busy not in ("wait", "skip", "error"):
@@ -88,8 +76,7 @@ class SaveOptions:
         env: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name not in overrides:
-                parse = _PARSERS.get(f.name) or (parse_bytes if "bytes" in f.name or "threshold" in f.name else int)
-                env[f.name] = setting(f"CKPT_{f.name.upper()}", _UNSET, parse)
+                env[f.name] = setting(f"CKPT_{f.name.upper()}", _UNSET, KNOBS[f"CKPT_{f.name.upper()}"].parse)
         env = {k: v for k, v in env.items() if v is not _UNSET}
         env.update(overrides)
         return cls(**env)

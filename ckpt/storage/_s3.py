@@ -55,10 +55,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ckpt._config import parse_bytes, setting
+from ckpt import _config as config
 from ckpt.errors import MissingDependencyError, StorageError, StoragePermissionError
 from ckpt.storage._base import Capabilities, ObjectInfo, Storage
-from ckpt.storage._s3_client import Secret, make_fs, truthy
+from ckpt.storage._s3_client import Secret, make_fs
 from ckpt.storage._s3_errors import (
     NOT_FOUND_CODES,
     PERMISSION_CODES,
@@ -75,11 +75,6 @@ from ckpt.storage._s3_tensorstore import credentials_spec, custom_endpoint, s3_c
 
 __all__ = ["S3Storage"]
 
-_DEFAULT_DEADLINE_S = 120.0
-_DEFAULT_MAX_ATTEMPTS = 5
-_DEFAULT_PART_BYTES = 64 * 2**20
-_DEFAULT_MULTIPART_THRESHOLD = 256 * 2**20
-_DEFAULT_UPLOAD_CONCURRENCY = 8
 _BACKOFF_BASE_S = 0.1
 _BACKOFF_CAP_S = 10.0
 log = logging.getLogger("ckpt.storage.s3")
@@ -149,7 +144,7 @@ class S3Storage(Storage):
         env = os.environ
         client_kwargs = dict(client_kwargs or {})
         endpoint_url = endpoint_url or client_kwargs.pop("endpoint_url", None)
-        if endpoint_url is None and not truthy(env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")):
+        if endpoint_url is None and not config.env_flag("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
             endpoint_url = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
         region = region or client_kwargs.pop("region_name", None)
         region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
@@ -165,25 +160,25 @@ class S3Storage(Storage):
         self._client_kwargs = client_kwargs
         self._s3fs_options = s3fs_options
 
-        self.deadline_s = float(setting("CKPT_S3_DEADLINE_S", _DEFAULT_DEADLINE_S, float, deadline_s))
+        self.deadline_s = float(config.read("CKPT_S3_DEADLINE_S", deadline_s))
         if not self.deadline_s > 0:
             raise ValueError(f"deadline_s must be positive, got {self.deadline_s}")
         user_retries = (s3fs_options.get("config_kwargs") or {}).get("retries") or {}
         if max_attempts is None and "max_attempts" in user_retries:
             max_attempts = int(user_retries["max_attempts"])
-        self.max_attempts = int(setting("CKPT_S3_MAX_ATTEMPTS", _DEFAULT_MAX_ATTEMPTS, int, max_attempts))
+        self.max_attempts = int(config.read("CKPT_S3_MAX_ATTEMPTS", max_attempts))
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         mode = retry_mode or user_retries.get("mode")
-        self.retry_mode = str(setting("CKPT_S3_RETRY_MODE", "standard", str, mode))
+        self.retry_mode = str(config.read("CKPT_S3_RETRY_MODE", mode))
         if self.retry_mode not in ("standard", "adaptive", "legacy"):
             raise ValueError(f"retry_mode must be 'standard' or 'adaptive', got {self.retry_mode!r}")
-        self.part_bytes = int(setting("CKPT_S3_PART_BYTES", _DEFAULT_PART_BYTES, parse_bytes, part_bytes))
+        self.part_bytes = int(config.read("CKPT_S3_PART_BYTES", part_bytes))
         if not MIN_PART <= self.part_bytes <= MAX_PUT:
             raise ValueError(f"part_bytes must be between 5 MiB and 5 GiB (S3's limits), got {self.part_bytes}")
-        self.multipart_threshold = int(setting("CKPT_S3_MULTIPART_THRESHOLD", _DEFAULT_MULTIPART_THRESHOLD, parse_bytes, multipart_threshold))
+        self.multipart_threshold = int(config.read("CKPT_S3_MULTIPART_THRESHOLD", multipart_threshold))
         self.multipart_threshold = min(max(self.multipart_threshold, self.part_bytes), MAX_PUT)
-        self.upload_concurrency = int(setting("CKPT_S3_UPLOAD_CONCURRENCY", _DEFAULT_UPLOAD_CONCURRENCY, int, upload_concurrency))
+        self.upload_concurrency = int(config.read("CKPT_S3_UPLOAD_CONCURRENCY", upload_concurrency))
         if self.upload_concurrency < 1:
             raise ValueError(f"upload_concurrency must be >= 1, got {self.upload_concurrency}")
         self.stats = {"retries": 0, "multipart_uploads": 0, "aborted_uploads": 0}
@@ -427,8 +422,8 @@ class S3Storage(Storage):
         configuration. Retries are derived from ``deadline_s``: exponential backoff from
         200 ms up to ``max_delay``, as many retries as fit in the deadline."""
         initial, max_delay, retries = ts_retries(self.deadline_s)
-        retries = int(setting("CKPT_S3_RETRIES", retries, int, None))
-        return s3_context(setting("CKPT_S3_CONCURRENCY", 32, int), max(1, retries),
+        retries = int(config.read("CKPT_S3_RETRIES") or retries)
+        return s3_context(int(config.read("CKPT_S3_CONCURRENCY")), max(1, retries),
                            initial, max_delay)
 
     def _ts_endpoint(self) -> str | None:

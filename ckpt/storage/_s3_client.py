@@ -9,11 +9,7 @@ from ckpt.errors import MissingDependencyError
 if TYPE_CHECKING:
     from ckpt.storage._s3 import S3Storage
 
-__all__ = ["truthy", "Secret", "make_fs"]
-
-
-def truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+__all__ = ["Secret", "make_fs"]
 
 
 class Secret:
