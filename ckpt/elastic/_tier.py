@@ -77,6 +77,10 @@ class TierStats:
     finish_s: list[float] = field(default_factory=list)  # the background part after staging
     drained: int = 0  # persistent checkpoints made from a tier step (no second staging)
     drain_s: list[float] = field(default_factory=list)
+    # host passes (this rank, steps staged): bytes copied in, written again, checksummed apart
+    staged_bytes: int = 0
+    rewritten_bytes: int = 0
+    crc_reread_bytes: int = 0
 
 
 def job_id(run: str) -> str:
@@ -137,7 +141,7 @@ class MemoryTier:
         self.root = self.node_dir / self.job
         self.root.mkdir(parents=True, exist_ok=True)
         self.stats = TierStats()
-        self.snapshotter = Snapshotter(options, background_nice=config.background_nice())
+        self.snapshotter = Snapshotter(options, background_nice=config.background_nice(), stage_in_files=True)
         self.process_group = process_group
         self.group: Any = None  # the tier thread's collectives and transfers
         self._agree_group: Any = None  # the training thread's agreement
@@ -284,7 +288,11 @@ class MemoryTier:
     def _finish(self, step: int, handle: SaveHandle, persist: DrainJob | None = None) -> None:
         err = handle.exception()  # every rank learns a failure of any rank
         t0 = time.perf_counter()
-        self.stats.blocked_s.append(handle.stats.blocked_s)
+        hs = handle.stats
+        self.stats.blocked_s.append(hs.blocked_s)
+        self.stats.staged_bytes += hs.bytes
+        self.stats.rewritten_bytes += hs.rewritten_bytes
+        self.stats.crc_reread_bytes += hs.crc_reread_bytes
         name = step_dirname(step)
         if err is not None:
             self.stats.failed += 1
