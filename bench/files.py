@@ -21,7 +21,7 @@ in every repeat, each run's output deleted after it (as in the train scenario):
 (2) - (3) is the cost of the layout's file count on this file system; (1) - (2) is what
 ckpt adds to writing its files (its copy in the call, included in (1), is the rest);
 (4) is what no file layout can go below here. (5) and (6) are ckpt as a training job
-runs it, ``CheckpointManager(keep_last=2)``: retention after every commit, the retired
+runs it, ``CheckpointManager(keep=2)``: retention after every commit, the retired
 checkpoint's tree recycled by the next save (recycle=True) or deleted (the default); busy runs from the
 call until retention is done. ``torch.save`` of the same state is timed
 once per repeat (its call, as in the train scenario), so every row has its ratio to it in
@@ -63,7 +63,7 @@ from ckpt.storage._file import fsync_dir
 BUF = 16 << 20  # the raw writers' buffer and write size
 ALIGN = 4096
 NAMES = ("ckpt", "ckpt's files, raw", "same bytes, one file", "copy+crc, one file",
-         "ckpt, keep_last=2", "ckpt, keep_last=2, no recycling")
+         "ckpt, keep=2", "ckpt, keep=2, no recycling")
 
 
 def repeats(cfg: Config) -> int:
@@ -155,14 +155,14 @@ class _CopyOneFile(_Raw):
 
 
 class _Managed(Variant):
-    """(5)/(6): ``CheckpointManager(keep_last=2)``, recycling on or off. An untimed save of
+    """(5)/(6): ``CheckpointManager(keep=2)``, recycling on or off. An untimed save of
     step 0 first allocates and touches the manager's pool (and is the first retired)."""
 
     def __init__(self, model: Any, opt: Any, root: Path, *, recycle: bool) -> None:
         super().__init__(model, opt, root)
         self.state = {"model": model, "optim": opt}
-        self.mgr = ckpt.CheckpointManager(root, keep_last=2, save_on_signals=(), save_on_close=False,
-                                          recycle=recycle)
+        self.mgr = ckpt.CheckpointManager(root, keep=2, preemption=ckpt.PreemptionOptions(signals=()),
+                                          save_on_close=False, recycle=recycle)
         self.mgr.save(0, self.state).result()
         self.handles: list[ckpt.SaveHandle] = []
         self.starts: list[float] = []

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+import ckpt
 from bench._common import (
     MIB,
     Config,
@@ -84,7 +85,7 @@ def per_step_cost(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
     model, opt, shape, nbytes, _memcpy_s, batch, fb_s = bench_model(gib)
     x = torch.randn(batch, shape["d"])
     shm = _shm(tmp)
-    tier = MemoryTier(os.fspath(tmp / "run"), node_dir=os.fspath(shm))
+    tier = MemoryTier(os.fspath(tmp / "run"), ckpt.MemoryTierOptions(node_dir=os.fspath(shm)))
     try:
         _loop(model, opt, x, 3, tier.snapshot)  # warm-up: the tier's pool and plan
         tier.wait()
@@ -149,9 +150,9 @@ def drain(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
         for drained in (True, False):
             progress.step(f"tier drain {gib:g} GiB: run {rep + 1}, {'drained' if drained else 'staged'}")
             shm, run = _shm(tmp), tmp / f"drain-{drained}-{rep}"
-            mgr = ckpt.CheckpointManager(run, every_steps=DRAIN_EVERY, keep_last=1, memory_every_steps=1,
-                                         replicas=0, node_dir=os.fspath(shm), memory_drain=drained,
-                                         save_on_signals=(), save_on_close=False)
+            memory = ckpt.MemoryTierOptions(every=1, replicas=0, node_dir=os.fspath(shm), drain=drained)
+            mgr = ckpt.CheckpointManager(run, save=DRAIN_EVERY, keep=1, memory=memory, save_on_close=False,
+                                         preemption=ckpt.PreemptionOptions(signals=()))
             try:
                 _mgr_loop(mgr, model, opt, x, DRAIN_EVERY, 0)  # warm-up: pools, plans, the first files
                 gc.collect()
@@ -261,7 +262,7 @@ def restore(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
     state = {"model": model, "optim": opt}
     shm = _shm(tmp)
     run = tmp / "restore-run"
-    tier = MemoryTier(os.fspath(run), node_dir=os.fspath(shm))
+    tier = MemoryTier(os.fspath(run), ckpt.MemoryTierOptions(node_dir=os.fspath(shm)))
     try:
         ckpt.save(state, run / "step-000000000", step=0)
         tier.snapshot(0, state)

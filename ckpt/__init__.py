@@ -16,7 +16,17 @@ from ckpt._engine._catalog import CheckpointInfo
 from ckpt._engine._load import LoadStats
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._snapstate import SaveStats
-from ckpt._manager import CheckpointManager, EverySeconds, EverySteps, KeepEvery, KeepLast
+from ckpt._manager import CheckpointManager
+from ckpt._policies import (
+    EverySeconds,
+    EverySteps,
+    KeepEvery,
+    KeepLast,
+    MemoryTierOptions,
+    PreemptionOptions,
+    RetentionPolicy,
+    SavePolicy,
+)
 from ckpt._run import latest, list_checkpoints, read_manifest
 from ckpt._version import __version__ as __version__
 from ckpt.errors import CheckpointError
@@ -26,10 +36,14 @@ __all__ = [
     "save",
     "save_async",
     "CheckpointManager",
+    "SavePolicy",
     "EverySteps",
     "EverySeconds",
+    "RetentionPolicy",
     "KeepLast",
     "KeepEvery",
+    "MemoryTierOptions",
+    "PreemptionOptions",
     "load",
     "SaveHandle",
     "SaveStats",

@@ -1,6 +1,6 @@
 """Training-loop hooks: when to save, what to keep, where to resume.
 
-    mgr = ckpt.CheckpointManager("s3://bucket/run", every_steps=500, keep_last=3)
+    mgr = ckpt.CheckpointManager("s3://bucket/run", save=500, keep=3)
     start = mgr.restore(state)
     for step in range(start, total):
         ...; optimizer.step()
@@ -15,15 +15,14 @@ rank's clock or signals are agreed over the side gloo group.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -35,6 +34,16 @@ from ckpt._engine._coord import coordinator
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._recycle import purge_recycled, retire
 from ckpt._format import MANIFEST, step_dirname
+from ckpt._policies import (
+    EverySteps,
+    MemoryTierOptions,
+    PreemptionOptions,
+    RetentionPolicy,
+    SavePolicy,
+    kept_steps,
+    retention_policies,
+    save_policies,
+)
 from ckpt.elastic._drain import DrainJob
 from ckpt.elastic._tier import MemoryTier
 from ckpt.errors import CheckpointError
@@ -42,101 +51,64 @@ from ckpt.storage import open_storage
 
 log = logging.getLogger("ckpt")
 
-__all__ = ["CheckpointManager", "SavePolicy", "EverySteps", "EverySeconds", "KeepLast", "KeepEvery",
-           "RetentionPolicy"]
+__all__ = ["CheckpointManager"]
 
-
-class SavePolicy(Protocol):
-    def should_save(self, step: int, now: float, last_step: int | None, last_time: float) -> bool: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class EverySteps:
-    n: int
-
-    def should_save(self, step: int, now: float, last_step: int | None, last_time: float) -> bool:
-        return self.n > 0 and (step + 1) % self.n == 0
-
-
-@dataclasses.dataclass(frozen=True)
-class EverySeconds:
-    seconds: float
-
-    def should_save(self, step: int, now: float, last_step: int | None, last_time: float) -> bool:
-        return now - last_time >= self.seconds
-
-
-class RetentionPolicy(Protocol):
-    def keep(self, steps: Sequence[int]) -> set[int]: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class KeepLast:
-    k: int
-
-    def keep(self, steps: Sequence[int]) -> set[int]:
-        return set(sorted(steps)[-self.k:]) if self.k > 0 else set()
-
-
-@dataclasses.dataclass(frozen=True)
-class KeepEvery:
-    m: int
-
-    def keep(self, steps: Sequence[int]) -> set[int]:
-        return {s for s in steps if self.m > 0 and (s + 1) % self.m == 0}
+# The keyword arguments of the first API and what replaced them (a clear error, not a bare TypeError).
+_RENAMED = {"every_steps": "save=N", "every_seconds": "save=EverySeconds(s)", "policies": "save=[...]",
+            "keep_last": "keep=K", "keep_every": "keep=KeepEvery(m)", "retention": "keep=[...]",
+            "save_on_signals": "preemption=PreemptionOptions(signals=...)",
+            "exit_on_preemption": "preemption=PreemptionOptions(exit=...)",
+            "memory_every_steps": "memory=MemoryTierOptions(every=...)",
+            "memory_keep": "memory=MemoryTierOptions(keep=...)", "replicas": "memory=MemoryTierOptions(replicas=...)",
+            "memory_max_bytes": "memory=MemoryTierOptions(max_bytes=...)",
+            "node_dir": "memory=MemoryTierOptions(node_dir=...)", "memory_drain": "memory=MemoryTierOptions(drain=...)"}
 
 
 class CheckpointManager:
     """Checkpoints of one run directory (local path or URL).
 
-    ``every_steps`` / ``every_seconds`` / ``policies``: when ``step()`` saves.
-    ``keep_last`` / ``keep_every`` / ``retention``: which committed checkpoints stay (a
-    checkpoint kept by any rule stays; the newest always stays). ``save_on_signals``:
-    on SIGTERM/SIGUSR1 the next ``step()`` saves once, waits for the commit and exits
-    the process with status 0 (``exit_on_preemption=False`` sets ``preempted`` instead).
-    ``save_on_close``: ``close()`` saves the last step if it was not saved.
-    ``recycle`` (default off; ``recycle=True`` or ``CKPT_RECYCLE=1`` turns it on): on local
-    storage, retention keeps one retired checkpoint's tree — its manifest deleted first, so
-    it is no longer a checkpoint — and the next save overwrites its files in place instead
-    of creating a new tree (no inode or block allocation per checkpoint); ``close()``
-    deletes it. Only for runs that nobody reads while they train: a reader that opened a
-    checkpoint before retention retired it can get the next step's bytes, with valid
-    checksums. Off, a reader of a retired checkpoint gets a typed error, never other bytes.
+    ``save``: when ``step()`` saves — a number of steps (``save=500``), a
+    :class:`~ckpt.SavePolicy` (``EverySteps``, ``EverySeconds``) or a list of them (any
+    fires); None saves only on ``save()`` / preemption / close. ``keep``: which committed
+    checkpoints stay — a number (the last K), a :class:`~ckpt.RetentionPolicy`
+    (``KeepLast``, ``KeepEvery``) or a list (a checkpoint kept by any rule stays; the
+    newest always stays); None keeps all.
 
-    ``memory_every_steps`` turns on the memory tier (:class:`ckpt.elastic.MemoryTier`):
-    every that many steps a snapshot into node-local shared memory (``CKPT_NODE_DIR``),
-    replicated to ``replicas`` other nodes; ``memory_keep`` steps at most per node,
-    ``memory_max_bytes`` a node's budget. ``restore()`` then resumes from the newest tier
-    step the surviving nodes can assemble, on any world size, before it looks at
-    persistent checkpoints (``restored_from`` says which). Persistent saves go on as
-    configured; one due on a step the tier takes is *drained* from it (``memory_drain``,
-    default on): the tier's files are copied to storage once the step is held, and the
-    state is staged once, not twice. ``close()`` deletes the job's tier.
+    ``memory``: a :class:`~ckpt.MemoryTierOptions` turns on the memory tier
+    (:class:`ckpt.elastic.MemoryTier`, docs/memory-tier.md): snapshots into node-local
+    shared memory (``CKPT_NODE_DIR``), replicated to other nodes. ``restore()`` then
+    resumes from the newest tier step the surviving nodes can assemble, on any world
+    size, before it looks at persistent checkpoints (``restored_from`` says which). A
+    persistent save due on a tier step is *drained* from it (``drain``, default on).
+    ``close()`` deletes the job's tier.
+
+    ``preemption``: :class:`~ckpt.PreemptionOptions` — on SIGTERM/SIGUSR1 the next
+    ``step()`` saves once, waits for the commit and exits with status 0.
+    ``save_on_close``: ``close()`` saves the last step if it was not saved.
+    ``options``: the engine's :class:`~ckpt.SaveOptions`. ``recycle`` (default off;
+    ``CKPT_RECYCLE=1``): on local storage, retention keeps one retired checkpoint's tree
+    (its manifest deleted first, so it is no longer a checkpoint) and the next save
+    overwrites its files in place. Only for runs that nobody reads while they train: a
+    reader that opened a checkpoint before retention retired it can get the next step's
+    bytes, with valid checksums. Off, such a reader gets a typed error, never other bytes.
     """
 
-    def __init__(self, run: str | os.PathLike[str], *, every_steps: int | None = None,
-                 every_seconds: float | None = None, policies: Iterable[SavePolicy] = (),
-                 keep_last: int | None = None, keep_every: int | None = None,
-                 retention: Iterable[RetentionPolicy] = (),
-                 save_on_signals: Sequence[int] | None = None,
-                 exit_on_preemption: bool = True, save_on_close: bool = True,
-                 options: SaveOptions | None = None, storage_options: dict[str, Any] | None = None,
-                 process_group: Any = None, allow_pickle: bool = False, recycle: bool | None = None,
-                 memory_every_steps: int | None = None, memory_keep: int = 2, replicas: int = 1,
-                 memory_max_bytes: int | None = None, node_dir: str | None = None,
-                 memory_drain: bool = True) -> None:
+    def __init__(self, run: str | os.PathLike[str], *,
+                 save: int | SavePolicy | Iterable[SavePolicy] | None = None,
+                 keep: int | RetentionPolicy | Iterable[RetentionPolicy] | None = None,
+                 memory: MemoryTierOptions | None = None, preemption: PreemptionOptions | None = None,
+                 save_on_close: bool = True, options: SaveOptions | None = None,
+                 storage_options: dict[str, Any] | None = None, process_group: Any = None,
+                 allow_pickle: bool = False, recycle: bool | None = None, **removed: Any) -> None:
+        if removed:
+            name = next(iter(removed))
+            hint = _RENAMED.get(name)
+            raise TypeError(f"CheckpointManager() got an unexpected keyword argument {name!r}"
+                            + (f": it is now {hint} (see docs/api.md)" if hint else ""))
         self.run = os.fspath(run).rstrip("/")
         self.recycle = config.recycle(recycle)
-        self.policies: list[SavePolicy] = list(policies)
-        if every_steps:
-            self.policies.append(EverySteps(every_steps))
-        if every_seconds:
-            self.policies.append(EverySeconds(every_seconds))
-        self.retention: list[RetentionPolicy] = list(retention)
-        if keep_last:
-            self.retention.append(KeepLast(keep_last))
-        if keep_every:
-            self.retention.append(KeepEvery(keep_every))
+        self.policies: list[SavePolicy] = save_policies(save)
+        self.retention: list[RetentionPolicy] = retention_policies(keep)
         self.storage_options = dict(storage_options or {})
         self.storage = open_storage(self.run, **self.storage_options)
         self.process_group = process_group
@@ -151,20 +123,22 @@ class CheckpointManager:
             self._agree_group = dist.new_group(ranks=ranks, backend="gloo")
         self.allow_pickle = allow_pickle
         self.snapshotter = Snapshotter(options)
-        self.memory_drain = memory_drain
-        self.tier = MemoryTier(self.run, every_steps=memory_every_steps, keep=memory_keep, replicas=replicas,
-                               max_bytes=memory_max_bytes, node_dir=node_dir, options=options,
-                               allow_pickle=allow_pickle, process_group=process_group) \
-            if memory_every_steps else None
+        self.tier = MemoryTier(self.run, memory, options=options, allow_pickle=allow_pickle,
+                               process_group=process_group) if memory is not None else None
+        # A clock-based schedule is agreed over the ranks each step (one small all-reduce).
+        self._timed = not all(isinstance(p, EverySteps)
+                              for p in self.policies + (self.tier.schedule if self.tier else []))
         self.restored_from: str | None = None  # "memory" or "persistent" after restore()
         self.tier_restore: Any = None  # the TierRestore of a restore from memory
-        if save_on_signals is None:
+        preemption = preemption or PreemptionOptions()
+        signals = preemption.signals
+        if signals is None:
             # Under a torchrun elastic agent SIGTERM means "your group restarts" (a peer
             # died): a collective save would wait on the dead peer. SIGUSR1 stays a
             # preemption notice everywhere.
             elastic = "TORCHELASTIC_RUN_ID" in os.environ
-            save_on_signals = (signal.SIGUSR1,) if elastic else (signal.SIGTERM, signal.SIGUSR1)
-        self.exit_on_preemption = exit_on_preemption
+            signals = (signal.SIGUSR1,) if elastic else (signal.SIGTERM, signal.SIGUSR1)
+        self.exit_on_preemption = preemption.exit
         self.save_on_close = save_on_close
         self.preempted = False
         self.failures: list[tuple[int | None, BaseException]] = []
@@ -179,8 +153,8 @@ class CheckpointManager:
         self._closed = False
         self._retention_lock = threading.Lock()
         self._old_handlers: dict[int, Any] = {}
-        if save_on_signals and threading.current_thread() is threading.main_thread():
-            for sig in save_on_signals:
+        if signals and threading.current_thread() is threading.main_thread():
+            for sig in signals:
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
 
     # -- signals -------------------------------------------------------------
@@ -244,18 +218,18 @@ class CheckpointManager:
         self._state = state
         self._last_step = step
         now = time.monotonic()
-        due = any(p.should_save(step, now, self._last_saved, self._last_time) for p in self.policies)
-        if self.coord.world_size > 1 and (any(isinstance(p, EverySeconds) for p in self.policies)
-                                          or self._old_handlers):
-            due, preempt = self._agree([due, self._signal.is_set()])
+        due = any(p.should_save(step, now, self._last_time) for p in self.policies)
+        tier_due = self.tier is not None and self.tier.due(step, now)
+        if self.coord.world_size > 1 and (self._timed or self._old_handlers):
+            due, tier_due, preempt = self._agree([due, tier_due, self._signal.is_set()])
         else:
             preempt = self._signal.is_set()
         if preempt:
             self._preempt(step, state)
             return None
         handle: SaveHandle | None = None
-        if self.tier is not None and self.tier.due(step):
-            if due and self.memory_drain:  # one staging for both: the tier step is drained to storage
+        if self.tier is not None and tier_due:
+            if due and self.tier.memory.drain:  # one staging for both: the tier step is drained to storage
                 job = DrainJob(f"{self.run}/{step_dirname(step)}", step, self.storage_options)
                 if self.tier.snapshot(step, state, persist=job) is not None:
                     handle = self._track(step, SaveHandle(job), staged=False)
@@ -307,11 +281,9 @@ class CheckpointManager:
     def _apply_retention(self) -> list[str]:
         infos = [i for i in list_run(self.storage) if i.step is not None]
         steps = [i.step for i in infos if i.step is not None]
-        keep: set[int] = {max(steps)} if steps else set()
-        for rule in self.retention:
-            keep |= rule.keep(steps)
-        if self.restored_step is not None and self._last_saved == self.restored_step:
-            keep.add(self.restored_step)
+        pinned = [self.restored_step] if self.restored_step is not None and self._last_saved == self.restored_step \
+            else []
+        keep = kept_steps(steps, self.retention, pinned=pinned)
         removed = []
         for info in infos:
             if info.step not in keep:

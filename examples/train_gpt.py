@@ -146,8 +146,8 @@ def main() -> None:
         rec.update(t=time.time(), rank=rank, world=world, pid=os.getpid())
         logf.write(json.dumps(rec) + "\n")
 
-    mgr = ckpt.CheckpointManager(args.run, every_steps=args.every, keep_last=args.keep_last,
-                                 memory_every_steps=args.memory_every or None)
+    memory = ckpt.MemoryTierOptions(every=args.memory_every) if args.memory_every else None
+    mgr = ckpt.CheckpointManager(args.run, save=args.every or None, keep=args.keep_last or None, memory=memory)
     t_mgr = time.time()
     latest = ckpt.latest(args.run) if args.time_persistent_restore else None
     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import ckpt
-from ckpt import _config
+from ckpt import MemoryTierOptions, _config
 from ckpt.errors import ConfigError
 
 
@@ -112,7 +112,7 @@ def test_only_the_memory_tiers_writer_threads_are_lowered_and_never_twice(tmp_pa
     monkeypatch.setenv("CKPT_BACKGROUND_NICE", "4")
     main = os.getpriority(os.PRIO_PROCESS, 0)
     assert ckpt.Snapshotter().background_nice == 0
-    tier = MemoryTier(str(tmp_path / "run"), node_dir=str(tmp_path / "node"), replicas=0)
+    tier = MemoryTier(str(tmp_path / "run"), MemoryTierOptions(node_dir=str(tmp_path / "node"), replicas=0))
     assert tier.snapshotter.background_nice == 4
     tier.close()
 

@@ -41,12 +41,13 @@ def train(state, steps, mgr=None, start=0):
 def test_every_steps_keep_last_and_restore(run_place):
     run, opts = run_place.url, run_place.options
     state = make_state()
-    with ckpt.CheckpointManager(run, every_steps=2, keep_last=2, save_on_signals=(), storage_options=opts) as mgr:
+    with ckpt.CheckpointManager(run, save=2, keep=2, preemption=ckpt.PreemptionOptions(signals=()),
+                                storage_options=opts) as mgr:
         train(state, 7, mgr)
     # saved at steps 1, 3, 5 and the final step 6 on close; the newest two stay
     assert [c.step for c in ckpt.list_checkpoints(run, storage_options=opts)] == [6, 5]
     fresh = make_state(seed=1)
-    mgr2 = ckpt.CheckpointManager(run, save_on_signals=(), storage_options=opts)
+    mgr2 = ckpt.CheckpointManager(run, preemption=ckpt.PreemptionOptions(signals=()), storage_options=opts)
     assert mgr2.restore(fresh) == 7
     assert torch.equal(fresh["model"].weight, state["model"].weight)
     mgr2.close()
@@ -55,8 +56,8 @@ def test_every_steps_keep_last_and_restore(run_place):
 def test_keep_every_and_manifest_deleted_first(run_place):
     run, opts = run_place.url, run_place.options
     state = make_state()
-    mgr = ckpt.CheckpointManager(run, every_steps=1, keep_last=1, keep_every=3, save_on_signals=(),
-                                 save_on_close=False, storage_options=opts)
+    mgr = ckpt.CheckpointManager(run, save=1, keep=[ckpt.KeepLast(1), ckpt.KeepEvery(3)],
+                                 preemption=ckpt.PreemptionOptions(signals=()), save_on_close=False, storage_options=opts)
     train(state, 7, mgr)
     mgr.close()
     assert sorted(c.step for c in ckpt.list_checkpoints(run, storage_options=opts)) == [2, 5, 6]
@@ -84,8 +85,8 @@ def test_retention_recycles_the_oldest_tree_and_prunes_what_changed(tmp_path, mo
         monkeypatch.setenv("CKPT_DIRECT_WRITES", "0")  # tensorstore creates zarr.json, writes shards
     run = tmp_path / "run"
     state = make_state()
-    mgr = ckpt.CheckpointManager(run, every_steps=1, keep_last=2, save_on_signals=(), save_on_close=False,
-                                 recycle=True)
+    mgr = ckpt.CheckpointManager(run, save=1, keep=2, preemption=ckpt.PreemptionOptions(signals=()),
+                                 save_on_close=False, recycle=True)
     train(state, 2, mgr)
     mgr.wait()
     shard = "arrays/model/weight.zarr/c.0.0"
@@ -165,7 +166,7 @@ def test_a_reader_racing_retention_never_gets_another_steps_bytes(tmp_path, recy
                     wrong.append(f"{k} of step {info.step} holds {sorted(set(v.flatten().tolist()))[:4]}")
 
     t = threading.Thread(target=reader, daemon=True)
-    with ckpt.CheckpointManager(run, keep_last=1, save_on_signals=(), save_on_close=False,
+    with ckpt.CheckpointManager(run, keep=1, preemption=ckpt.PreemptionOptions(signals=()), save_on_close=False,
                                 recycle=recycle) as mgr:
         t.start()
         for step in range(40):
@@ -183,7 +184,8 @@ def test_recycle_is_off_by_default(tmp_path, monkeypatch):
     monkeypatch.delenv("CKPT_RECYCLE", raising=False)
     run = tmp_path / "run"
     state = make_state()
-    with ckpt.CheckpointManager(run, every_steps=1, keep_last=1, save_on_signals=(), save_on_close=False) as mgr:
+    with ckpt.CheckpointManager(run, save=1, keep=1, preemption=ckpt.PreemptionOptions(signals=()),
+                                save_on_close=False) as mgr:
         assert mgr.recycle is False
         train(state, 3, mgr)
         mgr.wait()
@@ -194,20 +196,22 @@ def test_recycle_off(tmp_path, monkeypatch):
     monkeypatch.setenv("CKPT_RECYCLE", "0")
     run = tmp_path / "run"
     state = make_state()
-    with ckpt.CheckpointManager(run, every_steps=1, keep_last=1, save_on_signals=(), save_on_close=False) as mgr:
+    with ckpt.CheckpointManager(run, save=1, keep=1, preemption=ckpt.PreemptionOptions(signals=()),
+                                save_on_close=False) as mgr:
         train(state, 3, mgr)
         mgr.wait()
         assert _recycle_slots(run) == []
     assert [c.step for c in ckpt.list_checkpoints(run)] == [2]
     monkeypatch.setenv("CKPT_RECYCLE", "sometimes")
     with pytest.raises(ValueError, match="CKPT_RECYCLE"):
-        ckpt.CheckpointManager(run, save_on_signals=())
+        ckpt.CheckpointManager(run, preemption=ckpt.PreemptionOptions(signals=()))
 
 
 def test_restore_falls_back_past_corrupt_and_uncommitted(run_place):
     run, opts = run_place.url, run_place.options
     state = make_state()
-    mgr = ckpt.CheckpointManager(run, every_steps=1, save_on_signals=(), save_on_close=False, storage_options=opts)
+    mgr = ckpt.CheckpointManager(run, save=1, preemption=ckpt.PreemptionOptions(signals=()), save_on_close=False,
+                                 storage_options=opts)
     train(state, 3, mgr)
     mgr.close()
     # step 2: flip a byte in a chunk; step 3: a save whose manifest was never written
@@ -217,7 +221,7 @@ def test_restore_falls_back_past_corrupt_and_uncommitted(run_place):
     run_place.flip_byte(chunk)
     run_place.storage().delete("step-000000003/manifest.json")
     fresh = make_state(seed=5)
-    mgr2 = ckpt.CheckpointManager(run, save_on_signals=(), storage_options=opts)
+    mgr2 = ckpt.CheckpointManager(run, preemption=ckpt.PreemptionOptions(signals=()), storage_options=opts)
     with pytest.warns(RuntimeWarning, match="step-000000002"):
         start = mgr2.restore(fresh)
     assert start == 2  # step 1's checkpoint
@@ -228,7 +232,7 @@ def test_restore_falls_back_past_corrupt_and_uncommitted(run_place):
 
 
 def test_restore_without_checkpoints_starts_at_zero(tmp_path):
-    mgr = ckpt.CheckpointManager(tmp_path / "empty", save_on_signals=())
+    mgr = ckpt.CheckpointManager(tmp_path / "empty", preemption=ckpt.PreemptionOptions(signals=()))
     assert mgr.restore(make_state()) == 0
     mgr.close()
 
@@ -237,7 +241,7 @@ def test_failed_save_never_raises_into_the_loop(tmp_path):
     state = make_state()
     blocker = tmp_path / "run"
     blocker.write_text("a file where the run directory should be")
-    mgr = ckpt.CheckpointManager(blocker, every_steps=1, save_on_signals=(), save_on_close=False)
+    mgr = ckpt.CheckpointManager(blocker, save=1, preemption=ckpt.PreemptionOptions(signals=()), save_on_close=False)
     train(state, 3, mgr)  # must not raise
     mgr.wait()
     assert mgr.failures and all(isinstance(e, OSError) for _, e in mgr.failures)
@@ -251,7 +255,7 @@ def test_sigterm_saves_once_and_exits_zero(tmp_path):
         import ckpt
         m = torch.nn.Linear(64, 64); opt = torch.optim.SGD(m.parameters(), lr=0.1)
         state = {{"model": m, "optim": opt}}
-        mgr = ckpt.CheckpointManager({str(tmp_path)!r}, every_steps=1000)
+        mgr = ckpt.CheckpointManager({str(tmp_path)!r}, save=1000)
         print("ready", flush=True)
         for step in range(10**9):
             opt.zero_grad(); m(torch.randn(8, 64)).sum().backward(); opt.step()
@@ -341,7 +345,8 @@ def test_recycling_never_overwrites_a_checkpoint_a_reader_holds(tmp_path):
     from ckpt.storage import open_storage
 
     run = tmp_path / "run"
-    with ckpt.CheckpointManager(run, keep_last=1, save_on_signals=(), save_on_close=False, recycle=True) as mgr:
+    with ckpt.CheckpointManager(run, keep=1, preemption=ckpt.PreemptionOptions(signals=()), save_on_close=False,
+                                recycle=True) as mgr:
         mgr.save(0, _filled(0)).result()
         mgr.wait()
         storage = open_storage(os.fspath(run))

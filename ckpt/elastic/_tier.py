@@ -1,7 +1,7 @@
 """The memory tier: per-step snapshots in node-local shared memory, replicated to peers.
 
-Every ``every_steps`` steps the state is saved through the same engine (async staging,
-the same format, crc32c per chunk) as one *global* checkpoint whose files are spread
+On the steps its schedule takes (``MemoryTierOptions.every``), the state is saved
+through the same engine (async staging, the same format, crc32c per chunk) as one *global* checkpoint whose files are spread
 over the nodes: every rank writes the pieces the plan gives it into its own node's
 directory (``CKPT_NODE_DIR``, tmpfs), rank 0 commits in its directory and every other
 node's lowest rank (its *leader*) commits the same manifest in its own. A background
@@ -43,6 +43,7 @@ from ckpt._api import SaveHandle, Snapshotter
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._recycle import RECYCLE_PREFIX, prune_stale, retiring, to_slot
 from ckpt._format import MANIFEST, TMP_PREFIX, parse_step_dirname, step_dirname
+from ckpt._policies import MemoryTierOptions
 from ckpt.elastic._drain import DrainJob, drain
 from ckpt.elastic._names import (
     COMPLETE,
@@ -110,20 +111,17 @@ def tree_bytes(path: Path) -> int:
 class MemoryTier:
     """Per-step snapshots of one job in node-local memory (see the module docstring).
 
-    ``every_steps``: take a step when ``(step + 1) % every_steps == 0``. ``keep``: tier
-    steps a node holds at most (the newest complete one(s) and the one being written).
-    ``replicas``: other nodes that hold a copy of each node's files. ``max_bytes``: this
-    node's tier budget (default: what the directory's file system has free).
-    ``node_dir``: overrides ``CKPT_NODE_DIR``.
+    ``memory``: the :class:`~ckpt.MemoryTierOptions` (when a step is taken, how many a
+    node keeps, replicas, budget, node directory).
     """
 
-    def __init__(self, run: str, *, every_steps: int = 1, keep: int = 2, replicas: int = 1,
-                 max_bytes: int | None = None, node_dir: str | None = None,
-                 options: SaveOptions | None = None, allow_pickle: bool = False, process_group: Any = None) -> None:
-        if every_steps < 1 or keep < 2 or replicas < 0:
-            raise ValueError(f"memory tier: every_steps={every_steps} (>= 1), keep={keep} (>= 2: the newest "
-                             f"complete step and the one being written), replicas={replicas} (>= 0)")
-        self.every_steps, self.keep, self.replicas, self.max_bytes = every_steps, keep, replicas, max_bytes
+    def __init__(self, run: str, memory: MemoryTierOptions | None = None, *, options: SaveOptions | None = None,
+                 allow_pickle: bool = False, process_group: Any = None) -> None:
+        memory = memory or MemoryTierOptions()
+        self.memory = memory
+        self.schedule = memory.schedule
+        self.keep, self.replicas, self.max_bytes = memory.keep, memory.replicas, memory.max_bytes
+        node_dir = memory.node_dir
         self.allow_pickle = allow_pickle
         self.node_dir = Path(config.node_dir(node_dir))
         self.job = job_id(run)
@@ -143,6 +141,7 @@ class MemoryTier:
         self._footprint = 0  # bytes this node's tier grew by in the last complete step
         self._warned_single = False
         self._storage: Any = None  # this node's tier as a Storage (recycling)
+        self._last_time = time.monotonic()  # when the last step was taken (time-based schedules)
         self._reusable = 0  # bytes of the recycle slot and spare files (the next step's pages)
 
     # -- topology --------------------------------------------------------------
@@ -219,8 +218,11 @@ class MemoryTier:
         self.leader = self.leaders[self.node] == self.rank
 
     # -- taking a step (training thread) -----------------------------------------
-    def due(self, step: int) -> bool:
-        return (step + 1) % self.every_steps == 0
+    def due(self, step: int, now: float | None = None) -> bool:
+        """Whether the schedule takes ``step`` (a time-based schedule must be agreed over
+        the ranks by the caller, as the manager does)."""
+        now = time.monotonic() if now is None else now
+        return any(p.should_save(step, now, self._last_time) for p in self.schedule)
 
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -258,6 +260,7 @@ class MemoryTier:
             metadata={META_KEY: {"job": self.job, "nodes": self.nnodes, "replicas": self.replicas}})
         self.stats.call_s.append(time.perf_counter() - t0)
         self.stats.taken += 1
+        self._last_time = time.monotonic()
         self._thread = threading.Thread(target=self._finish_logged, args=(step, handle, persist),
                                         name=f"ckpt-tier-{step}", daemon=True)
         self._thread.start()

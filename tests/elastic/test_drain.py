@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt import tools
+from ckpt import MemoryTierOptions, PreemptionOptions, tools
 from ckpt._format import step_dirname
 from ckpt.elastic._tier import META_KEY
 from tests.dist._launch import launch
@@ -46,8 +46,9 @@ def _loaded(url: str, options: dict | None = None) -> str:
 def test_a_persistent_save_on_a_tier_step_is_drained_not_staged_again(run_place, tmp_path):
     m, opt = _model()
     digests: dict[int, str] = {}
-    mgr = ckpt.CheckpointManager(run_place.url, every_steps=3, memory_every_steps=1, replicas=0, save_on_signals=(),
-                                 storage_options=run_place.options, node_dir=str(tmp_path / "node"))
+    mgr = ckpt.CheckpointManager(run_place.url, save=3,
+                                 memory=MemoryTierOptions(every=1, replicas=0, node_dir=str(tmp_path / "node")),
+                                 preemption=PreemptionOptions(signals=()), storage_options=run_place.options)
     handles = _loop(mgr, range(6), m, opt, digests)
     mgr.wait()
     assert mgr.tier is not None and mgr.tier.stats.drained == 2 and not mgr.failures
@@ -67,8 +68,9 @@ def test_a_failing_drain_loses_nothing_committed_and_training_goes_on(tmp_path):
     run = tmp_path / "run"
     m, opt = _model()
     digests: dict[int, str] = {}
-    mgr = ckpt.CheckpointManager(run, every_steps=2, memory_every_steps=1, replicas=0, save_on_signals=(),
-                                 node_dir=str(tmp_path / "node"))
+    mgr = ckpt.CheckpointManager(run, save=2,
+                                 memory=MemoryTierOptions(every=1, replicas=0,
+                                 node_dir=str(tmp_path / "node")), preemption=PreemptionOptions(signals=()))
     _loop(mgr, range(2), m, opt, digests)  # step 1 drained
     mgr.wait()
     assert (run / "step-000000001" / "manifest.json").exists()
@@ -97,7 +99,7 @@ def test_a_drained_checkpoint_of_three_nodes_is_the_staged_one_byte_for_byte(tmp
     runs = {}
     for drain in (True, False):
         run, nodes = str(tmp_path / f"run-{drain}"), _dirs(tmp_path / f"n-{drain}", 3)
-        out = launch(train, 3, run, nodes, 6, 3, {"memory_drain": drain}, timeout=180)
+        out = launch(train, 3, run, nodes, 6, 3, {"drain": drain}, timeout=180)
         assert all(r["stats"].drained == (2 if drain else 0) for r in out)
         runs[drain] = Path(run)
     drained, staged = (runs[d] / "step-000000005" for d in (True, False))

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+from ckpt import MemoryTierOptions, PreemptionOptions
 from tests.dist._launch import launch
 
 pytestmark = pytest.mark.slow
@@ -73,6 +74,7 @@ def _node_env(node_dirs: list[str]) -> None:
 def train(run: str, node_dirs: list[str], steps: int, every: int, kwargs: dict[str, Any],
           width: int = 64, die_after: float | None = None) -> dict[str, Any]:
     """Restore (tier first), train to ``steps``, leave the tier as a crash would.
+    ``kwargs``: more MemoryTierOptions.
     ``die_after``: rank 1 SIGKILLs itself that many seconds into training (and does not
     wait for tier steps, so the kill lands anywhere in a snapshot or a replication)."""
     import ckpt
@@ -82,7 +84,8 @@ def train(run: str, node_dirs: list[str], steps: int, every: int, kwargs: dict[s
     state = {"model": m, "optim": opt}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mgr = ckpt.CheckpointManager(run, every_steps=every, memory_every_steps=1, save_on_signals=(), **kwargs)
+        mgr = ckpt.CheckpointManager(run, save=every, memory=MemoryTierOptions(every=1, **kwargs),
+                                     preemption=PreemptionOptions(signals=()))
         start = mgr.restore(state)
     restored = digest(_flat(m, opt)) if start else None
     import torch.distributed as dist
@@ -207,8 +210,8 @@ def test_no_room_skips_tier_steps_with_a_warning_and_training_goes_on(tmp_path, 
     monkeypatch.setenv("CKPT_NODE_DIR", str(tmp_path / "node"))
     m, opt = _model()
     state = {"model": m, "optim": opt}
-    mgr = ckpt.CheckpointManager(tmp_path / "run", every_steps=3, memory_every_steps=1, memory_max_bytes=1,
-                                 save_on_signals=())
+    mgr = ckpt.CheckpointManager(tmp_path / "run", save=3, memory=MemoryTierOptions(every=1, max_bytes=1),
+                                 preemption=PreemptionOptions(signals=()))
     with pytest.warns(MemoryTierWarning, match="no room for step"):
         for s in range(6):
             _train_step(m, opt, s)
@@ -221,7 +224,9 @@ def test_no_room_skips_tier_steps_with_a_warning_and_training_goes_on(tmp_path, 
     assert [c.step for c in mgr.checkpoints()] == [5, 2]  # persistent checkpoints untouched
     assert not (tmp_path / "node" / mgr.tier.job).exists()  # a clean end removes the job's tier
     m2, opt2 = _model()
-    assert ckpt.CheckpointManager(tmp_path / "run", save_on_signals=()).restore({"model": m2, "optim": opt2}) == 6
+    assert ckpt.CheckpointManager(tmp_path / "run",
+                                  preemption=PreemptionOptions(signals=())).restore({"model": m2,
+                                  "optim": opt2}) == 6
     assert digest(_flat(m2, opt2)) == last
 
 
@@ -231,7 +236,7 @@ def test_a_tier_step_written_into_a_retired_steps_pages_holds_only_its_own_bytes
     import ckpt
     from ckpt.elastic import MemoryTier
 
-    tier = MemoryTier(os.fspath(tmp_path / "run"), node_dir=os.fspath(tmp_path / "node"), replicas=0)
+    tier = MemoryTier(os.fspath(tmp_path / "run"), MemoryTierOptions(node_dir=os.fspath(tmp_path / "node"), replicas=0))
     big = 1 << 20
     states = [{"a": torch.full((big,), 0.0), "b": torch.full((2 * big,), 0.0)},
               {"a": torch.full((big,), 1.0), "b": torch.full((2 * big,), 1.0)},
@@ -262,7 +267,7 @@ def test_steps_of_a_timeline_the_job_left_are_dropped(tmp_path):
     number is higher."""
     from ckpt.elastic import MemoryTier
 
-    tier = MemoryTier(os.fspath(tmp_path / "run"), node_dir=os.fspath(tmp_path / "node"), replicas=0)
+    tier = MemoryTier(os.fspath(tmp_path / "run"), MemoryTierOptions(node_dir=os.fspath(tmp_path / "node"), replicas=0))
     try:
         for s in (5, 6, 2, 3):
             tier.snapshot(s, {"m": {"w": torch.full((1000,), float(s))}})

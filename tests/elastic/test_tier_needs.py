@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+from ckpt import MemoryTierOptions
 from tests.dist._launch import launch
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,7 @@ def _save(run: str, nodes: list[str]) -> None:
 
     from ckpt.elastic import MemoryTier
 
-    tier = MemoryTier(run, node_dir=nodes[dist.get_rank()], replicas=1)
+    tier = MemoryTier(run, MemoryTierOptions(node_dir=nodes[dist.get_rank()], replicas=1))
     tier.snapshot(0, _state(zeros=False))
     tier.wait()
     assert tier.stats.completed == 1
@@ -61,7 +62,7 @@ def _restore(run: str, nodes: list[str]) -> dict[str, Any]:
 
     from ckpt.elastic import MemoryTier
 
-    tier = MemoryTier(run, node_dir=nodes[dist.get_rank()], replicas=1)
+    tier = MemoryTier(run, MemoryTierOptions(node_dir=nodes[dist.get_rank()], replicas=1))
     state = _state(zeros=True)
     res = tier.restore(state)
     assert res is not None

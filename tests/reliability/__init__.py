@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 import ckpt
+from ckpt import PreemptionOptions
 from ckpt._engine._catalog import list_run
 from ckpt.storage import open_storage
 
@@ -207,17 +208,18 @@ def retention_worker(run: str, keep_last: int, started: Any, kill_at: int = 0) -
     _setup_child(None)
     if kill_at:
         inject_kill(kill_at)
-    mgr = ckpt.CheckpointManager(run, keep_last=keep_last, save_on_signals=(), save_on_close=False)
+    mgr = ckpt.CheckpointManager(run, keep=keep_last, preemption=PreemptionOptions(signals=()), save_on_close=False)
     started.set()
     mgr.apply_retention()
 
 
 def recycled_save_worker(run: str, kill_at: int, started: Any) -> None:
-    """``CheckpointManager(keep_last=1, recycle=True)`` saves step 3 into ``run``'s recycle slot (then
+    """``CheckpointManager(keep=1, recycle=True)`` saves step 3 into ``run``'s recycle slot (then
     retires step 2), SIGKILLed right before its ``kill_at``-th file-system mutation."""
     _setup_child(None)
     inject_kill(kill_at, direct_writes=True)
-    mgr = ckpt.CheckpointManager(run, keep_last=1, save_on_signals=(), save_on_close=False, recycle=True)
+    mgr = ckpt.CheckpointManager(run, keep=1, preemption=PreemptionOptions(signals=()), save_on_close=False,
+                                 recycle=True)
     started.set()
     mgr.save(3, make_state(3)).result()
     mgr.wait()

@@ -37,7 +37,7 @@ def _shard(ckdir: str, name: str) -> str:
 
 
 def _two_damaged_checkpoints(run: str) -> None:
-    with ckpt.CheckpointManager(run, every_steps=1) as mgr:
+    with ckpt.CheckpointManager(run, save=1) as mgr:
         for step in (1, 2):
             mgr.step(step, _state(step))
     for step in (1, 2):

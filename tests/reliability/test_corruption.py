@@ -14,7 +14,7 @@ import warnings
 import pytest
 
 import ckpt
-from ckpt import tools
+from ckpt import PreemptionOptions, tools
 from ckpt.errors import CorruptCheckpointError, ManifestError
 from tests.reliability import assert_bit_exact, blank_state, make_state
 
@@ -110,7 +110,7 @@ def test_damaged_object(template, tmp_path, case):
     if kind in ("truncate", "delete"):
         assert not quick.ok, case  # sizes and presence alone catch these
 
-    mgr = ckpt.CheckpointManager(str(run), save_on_signals=(), save_on_close=False)
+    mgr = ckpt.CheckpointManager(str(run), preemption=PreemptionOptions(signals=()), save_on_close=False)
     st = blank_state()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -147,7 +147,7 @@ def test_damaged_manifest(template, tmp_path, how):
     assert "manifest" in str(ei.value)
     rep = tools.verify(str(run / "step-000000002"))
     assert [p.what for p in rep.problems] == ["manifest"]
-    mgr = ckpt.CheckpointManager(str(run), save_on_signals=(), save_on_close=False)
+    mgr = ckpt.CheckpointManager(str(run), preemption=PreemptionOptions(signals=()), save_on_close=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert mgr.restore(blank_state()) == 2
@@ -172,7 +172,7 @@ def test_every_committed_checkpoint_corrupt_restores_nothing(template, tmp_path)
     run = _copy(template, tmp_path)
     for s in (1, 2):
         os.unlink(run / f"step-{s:09d}/packs/u00000-0000/c.0")
-    mgr = ckpt.CheckpointManager(str(run), save_on_signals=(), save_on_close=False)
+    mgr = ckpt.CheckpointManager(str(run), preemption=PreemptionOptions(signals=()), save_on_close=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert mgr.restore(blank_state()) == 0  # a fresh start, never a half-loaded state

@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 import ckpt
+from ckpt import PreemptionOptions
 from tests.reliability import (
     assert_bit_exact,
     check_after_crash,
@@ -135,7 +136,8 @@ def test_kill_during_a_save_into_a_recycled_tree(tmp_path):
     retire the next one), killed at every stage: what is listed loads bit-exact, the rest
     is debris gc removes, and the run saves again."""
     tpl = tmp_path / "rtpl"
-    mgr = ckpt.CheckpointManager(tpl, keep_last=1, save_on_signals=(), save_on_close=False, recycle=True)
+    mgr = ckpt.CheckpointManager(tpl, keep=1, preemption=PreemptionOptions(signals=()), save_on_close=False,
+                                 recycle=True)
     mgr.save(1, make_state(1)).result()
     mgr.save(2, make_state(2)).result()
     mgr.wait()
@@ -205,7 +207,7 @@ def test_overwrite_interrupted_between_renames_is_recovered(tmp_path):
     assert [c.name for c in ckpt.list_checkpoints(run)] == ["step-000000005"]
     storage.rename_dir("step-000000005", ".tmp-trash-step-000000005-deadbeef")
     out = {"w": torch.empty(1000)}
-    mgr = ckpt.CheckpointManager(run, save_on_signals=())
+    mgr = ckpt.CheckpointManager(run, preemption=PreemptionOptions(signals=()))
     with pytest.warns(RuntimeWarning, match="recovered"):
         assert mgr.restore(out) == 6
     assert torch.equal(out["w"], w)

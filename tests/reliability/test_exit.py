@@ -20,7 +20,7 @@ SCRIPTS = {
         ckpt.save_async(make_state(3), f"{run}/step-000000003", step=3)
     """,
     "manager": """
-        mgr = ckpt.CheckpointManager(run, every_steps=1)
+        mgr = ckpt.CheckpointManager(run, save=1)
         mgr.step(3, make_state(3))
     """,
     "sys_exit": """

@@ -29,7 +29,7 @@ def _state(step: int) -> dict:
 def test_changing_names_fit_where_they_fit_without_recycling(tmpfs, recycle, monkeypatch):
     monkeypatch.setenv("CKPT_DIRECT_WRITES", "buffered")  # tmpfs has no O_DIRECT
     run = str(tmpfs / "run")
-    mgr = ckpt.CheckpointManager(run, every_steps=1, keep_last=1, recycle=recycle)
+    mgr = ckpt.CheckpointManager(run, save=1, keep=1, recycle=recycle)
     for step in range(5):
         mgr.step(step, _state(step))
         mgr.wait()

@@ -65,7 +65,8 @@ def test_storage_full(tmpfs, what, monkeypatch):
         h.result(timeout=60)
     assert "space" in str(ei.value)
     # the training loop goes on; the manager records the failure
-    mgr = ckpt.CheckpointManager(run, every_steps=2, keep_last=2, save_on_signals=(), save_on_close=False)
+    mgr = ckpt.CheckpointManager(run, save=2, keep=2, preemption=ckpt.PreemptionOptions(signals=()),
+                                 save_on_close=False)
     assert _train(mgr, 4, lambda s: make_state(10 + s, rows)) == 4
     assert mgr.failures and all(isinstance(e, StorageError) for _, e in mgr.failures)
     mgr.close()
@@ -89,7 +90,7 @@ def test_read_only_filesystem(tmpfs):
             h = ckpt.save_async(make_state(2, rows), f"{run}/step-000000002", step=2)
             with pytest.raises(StoragePermissionError):
                 h.result(timeout=60)
-        mgr = ckpt.CheckpointManager(run, every_steps=1, save_on_signals=(), save_on_close=False)
+        mgr = ckpt.CheckpointManager(run, save=1, preemption=ckpt.PreemptionOptions(signals=()), save_on_close=False)
         assert _train(mgr, 3, lambda s: make_state(10 + s, SMALL)) == 3
         assert len(mgr.failures) == 3
         assert all(isinstance(e, StoragePermissionError) for _, e in mgr.failures), mgr.failures
@@ -131,8 +132,8 @@ def test_s3_server_gone(s3_server, monkeypatch):
         elapsed = time.monotonic() - t0
         assert elapsed < 120
         print(f"\n[reliability] S3 gone: {type(ei.value).__name__} after {elapsed:.1f}s: {str(ei.value)[:160]}")
-        mgr = ckpt.CheckpointManager(run, every_steps=2, save_on_signals=(), save_on_close=False,
-                                     storage_options=opts)
+        mgr = ckpt.CheckpointManager(run, save=2, preemption=ckpt.PreemptionOptions(signals=()),
+                                     save_on_close=False, storage_options=opts)
         assert _train(mgr, 2, lambda s: make_state(10 + s, SMALL)) == 2
         assert mgr.failures
         mgr.close()

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import ckpt
-from ckpt import tools
+from ckpt import PreemptionOptions, tools
 from tests.reliability import assert_bit_exact, blank_state, debris, make_state
 
 ROWS = 128  # 512 KiB: above the pack threshold, so an array and a pack
@@ -59,7 +59,7 @@ class CheckpointLifecycle(RuleBasedStateMachine):
 
     @rule()
     def restore(self) -> None:
-        mgr = ckpt.CheckpointManager(self.run, save_on_signals=(), save_on_close=False)
+        mgr = ckpt.CheckpointManager(self.run, preemption=PreemptionOptions(signals=()), save_on_close=False)
         state = blank_state(ROWS)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no checkpoint may need skipping
@@ -73,7 +73,7 @@ class CheckpointLifecycle(RuleBasedStateMachine):
 
     @rule(k=st.integers(1, 3))
     def retain(self, k: int) -> None:
-        mgr = ckpt.CheckpointManager(self.run, keep_last=k, save_on_signals=(), save_on_close=False)
+        mgr = ckpt.CheckpointManager(self.run, keep=k, preemption=PreemptionOptions(signals=()), save_on_close=False)
         mgr.apply_retention()
         mgr.close()
         self.committed = set(sorted(self.committed)[-k:])

@@ -21,7 +21,7 @@ def test_a_run_that_is_a_file(tmp_path):
     with pytest.raises(NotADirectoryPathError) as ei:
         ckpt.list_checkpoints(str(run))
     assert isinstance(ei.value, NotADirectoryError) and str(run) in ei.value.path and ei.value.hint
-    mgr = ckpt.CheckpointManager(str(run), every_steps=1, keep_last=1, save_on_close=False)
+    mgr = ckpt.CheckpointManager(str(run), save=1, keep=1, save_on_close=False)
     mgr.step(0, {"t": torch.zeros(3)})  # a failed save never raises into the loop
     mgr.wait()
     assert mgr.failures and all(isinstance(e, CheckpointError) for _, e in mgr.failures)
@@ -32,7 +32,7 @@ def test_a_run_that_is_a_file(tmp_path):
 
 def test_retention_on_a_run_that_became_a_file(tmp_path):
     run = tmp_path / "run"
-    mgr = ckpt.CheckpointManager(str(run), every_steps=1, keep_last=1)
+    mgr = ckpt.CheckpointManager(str(run), save=1, keep=1)
     run.write_text("replaced by a file")
     with pytest.raises(NotADirectoryPathError):
         mgr.apply_retention()
