@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt import tools
+from ckpt import MemoryTierOptions, tools
 from ckpt.elastic import MemoryTier
 
 MIB = 1 << 20
@@ -34,7 +34,7 @@ def _files(step_dir: Path) -> dict[str, int]:
 
 
 def test_a_tier_step_is_one_copy_into_its_files_and_steady_steps_reuse_their_pages(tmp_path):
-    tier = MemoryTier(os.fspath(tmp_path / "run"), node_dir=os.fspath(tmp_path / "node"), replicas=0)
+    tier = MemoryTier(os.fspath(tmp_path / "run"), MemoryTierOptions(node_dir=os.fspath(tmp_path / "node"), replicas=0))
     try:
         files = []
         for s in range(4):
@@ -65,9 +65,10 @@ def test_a_save_elsewhere_writes_its_pool_blocks_as_before(tmp_path):
 _CHILD = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, {root!r})
+    from ckpt import MemoryTierOptions
     from ckpt.elastic import MemoryTier
     from tests.elastic.test_tier_mapped import _state
-    tier = MemoryTier({run!r}, node_dir={node!r}, replicas=0)
+    tier = MemoryTier({run!r}, MemoryTierOptions(node_dir={node!r}, replicas=0))
     for s in range(10**6):
         tier.snapshot(s, {{"m": _state(s)}})
         tier.wait()
@@ -93,7 +94,7 @@ def test_sigkill_while_staging_into_the_files_leaves_the_previous_step_whole(tmp
         proc.stdout.readline()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    tier = MemoryTier(run, node_dir=node, replicas=0)
+    tier = MemoryTier(run, MemoryTierOptions(node_dir=node, replicas=0))
     try:
         out = {"m": {k: torch.zeros_like(v) for k, v in _state(0).items()}}
         got = tier.restore(out)
@@ -108,7 +109,7 @@ def test_sigkill_while_staging_into_the_files_leaves_the_previous_step_whole(tmp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_gpu_state_is_copied_by_dma_into_the_tier_files(tmp_path):
     """The tier files' mappings are registered with CUDA: the device-to-host copy lands in them."""
-    tier = MemoryTier(os.fspath(tmp_path / "run"), node_dir=os.fspath(tmp_path / "node"), replicas=0)
+    tier = MemoryTier(os.fspath(tmp_path / "run"), MemoryTierOptions(node_dir=os.fspath(tmp_path / "node"), replicas=0))
     try:
         for s in range(3):
             h = tier.snapshot(s, {"m": _state(s, "cuda")})
