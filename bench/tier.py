@@ -6,7 +6,8 @@ of the same run.
   every step, alternating (best of ``repeats``). Blocked per step = (loop with the tier -
   loop without) / steps: the call, the optimizer-hook waits and the slowdown of steps the
   snapshot overlaps. One process with one torch thread, so a core is free for the tier's
-  background work. Goal: under 3% of the step.
+  background work. Goal: under 10% of the step (issue #34). Also the host passes over
+  each tier byte (copies, crc32c reads apart from the copy), counted by the engine.
 * **Replication**: two gloo ranks on loopback swap a bundle of tier files (the ring's
   pattern: each sends and receives at once) against the same bytes as one tensor with raw
   ``isend``/``irecv``; the first swap receives into new files, every later one into the
@@ -95,9 +96,12 @@ def per_step_cost(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
             gc.collect()
             base.append(_loop(model, opt, x, cfg.steps, None))
             t0, s0 = tier.stats.taken, tier.stats.skipped_busy
+            b0 = (tier.stats.staged_bytes, tier.stats.rewritten_bytes, tier.stats.crc_reread_bytes)
             with_tier.append(_loop(model, opt, x, cfg.steps, tier.snapshot, first=3 + rep * cfg.steps))
             tier.wait()
             taken, skipped = tier.stats.taken - t0, tier.stats.skipped_busy - s0
+            staged = tier.stats.staged_bytes - b0[0]
+            rewritten, reread = tier.stats.rewritten_bytes - b0[1], tier.stats.crc_reread_bytes - b0[2]
         calls = tier.stats.call_s[-taken:] if taken else []
         iter_s = min(base) / cfg.steps
         blocked = (min(with_tier) - min(base)) / cfg.steps
@@ -105,7 +109,11 @@ def per_step_cost(cfg: Config, tmp: Path, progress: Progress) -> dict[str, Any]:
                 "loop_base_s": base, "loop_tier_s": with_tier, "blocked_per_step_s": blocked,
                 "blocked_over_step": blocked / iter_s, "taken": taken, "skipped_busy": skipped,
                 "call_s_median": statistics.median(calls) if calls else None,
-                "peak_held_bytes": tier.stats.peak_held_bytes}
+                "peak_held_bytes": tier.stats.peak_held_bytes,
+                # host passes per tier byte (the last run): copies (the copy in, plus any write
+                # again) and crc32c reads apart from the copy (the fused crc reads cache: not one)
+                "copies_per_byte": (staged + rewritten) / staged if staged else None,
+                "crc_rereads_per_byte": reread / staged if staged else None}
     finally:
         tier.close()
         shutil.rmtree(shm, ignore_errors=True)
@@ -300,7 +308,13 @@ def render(r: dict[str, Any]) -> str:
              f"{sc['state_bytes'] / MIB:.0f} MiB state; {sc['taken']} of {sc['steps']} steps taken "
              f"({sc['skipped_busy']} skipped: the previous one in flight); call median "
              f"{fmt(None if sc['call_s_median'] is None else sc['call_s_median'] * 1e3, 2)} ms; node peak "
-             f"{sc['peak_held_bytes'] / MIB:.0f} MiB", "<= 0.03"],
+             f"{sc['peak_held_bytes'] / MIB:.0f} MiB", "<= 0.10"],
+            ["host passes per tier byte: copies + separate crc reads",
+             fmt(None if sc.get("copies_per_byte") is None
+                 else sc["copies_per_byte"] + sc["crc_rereads_per_byte"], 3),
+             f"{fmt(sc.get('copies_per_byte'), 3)} copies (into the tier's files; a write again from a pool "
+             f"would add 1) + {fmt(sc.get('crc_rereads_per_byte'), 3)} crc32c reads apart from the copy "
+             "(the crc fused with the copy reads cache)", "<= 1 (+ the fused crc)"],
             ["replication / raw gloo", fmt(rp["over_raw"], 3),
              f"{rp['swap_gbps']:.2f} vs {rp['raw_gbps']:.2f} GB/s, {rp['bytes_each_way'] / MIB:.0f} MiB each way "
              f"in {rp['files']} files, 2 ranks on loopback, into a retired step's files (the first step, "

@@ -16,6 +16,7 @@ from ckpt import _config as config
 from ckpt._engine._catalog import read_manifest
 from ckpt._engine._coord import coordinator, rank_and_world
 from ckpt._engine._load import Loader, LoadStats
+from ckpt._engine._mapped import MappedFiles
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._pool import HostPool
 from ckpt._engine._recycle import reading
@@ -111,12 +112,16 @@ class Snapshotter:
     """Owns what outlives one snapshot: the host pool, copy streams, the plan cache, the
     optimizer hooks, and the snapshot in flight (at most one)."""
 
-    def __init__(self, options: SaveOptions | None = None, *, background_nice: int = 0) -> None:
+    def __init__(self, options: SaveOptions | None = None, *, background_nice: int = 0,
+                 stage_in_files: bool = False) -> None:
         """``background_nice``: how much lower the threads that finish a snapshot in the
         background (writes, crc32c) run than the training loop (the memory tier's: see
-        ``CKPT_BACKGROUND_NICE``); the copies the optimizer hook waits for never are."""
+        ``CKPT_BACKGROUND_NICE``); the copies the optimizer hook waits for never are.
+        ``stage_in_files``: on local storage written directly, copy into the objects'
+        files' own pages, no second write (the memory tier's tmpfs; ``_engine._mapped``)."""
         self.options = SaveOptions.resolve(options)
         self.background_nice = background_nice
+        self._mapped = MappedFiles() if stage_in_files else None
         self._pool: HostPool | None = None
         self._streams: dict[torch.device, list[Any]] = {}
         self._plan_cache: dict[str, Any] = {}  # the last save's (structure signature, RankPlan)
@@ -226,7 +231,8 @@ class Snapshotter:
                           pool=self._pool_for(bool(devices)), options=self.options, plan_cache=self._plan_cache,
                           overwrite=overwrite, user_metadata=dict(metadata or {}),
                           streams=self._copy_streams(devices), t_call=t0,
-                          early_error=early, recycle_here=recycle_here, nice=self.background_nice)
+                          early_error=early, recycle_here=recycle_here, nice=self.background_nice,
+                          mapped=self._mapped)
         self._job = job
         job.start()  # with inline staging (SaveOptions.cpu_staging), the copy happens now
         call = time.perf_counter() - t0
@@ -241,6 +247,8 @@ class Snapshotter:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        if self._mapped is not None:
+            self._mapped.close()
 
 
 _default: Snapshotter | None = None

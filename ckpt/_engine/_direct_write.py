@@ -110,6 +110,9 @@ class DirectWriter:
                                                            initializer=lower_this_thread, initargs=(nice,))
         self._dirs: set[str] = set()
         self._dirs_lock = threading.Lock()
+        # host passes beyond the copy into the block (SaveStats): bytes written again
+        # (pwrite), and bytes checksummed in a read of their own (not in the copy's pass)
+        self.rewritten_bytes = self.crc_reread_bytes = 0
 
     @classmethod
     def for_storage(cls, storage: Storage, **kwargs: Any) -> DirectWriter | None:
@@ -134,10 +137,16 @@ class DirectWriter:
         data = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()  # as tensorstore writes it
         self._write_file(rel, memoryview(data), len(data), key=None, o_direct=False)
 
-    def write_object(self, img: ObjectImage, block: np.ndarray, key: str, *, sealed: bool = False) -> None:
-        """Write the object (first :meth:`seal` it, unless that was done)."""
+    def write_object(self, img: ObjectImage, block: np.ndarray, key: str, *, sealed: bool = False,
+                     in_place: bool = False) -> None:
+        """Write the object (first :meth:`seal` it, unless that was done); ``in_place``:
+        the block is the file's own pages (:mod:`._mapped`), nothing more to write."""
         if not sealed:
             self.seal(img, block)
+        if in_place:
+            return
+        with self._dirs_lock:
+            self.rewritten_bytes += img.nbytes
         aligned = self.o_direct and block.ctypes.data % ALIGN == 0
         length = img.block_bytes if aligned else img.nbytes
         self._write_file(img.file, memoryview(block[:length]), img.nbytes, key=key, o_direct=aligned)  # type: ignore[arg-type]
@@ -147,6 +156,8 @@ class DirectWriter:
         copy wrote), and the shard index with its crc32c."""
         base = block.ctypes.data
         crc = self.crc
+        with self._dirs_lock:
+            self.crc_reread_bytes += len(img.chunks[skip:]) * img.chunk_nbytes
         for off, _, _ in img.chunks[skip:]:
             put_crc(block, off + img.chunk_nbytes, crc(0, base + off, img.chunk_nbytes))
         if img.index is not None:

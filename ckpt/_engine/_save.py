@@ -40,6 +40,7 @@ from ckpt._engine._direct_write import DirectWriter
 from ckpt._engine._globalplan import Assignment, PieceMeta
 from ckpt._engine._layout import pack_image, shard_image
 from ckpt._engine._manifest import build_manifest
+from ckpt._engine._mapped import MappedFiles
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._plan import pack_metadata, zarr_metadata
 from ckpt._engine._pool import HostPool
@@ -157,8 +158,9 @@ class SnapshotJob(Completion):
                  coord: LocalCoordinator | DistCoordinator, pool: HostPool, options: SaveOptions,
                  plan_cache: dict[str, Any], overwrite: bool, user_metadata: dict[str, Any],
                  streams: dict[Any, list[Any]], t_call: float, early_error: Exception | None = None,
-                 recycle_here: bool | None = None, nice: int = 0) -> None:
+                 recycle_here: bool | None = None, nice: int = 0, mapped: MappedFiles | None = None) -> None:
         self.prep = prep
+        self.mapped = mapped  # stage direct units into their files' pages (_mapped)
         # None: rank 0 takes a recycle slot of the (shared) storage; a bool on every rank:
         # each rank so marked takes one of its own storage (a storage per node: the tier's)
         self.recycle_here = recycle_here
@@ -343,6 +345,9 @@ class SnapshotJob(Completion):
     def _stage_and_write(self, plan: RankPlan, write_dir: str) -> None:
         direct = DirectWriter.for_storage(self.storage, nice=self.shared.nice)
         self.shared.direct = direct
+        if direct is not None and self.mapped is not None:
+            self.mapped.begin()
+            self.shared.mapped = self.mapped
         try:
             units = self._units(plan, write_dir, direct)
             arrays = self._open_arrays(plan, write_dir, direct)
@@ -357,6 +362,8 @@ class SnapshotJob(Completion):
         finally:
             if direct is not None:
                 direct.close()
+                self.stats.rewritten_bytes = direct.rewritten_bytes
+                self.stats.crc_reread_bytes = direct.crc_reread_bytes
         self.stats.staging_s = writer.staged_at - self.t_call if writer.staged_at else 0.0
         if writer.error is not None:
             raise writer.error

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt._engine._direct_write import DirectWriter
+from ckpt._engine._mapped import MappedFiles
 from ckpt._engine._pool import HostPool
 from ckpt.storage import Storage
 
@@ -36,6 +37,10 @@ class SaveStats:
     pool_peak_bytes: int = 0
     objects: int = 0
     inline: bool = False  # the copy ran in the call (SaveOptions.cpu_staging)
+    # host passes over memory beyond the one copy (direct writes): bytes written again
+    # after the copy (pwrite from the pool), bytes checksummed in a read of their own
+    rewritten_bytes: int = 0
+    crc_reread_bytes: int = 0
 
     @property
     def throughput_gbps(self) -> float:
@@ -57,7 +62,8 @@ class SnapshotState:
     and pool waits give up. ``staged``: every unit has been handed to the copy engines
     (set once, also on failure). ``copy_events``: (device, CUDA event) of every copy
     issued, which the training stream waits on. ``direct``: the direct local writer
-    (None where writes go through tensorstore). ``inline``: CPU units are copied in the
+    (None where writes go through tensorstore); ``mapped``: direct units are staged into
+    their files' own pages (:mod:`._mapped`). ``inline``: CPU units are copied in the
     call, on several threads (``SaveOptions.cpu_staging``)."""
 
     storage: Storage
@@ -73,6 +79,7 @@ class SnapshotState:
     staged: threading.Event = field(default_factory=threading.Event)
     copy_events: list[tuple[Any, Any]] = field(default_factory=list)
     direct: DirectWriter | None = None
+    mapped: MappedFiles | None = None  # direct units staged into their files' own pages (the tier)
     nice: int = 0  # how much lower the background threads run (the memory tier's saves)
     # SaveOptions.check_snapshot: (key, box) -> (source tensor, its digest at the call)
     digests: dict[tuple[str, Any], tuple[Any, int]] = field(default_factory=dict)

@@ -21,10 +21,11 @@ import torch
 
 from ckpt._engine._globalplan import Assignment
 from ckpt._engine._layout import ObjectImage, put_crc
+from ckpt._engine._mapped import MappedBlock
 from ckpt._engine._plan import CRC_BYTES
 from ckpt._engine._pool import Block
 from ckpt._engine._snapstate import SnapshotState
-from ckpt._engine._writer import WriteUnit
+from ckpt._engine._writer import WriteUnit, release_block
 from ckpt.errors import SnapshotFailedError
 from ckpt.providers._base import TensorItem
 
@@ -234,10 +235,9 @@ def stage(st: SnapshotState, units: list[WriteUnit], writer_q: queue.Queue[Write
     for u in units:
         if st.cancel.is_set():
             return
-        u.block = st.pool.acquire(u.image.block_bytes if u.image is not None else u.nbytes,
-                                    cancelled=st.cancel)
+        dev = next((m.device for m, _, _ in u.members if m.device.type == "cuda"), None)
+        acquire_block(st, u, cuda=dev is not None)
         try:
-            dev = next((m.device for m, _, _ in u.members if m.device.type == "cuda"), None)
             if dev is not None:
                 ss = streams[dev]
                 stream = ss[n % len(ss)]
@@ -256,14 +256,15 @@ def stage(st: SnapshotState, units: list[WriteUnit], writer_q: queue.Queue[Write
                 # is issued, the optimizer step may run (its stream waits on these events)
                 # and bump the versions while the copies are still landing.
                 check_unchanged(st, u)
+            elif isinstance(u.block, MappedBlock):  # into the file's pages, checksummed in the same pass
+                copy_sealed(st, u)
             else:
                 copy_unit(u, non_blocking=False)
                 check_unchanged(st, u)
         except BaseException:
             if u.event is not None:  # the copy may still be landing in the block
                 u.event.synchronize()
-            st.pool.release(u.block)
-            u.block = None
+            release_block(st, u)
             raise
         st.stats.bytes += u.nbytes
         writer_q.put(u)
@@ -282,18 +283,11 @@ def _stage_inline(st: SnapshotState, units: list[WriteUnit], writer_q: queue.Que
                 u = next(todo, None)
             if u is None:
                 return
-            u.block = st.pool.acquire(u.image.block_bytes if u.image is not None else u.nbytes,
-                                        cancelled=st.cancel)
+            acquire_block(st, u)
             try:
-                direct = st.direct if u.image is not None else None
-                done = copy_unit(u, non_blocking=False, crc=direct.crc if direct is not None else None)
-                check_unchanged(st, u)
-                if direct is not None and u.image is not None:
-                    direct.seal(u.image, u.block.array, skip=done)
-                    u.sealed = True
+                copy_sealed(st, u)
             except BaseException:
-                st.pool.release(u.block)
-                u.block = None
+                release_block(st, u)
                 raise
             with lock:
                 st.stats.bytes += u.nbytes
@@ -314,6 +308,28 @@ def _stage_inline(st: SnapshotState, units: list[WriteUnit], writer_q: queue.Que
             raise errors[0]
     st.stats.copied_s = time.perf_counter() - st.t_call
     st.staged.set()
+
+def acquire_block(st: SnapshotState, u: WriteUnit, *, cuda: bool = False) -> None:
+    """``u.block``: the unit's file's own pages where the save stages into its files
+    (:mod:`._mapped`), else a pool block (waiting while the pool is full)."""
+    if st.mapped is not None and u.image is not None:
+        u.block = st.mapped.acquire(st.storage, u.image, cuda=cuda)
+        if u.block is not None:
+            return
+    u.block = st.pool.acquire(u.image.block_bytes if u.image is not None else u.nbytes, cancelled=st.cancel)
+
+
+def copy_sealed(st: SnapshotState, u: WriteUnit) -> None:
+    """A CPU unit copied into its block, a direct one checksummed in the same pass and
+    sealed (its remaining crc32c's and index filled in)."""
+    assert u.block is not None
+    direct = st.direct if u.image is not None else None
+    done = copy_unit(u, non_blocking=False, crc=direct.crc if direct is not None else None)
+    check_unchanged(st, u)
+    if direct is not None and u.image is not None:
+        direct.seal(u.image, u.block.array, skip=done)
+        u.sealed = True
+
 
 def check_unchanged(st: SnapshotState, u: WriteUnit) -> None:
     """Fail loudly if a source changed before its copy completed: a checkpoint must

@@ -18,6 +18,7 @@ from ckpt._config import lower_this_thread
 from ckpt._engine._arrays import translate
 from ckpt._engine._globalplan import Assignment
 from ckpt._engine._layout import ObjectImage
+from ckpt._engine._mapped import MappedBlock, MappedFiles
 from ckpt._engine._pool import Block
 from ckpt._engine._snapstate import SnapshotState
 
@@ -145,7 +146,8 @@ class Writer(threading.Thread):
             self._outstanding += 1
         try:
             fut = self.direct.submit(functools.partial(self.direct.write_object, u.image, u.block.array, u.key,
-                                                       sealed=u.sealed))
+                                                       sealed=u.sealed,
+                                                       in_place=isinstance(u.block, MappedBlock)))
         except BaseException:
             self._finish(u, None)
             raise
@@ -168,7 +170,14 @@ class Writer(threading.Thread):
     def _release(self, u: WriteUnit) -> None:
         if u.event is not None:  # a cancelled unit's copy may still be landing in the block
             u.event.synchronize()
-        if u.block is not None:
-            self.shared.pool.release(u.block)
-            u.block = None
+        release_block(self.shared, u)
         u.members = []
+
+
+def release_block(st: SnapshotState, u: WriteUnit) -> None:
+    """Give ``u.block`` back: to the pool, or (a file's own pages) drop its mapping."""
+    if isinstance(u.block, MappedBlock):
+        MappedFiles.release(u.block)
+    elif u.block is not None:
+        st.pool.release(u.block)
+    u.block = None

@@ -28,7 +28,6 @@ freed first.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -44,6 +43,7 @@ from ckpt._engine._needs import Catalog, load_reads, runs_minus, runs_of
 from ckpt._format import MANIFEST, TMP_PREFIX, Manifest, parse_step_dirname
 from ckpt.elastic._agree import Nodes, all_to_all, from_leader, to_leader
 from ckpt.elastic._moves import plan_moves, split_by_directory
+from ckpt.elastic._names import FETCHED, add_received, received_files
 from ckpt.elastic._transfer import bundle_of, swap
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.storage import open_storage
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 
 __all__ = ["TierRestore", "restore_from_tier"]
 
-FETCHED = "received-restore.json"  # objects a restore brought (never this node's own)
 _NONE3 = np.zeros((0, 3), dtype=np.int64)
 
 
@@ -150,9 +149,7 @@ def restore_from_tier(tier: MemoryTier, state: dict[str, Any], *, min_step: int 
 def _holdings(d: Path, cat: Catalog, res: TierRestore) -> np.ndarray:
     """Runs of the objects of step directory ``d`` present at their exact size (their
     chunks' crc32c is checked as they load); counts own and replica bytes into ``res``."""
-    received: set[str] = set()
-    for listing in d.glob("received-*.json"):
-        received.update(json.loads(listing.read_text()))
+    received = received_files(d)
     per: dict[int, list[int]] = {}
     for dirpath, _dirs, files in os.walk(d):
         for f in files:
@@ -380,7 +377,5 @@ def _move(nodes: Nodes, cat: Catalog, d: Path, fetch: np.ndarray, send: np.ndarr
             fetched += [p for p, _ in received]
             got.append(in_rows)
     if fetched:
-        listing = d / FETCHED
-        old = json.loads(listing.read_text()) if listing.exists() else []
-        listing.write_text(json.dumps(sorted(set(old) | set(fetched))))
+        add_received(d, FETCHED, fetched)
     return np.concatenate(got) if got else _NONE3

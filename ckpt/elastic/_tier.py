@@ -45,14 +45,19 @@ from ckpt._engine._recycle import RECYCLE_PREFIX, prune_stale, retiring, to_slot
 from ckpt._format import MANIFEST, TMP_PREFIX, parse_step_dirname, step_dirname
 from ckpt._policies import MemoryTierOptions
 from ckpt.elastic._drain import DrainJob, drain
+from ckpt.elastic._names import (
+    COMPLETE,
+    JOB,
+    META_KEY,
+    SPARE,
+    own_files,
+    received_lists,
+    write_received,
+)
 from ckpt.elastic._transfer import bundle_of, swap
 
-__all__ = ["MemoryTier", "MemoryTierWarning", "TierStats", "job_id"]
+__all__ = ["META_KEY", "MemoryTier", "MemoryTierWarning", "TierStats", "job_id", "own_files"]
 
-COMPLETE = "complete.json"
-RECEIVED = "received-"  # received-<node index>.json: the files a replica brought
-SPARE = f"{TMP_PREFIX}spare"  # a retired step's replica files, for the next one to receive into
-META_KEY = "ckpt_tier"
 
 
 class MemoryTierWarning(RuntimeWarning):
@@ -78,6 +83,10 @@ class TierStats:
     finish_s: list[float] = field(default_factory=list)  # the background part after staging
     drained: int = 0  # persistent checkpoints made from a tier step (no second staging)
     drain_s: list[float] = field(default_factory=list)
+    # host passes (this rank, steps staged): bytes copied in, written again, checksummed apart
+    staged_bytes: int = 0
+    rewritten_bytes: int = 0
+    crc_reread_bytes: int = 0
 
 
 def job_id(run: str) -> str:
@@ -97,22 +106,6 @@ def tree_bytes(path: Path) -> int:
             except OSError:
                 pass
     return total
-
-
-def own_files(step_dir: Path) -> list[str]:
-    """Files of a tier step this node wrote itself (checkpoint-relative), sorted."""
-    received: set[str] = set()
-    for listing in step_dir.glob(f"{RECEIVED}*.json"):
-        received.update(json.loads(listing.read_text()))
-    out = []
-    for dirpath, _dirs, files in os.walk(step_dir):
-        for f in files:
-            rel = os.path.relpath(os.path.join(dirpath, f), step_dir)
-            if rel in (MANIFEST, COMPLETE) or rel.startswith(RECEIVED) or rel.endswith(".part"):
-                continue
-            if rel not in received:
-                out.append(rel)
-    return sorted(out)
 
 
 class MemoryTier:
@@ -135,14 +128,14 @@ class MemoryTier:
         self.root = self.node_dir / self.job
         self.root.mkdir(parents=True, exist_ok=True)
         self.stats = TierStats()
-        self.snapshotter = Snapshotter(options, background_nice=config.background_nice())
+        self.snapshotter = Snapshotter(options, background_nice=config.background_nice(), stage_in_files=True)
         self.process_group = process_group
         self.group: Any = None  # the tier thread's collectives and transfers
         self._agree_group: Any = None  # the training thread's agreement
         self.rank, self.world_size = 0, 1
         self._setup_groups()
         self._topology()
-        (self.root / "job.json").write_text(json.dumps({"run": run, "job": self.job,
+        (self.root / JOB).write_text(json.dumps({"run": run, "job": self.job,
                                                         "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}))
         self._thread: threading.Thread | None = None
         self._footprint = 0  # bytes this node's tier grew by in the last complete step
@@ -287,7 +280,11 @@ class MemoryTier:
     def _finish(self, step: int, handle: SaveHandle, persist: DrainJob | None = None) -> None:
         err = handle.exception()  # every rank learns a failure of any rank
         t0 = time.perf_counter()
-        self.stats.blocked_s.append(handle.stats.blocked_s)
+        hs = handle.stats
+        self.stats.blocked_s.append(hs.blocked_s)
+        self.stats.staged_bytes += hs.bytes
+        self.stats.rewritten_bytes += hs.rewritten_bytes
+        self.stats.crc_reread_bytes += hs.crc_reread_bytes
         name = step_dirname(step)
         if err is not None:
             self.stats.failed += 1
@@ -382,7 +379,7 @@ class MemoryTier:
             src_node = (self.node - d) % self.nnodes
             got = swap(self.group, mine, dst, step_dir, self.global_rank(self.leaders[src_node]),
                        spare=self.root / SPARE)
-            (step_dir / f"{RECEIVED}{src_node}.json").write_text(json.dumps([p for p, _ in got]))
+            write_received(step_dir, str(src_node), [p for p, _ in got])
             self.stats.replicated_bytes += mine.nbytes
         self.stats.replicate_s += time.perf_counter() - t0
 
@@ -421,8 +418,8 @@ class MemoryTier:
                 return False
             spare = self.root / SPARE
             shutil.rmtree(spare, ignore_errors=True)
-            for listing in step_dir.glob(f"{RECEIVED}*.json"):
-                for rel in json.loads(listing.read_text()):
+            for listing, paths in received_lists(step_dir):
+                for rel in paths:
                     dst = spare / rel
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     try:
