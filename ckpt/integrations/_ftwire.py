@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -146,9 +146,10 @@ def sub_box(local: torch.Tensor, piece: Piece, want: Box) -> torch.Tensor:
 
 @dataclass
 class Served:
-    """What a sender serves for one step: its pieces, their local tensors, the skeleton."""
+    """What a sender serves for one step (None: the step it is at, whichever the healer
+    asks for): its pieces, their local tensors, the skeleton."""
 
-    step: int
+    step: int | None
     pieces: list[Piece]
     tensors: list[torch.Tensor]
     skeleton: bytes
@@ -160,8 +161,9 @@ class Server:
 
     def __init__(self, host: str = "127.0.0.1", *, corrupt_once: set[int] | None = None) -> None:
         self._lock = threading.Condition()
-        self._served: Served | None = None
+        self._served: Served | Callable[[], Served] | None = None
         self._active = 0
+        self._reading = False  # a healer asked for the index and has not said done
         self.corrupt_once = corrupt_once if corrupt_once is not None else set()
         self.bytes_sent = 0
         outer = self
@@ -179,14 +181,18 @@ class Server:
         self._thread = threading.Thread(target=self._http.serve_forever, name="ckpt-ft-server", daemon=True)
         self._thread.start()
 
-    def allow(self, served: Served) -> None:
+    def allow(self, served: Served | Callable[[], Served]) -> None:
+        """Serve ``served`` (or what the callable builds, at the first request)."""
         with self._lock:
             self._served = served
 
-    def disallow(self) -> None:
-        """Stop serving; returns once no response is being written."""
+    def disallow(self, timeout: float) -> None:
+        """Stop serving; returns once no response is being written and a healer that began
+        reading has said it is done (or ``timeout`` seconds passed: a healer that died)."""
         with self._lock:
+            self._lock.wait_for(lambda: not self._reading, timeout=timeout)
             self._served = None
+            self._reading = False
             while self._active:
                 self._lock.wait()
 
@@ -194,13 +200,22 @@ class Server:
         url = urlparse(h.path)
         parts = url.path.strip("/").split("/")
         with self._lock:
+            if callable(self._served):
+                self._served = self._served()
             served = self._served
-            if served is None or len(parts) < 2 or parts[0] != str(served.step):
+            if served is None or len(parts) < 2 or served.step not in (None, int(parts[0])):
                 h.send_error(404, "step not served")
                 return
             self._active += 1
-        try:
             if parts[1] == "index":
+                self._reading = True
+            elif parts[1] == "done":
+                self._reading = False
+                self._lock.notify_all()
+        try:
+            if parts[1] == "done":
+                body = b""
+            elif parts[1] == "index":
                 body = json.dumps([p.to_json() for p in served.pieces]).encode()
             elif parts[1] == "skeleton":
                 body = served.skeleton

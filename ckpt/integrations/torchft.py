@@ -34,6 +34,7 @@ next quorum heals again (from another peer where one is live).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.request
@@ -54,10 +55,10 @@ from ckpt.integrations._ftwire import (
     fill,
     leaves,
     loads_skeleton,
-    skeleton_paths,
-    user_prefix,
     local_piece,
+    skeleton_paths,
     sub_box,
+    user_prefix,
 )
 
 try:
@@ -95,6 +96,7 @@ class CkptTransport(CheckpointTransport[dict[str, Any]]):
                  timeout: timedelta = timedelta(seconds=60), chunk_bytes: int = 4 << 20,
                  prefix: str = "ckpt_ft", key: str = "default") -> None:
         self._template = template
+        self._key = key
         self._user = user_prefix(key)  # where torchft puts the template's state in what it sends
         self._rank = group_rank
         self._world = group_world_size
@@ -107,26 +109,38 @@ class CkptTransport(CheckpointTransport[dict[str, Any]]):
         store.set(f"{prefix}/addr/{group_rank}", self.server.url)
 
     def metadata(self) -> str:
+        # torchft asks at the start of every quorum, on every rank, before the step changes
+        # the state: from now until ``disallow_checkpoint`` this rank serves its live state,
+        # since torchft calls ``send_checkpoint`` only on the source ranks whose group rank
+        # the healing group has (a 2-rank source healing a 1-rank group: rank 0 alone).
+        self.server.allow(self._live)
         return json.dumps({"store": [self._store_addr, self._store_port], "prefix": self._prefix,
                            "ranks": self._world, "url": self.server.url})
 
     def send_checkpoint(self, dst_ranks: list[int], step: int, state_dict: dict[str, Any],
                         timeout: timedelta) -> None:
-        pieces, tensors = [], []
-        for path, t in leaves(state_dict):
-            piece, local = local_piece(path, t)
-            pieces.append(piece)
-            tensors.append(local)
-        self.server.allow(Served(step, pieces, tensors, dumps_skeleton(state_dict)))
+        self.server.allow(_served(step, state_dict))
 
     def disallow_checkpoint(self) -> None:
-        self.server.disallow()
+        self.server.disallow(self._timeout.total_seconds())
+
+    def _live(self) -> Served:
+        return _served(None, {"user": {self._key: self._template()}})
 
     def recv_checkpoint(self, src_rank: int, metadata: str, step: int, timeout: timedelta) -> dict[str, Any]:
         meta = json.loads(metadata)
         urls = self._source_urls(meta, timeout)
         stats = self.last_heal = HealStats()
         t0 = time.perf_counter()
+        try:
+            return self._recv(urls, step, timeout, stats, t0)
+        finally:
+            for u in urls:  # the sources may let their state change now
+                with contextlib.suppress(StorageError):
+                    self._get(u, f"/{step}/done", timeout)
+
+    def _recv(self, urls: list[str], step: int, timeout: timedelta, stats: HealStats,
+              t0: float) -> dict[str, Any]:
         template = self._template()
         indices = [self._index(u, step, timeout) for u in urls]
         tensors: dict[str, torch.Tensor] = {}
@@ -215,6 +229,15 @@ class CkptTransport(CheckpointTransport[dict[str, Any]]):
                                      key=mine.path, path=url + q,
                                      hint="the peer's memory or the network corrupts data; heal "
                                      "from another replica group or from persistent storage")
+
+
+def _served(step: int | None, state_dict: dict[str, Any]) -> Served:
+    pieces, tensors = [], []
+    for path, t in leaves(state_dict):
+        piece, local = local_piece(path, t)
+        pieces.append(piece)
+        tensors.append(local)
+    return Served(step, pieces, tensors, dumps_skeleton(state_dict))
 
 
 def _intersect(a: Box, b: Box) -> Box | None:

@@ -65,6 +65,8 @@ def main() -> None:
     transport = (CkptTransport(template=state_dict, group_rank=rank_i, group_world_size=world_i,
                                store_addr="127.0.0.1", store_port=port_i, timeout=timeout, chunk_bytes=256)
                  if kind == "ckpt" else HTTPTransport(timeout=timeout, num_chunks=0))
+    if kind == "ckpt" and role == "source" and os.environ.get("FT_TEST_CORRUPT"):
+        transport.server.corrupt_once.update({0, 1})  # flip a byte of the first reply of pieces 0, 1
     manager = Manager(pg=ProcessGroupGloo(timeout=timeout), load_state_dict=load_state_dict,
                       state_dict=state_dict, min_replica_size=1, use_async_quorum=False,
                       timeout=timeout, quorum_timeout=timedelta(seconds=30),

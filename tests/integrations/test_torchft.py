@@ -34,10 +34,11 @@ def _lighthouse() -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def _group(out: Path, lighthouse: str, group: int, world: int, role: str, kind: str) -> list[subprocess.Popen]:
+def _group(out: Path, lighthouse: str, group: int, world: int, role: str, kind: str,
+           extra_env: dict[str, str]) -> list[subprocess.Popen]:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", **extra_env)
     return [subprocess.Popen([sys.executable, str(WORKER), str(out), lighthouse, str(group), str(r),
                               str(world), str(port), role, kind], env=env,
                              stdout=open(out / f"log-{role}-{r}.txt", "w"), stderr=subprocess.STDOUT)
@@ -56,16 +57,17 @@ def _logs(out: Path) -> str:
     return "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(out.glob("log-*.txt")))
 
 
-def _heal(out: Path, source_world: int, healer_world: int, kind: str = "ckpt") -> list[dict]:
+def _heal(out: Path, source_world: int, healer_world: int, kind: str = "ckpt",
+          source_env: dict[str, str] | None = None) -> list[dict]:
     light, addr = _lighthouse()
     procs: list[subprocess.Popen] = []
     try:
-        procs += _group(out, addr, 0, source_world, "source", kind)
+        procs += _group(out, addr, 0, source_world, "source", kind, source_env or {})
         for r in range(source_world):  # the source group is training before the healer starts
             _wait_for(out / f"src-step-{r}", procs)
         while min(int((out / f"src-step-{r}").read_text() or 0) for r in range(source_world)) < 3:
             time.sleep(0.05)
-        procs += _group(out, addr, 1, healer_world, "healer", kind)
+        procs += _group(out, addr, 1, healer_world, "healer", kind, {})
         for p in procs:
             assert p.wait(timeout=180) == 0, _logs(out)
     finally:
@@ -100,3 +102,9 @@ def test_heal_through_ckpt_is_bit_exact(tmp_path: Path, source_world: int, heale
 def test_torchft_http_transport_heals_same_shape(tmp_path: Path) -> None:
     """The reference the ckpt transport is compared with (same harness, torchft's own)."""
     _check_bit_exact(tmp_path, _heal(tmp_path, 2, 2, kind="http"))
+
+
+def test_a_corrupted_box_is_detected_and_fetched_again(tmp_path: Path) -> None:
+    stats = _heal(tmp_path, 2, 1, source_env={"FT_TEST_CORRUPT": "1"})
+    _check_bit_exact(tmp_path, stats)
+    assert stats[0]["refetched"] >= 2, stats  # one bad reply per source rank at least
