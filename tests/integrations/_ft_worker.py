@@ -43,7 +43,8 @@ def main() -> None:
     dist.init_process_group("gloo", store=dist.PrefixStore("fsdp", store), rank=rank_i, world_size=world_i)
     mesh = init_device_mesh("cpu", (world_i,))
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.ReLU(), torch.nn.Linear(33, 8))
+    width = int(os.environ.get("FT_WIDTH", "33"))  # bench/ft_heal.py heals a larger model
+    model = torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.ReLU(), torch.nn.Linear(width, 8))
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -63,7 +64,8 @@ def main() -> None:
 
     timeout = timedelta(seconds=10)
     transport = (CkptTransport(template=state_dict, group_rank=rank_i, group_world_size=world_i,
-                               store_addr="127.0.0.1", store_port=port_i, timeout=timeout, chunk_bytes=256)
+                               store_addr="127.0.0.1", store_port=port_i, timeout=timeout,
+                               chunk_bytes=int(os.environ.get("FT_CHUNK", "256")))
                  if kind == "ckpt" else HTTPTransport(timeout=timeout, num_chunks=0))
     if kind == "ckpt" and role == "source" and os.environ.get("FT_TEST_CORRUPT"):
         transport.server.corrupt_once.update({0, 1})  # flip a byte of the first reply of pieces 0, 1
@@ -76,7 +78,9 @@ def main() -> None:
     outdir = Path(out)
     done = outdir / "healed"
     for _ in range(400):
-        manager.start_quorum()
+        t0 = time.perf_counter()
+        manager.start_quorum()  # sync quorum: a heal's transfer happens in here
+        quorum_s = time.perf_counter() - t0
         step = manager.current_step()
         if role == "source":
             torch.save(full_state(model, opt), outdir / f"src-{rank_i}-{step}.pt")
@@ -85,11 +89,15 @@ def main() -> None:
         x = torch.randn(4, 16, generator=g)
         loss = model(x).square().mean()
         loss.backward()
-        if manager.should_commit():
+        t1 = time.perf_counter()
+        committed = manager.should_commit()  # a heal's state is applied in here
+        apply_s = time.perf_counter() - t1
+        if committed:
             if role == "healer":
                 torch.save(full_state(model, opt), outdir / f"healed-{rank_i}-{step}.pt")
                 stats = transport.last_heal.as_dict() if kind == "ckpt" else {}
-                (outdir / f"heal-{rank_i}.json").write_text(json.dumps({"step": step, **stats}))
+                (outdir / f"heal-{rank_i}.json").write_text(json.dumps({"step": step, "quorum_s": quorum_s,
+                                                                       "apply_s": apply_s, **stats}))
                 dist.barrier()
                 if rank_i == 0:
                     done.write_text("1")
