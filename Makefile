@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	# torch first, the way this machine allows: a CPU wheel of 2.13.0 lies on disk.
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e ".[s3,dev]"
+	$(VPY) -m pip install -q -e ".[s3,dev,ft]"
 	touch $(STAMP)
 
 test: setup

@@ -1,0 +1,246 @@
+"""The pieces a torchft state dict is made of, and the HTTP wire that serves them.
+
+A sender describes each tensor leaf of the state dict it was handed by its box in global
+coordinates (a DTensor's local shard by its placements, a plain tensor as the whole
+tensor) and serves sub-boxes of it, each response carrying the crc32c of its bytes. The
+plain rest of the state dict (optimizer hyper-parameters, step counters, sampler
+positions) travels as a skeleton: the nested structure with every tensor replaced by a
+placeholder, serialized by ``torch.save`` and read back with ``weights_only=True`` (no
+code runs on load). A sender's cost grows with its own share: its index lists only its
+own pieces, and a receiver asks for exactly the sub-boxes it lacks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import google_crc32c
+import torch
+
+from ckpt.providers._dtensor import is_dtensor, local_box
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One tensor leaf as its holder has it: the path in the state dict, global shape,
+    dtype and the box this holder owns."""
+
+    path: str
+    dtype: str
+    shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    def to_json(self) -> list[Any]:
+        return [self.path, self.dtype, list(self.shape), list(self.offsets), list(self.sizes)]
+
+    @staticmethod
+    def from_json(v: list[Any]) -> Piece:
+        return Piece(v[0], v[1], tuple(v[2]), tuple(v[3]), tuple(v[4]))
+
+
+def leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(path, tensor) for every tensor leaf of a nested dict/list state dict."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from leaves(v, f"{prefix}/{_key(k)}")
+    elif isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            yield from leaves(v, f"{prefix}/{i}")
+    elif isinstance(tree, torch.Tensor):
+        yield prefix, tree
+
+
+def _key(k: Any) -> str:
+    return f"{type(k).__name__}:{k}".replace("/", "%2F")
+
+
+def skeleton(tree: Any) -> Any:
+    """``tree`` with each tensor leaf replaced by the string ``TENSOR``."""
+    if isinstance(tree, dict):
+        return {k: skeleton(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [skeleton(v) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(skeleton(v) for v in tree)
+    if isinstance(tree, torch.Tensor):
+        return TENSOR
+    return tree
+
+
+TENSOR = "<ckpt.tensor>"
+
+
+def fill(tree: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any:
+    """The skeleton ``tree`` with each placeholder replaced by ``tensors[path]``."""
+    if isinstance(tree, dict):
+        return {k: fill(v, tensors, f"{prefix}/{_key(k)}") for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [fill(v, tensors, f"{prefix}/{i}") for i, v in enumerate(tree)]
+    if isinstance(tree, tuple):
+        return tuple(fill(v, tensors, f"{prefix}/{i}") for i, v in enumerate(tree))
+    if isinstance(tree, str) and tree == TENSOR:
+        return tensors[prefix]
+    return tree
+
+
+def skeleton_paths(tree: Any, prefix: str = "") -> Iterator[str]:
+    """The path of every placeholder of a skeleton (the same paths as :func:`leaves`)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from skeleton_paths(v, f"{prefix}/{_key(k)}")
+    elif isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            yield from skeleton_paths(v, f"{prefix}/{i}")
+    elif isinstance(tree, str) and tree == TENSOR:
+        yield prefix
+
+
+def user_prefix(key: str) -> str:
+    """The path torchft gives the state registered under ``key``: it sends
+    ``{"user": {key: state_dict()}, "torchft": {...}}``."""
+    return f"/{_key('user')}/{_key(key)}"
+
+
+def local_piece(path: str, t: torch.Tensor) -> tuple[Piece, torch.Tensor]:
+    """This rank's piece of the leaf ``t`` and its local (CPU-visible) tensor."""
+    if is_dtensor(t):
+        local, shape, offsets = local_box(t, path)
+    else:
+        local, shape, offsets = t, tuple(t.shape), tuple(0 for _ in t.shape)
+    local = local.detach()
+    dtype = str(local.dtype).removeprefix("torch.")
+    return Piece(path, dtype, tuple(int(s) for s in shape), offsets, tuple(int(s) for s in local.shape)), local
+
+
+def dumps_skeleton(tree: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(skeleton(tree), buf)
+    return buf.getvalue()
+
+
+def loads_skeleton(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def crc(data: bytes | memoryview) -> int:
+    return int(google_crc32c.value(bytes(data)))
+
+
+def sub_box(local: torch.Tensor, piece: Piece, want: Box) -> torch.Tensor:
+    """The part ``want`` (global coordinates, inside ``piece``) of the local tensor."""
+    view = local
+    for d, (o, s) in enumerate(zip(*want)):
+        view = view.narrow(d, o - piece.offsets[d], s)
+    return view
+
+
+@dataclass
+class Served:
+    """What a sender serves for one step (None: the step it is at, whichever the healer
+    asks for): its pieces, their local tensors, the skeleton."""
+
+    step: int | None
+    pieces: list[Piece]
+    tensors: list[torch.Tensor]
+    skeleton: bytes
+
+
+class Server:
+    """One rank's HTTP server of the state it was asked to send (torchft calls
+    ``send_checkpoint``, then ``disallow_checkpoint`` before the state may change)."""
+
+    def __init__(self, host: str = "127.0.0.1", *, corrupt_once: set[int] | None = None) -> None:
+        self._lock = threading.Condition()
+        self._served: Served | Callable[[], Served] | None = None
+        self._active = 0
+        self._reading = False  # a healer asked for the index and has not said done
+        self.corrupt_once = corrupt_once if corrupt_once is not None else set()
+        self.bytes_sent = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                outer.handle(self)
+
+        self._http = ThreadingHTTPServer((host, 0), Handler)
+        self._http.daemon_threads = True
+        self.url = f"http://{host}:{self._http.server_address[1]}"
+        self._thread = threading.Thread(target=self._http.serve_forever, name="ckpt-ft-server", daemon=True)
+        self._thread.start()
+
+    def allow(self, served: Served | Callable[[], Served]) -> None:
+        """Serve ``served`` (or what the callable builds, at the first request)."""
+        with self._lock:
+            self._served = served
+
+    def disallow(self, timeout: float) -> None:
+        """Stop serving; returns once no response is being written and a healer that began
+        reading has said it is done (or ``timeout`` seconds passed: a healer that died)."""
+        with self._lock:
+            self._lock.wait_for(lambda: not self._reading, timeout=timeout)
+            self._served = None
+            self._reading = False
+            while self._active:
+                self._lock.wait()
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        url = urlparse(h.path)
+        parts = url.path.strip("/").split("/")
+        with self._lock:
+            if callable(self._served):
+                self._served = self._served()
+            served = self._served
+            if served is None or len(parts) < 2 or served.step not in (None, int(parts[0])):
+                h.send_error(404, "step not served")
+                return
+            self._active += 1
+            if parts[1] == "index":
+                self._reading = True
+            elif parts[1] == "done":
+                self._reading = False
+                self._lock.notify_all()
+        try:
+            if parts[1] == "done":
+                body = b""
+            elif parts[1] == "index":
+                body = json.dumps([p.to_json() for p in served.pieces]).encode()
+            elif parts[1] == "skeleton":
+                body = served.skeleton
+            else:
+                i = int(parts[2])
+                q = parse_qs(url.query, keep_blank_values=True)
+                want = (tuple(int(x) for x in q["o"][0].split(",") if x),
+                        tuple(int(x) for x in q["s"][0].split(",") if x))
+                t = sub_box(served.tensors[i], served.pieces[i], want).contiguous().cpu()
+                body = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            value = crc(body)
+            if parts[1] == "box" and int(parts[2]) in self.corrupt_once:
+                self.corrupt_once.discard(int(parts[2]))  # a test's flipped byte on the wire
+                body = bytes([body[0] ^ 0xFF]) + body[1:]
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(body)))
+            h.send_header("X-Crc32c", str(value))
+            h.end_headers()
+            h.wfile.write(body)
+            self.bytes_sent += len(body)
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._lock.notify_all()
+
+    def close(self) -> None:
+        self._http.shutdown()
+        self._http.server_close()

@@ -1,0 +1,272 @@
+"""Heal a torchft replica group from its live peers through ckpt, resharded.
+
+torchft keeps a job running when a replica group fails: the survivors reconfigure their
+process groups and train on, and a group that comes back heals from a live peer through a
+``CheckpointTransport``. torchft's own transports send a ``state_dict`` as is, so the
+healing group must have the sharding of its source. :class:`CkptTransport` pulls, for
+each rank of the healing group, exactly the boxes of its own layout from the ranks of the
+source group — resharded when the shard count differs (an HSDP group that lost a node
+comes back with 3 FSDP ranks instead of 4) — each sub-box checked against its crc32c and
+fetched again when damaged, in requests of at most ``chunk_bytes``::
+
+    from ckpt.integrations.torchft import CkptTransport
+    transport = CkptTransport(template=lambda: {"model": model.state_dict(),
+                                                "optim": optimizer.state_dict()},
+                              group_rank=rank, group_world_size=world,
+                              store_addr=os.environ["MASTER_ADDR"], store_port=port)
+    manager = torchft.Manager(pg=..., load_state_dict=..., state_dict=...,
+                              checkpoint_transport=transport, ...)
+
+``template`` returns this rank's own state dict under the manager's key (``"default"``
+when ``Manager(load_state_dict=, state_dict=)`` registers it): its DTensors say which boxes
+the rank needs, and they are filled in place. Tensors in the source state that the template
+lacks (an optimizer that has not stepped yet) cannot be placed: step it once first.
+Plain values (optimizer hyper-parameters, counters) come from the source rank of the same
+group rank, or from source rank 0 where the healing group is larger.
+
+How ranks find each other: each rank's transport writes its server's address into its
+replica group's TCPStore (the one torchft's manager uses, ``MASTER_ADDR``/``MASTER_PORT``);
+``metadata()`` names that store, so a healing rank reads the addresses of all ranks of its
+source group from it. A source rank that stops answering mid-heal makes the heal fail with
+a :class:`~ckpt.errors.CheckpointError` naming it; torchft then reports the error and the
+next quorum heals again (from another peer where one is live).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import urllib.request
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from ckpt.errors import CorruptCheckpointError, MissingDependencyError, ReshardError, StorageError
+from ckpt.integrations._ftwire import (
+    Box,
+    Piece,
+    Served,
+    Server,
+    crc,
+    dumps_skeleton,
+    fill,
+    leaves,
+    loads_skeleton,
+    local_piece,
+    skeleton_paths,
+    sub_box,
+    user_prefix,
+)
+
+try:
+    from torch.distributed import TCPStore
+    from torchft.checkpointing.transport import CheckpointTransport
+except ImportError as e:  # pragma: no cover - the extra is absent
+    raise MissingDependencyError("ckpt.integrations.torchft needs torchft, which is not installed",
+                                 hint="pip install 'ckpt[ft]'") from e
+
+__all__ = ["CkptTransport", "HealStats"]
+
+_RETRIES = 3
+
+
+class HealStats:
+    """What the last heal moved: bytes received, the requests, the crc failures refetched,
+    and the seconds spent fetching and writing into the template."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.requests = 0
+        self.refetched = 0
+        self.fetch_s = 0.0
+        self.share_bytes = 0  # the bytes of this rank's own layout (what it needed)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+class CkptTransport(CheckpointTransport[dict[str, Any]]):
+    """A torchft ``CheckpointTransport`` that reshards (see the module docstring)."""
+
+    def __init__(self, *, template: Callable[[], dict[str, Any]], group_rank: int, group_world_size: int,
+                 store_addr: str, store_port: int, host: str = "127.0.0.1",
+                 timeout: timedelta = timedelta(seconds=60), chunk_bytes: int = 4 << 20,
+                 prefix: str = "ckpt_ft", key: str = "default") -> None:
+        self._template = template
+        self._key = key
+        self._user = user_prefix(key)  # where torchft puts the template's state in what it sends
+        self._rank = group_rank
+        self._world = group_world_size
+        self._timeout = timeout
+        self._chunk = max(1, chunk_bytes)
+        self._store_addr, self._store_port, self._prefix = store_addr, store_port, prefix
+        self.server = Server(host)
+        self.last_heal = HealStats()
+        store = TCPStore(store_addr, store_port, is_master=False, timeout=timeout, wait_for_workers=False)
+        store.set(f"{prefix}/addr/{group_rank}", self.server.url)
+
+    def metadata(self) -> str:
+        # torchft asks at the start of every quorum, on every rank, before the step changes
+        # the state: from now until ``disallow_checkpoint`` this rank serves its live state,
+        # since torchft calls ``send_checkpoint`` only on the source ranks whose group rank
+        # the healing group has (a 2-rank source healing a 1-rank group: rank 0 alone).
+        self.server.allow(self._live)
+        return json.dumps({"store": [self._store_addr, self._store_port], "prefix": self._prefix,
+                           "ranks": self._world, "url": self.server.url})
+
+    def send_checkpoint(self, dst_ranks: list[int], step: int, state_dict: dict[str, Any],
+                        timeout: timedelta) -> None:
+        self.server.allow(_served(step, state_dict))
+
+    def disallow_checkpoint(self) -> None:
+        self.server.disallow(self._timeout.total_seconds())
+
+    def _live(self) -> Served:
+        return _served(None, {"user": {self._key: self._template()}})
+
+    def recv_checkpoint(self, src_rank: int, metadata: str, step: int, timeout: timedelta) -> dict[str, Any]:
+        meta = json.loads(metadata)
+        urls = self._source_urls(meta, timeout)
+        stats = self.last_heal = HealStats()
+        t0 = time.perf_counter()
+        try:
+            return self._recv(urls, step, timeout, stats, t0)
+        finally:
+            for u in urls:  # the sources may let their state change now
+                with contextlib.suppress(StorageError):
+                    self._get(u, f"/{step}/done", timeout)
+
+    def _recv(self, urls: list[str], step: int, timeout: timedelta, stats: HealStats,
+              t0: float) -> dict[str, Any]:
+        template = self._template()
+        indices = [self._index(u, step, timeout) for u in urls]
+        tensors: dict[str, torch.Tensor] = {}
+        for path, t in leaves(template):
+            mine, local = local_piece(self._user + path, t)
+            stats.share_bytes += local.numel() * local.element_size()
+            self._pull(mine, local, urls, indices, step, timeout, stats)
+            tensors[self._user + path] = t
+        # plain values: the source rank of the same group rank (rank 0 where we are more)
+        skel_url = urls[self._rank] if self._rank < len(urls) else urls[0]
+        skel = loads_skeleton(self._get(skel_url, f"/{step}/skeleton", timeout)[0])
+        have = set(skeleton_paths(skel))
+        missing = sorted(have - set(tensors))
+        if missing:
+            raise ReshardError(f"the source state has {len(missing)} tensors this rank's template lacks",
+                               key=missing[0], hint="build that state before healing (step a new "
+                               "optimizer once), or return it from the transport's template")
+        stats.fetch_s = time.perf_counter() - t0
+        return fill(skel, tensors)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.server.close()
+
+    # --- the receiving side ---------------------------------------------------------
+
+    def _source_urls(self, meta: dict[str, Any], timeout: timedelta) -> list[str]:
+        host, port = meta["store"]
+        store = TCPStore(host, int(port), is_master=False, timeout=timeout, wait_for_workers=False)
+        return [store.get(f"{meta['prefix']}/addr/{r}").decode() for r in range(int(meta["ranks"]))]
+
+    def _index(self, url: str, step: int, timeout: timedelta) -> list[Piece]:
+        body, _ = self._get(url, f"/{step}/index", timeout)
+        return [Piece.from_json(v) for v in json.loads(body)]
+
+    def _get(self, url: str, path: str, timeout: timedelta) -> tuple[bytes, int | None]:
+        try:
+            with urllib.request.urlopen(url + path, timeout=timeout.total_seconds()) as r:
+                value = r.headers.get("X-Crc32c")
+                return r.read(), int(value) if value is not None else None
+        except OSError as e:
+            raise StorageError(f"source rank at {url} did not serve {path}: {e}", path=url + path,
+                               hint="the peer died or moved on; torchft heals again at the next "
+                               "quorum, from a live peer") from e
+
+    def _pull(self, mine: Piece, local: torch.Tensor, urls: list[str], indices: list[list[Piece]],
+              step: int, timeout: timedelta, stats: HealStats) -> None:
+        covered = 0
+        need = local.numel()
+        # spread plain (replicated) tensors over the sources: start at our own rank
+        order = [(self._rank + k) % len(urls) for k in range(len(urls))]
+        done_full = False
+        for src in order:
+            for i, p in enumerate(indices[src]):
+                if p.path != mine.path or done_full:
+                    continue
+                if p.shape != mine.shape or p.dtype != mine.dtype:
+                    raise ReshardError(f"source has {p.dtype}{list(p.shape)}, this rank "
+                                       f"{mine.dtype}{list(mine.shape)}", key=mine.path,
+                                       hint="heal only between replica groups of the same model")
+                box = _intersect((p.offsets, p.sizes), (mine.offsets, mine.sizes))
+                if box is None:
+                    continue
+                for part in _split(box, local.element_size(), self._chunk):
+                    self._fetch(urls[src], step, i, p, mine, part, local, timeout, stats)
+                    covered += _numel(part)
+                if box == (mine.offsets, mine.sizes):
+                    done_full = True  # a replicated piece: one holder is enough
+        if covered < need:
+            raise ReshardError(f"the source group holds {covered} of the {need} elements this rank "
+                               "needs", key=mine.path, hint="the source's pieces do not tile the tensor")
+
+    def _fetch(self, url: str, step: int, i: int, p: Piece, mine: Piece, part: Box,
+               local: torch.Tensor, timeout: timedelta, stats: HealStats) -> None:
+        q = f"/{step}/box/{i}?o={','.join(map(str, part[0]))}&s={','.join(map(str, part[1]))}"
+        for _attempt in range(_RETRIES):
+            body, value = self._get(url, q, timeout)
+            stats.requests += 1
+            stats.bytes += len(body)
+            if value is not None and crc(body) == value:
+                dest = sub_box(local, mine, part)
+                src = torch.frombuffer(bytearray(body), dtype=torch.uint8) if body else torch.empty(0, dtype=torch.uint8)
+                dest.copy_(src.view(local.dtype).reshape(part[1]))
+                return
+            stats.refetched += 1
+        raise CorruptCheckpointError(f"{_RETRIES} fetches of box {part} from {url} failed their crc32c",
+                                     key=mine.path, path=url + q,
+                                     hint="the peer's memory or the network corrupts data; heal "
+                                     "from another replica group or from persistent storage")
+
+
+def _served(step: int | None, state_dict: dict[str, Any]) -> Served:
+    pieces, tensors = [], []
+    for path, t in leaves(state_dict):
+        piece, local = local_piece(path, t)
+        pieces.append(piece)
+        tensors.append(local)
+    return Served(step, pieces, tensors, dumps_skeleton(state_dict))
+
+
+def _intersect(a: Box, b: Box) -> Box | None:
+    offs, sizes = [], []
+    for ao, asz, bo, bsz in zip(a[0], a[1], b[0], b[1]):
+        lo, hi = max(ao, bo), min(ao + asz, bo + bsz)
+        if hi <= lo:
+            return None
+        offs.append(lo)
+        sizes.append(hi - lo)
+    return tuple(offs), tuple(sizes)
+
+
+def _numel(box: Box) -> int:
+    n = 1
+    for s in box[1]:
+        n *= s
+    return n
+
+
+def _split(box: Box, itemsize: int, chunk: int) -> list[Box]:
+    """``box`` cut along its first dimension into parts of at most ``chunk`` bytes (a row
+    larger than ``chunk`` is one part: rows are the unit)."""
+    if not box[1]:
+        return [box]
+    row = itemsize * _numel(((), box[1][1:]))
+    rows = max(1, chunk // max(1, row))
+    out = []
+    for start in range(0, box[1][0], rows):
+        n = min(rows, box[1][0] - start)
+        out.append(((box[0][0] + start, *box[0][1:]), (n, *box[1][1:])))
+    return out
