@@ -35,10 +35,6 @@ examples:
 """
 
 
-class UsageError(Exception):
-    """Bad arguments found after parsing (exit code 2)."""
-
-
 def _storage_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
