@@ -54,3 +54,10 @@ def test_gc_never_retires_a_hand_named_checkpoint(tmp_path: Path, capsys: pytest
     ckpt.save({"w": torch.zeros(2)}, run / "best", step=1)
     assert _cli(capsys, "gc", str(run), "--keep-last", "1")[0] == 0
     assert sorted(p.name for p in run.iterdir()) == ["best", "checkpoint-20"]
+
+
+def test_ls_of_one_checkpoint_points_at_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    one = tmp_path / "run" / "step-000000001"
+    ckpt.save({"w": torch.zeros(2)}, one, step=1)
+    code, _, err = _cli(capsys, "ls", str(one))
+    assert code == 1 and f"ckpt info {one}" in err
