@@ -170,11 +170,6 @@ class Snapshotter:
         job = self._job
         return job.wait_staged() if job is not None else 0.0
 
-    @property
-    def in_flight(self) -> SnapshotJob | None:
-        job = self._job
-        return job if job is not None and not job.done() else None
-
     def save_async(self, state: dict[str, Any], url: str | os.PathLike[str], *, step: int | None = None,
                    overwrite: bool = False, allow_pickle: bool = False,
                    storage_options: dict[str, Any] | None = None, process_group: Any = None,

@@ -174,9 +174,15 @@ def step_dirname(step: int) -> str:
     return f"{STEP_PREFIX}{step:09d}"
 
 
+# Names whose number is the step: ours, and the Hugging Face Trainer's (integrations/hf.py).
+STEP_NAME_PREFIXES = (STEP_PREFIX, "checkpoint-")
+
+
 def parse_step_dirname(name: str) -> int | None:
-    if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit():
-        return int(name[len(STEP_PREFIX):])
+    """The step in a checkpoint directory's name (``step-000000100``, ``checkpoint-100``), or None."""
+    for prefix in STEP_NAME_PREFIXES:
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return int(name[len(prefix):])
     return None
 
 

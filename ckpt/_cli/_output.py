@@ -6,7 +6,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
@@ -91,6 +91,3 @@ class Progress:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-ProgressFn = Callable[[int, int], None]

@@ -35,10 +35,6 @@ examples:
 """
 
 
-class UsageError(Exception):
-    """Bad arguments found after parsing (exit code 2)."""
-
-
 def _storage_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -87,6 +83,17 @@ def _opts(args: argparse.Namespace) -> dict[str, Any]:
     return dict([*args.global_storage_option, *getattr(args, "storage_option", [])])
 
 
+def _is_checkpoint(args: argparse.Namespace) -> bool:
+    import ckpt
+    from ckpt.errors import CheckpointError
+
+    try:
+        ckpt.read_manifest(args.run, storage_options=_opts(args))
+    except (CheckpointError, OSError):
+        return False
+    return True
+
+
 # -- subcommands ---------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace) -> int:
     from ckpt import tools
@@ -96,6 +103,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print_json(rows)
         return 0
     if not rows:
+        if _is_checkpoint(args):
+            _error(f"{args.run} is one checkpoint, not a run; fix: `ckpt info {args.run}` shows it")
+            return 1
         print(f"no {'' if args.all else 'committed '}checkpoints in {args.run}")
         return 0
     out = []

@@ -40,12 +40,6 @@ def open_for_write(storage: Storage, path: str, metadata: dict[str, Any], *, cre
     return ts.open({**array_spec(storage, path, metadata), "store_data_equal_to_fill_value": True}, **kwargs)
 
 
-def open_for_read(storage: Storage, path: str) -> Any:
-    import tensorstore as ts
-
-    return ts.open(array_spec(storage, path), read=True, context=storage.ts_context())
-
-
 def translate(exc: BaseException, *, key: str | None, where: str, reading: bool) -> BaseException:
     """A tensorstore/OS failure -> the ckpt error a user can act on."""
     if isinstance(exc, StorageError | CorruptCheckpointError):

@@ -9,7 +9,7 @@ from ckpt._engine._commit import DATA_PREFIX
 from ckpt._engine._confine import refuse_symlinks
 from ckpt._engine._recycle import RECYCLE_PREFIX
 from ckpt._format import MANIFEST, TMP_PREFIX, Manifest, parse_step_dirname
-from ckpt.errors import CheckpointNotFoundError, IncompleteCheckpointError
+from ckpt.errors import CheckpointError, CheckpointNotFoundError, IncompleteCheckpointError
 from ckpt.storage import Storage
 
 __all__ = ["CheckpointInfo", "list_run", "read_manifest"]
@@ -58,7 +58,9 @@ class CheckpointInfo:
     reason: str = ""  # why it is not committed
 
     def __lt__(self, other: Any) -> bool:
-        return (self.step or -1, self.name) < (other.step or -1, other.name)
+        def key(i: CheckpointInfo) -> tuple[int, str]:
+            return (-1 if i.step is None else i.step, i.name)
+        return key(self) < key(other)
 
 
 def list_run(storage: Storage, *, include_incomplete: bool = False) -> list[CheckpointInfo]:
@@ -74,7 +76,17 @@ def list_run(storage: Storage, *, include_incomplete: bool = False) -> list[Chec
                 out.append(CheckpointInfo(d, storage.describe(d), step, False, why))
             continue
         committed = storage.exists(f"{d}/{MANIFEST}")
+        if committed and step is None:
+            step = _manifest_step(storage, d)
         if committed or include_incomplete:
             out.append(CheckpointInfo(d, storage.describe(d), step, committed,
                                       "" if committed else "no manifest.json: the save never committed"))
     return sorted(out, reverse=True)
+
+
+def _manifest_step(storage: Storage, name: str) -> int | None:
+    """The step a checkpoint's manifest records, for a directory whose name has none."""
+    try:
+        return read_manifest(storage, name).step
+    except (CheckpointError, OSError):
+        return None  # listed without a step (ordered last); `ckpt info` reports what is wrong

@@ -170,10 +170,6 @@ class StoredArray:
     data_type: str  # zarr data_type on disk
 
     @property
-    def key_label(self) -> str:
-        return ", ".join(self.keys)
-
-    @property
     def itemsize(self) -> int:
         return np.dtype(self.data_type).itemsize
 

@@ -127,15 +127,6 @@ class ArrayLayout:
             for combo in itertools.product(*ranges)
         ]
 
-    def chunks_in(self, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> int:
-        """How many inner chunks a box touches (read amplification estimates)."""
-        n = 1
-        for o, s, c in zip(offsets, sizes, self.chunk_shape):
-            if s == 0:
-                return 0
-            n *= (o + s - 1) // c - o // c + 1
-        return n
-
 
 def plan_array(path: str, shape: tuple[int, ...], itemsize: int, boxes: list[Box],
                cfg: PlanConfig) -> ArrayLayout | None:

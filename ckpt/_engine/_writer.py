@@ -62,7 +62,6 @@ class Writer(threading.Thread):
         self.zero_copy = not shared.storage.capabilities.retains_written_buffers
         self.error: BaseException | None = None
         self.staged_at: float | None = None
-        self._pending: list[tuple[Any, WriteUnit]] = []
         self._lock = threading.Lock()
         self._outstanding = 0
         self._all_done = threading.Condition(self._lock)

@@ -178,7 +178,9 @@ def gc(run: str | os.PathLike[str], keep_last: int | None = None, dry_run: bool 
             storage.delete_dir(info.name)
         removed.append(it)
     if keep_last is not None:
-        committed = [i for i in infos if i.committed and i.step is not None]  # newest first
+        # newest first; only names that carry a step (step-N, checkpoint-N): a checkpoint named
+        # otherwise (``best/``) was named by hand and is never retired
+        committed = [i for i in infos if i.committed and parse_step_dirname(i.name) is not None]
         for info in committed[keep_last:]:
             it = item(info.name, f"retention: older than the newest {keep_last}")
             if not dry_run:
