@@ -13,4 +13,6 @@ USED = (
     _.is_coordinator,  # ckpt/integrations/dcp.py: DCP's set_up_storage_* signature
     _.exitstatus,  # tests/conftest.py: pytest_sessionfinish's signature
     _.data_dir,  # tests/integrations/test_lightning.py: read by save_hyperparameters()
+    _.dst_ranks,  # ckpt/integrations/torchft.py: torchft's CheckpointTransport.send_checkpoint signature
+    _.src_rank,  # ckpt/integrations/torchft.py: torchft's CheckpointTransport.recv_checkpoint signature
 )
