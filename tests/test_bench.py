@@ -60,7 +60,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     fl = res["files"]
     assert fl["files"] > 0 and fl["dirs"] > 0 and set(fl["summary"]) == {"ckpt", "ckpt's files, raw",
                                                                          "same bytes, one file", "copy+crc, one file",
-                                                                         "ckpt, keep_last=2", "ckpt, keep_last=2, no recycling"}
+                                                                         "ckpt, keep=2", "ckpt, keep=2, no recycling"}
     assert fl["torch_save_s"] > 0 and fl["summary"]["copy+crc, one file"]["call_s"] > 0
     for fig in fl["summary"].values():
         assert fig["busy_s"] > 0 and (fig["blocked_in_run_s"] is None or math.isfinite(fig["blocked_in_run_s"]))
