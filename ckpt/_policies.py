@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ckpt.errors import ConfigError
 
@@ -76,44 +76,34 @@ class KeepEvery:
         return {s for s in steps if self.m > 0 and (s + 1) % self.m == 0}
 
 
-def save_policies(save: int | SavePolicy | Iterable[SavePolicy] | None, *, what: str = "save") -> list[SavePolicy]:
-    """``save=`` in its three spellings: an int (every that many steps), a policy, or several."""
-    if save is None:
+def _policy_list(value: Any, proto: type, make: Any, what: str, unit: str, method: str, named: str) -> list[Any]:
+    """``what=`` in its three spellings: an int (``make(int)``), one ``proto``, or several."""
+    if value is None:
         return []
-    if isinstance(save, bool):
-        raise ConfigError(f"{what}={save!r}: give a number of steps (e.g. {what}=500) or a SavePolicy")
-    if isinstance(save, int):
-        if save < 1:
-            raise ConfigError(f"{what}={save}: a number of steps is >= 1 (None saves only on demand)")
-        return [EverySteps(save)]
-    if isinstance(save, SavePolicy):
-        return [save]
-    policies = list(save)
-    bad = [p for p in policies if not isinstance(p, SavePolicy)]
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}={value!r}: give a number of {unit} or a {proto.__name__}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ConfigError(f"{what}={value}: a number of {unit} is >= 1 (None: {named})")
+        return [make(value)]
+    if isinstance(value, proto):
+        return [value]
+    items = list(value)
+    bad = [p for p in items if not isinstance(p, proto)]
     if bad:
-        raise ConfigError(f"{what}=: {bad[0]!r} is not a SavePolicy (an object with should_save(step, now, "
-                          f"last_time)); use EverySteps(n) or EverySeconds(s)")
-    return policies
+        raise ConfigError(f"{what}=: {bad[0]!r} is not a {proto.__name__} (an object with {method})")
+    return items
+
+
+def save_policies(save: int | SavePolicy | Iterable[SavePolicy] | None, *, what: str = "save") -> list[SavePolicy]:
+    """``save=``: an int (every that many steps, EverySteps), a policy, or several."""
+    return _policy_list(save, SavePolicy, EverySteps, what, "steps", "should_save(step, now, last_time)",
+                        "saves only on demand")
 
 
 def retention_policies(keep: int | RetentionPolicy | Iterable[RetentionPolicy] | None) -> list[RetentionPolicy]:
-    """``keep=`` in its three spellings: an int (the last that many), a policy, or several."""
-    if keep is None:
-        return []
-    if isinstance(keep, bool):
-        raise ConfigError(f"keep={keep!r}: give a number of checkpoints (e.g. keep=3) or a RetentionPolicy")
-    if isinstance(keep, int):
-        if keep < 1:
-            raise ConfigError(f"keep={keep}: keep at least 1 checkpoint (None keeps all)")
-        return [KeepLast(keep)]
-    if isinstance(keep, RetentionPolicy):
-        return [keep]
-    rules = list(keep)
-    bad = [r for r in rules if not isinstance(r, RetentionPolicy)]
-    if bad:
-        raise ConfigError(f"keep=: {bad[0]!r} is not a RetentionPolicy (an object with keep(steps)); "
-                          f"use KeepLast(k) or KeepEvery(m)")
-    return rules
+    """``keep=``: an int (the last that many, KeepLast), a policy, or several."""
+    return _policy_list(keep, RetentionPolicy, KeepLast, "keep", "checkpoints", "keep(steps)", "keeps all")
 
 
 def kept_steps(steps: Sequence[int], rules: Sequence[RetentionPolicy], *, pinned: Iterable[int] = ()) -> set[int]:

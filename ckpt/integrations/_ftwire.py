@@ -48,15 +48,16 @@ class Piece:
         return Piece(v[0], v[1], tuple(v[2]), tuple(v[3]), tuple(v[4]))
 
 
-def leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(path, tensor) for every tensor leaf of a nested dict/list state dict."""
+def leaves(tree: Any, prefix: str = "", *, is_leaf: Any = None) -> Iterator[tuple[str, Any]]:
+    """(path, leaf) for every tensor leaf of a nested dict/list state dict (``is_leaf``:
+    another test of what a leaf is, e.g. a skeleton's placeholder)."""
     if isinstance(tree, dict):
         for k, v in tree.items():
-            yield from leaves(v, f"{prefix}/{_key(k)}")
+            yield from leaves(v, f"{prefix}/{_key(k)}", is_leaf=is_leaf)
     elif isinstance(tree, list | tuple):
         for i, v in enumerate(tree):
-            yield from leaves(v, f"{prefix}/{i}")
-    elif isinstance(tree, torch.Tensor):
+            yield from leaves(v, f"{prefix}/{i}", is_leaf=is_leaf)
+    elif is_leaf(tree) if is_leaf is not None else isinstance(tree, torch.Tensor):
         yield prefix, tree
 
 
@@ -93,16 +94,9 @@ def fill(tree: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any:
     return tree
 
 
-def skeleton_paths(tree: Any, prefix: str = "") -> Iterator[str]:
+def skeleton_paths(tree: Any) -> Iterator[str]:
     """The path of every placeholder of a skeleton (the same paths as :func:`leaves`)."""
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from skeleton_paths(v, f"{prefix}/{_key(k)}")
-    elif isinstance(tree, list | tuple):
-        for i, v in enumerate(tree):
-            yield from skeleton_paths(v, f"{prefix}/{i}")
-    elif isinstance(tree, str) and tree == TENSOR:
-        yield prefix
+    return (path for path, _ in leaves(tree, is_leaf=lambda v: isinstance(v, str) and v == TENSOR))
 
 
 def user_prefix(key: str) -> str:
