@@ -393,13 +393,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
-    from ckpt.errors import CheckpointError, UnknownURLSchemeError
+    from ckpt.errors import CheckpointError, CheckpointExistsError, UnknownURLSchemeError
 
     try:
         return int(args.func(args))
     except UnknownURLSchemeError as e:
         _error(str(e))
         return 2
+    except CheckpointExistsError as e:  # its hint names the Python keyword; here it is a flag
+        _error(str(CheckpointExistsError(e.message, key=e.key, path=e.path,
+                                         hint="pass --overwrite to replace it, or choose another destination")))
+        return 1
     except CheckpointError as e:
         _error(str(e))
         return 1

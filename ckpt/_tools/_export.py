@@ -21,12 +21,25 @@ import torch
 from ckpt._engine._load import Loader
 from ckpt._engine._recycle import reading
 from ckpt._tools._common import Checkpoint, open_checkpoint, tensor_nbytes
-from ckpt.errors import MissingKeyError, UnsupportedDtypeError
+from ckpt.errors import MissingKeyError, NotADirectoryPathError, UnsupportedDtypeError
 
 Progress = Callable[[int, int], None]
 FORMATS = ("safetensors", "torch")
 _NAMES = {"safetensors": ("model", ".safetensors"), "torch": ("pytorch_model", ".bin")}
 _SINGLE_SUFFIXES = {"safetensors": (".safetensors",), "torch": (".pt", ".pth", ".bin")}
+_FILE_SUFFIXES = {".txt", ".json", ".pkl", ".npz", ".npy", ".h5", ".gguf", ".onnx", ".zip", ".tar", ".gz"}
+
+
+def _check_directory_name(out: Path, format: str) -> None:
+    """A name that reads as a file (``out.txt``, ``model.pt`` for safetensors) is a mistake,
+    not a directory to create."""
+    file_like = {x for xs in _SINGLE_SUFFIXES.values() for x in xs} | _FILE_SUFFIXES
+    if out.is_file() or (not out.exists() and out.suffix.lower() in file_like):
+        single = " or ".join(_SINGLE_SUFFIXES[format])
+        raise NotADirectoryPathError(f"{format} export writes a directory here, or one file when the name ends "
+                                     f"in {single}", path=str(out),
+                                     hint=f"name a directory, or a file ending in {single} (--format picks the "
+                                          f"format)")
 
 
 def read_tensors(ck: Checkpoint, keys: list[str]) -> dict[str, torch.Tensor]:
@@ -121,6 +134,7 @@ def export(ckpt_url: str | os.PathLike[str], out: str | os.PathLike[str], format
             out_p.parent.mkdir(parents=True, exist_ok=True)
             paths = [out_p]
         else:
+            _check_directory_name(out_p, format)
             out_p.mkdir(parents=True, exist_ok=True)
             n = len(groups)
             paths = [out_p / (f"{base}{ext}" if n <= 1 else f"{base}-{i + 1:05d}-of-{n:05d}{ext}") for i in range(n)]

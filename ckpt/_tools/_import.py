@@ -39,6 +39,8 @@ from ckpt.providers._torch import optimizer_items
 FORMATS = ("auto", "dcp", "torch", "safetensors")
 _INDEX_SUFFIX = ".safetensors.index.json"  # Hugging Face's sharded weights: {"weight_map": {name: file}}
 _INDEX_GLOB = f"*{_INDEX_SUFFIX}"
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save since 1.6
+_PICKLE_MAGIC = b"\x80"  # a pickle of protocol 2 or later: torch.save's legacy format
 
 
 def detect_format(src: Path) -> str:
@@ -137,6 +139,13 @@ def flatten(obj: Any, prefix: str = "", optimizers: list[tuple[str, dict[str, An
 
 
 def _read_torch(src: Path, allow_pickle: bool) -> Any:
+    with open(src, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):  # torch.save writes a zip (or a legacy pickle)
+        raise UnsupportedStateError(f"the file is not a torch.save file (it starts with {head!r}, "
+                                    f"neither a zip archive nor a pickle)", path=str(src),
+                                    hint="import a torch.save file, a safetensors file or a DCP directory "
+                                         "(--format names which)")
     try:
         try:
             obj = torch.load(src, map_location="cpu", weights_only=not allow_pickle, mmap=True)

@@ -61,3 +61,35 @@ def test_ls_of_one_checkpoint_points_at_info(tmp_path: Path, capsys: pytest.Capt
     ckpt.save({"w": torch.zeros(2)}, one, step=1)
     code, _, err = _cli(capsys, "ls", str(one))
     assert code == 1 and f"ckpt info {one}" in err
+
+
+def test_import_of_a_file_that_is_not_a_torch_save(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "x.py"
+    src.write_text("print('hi')\n")
+    code, _, err = _cli(capsys, "import", str(src), str(tmp_path / "out"))
+    assert code == 1 and "not a torch.save file" in err and "allow-pickle" not in err
+    assert not (tmp_path / "out").exists()
+    legacy = tmp_path / "legacy.pt"  # the pre-zip format still imports
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert _cli(capsys, "import", str(legacy), str(tmp_path / "ok"))[0] == 0
+    back = {"w": torch.zeros(2)}
+    ckpt.load(back, tmp_path / "ok")
+    assert torch.equal(back["w"], torch.ones(2))
+
+
+def test_cli_says_the_overwrite_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "a.pt"
+    torch.save({"w": torch.ones(2)}, src)
+    assert _cli(capsys, "import", str(src), str(tmp_path / "ck"))[0] == 0
+    code, _, err = _cli(capsys, "import", str(src), str(tmp_path / "ck"))
+    assert code == 1 and "--overwrite" in err and "overwrite=True" not in err
+    assert _cli(capsys, "import", str(src), str(tmp_path / "ck"), "--overwrite")[0] == 0
+
+
+def test_export_to_a_file_name_of_another_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt.save({"w": torch.ones(2)}, tmp_path / "ck", step=1)
+    code, _, err = _cli(capsys, "export", str(tmp_path / "ck"), str(tmp_path / "out.txt"))
+    assert code == 1 and ".safetensors" in err and "out.txt" in err
+    assert not (tmp_path / "out.txt").exists()
+    assert _cli(capsys, "export", str(tmp_path / "ck"), str(tmp_path / "w.pt"), "--format", "torch")[0] == 0
+    assert (tmp_path / "w.pt").is_file()
