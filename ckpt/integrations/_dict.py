@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from ckpt.errors import CheckpointNotFoundError, UnsafePathError
-from ckpt.providers import LoadSource, TensorItem, TreeProvider, component
+from ckpt.providers import LoadSource, TensorItem, component
 from ckpt.providers._base import Finalizer, Item
+from ckpt.providers._tree import TreeProvider
 
 Lazy = Callable[[torch.Tensor], bool]
 

@@ -43,7 +43,8 @@ import torch
 import ckpt
 from ckpt.errors import MissingDependencyError
 from ckpt.integrations._dict import delete_checkpoint
-from ckpt.providers import ModuleProvider, register_provider
+from ckpt.providers import register_provider
+from ckpt.providers._torch import ModuleProvider
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -184,15 +185,12 @@ def _record_callback_states(state: Any, control: Any, callbacks: list[Any]) -> N
 
 
 def _committed(output_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of the committed ckpt checkpoints ``checkpoint-<step>``, oldest first."""
+    """(step, path) of the committed ckpt checkpoints ``checkpoint-<step>``, oldest first:
+    the run listing (``ckpt.list_checkpoints``) narrowed to the Trainer's names."""
     if not os.path.isdir(output_dir):
         return []
-    out = []
-    for name in os.listdir(output_dir):
-        m = _CHECKPOINT.match(name)
-        if m and is_ckpt_checkpoint(os.path.join(output_dir, name)):
-            out.append((int(m.group(1)), os.path.join(output_dir, name)))
-    return sorted(out)
+    return [(int(m.group(1)), os.path.join(output_dir, info.name))
+            for info in reversed(ckpt.list_checkpoints(output_dir)) if (m := _CHECKPOINT.match(info.name))]
 
 
 def _retain(output_dir: str, limit: int) -> None:

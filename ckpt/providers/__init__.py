@@ -3,7 +3,8 @@
 ``describe(state)`` turns a user's state dict into providers. Built in: ``nn.Module``,
 optimizers (keyed by parameter name), tensors and DTensors, cupy / numpy (any DLPack)
 arrays, LR schedulers and any object with ``state_dict``/``load_state_dict``,
-:class:`RNGState`, nested containers of tensors, arrays and plain values. ``register_provider(MyType, factory)`` adds your own.
+:class:`RNGState`, nested containers of tensors, arrays and plain values. ``register_provider(MyType, factory)`` adds your own (a factory returns a
+:class:`Provider`); the built-in providers themselves are private.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from ckpt.errors import UnsafePathError, UnsupportedStateError
-from ckpt.providers._array import ArrayProvider
 from ckpt.providers._base import (
     DescribeContext,
     LoadSource,
@@ -24,13 +24,7 @@ from ckpt.providers._base import (
 )
 from ckpt.providers._flat import FlatShard
 from ckpt.providers._rng import RNGProvider, RNGState
-from ckpt.providers._torch import (
-    ModuleProvider,
-    OptimizerProvider,
-    TensorProvider,
-    default_provider,
-)
-from ckpt.providers._tree import StatefulProvider, TreeProvider
+from ckpt.providers._torch import default_provider
 
 register_provider(RNGState, RNGProvider)
 
@@ -43,12 +37,6 @@ __all__ = [
     "DescribeContext",
     "register_provider",
     "describe",
-    "ModuleProvider",
-    "OptimizerProvider",
-    "TensorProvider",
-    "ArrayProvider",
-    "StatefulProvider",
-    "TreeProvider",
     "RNGState",
     "FlatShard",
 ]
