@@ -12,6 +12,7 @@ own pieces, and a receiver asks for exactly the sub-boxes it lacks.
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import threading
@@ -22,8 +23,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import google_crc32c
+import numpy as np
 import torch
 
+from ckpt._engine._direct_write import crc32c_value
 from ckpt.providers._dtensor import is_dtensor, local_box
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]
@@ -126,8 +129,77 @@ def loads_skeleton(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
-def crc(data: bytes | memoryview) -> int:
+def crc(data: bytes | bytearray | memoryview | np.ndarray) -> int:
+    """crc32c of a contiguous buffer, without the GIL and without a copy where the C
+    library is found."""
+    value = crc32c_value()
+    if value is not None:
+        return value(data)
     return int(google_crc32c.value(bytes(data)))
+
+
+def as_bytes(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor, as a uint8 array over its memory (no copy)."""
+    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, dtype=np.uint8)
+
+
+class Client:
+    """Keep-alive HTTP connections to the source ranks; box bodies are read straight
+    into their destination's memory."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._conns: dict[str, http.client.HTTPConnection] = {}
+
+    def _request(self, url: str, path: str) -> http.client.HTTPResponse:
+        for attempt in (0, 1):  # a kept connection the server closed: once more on a new one
+            conn = self._conns.get(url)
+            if conn is None:
+                u = urlparse(url)
+                conn = self._conns[url] = http.client.HTTPConnection(u.hostname or "", u.port, timeout=self.timeout)
+            try:
+                conn.request("GET", path)
+                r = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.drop(url)
+                if attempt:
+                    raise
+                continue
+            if r.status != 200:
+                r.read()
+                raise OSError(f"HTTP {r.status} {r.reason}")
+            return r
+        raise AssertionError("unreachable")
+
+    def get(self, url: str, path: str) -> tuple[bytes, int | None]:
+        r = self._request(url, path)
+        value = r.headers.get("X-Crc32c")
+        return r.read(), int(value) if value is not None else None
+
+    def get_into(self, url: str, path: str, dest: np.ndarray) -> int | None:
+        """Reads the body into ``dest`` (a contiguous uint8 array of exactly its length)."""
+        r = self._request(url, path)
+        value = r.headers.get("X-Crc32c")
+        n = int(r.headers.get("Content-Length", -1))
+        if n != dest.nbytes:
+            r.read()
+            raise OSError(f"the body is {n} bytes, {dest.nbytes} expected")
+        view, got = dest.data.cast("B"), 0
+        while got < n:
+            k = r.readinto(view[got:])
+            if not k:
+                raise OSError(f"the connection closed after {got} of {n} bytes")
+            got += k
+        return int(value) if value is not None else None
+
+    def drop(self, url: str) -> None:
+        conn = self._conns.pop(url, None)
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        for url in list(self._conns):
+            self.drop(url)
 
 
 def sub_box(local: torch.Tensor, piece: Piece, want: Box) -> torch.Tensor:
@@ -163,6 +235,8 @@ class Server:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive: a healer's requests share a connection
+
             def log_message(self, *a: Any) -> None:
                 pass
 
@@ -206,6 +280,7 @@ class Server:
             elif parts[1] == "done":
                 self._reading = False
                 self._lock.notify_all()
+        body: bytes | np.ndarray
         try:
             if parts[1] == "done":
                 body = b""
@@ -218,17 +293,19 @@ class Server:
                 q = parse_qs(url.query, keep_blank_values=True)
                 want = (tuple(int(x) for x in q["o"][0].split(",") if x),
                         tuple(int(x) for x in q["s"][0].split(",") if x))
-                t = sub_box(served.tensors[i], served.pieces[i], want).contiguous().cpu()
-                body = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+                # the served state does not change before ``disallow`` (which waits for
+                # this response): the body is the tensor's own memory, not a copy
+                body = as_bytes(sub_box(served.tensors[i], served.pieces[i], want).contiguous().cpu())
             value = crc(body)
             if parts[1] == "box" and int(parts[2]) in self.corrupt_once:
                 self.corrupt_once.discard(int(parts[2]))  # a test's flipped byte on the wire
-                body = bytes([body[0] ^ 0xFF]) + body[1:]
+                body = np.array(body, dtype=np.uint8)  # a copy
+                body[0] ^= 0xFF
             h.send_response(200)
             h.send_header("Content-Length", str(len(body)))
             h.send_header("X-Crc32c", str(value))
             h.end_headers()
-            h.wfile.write(body)
+            h.wfile.write(body.data.cast("B") if isinstance(body, np.ndarray) else body)
             self.bytes_sent += len(body)
         finally:
             with self._lock:

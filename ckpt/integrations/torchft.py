@@ -37,19 +37,21 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import urllib.request
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 
 from ckpt.errors import CorruptCheckpointError, MissingDependencyError, ReshardError, StorageError
 from ckpt.integrations._ftwire import (
     Box,
+    Client,
     Piece,
     Served,
     Server,
+    as_bytes,
     crc,
     dumps_skeleton,
     fill,
@@ -105,6 +107,7 @@ class CkptTransport(CheckpointTransport[dict[str, Any]]):
         self._store_addr, self._store_port, self._prefix = store_addr, store_port, prefix
         self.server = Server(host)
         self.last_heal = HealStats()
+        self._client = Client(timeout.total_seconds())
         store = TCPStore(store_addr, store_port, is_master=False, timeout=timeout, wait_for_workers=False)
         store.set(f"{prefix}/addr/{group_rank}", self.server.url)
 
@@ -132,12 +135,14 @@ class CkptTransport(CheckpointTransport[dict[str, Any]]):
         urls = self._source_urls(meta, timeout)
         stats = self.last_heal = HealStats()
         t0 = time.perf_counter()
+        self._client = Client(timeout.total_seconds())
         try:
             return self._recv(urls, step, timeout, stats, t0)
         finally:
             for u in urls:  # the sources may let their state change now
                 with contextlib.suppress(StorageError):
                     self._get(u, f"/{step}/done", timeout)
+            self._client.close()
 
     def _recv(self, urls: list[str], step: int, timeout: timedelta, stats: HealStats,
               t0: float) -> dict[str, Any]:
@@ -175,12 +180,15 @@ class CkptTransport(CheckpointTransport[dict[str, Any]]):
         body, _ = self._get(url, f"/{step}/index", timeout)
         return [Piece.from_json(v) for v in json.loads(body)]
 
-    def _get(self, url: str, path: str, timeout: timedelta) -> tuple[bytes, int | None]:
+    def _get(self, url: str, path: str, timeout: timedelta,
+             into: np.ndarray | None = None) -> tuple[bytes, int | None]:
+        """The body and its crc32c header; with ``into``, the body lands there instead."""
         try:
-            with urllib.request.urlopen(url + path, timeout=timeout.total_seconds()) as r:
-                value = r.headers.get("X-Crc32c")
-                return r.read(), int(value) if value is not None else None
+            if into is not None:
+                return b"", self._client.get_into(url, path, into)
+            return self._client.get(url, path)
         except OSError as e:
+            self._client.drop(url)
             raise StorageError(f"source rank at {url} did not serve {path}: {e}", path=url + path,
                                hint="the peer died or moved on; torchft heals again at the next "
                                "quorum, from a live peer") from e
@@ -215,16 +223,21 @@ class CkptTransport(CheckpointTransport[dict[str, Any]]):
     def _fetch(self, url: str, step: int, i: int, p: Piece, mine: Piece, part: Box,
                local: torch.Tensor, timeout: timedelta, stats: HealStats) -> None:
         q = f"/{step}/box/{i}?o={','.join(map(str, part[0]))}&s={','.join(map(str, part[1]))}"
+        dest = sub_box(local, mine, part)
+        # a CPU destination that is one run of memory takes the body as it arrives (the
+        # socket's one copy); otherwise a buffer of the part's size, copied in once checked
+        direct = dest.device.type == "cpu" and dest.is_contiguous()
+        landing = dest if direct else torch.empty(part[1], dtype=local.dtype)
+        into = as_bytes(landing)
         for _attempt in range(_RETRIES):
-            body, value = self._get(url, q, timeout)
+            _, value = self._get(url, q, timeout, into=into)
             stats.requests += 1
-            stats.bytes += len(body)
-            if value is not None and crc(body) == value:
-                dest = sub_box(local, mine, part)
-                src = torch.frombuffer(bytearray(body), dtype=torch.uint8) if body else torch.empty(0, dtype=torch.uint8)
-                dest.copy_(src.view(local.dtype).reshape(part[1]))
+            stats.bytes += into.nbytes
+            if value is not None and crc(into) == value:
+                if not direct:
+                    dest.copy_(landing)
                 return
-            stats.refetched += 1
+            stats.refetched += 1  # a damaged part is fetched again over what landed
         raise CorruptCheckpointError(f"{_RETRIES} fetches of box {part} from {url} failed their crc32c",
                                      key=mine.path, path=url + q,
                                      hint="the peer's memory or the network corrupts data; heal "
