@@ -27,15 +27,18 @@ group rank, or from source rank 0 where the healing group is larger.
 How ranks find each other: each rank's transport writes its server's address into its
 replica group's TCPStore (the one torchft's manager uses, ``MASTER_ADDR``/``MASTER_PORT``);
 ``metadata()`` names that store, so a healing rank reads the addresses of all ranks of its
-source group from it. A source rank that stops answering mid-heal makes the heal fail with
-a :class:`~ckpt.errors.CheckpointError` naming it; torchft then reports the error and the
-next quorum heals again (from another peer where one is live).
+source group from it. A source rank that stops answering mid-heal is given up: what it
+held comes from another rank of its group that holds the same data (replicated state),
+and ``last_heal.failed_over`` and a warning say so; where no other rank holds it, the heal
+fails with a :class:`~ckpt.errors.StorageError` naming the dead ranks, torchft reports the
+error (no step commits) and the next quorum heals again, from a live peer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -73,11 +76,13 @@ except ImportError as e:  # pragma: no cover - the extra is absent
 __all__ = ["CkptTransport", "HealStats"]
 
 _RETRIES = 3
+log = logging.getLogger(__name__)
 
 
 class HealStats:
     """What the last heal moved: bytes received, the requests, the crc failures refetched,
-    and the seconds spent fetching and writing into the template."""
+    the seconds spent fetching and writing into the template, and the source ranks that
+    died mid-heal (their replicated parts came from the other ranks of their group)."""
 
     def __init__(self) -> None:
         self.bytes = 0
@@ -85,6 +90,7 @@ class HealStats:
         self.refetched = 0
         self.fetch_s = 0.0
         self.share_bytes = 0  # the bytes of this rank's own layout (what it needed)
+        self.failed_over: dict[str, str] = {}  # source URL -> why it was given up mid-heal
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -139,7 +145,7 @@ class CkptTransport(CheckpointTransport[dict[str, Any]]):
         try:
             return self._recv(urls, step, timeout, stats, t0)
         finally:
-            for u in urls:  # the sources may let their state change now
+            for u in (u for u in urls if u not in stats.failed_over):  # they may change their state now
                 with contextlib.suppress(StorageError):
                     self._get(u, f"/{step}/done", timeout)
             self._client.close()
@@ -147,16 +153,17 @@ class CkptTransport(CheckpointTransport[dict[str, Any]]):
     def _recv(self, urls: list[str], step: int, timeout: timedelta, stats: HealStats,
               t0: float) -> dict[str, Any]:
         template = self._template()
-        indices = [self._index(u, step, timeout) for u in urls]
+        indices = [self._index(u, step, timeout, stats) for u in urls]
         tensors: dict[str, torch.Tensor] = {}
         for path, t in leaves(template):
             mine, local = local_piece(self._user + path, t)
             stats.share_bytes += local.numel() * local.element_size()
             self._pull(mine, local, urls, indices, step, timeout, stats)
             tensors[self._user + path] = t
-        # plain values: the source rank of the same group rank (rank 0 where we are more)
-        skel_url = urls[self._rank] if self._rank < len(urls) else urls[0]
-        skel = loads_skeleton(self._get(skel_url, f"/{step}/skeleton", timeout)[0])
+        # plain values: the source rank of the same group rank (rank 0 where we are more,
+        # the next live rank where that one died: the rule for a larger healer)
+        first = self._rank if self._rank < len(urls) else 0
+        skel = loads_skeleton(self._from_live(urls, first, f"/{step}/skeleton", timeout, stats))
         have = set(skeleton_paths(skel))
         missing = sorted(have - set(tensors))
         if missing:
@@ -176,8 +183,29 @@ class CkptTransport(CheckpointTransport[dict[str, Any]]):
         store = TCPStore(host, int(port), is_master=False, timeout=timeout, wait_for_workers=False)
         return [store.get(f"{meta['prefix']}/addr/{r}").decode() for r in range(int(meta["ranks"]))]
 
-    def _index(self, url: str, step: int, timeout: timedelta) -> list[Piece]:
-        body, _ = self._get(url, f"/{step}/index", timeout)
+    def _from_live(self, urls: list[str], first: int, path: str, timeout: timedelta, stats: HealStats) -> bytes:
+        for k in range(len(urls)):
+            url = urls[(first + k) % len(urls)]
+            if url in stats.failed_over:
+                continue
+            try:
+                return self._get(url, path, timeout)[0]
+            except StorageError as e:
+                self._dead(url, e, stats)
+        raise StorageError(f"no rank of the source group served {path}: {', '.join(stats.failed_over)} died",
+                           path=path, hint="torchft heals again at the next quorum, from a live peer")
+
+    def _dead(self, url: str, e: StorageError, stats: HealStats) -> None:
+        stats.failed_over[url] = str(e)
+        log.warning("ckpt torchft heal: source rank at %s stopped answering (%s); going on with the "
+                    "other ranks of its group", url, e)
+
+    def _index(self, url: str, step: int, timeout: timedelta, stats: HealStats) -> list[Piece]:
+        try:
+            body, _ = self._get(url, f"/{step}/index", timeout)
+        except StorageError as e:
+            self._dead(url, e, stats)
+            return []
         return [Piece.from_json(v) for v in json.loads(body)]
 
     def _get(self, url: str, path: str, timeout: timedelta,
@@ -201,6 +229,8 @@ class CkptTransport(CheckpointTransport[dict[str, Any]]):
         order = [(self._rank + k) % len(urls) for k in range(len(urls))]
         done_full = False
         for src in order:
+            if urls[src] in stats.failed_over:
+                continue
             for i, p in enumerate(indices[src]):
                 if p.path != mine.path or done_full:
                     continue
@@ -211,11 +241,19 @@ class CkptTransport(CheckpointTransport[dict[str, Any]]):
                 box = _intersect((p.offsets, p.sizes), (mine.offsets, mine.sizes))
                 if box is None:
                     continue
-                for part in _split(box, local.element_size(), self._chunk):
-                    self._fetch(urls[src], step, i, p, mine, part, local, timeout, stats)
-                    covered += _numel(part)
+                try:
+                    for part in _split(box, local.element_size(), self._chunk):
+                        self._fetch(urls[src], step, i, p, mine, part, local, timeout, stats)
+                except StorageError as e:  # the box counts only whole: another holder refetches it
+                    self._dead(urls[src], e, stats)
+                    break
+                covered += _numel(box)
                 if box == (mine.offsets, mine.sizes):
                     done_full = True  # a replicated piece: one holder is enough
+        if covered < need and stats.failed_over:
+            raise StorageError(f"source ranks {', '.join(stats.failed_over)} died mid-heal and no other rank "
+                               f"of their group holds their part of {mine.path}", key=mine.path,
+                               hint="torchft heals again at the next quorum, from a live peer")
         if covered < need:
             raise ReshardError(f"the source group holds {covered} of the {need} elements this rank "
                                "needs", key=mine.path, hint="the source's pieces do not tile the tensor")
