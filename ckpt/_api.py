@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -27,7 +28,7 @@ from ckpt.providers import DescribeContext, describe
 from ckpt.providers._base import iter_items
 from ckpt.storage import split_checkpoint_url
 
-__all__ = ["save", "save_async", "load", "SaveHandle", "Snapshotter", "default_snapshotter"]
+__all__ = ["save", "save_async", "load", "open_loader", "SaveHandle", "Snapshotter", "default_snapshotter"]
 
 
 class SaveJob(Protocol):
@@ -319,3 +320,20 @@ def load(state: dict[str, Any], url: str | os.PathLike[str], *, strict: bool = T
             raise
     stats.total_s = time.perf_counter() - t0
     return stats
+
+
+@contextlib.contextmanager
+def open_loader(url: str | os.PathLike[str], *, allow_pickle: bool = False,
+                storage_options: dict[str, Any] | None = None, process_group: Any = None) -> Iterator[Loader]:
+    """The engine's reader of the checkpoint at ``url`` for this rank, not strict: for
+    integrations that read a checkpoint key by key (DCP's ``StorageReader``) rather than
+    into a state (:func:`load`). The manifest is read and validated first; while the
+    context lasts the checkpoint is held as :func:`load` holds it (a recycling retention
+    deletes it instead of overwriting its files). Reads are queued with
+    ``read_into(key, dest, offsets, global_shape=...)`` and run by ``execute()``;
+    ``entry(key)``, ``value(key)`` and ``raw(key)`` answer at once."""
+    storage, name = split_checkpoint_url(url, **(storage_options or {}))
+    rank, world_size = rank_and_world(process_group)
+    with reading(storage, name):
+        yield Loader(storage, name, read_manifest(storage, name), strict=False, allow_pickle=allow_pickle,
+                     rank=rank, world_size=world_size)

@@ -27,7 +27,7 @@ import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -49,17 +49,20 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from ckpt._engine._catalog import read_manifest
-from ckpt._engine._coord import rank_and_world
-from ckpt._engine._load import Loader
-from ckpt._engine._recycle import reading
-from ckpt._format import parse_step_dirname, torch_dtype
-from ckpt._tools._import import Leaves, flatten, place
+from ckpt._api import open_loader
+from ckpt._format import Manifest, parse_step_dirname, torch_dtype
 from ckpt.errors import CheckpointError, UnsupportedStateError
-from ckpt.providers._base import component
-from ckpt.storage import split_checkpoint_url
+from ckpt.providers import Leaves, LoadSource, component, place
 
 __all__ = ["CkptWriter", "CkptReader"]
+
+
+class _Reader(LoadSource, Protocol):
+    """What :class:`CkptReader` uses of the engine's reader (:func:`ckpt._api.open_loader`)."""
+
+    manifest: Manifest
+
+    def execute(self) -> Any: ...
 
 
 def _checkpoint_url(url: str | None, who: str) -> str:
@@ -190,8 +193,7 @@ class _PlannedState:
             if tuple(td.size) != tuple(data.shape):
                 boxes["/".join(component(p) for p in path)] = (tuple(int(s) for s in td.size),
                                                                 tuple(int(o) for o in td.chunk.offsets))
-        optimizers: list[tuple[str, dict[str, Any]]] = []
-        yield from Leaves(flatten(tree, "", optimizers), optimizers, boxes).items()
+        yield from Leaves.of_tree(tree, boxes).items()
 
     def _value(self, it: Any) -> Any:
         lookup = getattr(self.planner, "lookup_object", None)
@@ -222,7 +224,7 @@ class _Placeholders:
     """The ``LoadSource`` a structure is rebuilt against to find its tensors: each tensor
     becomes a meta tensor (no memory) whose checkpoint key is remembered."""
 
-    def __init__(self, loader: Loader) -> None:
+    def __init__(self, loader: _Reader) -> None:
         self.loader = loader
         self.strict = False
         self.where = loader.where
@@ -256,7 +258,7 @@ class CkptReader(_Located, StorageReader):
         self.url = os.fspath(url) if url is not None else None
         self.allow_pickle = allow_pickle
         self.storage_options = storage_options
-        self._loader: Loader | None = None
+        self._loader: _Reader | None = None
         self._hold = contextlib.ExitStack()  # the reader lock while a load is under way
         self._keys: dict[str, str] = {}
         self._values: dict[str, Any] = {}
@@ -265,16 +267,13 @@ class CkptReader(_Located, StorageReader):
         self._release()
         self._point(checkpoint_id)
 
-    def _open(self) -> Loader:
+    def _open(self) -> _Reader:
         if self._loader is None:
-            storage, name = split_checkpoint_url(_checkpoint_url(self.url, type(self).__name__),
-                                                 **(self.storage_options or {}))
-            rank, world = rank_and_world()
-            with contextlib.ExitStack() as hold:  # let go at once where the manifest fails
-                hold.enter_context(reading(storage, name))
-                self._loader = Loader(storage, name, read_manifest(storage, name), strict=False,
-                                      allow_pickle=self.allow_pickle, rank=rank, world_size=world)
-                self._hold = hold.pop_all()
+            url = _checkpoint_url(self.url, type(self).__name__)
+            hold = contextlib.ExitStack()  # open_loader lets go by itself where the manifest fails
+            self._loader = hold.enter_context(open_loader(url, allow_pickle=self.allow_pickle,
+                                                          storage_options=self.storage_options))
+            self._hold = hold
         return self._loader
 
     def _release(self) -> None:
@@ -332,7 +331,7 @@ class CkptReader(_Located, StorageReader):
         fut.set_result(None)
         return fut
 
-    def _read(self, loader: Loader, plan: LoadPlan, planner: LoadPlanner) -> None:
+    def _read(self, loader: _Reader, plan: LoadPlan, planner: LoadPlanner) -> None:
         done: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
         for req in plan.items:
             fqn = req.storage_index.fqn

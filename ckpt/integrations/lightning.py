@@ -40,8 +40,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ckpt._api import SaveHandle, Snapshotter
-from ckpt._engine._options import SaveOptions
+from ckpt import SaveHandle, SaveOptions, Snapshotter
 from ckpt.errors import MissingDependencyError, UnsupportedStateError
 from ckpt.integrations._dict import delete_checkpoint, dict_state, load_dict, optimizer_storages
 

@@ -5,6 +5,8 @@ optimizers (keyed by parameter name), tensors and DTensors, cupy / numpy (any DL
 arrays, LR schedulers and any object with ``state_dict``/``load_state_dict``,
 :class:`RNGState`, nested containers of tensors, arrays and plain values. ``register_provider(MyType, factory)`` adds your own (a factory returns a
 :class:`Provider`); the built-in providers themselves are private.
+:class:`Leaves` saves a ready-made nested tree (``ckpt import``, the DCP writer); :func:`place`
+builds one from object paths.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ckpt.providers._base import (
     register_provider,
 )
 from ckpt.providers._flat import FlatShard
+from ckpt.providers._leaves import Leaves, place
 from ckpt.providers._rng import RNGProvider, RNGState
 from ckpt.providers._torch import default_provider
 
@@ -39,6 +42,8 @@ __all__ = [
     "describe",
     "RNGState",
     "FlatShard",
+    "Leaves",
+    "place",
 ]
 
 

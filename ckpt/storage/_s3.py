@@ -48,7 +48,6 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.util
 import logging
-import os
 import random
 import threading
 import time
@@ -58,7 +57,7 @@ from typing import Any
 from ckpt import _config as config
 from ckpt.errors import MissingDependencyError, StorageError, StoragePermissionError
 from ckpt.storage._base import Capabilities, ObjectInfo, Storage
-from ckpt.storage._s3_client import Secret, make_fs
+from ckpt.storage._s3_client import make_fs
 from ckpt.storage._s3_errors import (
     NOT_FOUND_CODES,
     PERMISSION_CODES,
@@ -70,7 +69,8 @@ from ckpt.storage._s3_errors import (
     retryable,
     translate,
 )
-from ckpt.storage._s3_multipart import MAX_PUT, MIN_PART, multipart_upload
+from ckpt.storage._s3_multipart import multipart_upload
+from ckpt.storage._s3_settings import resolve_settings
 from ckpt.storage._s3_tensorstore import credentials_spec, custom_endpoint, s3_context, ts_retries
 
 __all__ = ["S3Storage"]
@@ -102,6 +102,8 @@ class S3Storage(Storage):
     ``multipart_threshold`` and ``upload_concurrency`` set retries and multipart uploads
     (see the module's docstring; each has a ``CKPT_S3_*`` environment variable).
     ``stats`` counts ckpt's own retries, multipart uploads and aborted uploads.
+    ``settings`` is all of it resolved once (:class:`~ckpt.storage._s3_settings.S3Settings`);
+    the helpers take that value and :meth:`request`, never the storage.
     """
 
     capabilities = Capabilities(atomic_rename=False)
@@ -137,54 +139,60 @@ class S3Storage(Storage):
                              "environment or a profile)")
         if token is not None and key is None:
             raise ValueError("S3Storage token= needs key= and secret= as well")
+        self.settings = resolve_settings(
+            bucket, prefix, endpoint_url=endpoint_url, region=region, key=key, secret=secret, token=token,
+            profile=profile, anon=anon, client_kwargs=client_kwargs, deadline_s=deadline_s,
+            max_attempts=max_attempts, retry_mode=retry_mode, part_bytes=part_bytes,
+            multipart_threshold=multipart_threshold, upload_concurrency=upload_concurrency,
+            s3fs_options=s3fs_options)
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.url = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
-
-        env = os.environ
-        client_kwargs = dict(client_kwargs or {})
-        endpoint_url = endpoint_url or client_kwargs.pop("endpoint_url", None)
-        if endpoint_url is None and not config.env_flag("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
-            endpoint_url = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
-        region = region or client_kwargs.pop("region_name", None)
-        region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
-        if region:
-            client_kwargs["region_name"] = region
-        self.endpoint_url = endpoint_url.rstrip("/") if endpoint_url else None
-        self.region = region
-        self.profile = profile
-        self.anon = anon
-        self._key = Secret(key) if key is not None else None
-        self._secret = Secret(secret) if secret is not None else None
-        self._token = Secret(token) if token is not None else None
-        self._client_kwargs = client_kwargs
-        self._s3fs_options = s3fs_options
-
-        self.deadline_s = float(config.read("CKPT_S3_DEADLINE_S", deadline_s))
-        if not self.deadline_s > 0:
-            raise ValueError(f"deadline_s must be positive, got {self.deadline_s}")
-        user_retries = (s3fs_options.get("config_kwargs") or {}).get("retries") or {}
-        if max_attempts is None and "max_attempts" in user_retries:
-            max_attempts = int(user_retries["max_attempts"])
-        self.max_attempts = int(config.read("CKPT_S3_MAX_ATTEMPTS", max_attempts))
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        mode = retry_mode or user_retries.get("mode")
-        self.retry_mode = str(config.read("CKPT_S3_RETRY_MODE", mode))
-        if self.retry_mode not in ("standard", "adaptive", "legacy"):
-            raise ValueError(f"retry_mode must be 'standard' or 'adaptive', got {self.retry_mode!r}")
-        self.part_bytes = int(config.read("CKPT_S3_PART_BYTES", part_bytes))
-        if not MIN_PART <= self.part_bytes <= MAX_PUT:
-            raise ValueError(f"part_bytes must be between 5 MiB and 5 GiB (S3's limits), got {self.part_bytes}")
-        self.multipart_threshold = int(config.read("CKPT_S3_MULTIPART_THRESHOLD", multipart_threshold))
-        self.multipart_threshold = min(max(self.multipart_threshold, self.part_bytes), MAX_PUT)
-        self.upload_concurrency = int(config.read("CKPT_S3_UPLOAD_CONCURRENCY", upload_concurrency))
-        if self.upload_concurrency < 1:
-            raise ValueError(f"upload_concurrency must be >= 1, got {self.upload_concurrency}")
+        self.url = self.settings.url
         self.stats = {"retries": 0, "multipart_uploads": 0, "aborted_uploads": 0}
         self._fs: Any = None
         self._bucket_seen = False
         self._lock = threading.Lock()
+
+    # -- settings (read-only views of ``self.settings``) -------------------------
+    @property
+    def endpoint_url(self) -> str | None:
+        return self.settings.endpoint_url
+
+    @property
+    def region(self) -> str | None:
+        return self.settings.region
+
+    @property
+    def profile(self) -> str | None:
+        return self.settings.profile
+
+    @property
+    def anon(self) -> bool:
+        return self.settings.anon
+
+    @property
+    def deadline_s(self) -> float:
+        return self.settings.deadline_s
+
+    @property
+    def max_attempts(self) -> int:
+        return self.settings.max_attempts
+
+    @property
+    def retry_mode(self) -> str:
+        return self.settings.retry_mode
+
+    @property
+    def part_bytes(self) -> int:
+        return self.settings.part_bytes
+
+    @property
+    def multipart_threshold(self) -> int:
+        return self.settings.multipart_threshold
+
+    @property
+    def upload_concurrency(self) -> int:
+        return self.settings.upload_concurrency
 
     # -- the s3fs file system --------------------------------------------------
     @property
@@ -193,8 +201,7 @@ class S3Storage(Storage):
         if self._fs is None:
             with self._lock:
                 if self._fs is None:
-                    self._fs = make_fs(self, self._s3fs_options, self._client_kwargs,
-                                       (self._key, self._secret, self._token))
+                    self._fs = make_fs(self.settings)
         return self._fs
 
     def _full(self, key: str) -> str:
@@ -289,7 +296,7 @@ class S3Storage(Storage):
             self.request("put_object", "writing", path, Key=key, Body=body)
         else:
             # A multipart object appears whole when the upload completes (as one PUT).
-            multipart_upload(self, key, body, path)
+            multipart_upload(self.settings, self.request, key, body, path, self.stats)
         self.fs.invalidate_cache(self._full(key))
 
     def create_bytes(self, path: str, data: bytes | memoryview) -> None:
@@ -412,7 +419,7 @@ class S3Storage(Storage):
         region = self.region or self._config_region()
         if region:
             spec["aws_region"] = region
-        if self._s3fs_options.get("requester_pays"):
+        if self.settings.s3fs_options.get("requester_pays"):
             spec["requester_pays"] = True
         spec["aws_credentials"] = self._ts_credentials()
         return spec
@@ -440,9 +447,10 @@ class S3Storage(Storage):
             return None
 
     def _ts_credentials(self) -> dict[str, Any]:
-        return credentials_spec(anon=self.anon, key=self._key.value if self._key else None,
-                                secret=self._secret.value if self._secret else None,
-                                token=self._token.value if self._token else None, profile=self.profile)
+        st = self.settings
+        return credentials_spec(anon=st.anon, key=st.key.value if st.key else None,
+                                secret=st.secret.value if st.secret else None,
+                                token=st.token.value if st.token else None, profile=st.profile)
 
     # -- errors -----------------------------------------------------------------
     def _check_bucket(self, path: str) -> None:
@@ -467,14 +475,8 @@ class S3Storage(Storage):
                          scrub=self.scrub)
 
     def scrub(self, text: str) -> str:
-        for s in (self._secret, self._token, self._key):
-            if s is not None and s.value:
-                text = text.replace(s.value, "***")
-        for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
-            v = os.environ.get(var)
-            if v and len(v) >= 4:
-                text = text.replace(v, "***")
-        return text
+        """``text`` without credentials (see :meth:`S3Settings.scrub`)."""
+        return self.settings.scrub(text)
 
     # -- lifecycle ----------------------------------------------------------------
     def close(self) -> None:

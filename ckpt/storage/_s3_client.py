@@ -1,42 +1,25 @@
-"""The S3 backend's client: environment settings, secrets, the s3fs file system."""
+"""The S3 backend's client: the s3fs file system of an :class:`S3Settings`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ckpt.errors import MissingDependencyError
+from ckpt.storage._s3_settings import S3Settings
 
-if TYPE_CHECKING:
-    from ckpt.storage._s3 import S3Storage
-
-__all__ = ["Secret", "make_fs"]
+__all__ = ["make_fs"]
 
 
-class Secret:
-    """A credential value that does not show itself in repr, str or tracebacks' locals."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: str) -> None:
-        self.value = value
-
-    def __repr__(self) -> str:
-        return "<secret>"
-
-    __str__ = __repr__
-
-
-def make_fs(st: S3Storage, s3fs_options: dict[str, Any], client_kwargs: dict[str, Any],
-            credentials: tuple[Secret | None, Secret | None, Secret | None]) -> Any:
-    """The s3fs file system of ``st`` (its settings) with ``credentials`` (key, secret,
-    token): no listing cache, botocore retrying each request under ckpt's deadline,
-    path-style addressing for custom endpoints."""
+def make_fs(st: S3Settings) -> Any:
+    """The s3fs file system of ``st`` (with its options and credentials): no listing
+    cache, botocore retrying each request under ckpt's deadline, path-style addressing
+    for custom endpoints."""
     try:
         import s3fs
     except ImportError as e:
         raise MissingDependencyError("the s3:// backend needs s3fs, which is not installed",
                                      path=st.url, hint="pip install 'ckpt[s3]'") from e
-    opts = dict(s3fs_options)
+    opts = dict(st.s3fs_options)
     opts["use_listings_cache"] = False
     opts.setdefault("skip_instance_cache", True)  # no process-wide cache holding our keys
     config_kwargs = dict(opts.pop("config_kwargs", None) or {})
@@ -57,14 +40,14 @@ def make_fs(st: S3Storage, s3fs_options: dict[str, Any], client_kwargs: dict[str
         config_kwargs.setdefault("s3", {"addressing_style": "path"})
     if st.profile:
         opts["profile"] = st.profile
-    key, secret, token = credentials
+    key, secret, token = st.key, st.secret, st.token
     fs = s3fs.S3FileSystem(
         anon=st.anon,
         endpoint_url=st.endpoint_url,
         key=key.value if key else None,
         secret=secret.value if secret else None,
         token=token.value if token else None,
-        client_kwargs=dict(client_kwargs),
+        client_kwargs=dict(st.client_kwargs),
         config_kwargs=config_kwargs,
         **opts,
     )

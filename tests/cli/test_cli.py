@@ -540,8 +540,8 @@ def test_help_documents_exit_codes() -> None:
 def test_imported_leaves_are_never_loaded_into() -> None:
     """The provider `ckpt import` saves through holds ready-made leaves: loading into it is
     a typed error, not a silent no-op."""
-    from ckpt._tools._import import Leaves
     from ckpt.errors import UnsupportedStateError
+    from ckpt.providers import Leaves
 
     with pytest.raises(UnsupportedStateError, match="only saved"):
         Leaves([("w", torch.zeros(2))]).load(None)

@@ -147,6 +147,25 @@ def test_region_falls_back_to_aws_default_region(monkeypatch: pytest.MonkeyPatch
     assert S3Storage("b", endpoint_url="http://127.0.0.1:1").region == "eu-west-3"
 
 
+def test_settings_are_resolved_once_into_a_frozen_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helpers read one settings value: explicit arguments beat CKPT_S3_* variables,
+    later changes of the environment do not reach a built storage, secrets stay hidden."""
+    import dataclasses
+
+    monkeypatch.setenv("CKPT_S3_DEADLINE_S", "7")
+    monkeypatch.setenv("CKPT_S3_UPLOAD_CONCURRENCY", "3")
+    st = S3Storage("b", "/p/", endpoint_url="http://127.0.0.1:1/", key=KEY_ID, secret=SECRET, upload_concurrency=5)
+    s = st.settings
+    assert (s.deadline_s, s.upload_concurrency, s.endpoint_url, s.url) == (7.0, 5, "http://127.0.0.1:1", "s3://b/p")
+    monkeypatch.setenv("CKPT_S3_DEADLINE_S", "9")
+    assert st.deadline_s == 7.0 and st.settings is s
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.deadline_s = 1.0  # type: ignore[misc]
+    assert SECRET not in repr(s) and KEY_ID not in repr(s)
+    assert s.scrub(f"denied for {KEY_ID}:{SECRET}") == "denied for ***:***"
+    assert s.describe("step-1/manifest.json") == st.describe("step-1/manifest.json")
+
+
 def test_tensorstore_credentials_follow_the_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     ep = {"endpoint_url": "http://127.0.0.1:1", "region": "us-east-1"}
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")
