@@ -21,6 +21,7 @@ import torch
 
 import ckpt
 from ckpt import errors as E
+from tests._helpers import assert_same_module, assert_same_state_dict
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -108,12 +109,8 @@ def assert_loads_equal(url: Any, ref: dict[str, Any]) -> None:
     """The checkpoint loads into a fresh state and reproduces ``ref``'s tensors."""
     fresh = make_state(seed=123)
     ckpt.load(fresh, url)
-    for (n, a), (_, b) in zip(ref["model"].state_dict().items(), fresh["model"].state_dict().items()):
-        assert torch.equal(a, b), n
-    sa, sb = ref["optim"].state_dict()["state"], fresh["optim"].state_dict()["state"]
-    for i in sa:
-        for k in sa[i]:
-            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+    assert_same_module(fresh["model"], ref["model"])
+    assert_same_state_dict(fresh["optim"].state_dict()["state"], ref["optim"].state_dict()["state"], "optim")
     assert fresh["step"] == ref["step"]
 
 

@@ -22,14 +22,14 @@ import torch
 import ckpt
 from ckpt._cli.main import main
 from ckpt.errors import CorruptCheckpointError
+from tests._helpers import assert_same_module, assert_same_optimizer, mlp, same_bits
 
 SMALL = ckpt.SaveOptions(pool_bytes=8 << 20, max_shard_bytes=1 << 20, chunk_bytes=64 << 10)
 W_SHAPE = (1024, 400)  # float32, 1.6 MB: 2 shards of 512 rows, each of 16 chunks of 32 rows
 
 
 def _model(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 8))
+    return mlp(seed, 256, 512, 8)
 
 
 def _state(seed: int) -> dict[str, Any]:
@@ -48,9 +48,8 @@ def _save(state: dict[str, Any], url: str, step: int) -> None:
 def _assert_loads_equal(url: str, want: dict[str, Any]) -> None:
     got = {"model": _model(999), "w": torch.zeros(W_SHAPE), "meta": None}
     ckpt.load(got, url)
-    for (k, a), b in zip(want["model"].state_dict().items(), got["model"].state_dict().values()):
-        assert torch.equal(a, b), k
-    assert torch.equal(got["w"], want["w"])
+    assert_same_module(got["model"], want["model"])
+    assert same_bits(got["w"], want["w"])
     assert got["meta"] == want["meta"]
 
 
@@ -351,7 +350,7 @@ def test_export_torch(run: tuple[Path, dict], tmp_path: Path, capsys: pytest.Cap
     sd = torch.load(out_file, weights_only=True)
     m = _model(5)
     m.load_state_dict(sd)
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), states[100]["model"].state_dict().values()))
+    assert_same_module(m, states[100]["model"])
 
 
 def test_import_dcp(tmp_path: Path) -> None:
@@ -369,7 +368,7 @@ def test_import_dcp(tmp_path: Path) -> None:
     got = {"model": _model(11), "step": None}
     ckpt.load(got, str(dst))
     assert got["step"] == 7
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), got["model"].state_dict().values()))
+    assert_same_module(got["model"], model)
     assert ckpt.read_manifest(str(dst)).step == 7
 
 
@@ -383,7 +382,7 @@ def test_import_torch_save_and_safetensors(tmp_path: Path, capsys: pytest.Captur
     got = {"model": _model(12), "epoch": None}
     ckpt.load(got, str(tmp_path / "a" / "step-000000005"))
     assert got["epoch"] == 2
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), got["model"].state_dict().values()))
+    assert_same_module(got["model"], model)
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
     dst = tmp_path / "b" / "step-000000001"
@@ -391,7 +390,7 @@ def test_import_torch_save_and_safetensors(tmp_path: Path, capsys: pytest.Captur
     assert code == 0 and "(safetensors)" in out
     got = {"model": _model(13)}
     ckpt.load(got, str(dst))
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), got["model"].state_dict().values()))
+    assert_same_module(got["model"], model)
 
 
 @pytest.mark.parametrize("how", ["dcp-by-name", "dcp-by-index", "torch-by-index"])
@@ -427,13 +426,8 @@ def test_import_dcp_model_and_optimizer_loads_into_live_ones(tmp_path: Path, how
     assert json.loads(p.stdout)["tensors"] == 4 + 4 * 3  # 4 parameters, step/exp_avg/exp_avg_sq each
     m2, o2 = trained(1)
     ckpt.load({"model": m2, "optim": o2}, str(dst))
-    for a, b in zip(model.parameters(), m2.parameters()):
-        assert torch.equal(a, b)
-    s1, s2 = optim.state_dict(), o2.state_dict()
-    assert s1["param_groups"] == s2["param_groups"]
-    for i in s1["state"]:
-        for k in ("step", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(s1["state"][i][k], s2["state"][i][k]), (i, k)
+    assert_same_module(m2, model)
+    assert_same_optimizer(o2, optim)  # step, exp_avg, exp_avg_sq of each parameter; param_groups
     x = torch.randn(4, 6)
     for m, o in ((model, optim), (m2, o2)):  # one more step each: still the same
         m(x).square().sum().backward()

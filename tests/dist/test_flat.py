@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests._helpers import same_bits
 from tests.dist._launch import launch
 
 pytestmark = pytest.mark.slow
@@ -49,11 +50,6 @@ class Model(torch.nn.Module):
         self.a = torch.nn.Linear(3, 5)
         self.b = torch.nn.Linear(5, 4)
         self.c = torch.nn.Parameter(torch.empty(2, 3, 4))
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and torch.equal(
-        a.detach().contiguous().reshape(-1).view(torch.uint8), b.detach().contiguous().reshape(-1).view(torch.uint8))
 
 
 def my_fragment(cuts: list[int], zeros: bool) -> Any:

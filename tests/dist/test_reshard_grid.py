@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from tests._boxes import entry_boxes
+from tests._helpers import same_bits
 from tests.dist._launch import launch
 
 pytestmark = pytest.mark.slow
@@ -60,13 +61,6 @@ def layouts(world: int) -> list[str]:
     if world == 4:
         out += ["s0s1", "rs0"]
     return out
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
-        return False
-    return torch.equal(a.detach().contiguous().reshape(-1).view(torch.uint8),
-                       b.detach().contiguous().reshape(-1).view(torch.uint8))
 
 
 def box_slices(box: Box) -> tuple[slice, ...]:

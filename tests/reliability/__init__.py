@@ -28,6 +28,7 @@ import ckpt
 from ckpt import PreemptionOptions
 from ckpt._engine._catalog import list_run
 from ckpt.storage import open_storage
+from tests._helpers import same_bits
 
 ROWS = 1024  # "w" is ROWS x 1024 float32 = 4 MiB per checkpoint (several shards)
 OPTS = {"CKPT_MAX_SHARD_BYTES": str(1 << 20), "CKPT_CHUNK_BYTES": str(256 << 10)}
@@ -68,8 +69,7 @@ def assert_bit_exact(url: str, step: int, rows: int = ROWS, **kw: Any) -> None:
     want = make_state(step, rows)
     for k in ("w", "b", "i"):
         a, b = st[k], want[k]
-        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype != torch.bool else a,
-                                                   b.view(torch.uint8) if b.dtype != torch.bool else b), (url, k)
+        assert same_bits(a, b), (url, k)
     assert st["step"] == step, (url, st["step"], step)
 
 

@@ -13,13 +13,13 @@ import torch
 
 import ckpt
 from ckpt.errors import CorruptCheckpointError, StorageError
+from tests._helpers import randn_state
 
 N = 256 * 1024  # 1 MiB of float32 per tensor: an array of its own (not packed)
 
 
 def _state(seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {"a": torch.randn(N, generator=g), "z": torch.randn(N, generator=g)}
+    return randn_state(seed, a=N, z=N)
 
 
 def _flip(path: str, at: float = 0.3) -> None:

@@ -7,10 +7,9 @@ so a save in progress is never touched (``grace=0`` is for when no save runs).""
 
 from __future__ import annotations
 
-import pytest
-
 import ckpt
 from ckpt import tools
+from tests._helpers import Tally
 from tests.reliability import (
     assert_bit_exact,
     committed_steps,
@@ -21,20 +20,7 @@ from tests.reliability import (
     save_many_worker,
 )
 
-COUNTS: dict[str, list[int]] = {}
-
-
-def _count(k, ok=True):
-    c = COUNTS.setdefault(k, [0, 0])
-    c[0] += 1
-    c[1] += int(ok)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report():
-    yield
-    for k, (t, p) in sorted(COUNTS.items()):
-        print(f"\n[reliability] concurrency/{k}: {p}/{t} cases passed")
+TALLY = Tally("concurrency")  # cases tried and passed, by kind
 
 
 def test_two_savers_different_steps(tmp_path):
@@ -46,7 +32,7 @@ def test_two_savers_different_steps(tmp_path):
         assert_bit_exact(f"{run}/step-000000003", 3)
         assert_bit_exact(f"{run}/step-000000002", 2)
         gc_clean(run)
-        _count("different-steps")
+        TALLY.count("different-steps")
 
 
 def test_two_savers_same_step(tmp_path):
@@ -61,7 +47,7 @@ def test_two_savers_same_step(tmp_path):
         assert committed_steps(run) == [2]
         assert_bit_exact(f"{run}/step-000000002", 2)
         gc_clean(run)
-        _count("same-step")
+        TALLY.count("same-step")
     print(f"\n[reliability] same-step outcomes: {outcomes}")
 
 
@@ -89,5 +75,5 @@ def test_save_racing_gc(tmp_path):
     for s in (8, 9):
         assert_bit_exact(f"{run}/step-{s:09d}", s)
     gc_clean(run)
-    _count("save-vs-gc")
+    TALLY.count("save-vs-gc")
     print(f"\n[reliability] gc rounds during 8 saves: {rounds}")

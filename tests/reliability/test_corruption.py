@@ -16,16 +16,11 @@ import pytest
 import ckpt
 from ckpt import PreemptionOptions, tools
 from ckpt.errors import CorruptCheckpointError, ManifestError
+from tests._helpers import Tally
 from tests.reliability import assert_bit_exact, blank_state, make_state
 
 SEED = 7
-COUNTS = {"tried": 0, "passed": 0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report():
-    yield
-    print(f"\n[reliability] corruption: {COUNTS['passed']}/{COUNTS['tried']} cases passed")
+TALLY = Tally("corruption", "")  # cases tried and passed
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +85,7 @@ def _copy(template, tmp_path):
                                              for i, c in enumerate(CASES)])
 def test_damaged_object(template, tmp_path, case):
     kind, rel, where, frac, key = case
-    COUNTS["tried"] += 1
+    TALLY.tried()
     run = _copy(template, tmp_path)
     ck = run / "step-000000002"
     pos = _damage(ck, kind, rel, where, frac)
@@ -119,12 +114,12 @@ def test_damaged_object(template, tmp_path, case):
     assert mgr.restored_step == 1
     assert_bit_exact(str(run / "step-000000001"), 1)
     mgr.close()
-    COUNTS["passed"] += 1
+    TALLY.passed()
 
 
 @pytest.mark.parametrize("how", ["tamper-value", "tamper-shape", "truncate", "delete-checksum", "garbage"])
 def test_damaged_manifest(template, tmp_path, how):
-    COUNTS["tried"] += 1
+    TALLY.tried()
     run = _copy(template, tmp_path)
     mpath = run / "step-000000002/manifest.json"
     raw = mpath.read_bytes()
@@ -152,23 +147,23 @@ def test_damaged_manifest(template, tmp_path, how):
         warnings.simplefilter("ignore")
         assert mgr.restore(blank_state()) == 2
     mgr.close()
-    COUNTS["passed"] += 1
+    TALLY.passed()
 
 
 def test_zarr_json_deleted_is_reported_but_data_loads(template, tmp_path):
     """The reader rebuilds metadata from the manifest: a lost zarr.json loses nothing,
     but verify reports it (other zarr readers need it)."""
-    COUNTS["tried"] += 1
+    TALLY.tried()
     run = _copy(template, tmp_path)
     (run / "step-000000002/arrays/w.zarr/zarr.json").unlink()
     assert_bit_exact(str(run / "step-000000002"), 2)
     rep = tools.verify(str(run / "step-000000002"))
     assert [(p.what, p.path) for p in rep.problems] == [("missing", "arrays/w.zarr/zarr.json")]
-    COUNTS["passed"] += 1
+    TALLY.passed()
 
 
 def test_every_committed_checkpoint_corrupt_restores_nothing(template, tmp_path):
-    COUNTS["tried"] += 1
+    TALLY.tried()
     run = _copy(template, tmp_path)
     for s in (1, 2):
         os.unlink(run / f"step-{s:09d}/packs/u00000-0000/c.0")
@@ -177,4 +172,4 @@ def test_every_committed_checkpoint_corrupt_restores_nothing(template, tmp_path)
         warnings.simplefilter("ignore")
         assert mgr.restore(blank_state()) == 0  # a fresh start, never a half-loaded state
     mgr.close()
-    COUNTS["passed"] += 1
+    TALLY.passed()

@@ -13,6 +13,7 @@ import pytest
 
 import ckpt
 from ckpt import PreemptionOptions
+from tests._helpers import Tally
 from tests.reliability import (
     assert_bit_exact,
     check_after_crash,
@@ -29,20 +30,7 @@ from tests.reliability import (
 )
 
 SEED = 20240601
-STATS: dict[str, list[int]] = {}  # case family -> [tried, passed]
-
-
-def _count(family: str, ok: bool) -> None:
-    t = STATS.setdefault(family, [0, 0])
-    t[0] += 1
-    t[1] += int(ok)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report():
-    yield
-    for fam, (tried, passed) in sorted(STATS.items()):
-        print(f"\n[reliability] crash/{fam}: {passed}/{tried} cases passed")
+TALLY = Tally("crash")  # cases tried and passed, by family
 
 
 def _measure(run: str, opts: dict | None = None, env: dict | None = None) -> float:
@@ -78,7 +66,7 @@ def test_kill_during_save_local(tmp_path):
         _, killed = run_child(save_worker, run, 2, kill_after=delay)
         newest = _after(run, {1, 2}, 3)
         outcomes.append((round(delay, 3), killed, newest))
-        _count("save-local-random-delay", True)
+        TALLY.count("save-local-random-delay", True)
     print(f"\n[reliability] save duration {duration:.3f}s; (delay, killed, newest committed): {outcomes}")
     assert any(k for _, k, _ in outcomes), "no kill landed during a save"
 
@@ -91,7 +79,7 @@ def test_kill_at_commit_steps(tmp_path, kill_at):
     code, _ = run_child(save_kill_worker, run, 2, kill_at)
     assert code == -9, f"the save ended ({code}) before mutation {kill_at}"
     _after(run, {1}, 3)  # killed before the rename: step 2 must not be listed
-    _count("save-local-commit-point", True)
+    TALLY.count("save-local-commit-point", True)
 
 
 def _template(tmp_path, n: int) -> str:
@@ -127,7 +115,7 @@ def test_kill_during_retention(tmp_path):
             assert_bit_exact(f"{run}/step-{s:09d}", s)
         _after(run, {1, 2, 3, 4}, 5)
         assert 4 in committed_steps(run)  # retention never removes the newest
-        _count("retention-kill-point", True)
+        TALLY.count("retention-kill-point", True)
     print(f"\n[reliability] retention: {len(KILL_POINTS) - completed} killed mid-way, {completed} finished")
 
 
@@ -152,7 +140,7 @@ def test_kill_during_a_save_into_a_recycled_tree(tmp_path):
         for s in committed_steps(run):
             assert_bit_exact(f"{run}/step-{s:09d}", s)
         _after(run, {2, 3}, 4)
-        _count("recycled-save-kill-point", True)
+        TALLY.count("recycled-save-kill-point", True)
     assert completed < len(KILL_POINTS)  # the kill points reach into the save
     print(f"\n[reliability] recycled save: {len(KILL_POINTS) - completed} killed mid-way, {completed} finished")
 
@@ -168,7 +156,7 @@ def test_kill_during_gc(tmp_path):
             assert_bit_exact(f"{run}/step-{s:09d}", s)
         _after(run, {1, 2, 3, 4}, 5)
         assert {3, 4} <= set(committed_steps(run))
-        _count("gc-kill-point", True)
+        TALLY.count("gc-kill-point", True)
     print(f"\n[reliability] gc: {len(KILL_POINTS) - completed} killed mid-way, {completed} finished")
 
 
@@ -185,7 +173,7 @@ def test_kill_during_save_s3(s3_url, s3_options):
         newest = _after(run, {1, 2}, 3, **s3_options)
         assert not debris(run, **s3_options)
         outcomes.append((round(delay, 3), killed, newest))
-        _count("save-s3-random-delay", True)
+        TALLY.count("save-s3-random-delay", True)
     print(f"\n[reliability] s3 save duration {duration:.3f}s; (delay, killed, newest): {outcomes}")
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import ckpt
+from tests._helpers import Tally
 from tests.dist._launch import free_port
 from tests.reliability import committed_steps, ctx, debris
 
@@ -27,20 +28,7 @@ pytestmark = pytest.mark.slow
 
 WORLD = 3
 SEED = 20240611
-STATS: dict[str, list[int]] = {}  # case family -> [tried, passed]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report():
-    yield
-    for fam, (tried, passed) in sorted(STATS.items()):
-        print(f"\n[reliability] crash-dist/{fam}: {passed}/{tried} cases passed")
-
-
-def _count(family: str, ok: bool) -> None:
-    t = STATS.setdefault(family, [0, 0])
-    t[0] += 1
-    t[1] += int(ok)
+TALLY = Tally("crash-dist")  # cases tried and passed, by family
 
 
 def dist_state(step: int) -> dict[str, Any]:
@@ -183,7 +171,7 @@ def _case(base: str, family: str, n: int, kill: tuple[int, ...], delay: float,
     assert not left, left
     assert {newest, 3} <= set(committed_steps(run, **o))  # gc never removes a committed checkpoint
     assert_dist_bit_exact(f"{run}/step-000000003", 3, opts)
-    _count(family, True)
+    TALLY.count(family)
     return round(delay, 3), kill, r["codes"], newest
 
 
@@ -193,12 +181,11 @@ def _kill_cases(base: str, cases: list[tuple[str, tuple[int, ...]]], seed: int,
     rng = random.Random(seed)
     outcomes = []
     for n, (family, kill) in enumerate(cases):
-        STATS.setdefault(family, [0, 0])
         delay = rng.uniform(0, duration * spread * (1.1 if len(kill) == 1 else 1.0))
         try:
             outcomes.append((family, *_case(base, family, n, kill, delay, opts)))
         except BaseException:
-            STATS[family][0] += 1
+            TALLY.tried(family)
             raise
     mid = sum(o[4] == 1 for o in outcomes)  # step 2 never committed: the kill landed mid-save
     print(f"\n[reliability] 3-rank save duration {duration:.3f}s; {mid} of {len(outcomes)} kills landed "

@@ -25,16 +25,10 @@ from ckpt.errors import (
     ShapeMismatchError,
     UnsafePathError,
 )
+from tests._helpers import Tally
 from tests.reliability import assert_bit_exact, blank_state, make_state, sign_manifest
 
-COUNTS: dict[str, int] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report():
-    yield
-    for k, v in sorted(COUNTS.items()):
-        print(f"\n[reliability] hostile/{k}: {v}")
+TALLY = Tally("hostile")  # what each kind of hostile input came to
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +91,7 @@ def test_path_traversal_every_field(good, tmp_path):
             rep = tools.verify(str(ck))
             assert not rep.ok and rep.problems[0].what == "manifest", (field, bad)
             n += 1
-    COUNTS["path-traversal manifests rejected"] = n
+    TALLY.note("path-traversal manifests rejected", n)
 
 
 def _outside_copy(tmp_path, src):
@@ -120,7 +114,7 @@ def test_symlink_out_of_checkpoint_refused(good, tmp_path, target):
     with pytest.raises(CheckpointError) as ei:
         ckpt.load(_state(), str(ck), allow_pickle=True)
     assert "symlink" in str(ei.value).lower(), ei.value
-    COUNTS["symlinks refused"] = COUNTS.get("symlinks refused", 0) + 1
+    TALLY.add("symlinks refused")
 
 
 def test_symlinked_checkpoint_dir_itself_is_fine(good, tmp_path):
@@ -177,7 +171,7 @@ def test_absurd_shapes(good, tmp_path, shape, shard):
         assert isinstance(box.get("e"), CheckpointError), box
     box = _bounded(lambda: tools.verify(str(ck), quick=True))
     assert "e" in box and isinstance(box["e"], CheckpointError) or not box["v"].ok, box
-    COUNTS["absurd shapes"] = COUNTS.get("absurd shapes", 0) + 1
+    TALLY.add("absurd shapes")
 
 
 def test_huge_manifest_refused_without_parsing():
@@ -323,7 +317,7 @@ def test_fuzz_mutated_valid_manifest(data):
 
 
 def test_fuzz_count():
-    COUNTS["fuzzed from_json inputs"] = FUZZED[0]
+    TALLY.note("fuzzed from_json inputs", FUZZED[0])
     assert FUZZED[0] >= 500
 
 

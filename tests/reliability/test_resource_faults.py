@@ -14,16 +14,11 @@ import pytest
 
 import ckpt
 from ckpt.errors import StorageError, StorageFullError, StoragePermissionError
+from tests._helpers import Tally
 from tests.reliability import assert_bit_exact, debris, gc_clean, make_state, small_tmpfs
 
 SMALL, BIG = 256, 2048  # rows: 1 MiB and 8 MiB of "w"
-COUNTS = {"tried": 0, "passed": 0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report():
-    yield
-    print(f"\n[reliability] resource faults: {COUNTS['passed']}/{COUNTS['tried']} cases passed")
+TALLY = Tally("resource faults", "")  # cases tried and passed
 
 
 @pytest.fixture
@@ -44,7 +39,7 @@ def _train(mgr, steps, state_of):
 
 @pytest.mark.parametrize("what", ["array", "array-tensorstore", "manifest"])
 def test_storage_full(tmpfs, what, monkeypatch):
-    COUNTS["tried"] += 1
+    TALLY.tried()
     if what == "array-tensorstore":
         monkeypatch.setenv("CKPT_DIRECT_WRITES", "0")
     run = str(tmpfs / "run")
@@ -77,11 +72,11 @@ def test_storage_full(tmpfs, what, monkeypatch):
     gc_clean(run)
     ckpt.save(make_state(3, SMALL), f"{run}/step-000000003", step=3)  # space again: saving works
     assert_bit_exact(f"{run}/step-000000003", 3, SMALL)
-    COUNTS["passed"] += 1
+    TALLY.passed()
 
 
 def test_read_only_filesystem(tmpfs):
-    COUNTS["tried"] += 1
+    TALLY.tried()
     run = str(tmpfs / "run")
     ckpt.save(make_state(1, SMALL), f"{run}/step-000000001", step=1)
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
@@ -100,7 +95,7 @@ def test_read_only_filesystem(tmpfs):
         subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True)
     assert [i.step for i in ckpt.list_checkpoints(run)] == [1]
     gc_clean(run)
-    COUNTS["passed"] += 1
+    TALLY.passed()
 
 
 def test_s3_server_gone(s3_server, monkeypatch):
@@ -108,7 +103,7 @@ def test_s3_server_gone(s3_server, monkeypatch):
     pytest.importorskip("moto")
     from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 
-    COUNTS["tried"] += 1
+    TALLY.tried()
     monkeypatch.setenv("CKPT_S3_RETRIES", "1")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -147,4 +142,4 @@ def test_s3_server_gone(s3_server, monkeypatch):
         assert not debris(run, **opts)
     finally:
         server.stop()
-    COUNTS["passed"] += 1
+    TALLY.passed()

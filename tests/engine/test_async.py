@@ -19,6 +19,7 @@ import ckpt
 from ckpt.errors import ConfigError, SaveInProgressError, SnapshotFailedError, StorageError
 from ckpt.storage import register_storage
 from ckpt.storage._file import FileStorage
+from tests._helpers import assert_same_state_dict
 
 # where CPU state is copied into the pool (SaveOptions.cpu_staging): both paths keep a
 # snapshot exact under mutation
@@ -54,11 +55,8 @@ def snapshot_of(state):
 
 def assert_state_equals(m, opt, expected):
     msd, osd = expected
-    for k, v in m.state_dict().items():
-        assert torch.equal(v, msd[k]), k
-    for i, s in opt.state_dict()["state"].items():
-        for n, t in s.items():
-            assert torch.equal(t, osd[i][n]), (i, n)
+    assert_same_state_dict(m.state_dict(), msd, "model")
+    assert_same_state_dict(opt.state_dict()["state"], osd, "optim")
 
 
 @pytest.mark.parametrize("staging", STAGINGS)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ckpt
+from tests._helpers import assert_same_state_dict
 
 VOCAB, DIM, HEADS, SEQ, BATCH, LAYERS = 64, 32, 4, 16, 4, 2
 
@@ -106,22 +107,8 @@ def capture(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def assert_bit_identical(state: dict[str, Any], ref: dict[str, Any]) -> None:
-    model_sd = state["model"].state_dict()
-    assert model_sd.keys() == ref["model"].keys()
-    for k, v in ref["model"].items():
-        assert model_sd[k].dtype == v.dtype and torch.equal(model_sd[k], v), f"parameter {k} differs"
-    osd = state["optim"].state_dict()
-    assert osd["state"].keys() == ref["optim"]["state"].keys()
-    for i, st in ref["optim"]["state"].items():
-        assert osd["state"][i].keys() == st.keys()
-        for name, v in st.items():
-            got = osd["state"][i][name]
-            if isinstance(v, torch.Tensor):
-                assert isinstance(got, torch.Tensor) and got.dtype == v.dtype and got.shape == v.shape
-                assert torch.equal(got, v), f"optimizer state {i}/{name} differs"
-            else:
-                assert got == v, (i, name)
-    assert osd["param_groups"] == ref["optim"]["param_groups"]
+    assert_same_state_dict(state["model"].state_dict(), ref["model"], "model")
+    assert_same_state_dict(state["optim"].state_dict(), ref["optim"], "optim")  # state and param_groups
     assert state["sched"].state_dict() == ref["sched"]
     assert state["step"] == ref["step"]
 

@@ -26,6 +26,7 @@ from ckpt._engine._plan import ArrayLayout, zarr_metadata
 from ckpt._format import storage_dtype, storage_torch_dtype
 from ckpt.errors import CorruptCheckpointError
 from ckpt.storage import split_checkpoint_url
+from tests._helpers import same_bits
 from tests.test_errors import rewrite_manifest
 
 google_crc32c = pytest.importorskip("google_crc32c")
@@ -48,10 +49,6 @@ def _tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.bool else t.view(storage_torch_dtype(str(t.dtype)[6:]))
-
-
-def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(_bits(a.contiguous()), _bits(b.contiguous()))
 
 
 def _save(state: dict[str, Any], url: Path, opts: ckpt.SaveOptions = OPTS) -> None:
@@ -141,7 +138,7 @@ def test_round_trip_takes_the_fast_path(tmp_path: Path, dt: str, shape: str, edg
     # a whole load through the public API
     dest = torch.zeros_like(t) if dtype != torch.bool else torch.zeros(shp, dtype=torch.bool)
     stats = ckpt.load({"w": dest}, str(url))
-    assert _equal(dest, t)
+    assert same_bits(dest, t)
     direct = _expected_direct(n, shard_rows, chunk_rows, 0, n, row_bytes)
     assert direct > 0
     assert stats.bytes_direct == direct
@@ -153,7 +150,7 @@ def test_round_trip_takes_the_fast_path(tmp_path: Path, dt: str, shape: str, edg
         offs = (lo,) + (0,) * (len(shp) - 1)
         sizes = (hi - lo,) + shp[1:]
         out, stats = _load_box(url, "w", offs, sizes, dtype, shp)
-        assert _equal(out, t[lo:hi]), (lo, hi)
+        assert same_bits(out, t[lo:hi]), (lo, hi)
         assert stats.bytes_direct == _expected_direct(n, shard_rows, chunk_rows, lo, hi, row_bytes), (lo, hi)
         assert stats.bytes_fetched == _expected_fetched(n, shard_rows, chunk_rows, lo, hi, row_bytes), (lo, hi)
         assert stats.bytes_read == out.numel() * out.element_size()

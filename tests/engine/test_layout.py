@@ -20,7 +20,7 @@ from ckpt._engine._layout import (
 from ckpt._engine._plan import shard_index_bytes
 from ckpt.errors import CorruptCheckpointError
 from ckpt.storage._file import FileStorage
-from tests.test_direct_write import _save, _state
+from tests.engine.test_direct_write import _save, _state
 
 
 def _crc(b: bytes) -> int:

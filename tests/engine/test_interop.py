@@ -21,6 +21,7 @@ import zarr
 
 import ckpt
 from ckpt.errors import CorruptCheckpointError
+from tests._helpers import tensor_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 
@@ -58,14 +59,10 @@ def _make(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor
     return (torch.randn(shape, generator=g) * 4).to(dtype)
 
 
-def _bits(t: torch.Tensor) -> np.ndarray:
-    """A tensor's raw bytes (C order)."""
-    return t.clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8).numpy()
-
-
 def _same_bits(arr: np.ndarray, t: torch.Tensor) -> bool:
+    """A numpy array read by another reader holds ``t``'s shape and bytes."""
     a = np.ascontiguousarray(arr)
-    return a.shape == tuple(t.shape) and a.tobytes() == _bits(t).tobytes()
+    return a.shape == tuple(t.shape) and a.tobytes() == tensor_bytes(t).numpy().tobytes()
 
 
 @pytest.fixture(scope="module")

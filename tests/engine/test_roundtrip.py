@@ -34,6 +34,7 @@ import ckpt
 from ckpt._format import supported_dtypes
 from ckpt.errors import PickleNotAllowedError
 from ckpt.storage._memory import drop
+from tests._helpers import assert_same, mlp
 from tests._s3server import fresh_place, server, server_params
 
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
@@ -203,34 +204,8 @@ def states(draw: st.DrawFn) -> tuple[dict[str, Any], bool]:
 
 
 # ---------------------------------------------------------------------------
-# comparison and load targets
+# load targets
 # ---------------------------------------------------------------------------
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8)  # clone: stride 1 even on size-1 dims
-
-
-def assert_same(got: Any, want: Any, where: str = "state") -> None:
-    assert type(got) is type(want), f"{where}: {type(got).__name__} != {type(want).__name__}"
-    if isinstance(want, torch.Tensor):
-        assert got.dtype == want.dtype and got.shape == want.shape, f"{where}: {got.dtype}{list(got.shape)}"
-        assert torch.equal(_bits(got), _bits(want)), f"{where}: tensor bits differ"
-    elif isinstance(want, float):
-        if math.isnan(want):
-            assert math.isnan(got), where  # JSON keeps NaN, not its payload (docs/format.md)
-        else:
-            assert got == want and math.copysign(1, got) == math.copysign(1, want), f"{where}: {got} != {want}"
-    elif isinstance(want, dict):
-        assert list(got) == list(want), f"{where}: keys {list(got)} != {list(want)}"
-        for k in want:
-            assert_same(got[k], want[k], f"{where}[{k!r}]")
-    elif isinstance(want, list | tuple):
-        assert len(got) == len(want), f"{where}: length {len(got)} != {len(want)}"
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_same(g, w, f"{where}[{i}]")
-    else:
-        assert got == want, f"{where}: {got!r} != {want!r}"
-
-
 def _garbage_like(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t.shape, dtype=t.dtype)
     out.reshape(-1).view(torch.uint8).fill_(0xA5 if t.dtype != torch.bool else 0)
@@ -385,13 +360,8 @@ def test_earlier_checkpoint_survives_later_saves(url_factory: UrlFactory, snapsh
     assert_same(target, first)
 
 
-def _model() -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(64, 1200), torch.nn.BatchNorm1d(1200), torch.nn.Linear(1200, 3))
-
-
 def test_module_and_optimizer(url_factory: UrlFactory, snapshotter: ckpt.Snapshotter) -> None:
-    torch.manual_seed(0)
-    model = _model()
+    model = mlp(0, 64, 1200, 3, norm=True)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.StepLR(optim, step_size=3)
     for _ in range(2):
@@ -404,7 +374,7 @@ def test_module_and_optimizer(url_factory: UrlFactory, snapshotter: ckpt.Snapsho
     want_optim = optim.state_dict()
     want_sched = sched.state_dict()
 
-    model2 = _model()
+    model2 = mlp(1, 64, 1200, 3, norm=True)
     optim2 = torch.optim.AdamW(model2.parameters(), lr=0.5)
     sched2 = torch.optim.lr_scheduler.StepLR(optim2, step_size=7)
     url_factory.load({"model": model2, "optim": optim2, "sched": sched2}, url)
