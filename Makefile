@@ -36,7 +36,7 @@ lint: setup
 	$(VPY) -m vulture ckpt tests tests/vulture_allow.py --min-confidence 80  # dead code; allow-list in tests/vulture_allow.py
 
 docs: setup  # the guides and the API reference (mkdocs.yml); warnings are errors
-	$(VPY) -m mkdocs build --strict --quiet
+	$(VPY) -m mkdocs build --strict  # not --quiet: it hides the warnings strict counts
 
 clean:
 	rm -rf $(VENV) build site *.egg-info .pytest_cache

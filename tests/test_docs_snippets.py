@@ -152,3 +152,11 @@ def test_snippet_runs(snip: Snippet, tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("CKPT_NODE_DIR", os.fspath(cwd / "node"))  # the memory tier's, not /dev/shm's
     exec(compile(snip.code, snip.id, "exec"), ns)
     _spaces[snip.page] = (ns, cwd)
+
+
+def test_relative_links_point_at_files() -> None:
+    """A guide moved or renamed leaves no dead link in the README or the guides."""
+    for page in [*PAGES, *sorted((ROOT / "docs" / "bench").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target:
+                assert (page.parent / target).exists(), (page.relative_to(ROOT), target)
