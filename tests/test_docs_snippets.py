@@ -160,3 +160,26 @@ def test_relative_links_point_at_files() -> None:
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
             if "://" not in target:
                 assert (page.parent / target).exists(), (page.relative_to(ROOT), target)
+
+
+def test_readme_cli_at_a_glance_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Each ``ckpt ...`` line of the README's command-line block exits 0, in order, on a
+    small checkpoint at the path the block names."""
+    import shlex
+
+    import torch
+
+    import ckpt
+    from ckpt._cli.main import main
+
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## Command line at a glance"):]
+    block = block[block.index("```sh\n") + 6:]
+    block = block[:block.index("```")]
+    commands = [shlex.split(line.split("#")[0]) for line in block.splitlines() if line.strip()]
+    assert len(commands) >= 8 and all(c[0] == "ckpt" for c in commands), commands
+    monkeypatch.chdir(tmp_path)
+    ckpt.save({"model": torch.nn.Linear(16, 16)}, "runs/demo/step-000000300", step=300)
+    for argv in commands:
+        assert main(argv[1:]) == 0, (argv, capsys.readouterr())
