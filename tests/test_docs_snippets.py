@@ -123,6 +123,8 @@ def test_every_python_fence_is_found() -> None:
     """The pattern sees every ```python fence (one it missed would never run)."""
     for page in PAGES:
         assert page.read_text().count("```python\n") == len(snippets(page)), page
+        fences = [line for line in page.read_text().splitlines() if line.startswith("```")]
+        assert len(fences) % 2 == 0 and set(fences[1::2]) <= {"```"}, (page, fences)  # each one closed
     assert len(ALL) >= 10
     skips = [s.id for s in ALL if s.mark.startswith("skip")]
     assert len(skips) <= SKIPS_ALLOWED, skips
