@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.ckpt-installed
 
-.PHONY: setup test test-fast demo bench scale lint clean
+.PHONY: setup test test-fast demo bench scale lint docs clean
 
 setup: $(STAMP)
 
@@ -35,5 +35,8 @@ lint: setup
 	$(VPY) tests/test_private_access.py  # fails where a module touches another's private fields
 	$(VPY) -m vulture ckpt tests tests/vulture_allow.py --min-confidence 80  # dead code; allow-list in tests/vulture_allow.py
 
+docs: setup  # the guides and the API reference (mkdocs.yml); warnings are errors
+	$(VPY) -m mkdocs build --strict  # not --quiet: it hides the warnings strict counts
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache

@@ -50,7 +50,7 @@ try:
     from transformers import Trainer, TrainerCallback
 except ImportError as e:  # pragma: no cover - the extra is not installed
     raise MissingDependencyError("ckpt.integrations.hf needs transformers, which is not installed",
-                                 hint="pip install 'ckpt[hf]'") from e
+                                 hint="pip install 'ckpt-torch[hf]'") from e
 
 __all__ = ["CkptCallback", "CkptTrainerMixin", "CkptTrainer", "latest_checkpoint", "META"]
 

@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - the extra is not installed
         from lightning_fabric.utilities.data import AttributeDict  # type: ignore[no-redef,assignment]
     except ImportError as e:
         raise MissingDependencyError("ckpt.integrations.lightning needs Lightning, which is not installed",
-                                     hint="pip install 'ckpt[lightning]'") from e
+                                     hint="pip install 'ckpt-torch[lightning]'") from e
 
 __all__ = ["CkptCheckpointIO"]
 

@@ -71,7 +71,7 @@ try:
     from torchft.checkpointing.transport import CheckpointTransport
 except ImportError as e:  # pragma: no cover - the extra is absent
     raise MissingDependencyError("ckpt.integrations.torchft needs torchft, which is not installed",
-                                 hint="pip install 'ckpt[ft]'") from e
+                                 hint="pip install 'ckpt-torch[ft]'") from e
 
 __all__ = ["CkptTransport", "HealStats"]
 

@@ -45,7 +45,7 @@ def _load(scheme: str) -> Any:
         raise MissingDependencyError(
             f"the {scheme}:// backend needs a package that is not installed ({e.name or e})",
             path=f"{scheme}://",
-            hint=f"pip install 'ckpt[{extra}]'",
+            hint=f"pip install 'ckpt-torch[{extra}]'",
         ) from e
 
 

@@ -252,3 +252,16 @@ def test_ddp_spawn_saves_on_rank_zero_and_resumes(tmp_path: Path, monkeypatch: p
             raise
         logging.getLogger(__name__).warning("a ddp_spawn worker aborted (%s); running the round trip again", e)
         _ddp_spawn_round_trip(tmp_path / "again")
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_documented_weights_only_load_is_bit_exact(tmp_path: Path, async_save: bool) -> None:
+    """README / docs/frameworks.md: ``ckpt.load({"state_dict": lightning_module}, "runs/a/last.ckpt")``,
+    strict (the default), loads the weights alone (was UnexpectedKeyError ... ['state_dict'])."""
+    trained = _model(0)
+    _fit(trained, tmp_path / "runs" / "a", 1, _io(async_save))
+    lightning_module = _model(1)  # other weights: every one must come from the checkpoint
+    stats = ckpt.load({"state_dict": lightning_module}, tmp_path / "runs" / "a" / "last.ckpt")
+    _same_state(lightning_module, trained)
+    assert "state_dict" not in stats.skipped and "optimizer_states" in stats.skipped
+    assert stats.missing == [] and stats.unexpected == []
