@@ -133,7 +133,7 @@ class S3Storage(Storage):
             raise ValueError(f"not an S3 bucket name: {bucket!r} (write s3://BUCKET/PREFIX)")
         if importlib.util.find_spec("s3fs") is None:
             raise MissingDependencyError("the s3:// backend needs s3fs, which is not installed",
-                                         path=f"s3://{bucket}", hint="pip install 'ckpt[s3]'")
+                                         path=f"s3://{bucket}", hint="pip install 'ckpt-torch[s3]'")
         if (key is None) != (secret is None):
             raise ValueError("S3Storage needs both key= and secret= (or neither, to use the "
                              "environment or a profile)")

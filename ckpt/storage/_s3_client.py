@@ -18,7 +18,7 @@ def make_fs(st: S3Settings) -> Any:
         import s3fs
     except ImportError as e:
         raise MissingDependencyError("the s3:// backend needs s3fs, which is not installed",
-                                     path=st.url, hint="pip install 'ckpt[s3]'") from e
+                                     path=st.url, hint="pip install 'ckpt-torch[s3]'") from e
     opts = dict(st.s3fs_options)
     opts["use_listings_cache"] = False
     opts.setdefault("skip_instance_cache", True)  # no process-wide cache holding our keys

@@ -332,7 +332,7 @@ def test_missing_s3fs_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(MissingDependencyError) as info:
         open_storage("s3://bucket/run")
     assert isinstance(info.value, ImportError) and isinstance(info.value, CheckpointError)
-    assert "pip install 'ckpt[s3]'" in str(info.value)
+    assert "pip install 'ckpt-torch[s3]'" in str(info.value)
 
 
 def _client_error(code: str, message: str) -> Exception:
