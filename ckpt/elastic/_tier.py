@@ -28,15 +28,12 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from ckpt import _config as config
 from ckpt._api import SaveHandle, Snapshotter
@@ -45,6 +42,7 @@ from ckpt._engine._recycle import RECYCLE_PREFIX, prune_stale, retiring, to_slot
 from ckpt._format import MANIFEST, TMP_PREFIX, parse_step_dirname, step_dirname
 from ckpt._policies import MemoryTierOptions
 from ckpt.elastic._drain import DrainJob, drain
+from ckpt.elastic._group import agreement, any_flags, node_group
 from ckpt.elastic._names import (
     COMPLETE,
     JOB,
@@ -54,6 +52,7 @@ from ckpt.elastic._names import (
     received_lists,
     write_received,
 )
+from ckpt.elastic._recover import TierRestore, restore_from_tier
 from ckpt.elastic._transfer import bundle_of, swap
 
 __all__ = ["META_KEY", "MemoryTier", "MemoryTierWarning", "TierStats", "job_id", "own_files"]
@@ -130,11 +129,8 @@ class MemoryTier:
         self.stats = TierStats()
         self.snapshotter = Snapshotter(options, background_nice=config.background_nice(), stage_in_files=True)
         self.process_group = process_group
-        self.group: Any = None  # the tier thread's collectives and transfers
-        self._agree_group: Any = None  # the training thread's agreement
-        self.rank, self.world_size = 0, 1
-        self._setup_groups()
-        self._topology()
+        self.nodes = node_group(self.node_dir, process_group)  # the tier thread's collectives and transfers
+        self._agreement = agreement(process_group)  # the training thread's (the manager's group)
         (self.root / JOB).write_text(json.dumps({"run": run, "job": self.job,
                                                         "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}))
         self._thread: threading.Thread | None = None
@@ -144,78 +140,26 @@ class MemoryTier:
         self._last_time = time.monotonic()  # when the last step was taken (time-based schedules)
         self._reusable = 0  # bytes of the recycle slot and spare files (the next step's pages)
 
-    # -- topology --------------------------------------------------------------
-    def _setup_groups(self) -> None:
-        import torch.distributed as dist
+    # -- topology (the node group's) ---------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.nodes.rank
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        ranks = None if self.process_group is None else dist.get_process_group_ranks(self.process_group)
-        self.group = dist.new_group(ranks=ranks, backend="gloo")
-        self._agree_group = dist.new_group(ranks=ranks, backend="gloo")
-        self.rank, self.world_size = dist.get_rank(self.group), dist.get_world_size(self.group)
+    @property
+    def world_size(self) -> int:
+        return self.nodes.world_size
 
-    def all_gather(self, obj: Any) -> list[Any]:
-        if self.group is None:
-            return [obj]
-        import torch.distributed as dist
+    @property
+    def node(self) -> int:
+        return self.nodes.node
 
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+    @property
+    def nnodes(self) -> int:
+        return self.nodes.nnodes
 
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        """``obj`` of group rank ``src`` on every rank."""
-        if self.group is None:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, src), group=self.group)
-        return box[0]
-
-    def global_rank(self, group_rank: int) -> int:
-        import torch.distributed as dist
-
-        return dist.get_global_rank(self.group, group_rank)
-
-    def all_ok(self, ok: bool, *, training_thread: bool = False) -> bool:
-        return not self.any_flags([not ok], training_thread=training_thread)[0]
-
-    def any_flags(self, flags: list[bool], *, training_thread: bool = False) -> list[bool]:
-        if self.group is None:
-            return flags
-        import torch.distributed as dist
-
-        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._agree_group if training_thread else self.group)
-        return [bool(x) for x in t.tolist()]
-
-    def sum_ints(self, values: list[int], *, op: str = "sum") -> list[int]:
-        """A fixed-size all-reduce (``op``: "sum" or "max") over the tier's group: per-step
-        agreement whose traffic does not grow with the world."""
-        if self.group is None:
-            return list(values)
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
-        return [int(x) for x in t.tolist()]
-
-    def _topology(self) -> None:
-        """Nodes are the distinct (host, node directory) pairs, in order of their lowest
-        rank; that rank is the node's leader."""
-        key = f"{socket.gethostname()}:{os.path.realpath(self.node_dir)}"
-        keys = self.all_gather(key)
-        order: list[str] = []
-        for k in keys:
-            if k not in order:
-                order.append(k)
-        self.nnodes = len(order)
-        self.node = order.index(key)
-        self.leaders = [keys.index(k) for k in order]  # group ranks
-        self.node_ranks = [[r for r, k in enumerate(keys) if k == n] for n in order]
-        self.leader = self.leaders[self.node] == self.rank
+    @property
+    def leader(self) -> bool:
+        return self.nodes.leader
 
     # -- taking a step (training thread) -----------------------------------------
     def due(self, step: int, now: float | None = None) -> bool:
@@ -242,7 +186,7 @@ class MemoryTier:
         when the ranks agree to skip it. ``persist`` (every rank passes one, or none):
         once the step is held, drain it into that persistent checkpoint
         (:mod:`._drain`); a skipped step leaves it untouched, for the caller to save."""
-        busy, full = self.any_flags([self.busy(), not self._room()], training_thread=True)
+        busy, full = any_flags(self._agreement, [self.busy(), not self._room()])
         if busy:
             self.stats.skipped_busy += 1
             return None
@@ -256,7 +200,7 @@ class MemoryTier:
         t0 = time.perf_counter()
         handle = self.snapshotter.save_async(
             state, os.fspath(self.root / step_dirname(step)), step=step, overwrite=True,
-            allow_pickle=self.allow_pickle, process_group=self.group, recycle_here=self.leader,
+            allow_pickle=self.allow_pickle, process_group=self.nodes.group, recycle_here=self.leader,
             metadata={META_KEY: {"job": self.job, "nodes": self.nnodes, "replicas": self.replicas}})
         self.stats.call_s.append(time.perf_counter() - t0)
         self.stats.taken += 1
@@ -295,7 +239,7 @@ class MemoryTier:
                 persist.finish(err)
             return
         manifest = (self.root / name / MANIFEST).read_bytes() if self.rank == 0 else None
-        manifest = self.broadcast(manifest)
+        manifest = self.nodes.broadcast(manifest)
         ok = True
         if self.leader and self.rank != 0:
             try:
@@ -304,7 +248,7 @@ class MemoryTier:
                 ok = False
                 warnings.warn(f"ckpt memory tier: step {step} not committed here: {e!r}", MemoryTierWarning,
                               stacklevel=1)
-        if not self.all_ok(ok):
+        if not self.nodes.all_ok(ok):
             self.stats.failed += 1
             if persist is not None:
                 persist.finish(RuntimeError(f"memory tier step {step} was not committed on every node"))
@@ -317,13 +261,13 @@ class MemoryTier:
                 ok = False
                 warnings.warn(f"ckpt memory tier: step {step} not replicated: {e!r}", MemoryTierWarning,
                               stacklevel=1)
-        if self.all_ok(ok):
+        if self.nodes.all_ok(ok):
             self._held(step, name)
         else:
             self.stats.failed += 1
         if persist is not None:  # the step is whole in the nodes' tiers, replicated or not
             t1 = time.perf_counter()
-            drain(self, self.root / name, mine, persist, tier_key=META_KEY)
+            drain(self.nodes, self.root / name, mine, persist, tier_key=META_KEY)
             self.stats.drained += persist.error is None
             self.stats.drain_s.append(time.perf_counter() - t1)
         self.stats.finish_s.append(time.perf_counter() - t0)
@@ -340,7 +284,7 @@ class MemoryTier:
             self._reusable = sum(tree_bytes(p) for p in self.root.glob(f"{TMP_PREFIX}*"))
             self._footprint = max(tree_bytes(self.root / name), self.stats.held_bytes - before)
             self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, self.stats.held_bytes)
-        self._footprint = self.sum_ints([self._footprint], op="max")[0]
+        self._footprint = self.nodes.sum_ints([self._footprint], op="max")[0]
         self.stats.completed += 1
         self.stats.last_complete = step
 
@@ -374,11 +318,11 @@ class MemoryTier:
         t0 = time.perf_counter()
         step_dir = self.root / name
         mine = bundle_of(step_dir, files)
+        g = self.nodes
         for d in range(1, r + 1):
-            dst = self.global_rank(self.leaders[(self.node + d) % self.nnodes])
-            src_node = (self.node - d) % self.nnodes
-            got = swap(self.group, mine, dst, step_dir, self.global_rank(self.leaders[src_node]),
-                       spare=self.root / SPARE)
+            dst = g.global_rank(g.leaders[(g.node + d) % g.nnodes])
+            src_node = (g.node - d) % g.nnodes
+            got = swap(g.group, mine, dst, step_dir, g.global_rank(g.leaders[src_node]), spare=self.root / SPARE)
             write_received(step_dir, str(src_node), [p for p, _ in got])
             self.stats.replicated_bytes += mine.nbytes
         self.stats.replicate_s += time.perf_counter() - t0
@@ -455,14 +399,15 @@ class MemoryTier:
         self.wait()
         self.snapshotter.close()
         if remove:
-            self.all_ok(True)  # nobody deletes while a peer may still read from it
+            self.nodes.all_ok(True)  # nobody deletes while a peer may still read from it
             if self.leader:
                 shutil.rmtree(self.root, ignore_errors=True)
 
-    def restore(self, state: dict[str, Any], *, min_step: int | None = None) -> Any:
+    def restore(self, state: dict[str, Any], *, min_step: int | None = None) -> TierRestore | None:
         """Load the newest tier step the surviving nodes can assemble (and not older than
         ``min_step``) into ``state``; a :class:`~ckpt.elastic._recover.TierRestore` or
         None. Every rank calls it."""
-        from ckpt.elastic._recover import restore_from_tier
-
-        return restore_from_tier(self, state, min_step=min_step)
+        res = restore_from_tier(self.nodes, self.root, state, job=self.job, allow_pickle=self.allow_pickle,
+                                min_step=min_step)
+        self.drop_steps(keep=None if res is None else res.name)
+        return res
