@@ -37,6 +37,7 @@ from typing import Any
 
 from ckpt import _config as config
 from ckpt._api import SaveHandle, Snapshotter
+from ckpt._engine._commit import NodeCommit
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._recycle import RECYCLE_PREFIX, prune_stale, retiring, to_slot
 from ckpt._format import MANIFEST, TMP_PREFIX, parse_step_dirname, step_dirname
@@ -290,20 +291,18 @@ class MemoryTier:
 
     def _commit_here(self, name: str, manifest: bytes) -> None:
         """On a node other than rank 0's: the same commit in this node's directory."""
-        tmps = sorted(self.root.glob(f"{TMP_PREFIX}{name}-*"), key=lambda p: p.stat().st_mtime)
-        final = self.root / name
-        if final.exists():
-            shutil.rmtree(final)
-        if tmps:
-            src = tmps[-1]
-            for old in tmps[:-1]:
-                shutil.rmtree(old, ignore_errors=True)
-        else:  # this node's ranks were given nothing to write
-            src = self.root / f"{TMP_PREFIX}{name}-empty"
-            src.mkdir()
-        prune_stale(os.fspath(src))  # a recycled slot's files this save did not rewrite
-        (src / MANIFEST).write_bytes(manifest)
-        os.rename(src, final)
+        committer = NodeCommit(self._node_storage())
+        target = committer.node_target(name)
+        prune_stale(os.fspath(self.root / target.dir))  # a recycled slot's files this save did not rewrite
+        committer.commit(target, name, manifest, overwrite=True)
+
+    def _node_storage(self) -> Any:
+        """This node's tier as a Storage (commits and recycling)."""
+        if self._storage is None:
+            from ckpt.storage import open_storage
+
+            self._storage = open_storage(os.fspath(self.root))
+        return self._storage
 
     def _replicate(self, name: str, files: list[str]) -> None:
         """Send this node's ``files`` of step ``name`` to the next nodes, receive theirs."""
@@ -353,11 +352,7 @@ class MemoryTier:
         """Make a step that goes the node's recycle slot (its received replicas the spare
         files); False where it must be deleted instead (a reader holds it, or no slot)."""
         (step_dir / COMPLETE).unlink(missing_ok=True)  # no longer a step, first
-        if self._storage is None:
-            from ckpt.storage import open_storage
-
-            self._storage = open_storage(os.fspath(self.root))
-        with retiring(self._storage, step_dir.name) as free:
+        with retiring(self._node_storage(), step_dir.name) as free:
             if not free:
                 return False
             spare = self.root / SPARE
@@ -371,7 +366,7 @@ class MemoryTier:
                     except FileNotFoundError:
                         pass
                 listing.unlink()
-            return to_slot(self._storage, step_dir.name)
+            return to_slot(self._node_storage(), step_dir.name)
 
     def clean_tmp(self) -> None:
         """Delete unfinished writes (the recycle slot and the spare files stay)."""
@@ -407,6 +402,8 @@ class MemoryTier:
         """Load the newest tier step the surviving nodes can assemble (and not older than
         ``min_step``) into ``state``; a :class:`~ckpt.elastic._recover.TierRestore` or
         None. Every rank calls it."""
+        if self.leader:  # a commit cut short between its renames put the older copy aside
+            NodeCommit(self._node_storage()).recover()
         res = restore_from_tier(self.nodes, self.root, state, job=self.job, allow_pickle=self.allow_pickle,
                                 min_step=min_step)
         self.drop_steps(keep=None if res is None else res.name)
