@@ -38,7 +38,7 @@ from ckpt._policies import (
     PreemptionOptions,
     RetentionPolicy,
     SavePolicy,
-    kept_steps,
+    dropped_steps,
     retention_policies,
     save_policies,
 )
@@ -268,22 +268,20 @@ class CheckpointManager:
             return self._apply_retention()
 
     def _apply_retention(self) -> list[str]:
-        infos = [i for i in list_run(self.storage) if i.step is not None]
-        steps = [i.step for i in infos if i.step is not None]
+        infos = {i.step: i for i in list_run(self.storage) if i.step is not None}
         pinned = [self.restored_step] if self.restored_step is not None and self._last_saved == self.restored_step \
             else []
-        keep = kept_steps(steps, self.retention, pinned=pinned)
         removed = []
-        for info in infos:
-            if info.step not in keep:
-                if self.recycle:
-                    recycled = retire(self.storage, info.name)  # its manifest goes first
-                else:
-                    self.storage.delete(f"{info.name}/{MANIFEST}")  # no longer a checkpoint
-                    recycled = False
-                if not recycled:
-                    self.storage.delete_dir(info.name)
-                removed.append(info.name)
+        for step in reversed(dropped_steps(list(infos), self.retention, pinned=pinned)):  # newest first: recycled
+            info = infos[step]
+            if self.recycle:
+                recycled = retire(self.storage, info.name)  # its manifest goes first
+            else:
+                self.storage.delete(f"{info.name}/{MANIFEST}")  # no longer a checkpoint
+                recycled = False
+            if not recycled:
+                self.storage.delete_dir(info.name)
+            removed.append(info.name)
         return removed
 
     def _preempt(self, step: int, state: dict[str, Any]) -> None:

@@ -41,7 +41,7 @@ from ckpt._engine._commit import NodeCommit
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._recycle import RECYCLE_PREFIX, prune_stale, retiring, to_slot
 from ckpt._format import MANIFEST, TMP_PREFIX, parse_step_dirname, step_dirname
-from ckpt._policies import MemoryTierOptions
+from ckpt._policies import KeepLast, MemoryTierOptions, dropped_steps
 from ckpt.elastic._drain import DrainJob, drain
 from ckpt.elastic._group import agreement, any_flags, node_group
 from ckpt.elastic._names import (
@@ -332,17 +332,19 @@ class MemoryTier:
         older checkpoint, or its step numbers started again): deleted, or a restore would
         prefer it to the job's real newest step."""
         n = parse_step_dirname(newest) or 0
-        steps = sorted((p for p in self.root.iterdir() if parse_step_dirname(p.name) is not None),
-                       key=lambda p: parse_step_dirname(p.name) or 0)
-        later = [p for p in steps if (parse_step_dirname(p.name) or 0) > n]
-        steps = [p for p in steps if p not in later]
-        for p in later:
+        steps: dict[int, Path] = {}
+        for p in self.root.iterdir():
+            s = parse_step_dirname(p.name)
+            if s is not None:
+                steps[s] = p
+        for s in sorted(s for s in steps if s > n):
+            p = steps.pop(s)
             for f in (COMPLETE, MANIFEST):
                 (p / f).unlink(missing_ok=True)
             shutil.rmtree(p, ignore_errors=True)
-        complete = [p for p in steps if (p / COMPLETE).exists()]
-        keep = {p.name for p in complete[-(self.keep - 1):]} | {newest}
-        gone = [p for p in steps if p.name not in keep]
+        complete = [s for s, p in steps.items() if (p / COMPLETE).exists()]
+        dropped = set(dropped_steps(complete, [KeepLast(self.keep - 1)], pinned=[n]))
+        gone = [p for s, p in sorted(steps.items()) if s in dropped or s not in complete and s != n]
         self.clean_tmp()
         for i, p in enumerate(gone):
             if i < len(gone) - 1 or not self._retire(p):  # the newest of them is recycled
