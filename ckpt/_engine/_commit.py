@@ -132,7 +132,15 @@ class NodeCommit(RenameCommit):
     an older checkpoint). An older copy of the step is swapped out through the trash, as
     :meth:`RenameCommit.commit` does: a crash at any point leaves the older copy or the new
     one whole, and :meth:`recover` (run before a restore reads the node) puts a swapped-out
-    copy back where the new one never arrived."""
+    copy back where the new one never arrived.
+
+    As the strategy of the tier's saves (every rank's, ``leader``: this rank is its
+    node's lowest), each node's leader renames its node's recycle slot into the save's
+    write directory, not rank 0 alone."""
+
+    def __init__(self, storage: Storage, *, leader: bool = False) -> None:
+        super().__init__(storage)
+        self.leader = leader
 
     def node_target(self, name: str) -> WriteTarget:
         """This node's write directory of the newest save of ``name`` (a directory of its

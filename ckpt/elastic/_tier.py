@@ -24,6 +24,7 @@ Layout of a node directory (docs/format.md, "Memory tier")::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -128,9 +129,10 @@ class MemoryTier:
         self.root = self.node_dir / self.job
         self.root.mkdir(parents=True, exist_ok=True)
         self.stats = TierStats()
-        self.snapshotter = Snapshotter(options, background_nice=config.background_nice(), stage_in_files=True)
         self.process_group = process_group
         self.nodes = node_group(self.node_dir, process_group)  # the tier thread's collectives and transfers
+        self.snapshotter = Snapshotter(options, background_nice=config.background_nice(), stage_in_files=True,
+                                       commit=functools.partial(NodeCommit, leader=self.nodes.leader))
         self._agreement = agreement(process_group)  # the training thread's (the manager's group)
         (self.root / JOB).write_text(json.dumps({"run": run, "job": self.job,
                                                         "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}))
@@ -201,7 +203,7 @@ class MemoryTier:
         t0 = time.perf_counter()
         handle = self.snapshotter.save_async(
             state, os.fspath(self.root / step_dirname(step)), step=step, overwrite=True,
-            allow_pickle=self.allow_pickle, process_group=self.nodes.group, recycle_here=self.leader,
+            allow_pickle=self.allow_pickle, process_group=self.nodes.group,
             metadata={META_KEY: {"job": self.job, "nodes": self.nnodes, "replicas": self.replicas}})
         self.stats.call_s.append(time.perf_counter() - t0)
         self.stats.taken += 1
