@@ -15,6 +15,7 @@ import torch
 
 from ckpt import _config as config
 from ckpt._engine._catalog import read_manifest
+from ckpt._engine._commit import CommitStrategy, commit_strategy
 from ckpt._engine._coord import coordinator, rank_and_world
 from ckpt._engine._load import Loader, LoadStats
 from ckpt._engine._mapped import MappedFiles
@@ -26,7 +27,7 @@ from ckpt._engine._snapstate import SaveStats
 from ckpt.errors import SaveInProgressError
 from ckpt.providers import DescribeContext, describe
 from ckpt.providers._base import iter_items
-from ckpt.storage import split_checkpoint_url
+from ckpt.storage import Storage, split_checkpoint_url
 
 __all__ = ["save", "save_async", "load", "open_loader", "SaveHandle", "Snapshotter", "default_snapshotter"]
 
@@ -114,13 +115,16 @@ class Snapshotter:
     optimizer hooks, and the snapshot in flight (at most one)."""
 
     def __init__(self, options: SaveOptions | None = None, *, background_nice: int = 0,
-                 stage_in_files: bool = False) -> None:
+                 stage_in_files: bool = False, commit: Callable[[Storage], CommitStrategy] = commit_strategy) -> None:
         """``background_nice``: how much lower the threads that finish a snapshot in the
         background (writes, crc32c) run than the training loop (the memory tier's: see
         ``CKPT_BACKGROUND_NICE``); the copies the optimizer hook waits for never are.
         ``stage_in_files``: on local storage written directly, copy into the objects'
-        files' own pages, no second write (the memory tier's tmpfs; ``_engine._mapped``)."""
+        files' own pages, no second write (the memory tier's tmpfs; ``_engine._mapped``).
+        ``commit``: the commit strategy of a save's storage (default: chosen from its
+        capabilities; the memory tier's is :class:`~ckpt._engine._commit.NodeCommit`)."""
         self.options = SaveOptions.resolve(options)
+        self._commit = commit
         self.background_nice = background_nice
         self._mapped = MappedFiles() if stage_in_files else None
         self._pool: HostPool | None = None
@@ -174,14 +178,11 @@ class Snapshotter:
     def save_async(self, state: dict[str, Any], url: str | os.PathLike[str], *, step: int | None = None,
                    overwrite: bool = False, allow_pickle: bool = False,
                    storage_options: dict[str, Any] | None = None, process_group: Any = None,
-                   metadata: dict[str, Any] | None = None, if_busy: str | None = None,
-                   recycle_here: bool | None = None) -> SaveHandle:
-        """As :func:`ckpt.save_async`. ``recycle_here`` (every rank passes it, or none):
-        where each node has a storage of its own, the ranks passing True each rename a
-        recycle slot of theirs into the write directory (default: rank 0 only)."""
+                   metadata: dict[str, Any] | None = None, if_busy: str | None = None) -> SaveHandle:
+        """As :func:`ckpt.save_async`."""
         return self._submit(state, url, step=step, overwrite=overwrite, allow_pickle=allow_pickle,
                             storage_options=storage_options, process_group=process_group, metadata=metadata,
-                            if_busy=if_busy, recycle_here=recycle_here)
+                            if_busy=if_busy)
 
     def save(self, state: dict[str, Any], url: str | os.PathLike[str], **kwargs: Any) -> SaveStats:
         """Save and return once durable and committed (``ckpt.save``; keyword arguments as
@@ -191,8 +192,7 @@ class Snapshotter:
     def _submit(self, state: dict[str, Any], url: str | os.PathLike[str], *, step: int | None = None,
                 overwrite: bool = False, allow_pickle: bool = False,
                 storage_options: dict[str, Any] | None = None, process_group: Any = None,
-                metadata: dict[str, Any] | None = None, if_busy: str | None = None,
-                recycle_here: bool | None = None) -> SaveHandle:
+                metadata: dict[str, Any] | None = None, if_busy: str | None = None) -> SaveHandle:
         t0 = time.perf_counter()
         policy = if_busy or self.options.if_busy
         prev = self._job
@@ -227,7 +227,7 @@ class Snapshotter:
                           pool=self._pool_for(bool(devices)), options=self.options, plan_cache=self._plan_cache,
                           overwrite=overwrite, user_metadata=dict(metadata or {}),
                           streams=self._copy_streams(devices), t_call=t0,
-                          early_error=early, recycle_here=recycle_here, nice=self.background_nice,
+                          early_error=early, committer=self._commit(storage), nice=self.background_nice,
                           mapped=self._mapped)
         self._job = job
         job.start()  # with inline staging (SaveOptions.cpu_staging), the copy happens now

@@ -24,13 +24,11 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-import torch
-
 from ckpt import _config as config
 from ckpt._api import SaveHandle, Snapshotter, load
 from ckpt._engine._catalog import CheckpointInfo, list_run
 from ckpt._engine._commit import commit_strategy
-from ckpt._engine._coord import coordinator
+from ckpt._engine._coord import LocalCoordinator, coordinator
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._recycle import purge_recycled, retire
 from ckpt._format import MANIFEST, step_dirname
@@ -40,11 +38,12 @@ from ckpt._policies import (
     PreemptionOptions,
     RetentionPolicy,
     SavePolicy,
-    kept_steps,
+    dropped_steps,
     retention_policies,
     save_policies,
 )
 from ckpt.elastic._drain import DrainJob
+from ckpt.elastic._group import agreement, any_flags
 from ckpt.elastic._tier import MemoryTier
 from ckpt.errors import CheckpointError
 from ckpt.storage import open_storage
@@ -113,14 +112,10 @@ class CheckpointManager:
         self.storage = open_storage(self.run, **self.storage_options)
         self.process_group = process_group
         self.coord = coordinator(process_group)
-        # The manager's own agreement collectives run in the training thread while a
-        # background commit may be using the engine's side group: a group of its own.
-        self._agree_group = None
-        if self.coord.world_size > 1:
-            import torch.distributed as dist
-
-            ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
-            self._agree_group = dist.new_group(ranks=ranks, backend="gloo")
+        # The manager's agreement collectives run in the training thread while a
+        # background commit may be using the engine's side group: the training thread's
+        # agreement group, which the memory tier's step decisions share.
+        self._agreement = agreement(process_group) if self.coord.world_size > 1 else LocalCoordinator()
         self.allow_pickle = allow_pickle
         self.snapshotter = Snapshotter(options)
         self.tier = MemoryTier(self.run, memory, options=options, allow_pickle=allow_pickle,
@@ -164,13 +159,7 @@ class CheckpointManager:
 
     def _agree(self, flags: list[bool]) -> list[bool]:
         """Element-wise OR of flags over all ranks (one small collective)."""
-        if self.coord.world_size == 1:
-            return flags
-        import torch.distributed as dist
-
-        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._agree_group)
-        return [bool(x) for x in t.tolist()]
+        return any_flags(self._agreement, flags)
 
     # -- restore ---------------------------------------------------------------
     def checkpoints(self) -> list[CheckpointInfo]:
@@ -279,22 +268,20 @@ class CheckpointManager:
             return self._apply_retention()
 
     def _apply_retention(self) -> list[str]:
-        infos = [i for i in list_run(self.storage) if i.step is not None]
-        steps = [i.step for i in infos if i.step is not None]
+        infos = {i.step: i for i in list_run(self.storage) if i.step is not None}
         pinned = [self.restored_step] if self.restored_step is not None and self._last_saved == self.restored_step \
             else []
-        keep = kept_steps(steps, self.retention, pinned=pinned)
         removed = []
-        for info in infos:
-            if info.step not in keep:
-                if self.recycle:
-                    recycled = retire(self.storage, info.name)  # its manifest goes first
-                else:
-                    self.storage.delete(f"{info.name}/{MANIFEST}")  # no longer a checkpoint
-                    recycled = False
-                if not recycled:
-                    self.storage.delete_dir(info.name)
-                removed.append(info.name)
+        for step in reversed(dropped_steps(list(infos), self.retention, pinned=pinned)):  # newest first: recycled
+            info = infos[step]
+            if self.recycle:
+                recycled = retire(self.storage, info.name)  # its manifest goes first
+            else:
+                self.storage.delete(f"{info.name}/{MANIFEST}")  # no longer a checkpoint
+                recycled = False
+            if not recycled:
+                self.storage.delete_dir(info.name)
+            removed.append(info.name)
         return removed
 
     def _preempt(self, step: int, state: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 from ckpt.errors import ConfigError
 
 __all__ = ["SavePolicy", "EverySteps", "EverySeconds", "RetentionPolicy", "KeepLast", "KeepEvery",
-           "MemoryTierOptions", "PreemptionOptions", "save_policies", "retention_policies", "kept_steps"]
+           "MemoryTierOptions", "PreemptionOptions", "save_policies", "retention_policies", "kept_steps", "dropped_steps"]
 
 
 @runtime_checkable
@@ -113,6 +113,15 @@ def kept_steps(steps: Sequence[int], rules: Sequence[RetentionPolicy], *, pinned
         keep |= rule.keep(steps)
     keep.update(pinned)
     return keep
+
+
+def dropped_steps(steps: Sequence[int], rules: Sequence[RetentionPolicy], *, pinned: Iterable[int] = ()) -> list[int]:
+    """The one retention routine (the manager's checkpoints, the memory tier's steps):
+    the steps no rule keeps (:func:`kept_steps`), oldest first. Retention deletes each
+    one's commit first, then its data; the last of them (the newest that goes) is the one
+    a recycling store keeps as its recycle slot."""
+    keep = kept_steps(steps, rules, pinned=pinned)
+    return sorted(s for s in set(steps) if s not in keep)
 
 
 @dataclasses.dataclass(frozen=True)

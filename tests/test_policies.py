@@ -80,3 +80,13 @@ def test_memory_tier_schedule_is_a_save_policy(tmp_path):
             mgr.step(step, {"w": torch.full((4,), float(step))})
             mgr.tier.wait()  # a step still replicating would make the next one skip
         assert mgr.tier.stats.taken == 2
+
+
+def test_one_retention_routine_drops_what_no_rule_keeps_oldest_first() -> None:
+    from ckpt._policies import KeepEvery, KeepLast, dropped_steps
+
+    steps = [9, 1, 3, 5, 7]
+    assert dropped_steps(steps, [KeepLast(2)]) == [1, 3, 5]
+    assert dropped_steps(steps, [KeepLast(1), KeepEvery(4)], pinned=[1]) == [5]  # 3 and 7 are every 4th
+    assert dropped_steps(steps, []) == [1, 3, 5, 7]  # the newest always stays
+    assert dropped_steps([], [KeepLast(1)]) == []

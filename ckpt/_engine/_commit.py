@@ -5,6 +5,10 @@ capabilities by :func:`commit_strategy`. Either way a checkpoint is committed if
 - :class:`RenameCommit` (storage with atomic directory rename: local disk): the ranks
   write under ``.tmp-<name>-<id>/``, rank 0 writes manifest.json inside it, then renames
   it to ``<name>/``; the rename is the commit.
+- :class:`NodeCommit` (the memory tier's node directories): a save spread over nodes,
+  each with a storage of its own. Rank 0 commits in its node's as :class:`RenameCommit`
+  does; every other node's leader then commits the same manifest in its own, by the
+  same rename (:meth:`NodeCommit.node_target` finds what that node's ranks wrote).
 - :class:`ManifestPutCommit` (object stores): the ranks write under ``<name>/data-<id>/``,
   a prefix of this save's own, and the manifest's object paths start with it; the single
   PUT of ``<name>/manifest.json`` is the commit. The PUT is conditional (``If-None-Match:
@@ -19,6 +23,7 @@ under ``target.dir``, then ``commit(...)``; a save that will not commit calls
 from __future__ import annotations
 
 import abc
+import os
 import uuid
 from dataclasses import dataclass
 
@@ -27,7 +32,7 @@ from ckpt._format import MANIFEST, TMP_PREFIX, Manifest
 from ckpt.errors import CheckpointError, CheckpointExistsError
 from ckpt.storage import Storage
 
-__all__ = ["WriteTarget", "CommitStrategy", "RenameCommit", "ManifestPutCommit", "commit_strategy",
+__all__ = ["WriteTarget", "CommitStrategy", "RenameCommit", "NodeCommit", "ManifestPutCommit", "commit_strategy",
            "DATA_PREFIX", "TRASH_PREFIX"]
 
 TRASH_PREFIX = f"{TMP_PREFIX}trash-"
@@ -117,6 +122,41 @@ class RenameCommit(CommitStrategy):
                 except FileExistsError:
                     pass
         return recovered
+
+
+class NodeCommit(RenameCommit):
+    """The commit of one node's share of a save whose ranks write into per-node storage
+    (the memory tier's), on a node other than rank 0's. That node's ranks wrote under the
+    save's temporary directory; the leader writes rank 0's manifest into it and renames it
+    into place, always overwriting (the tier's step names repeat when a job goes back to
+    an older checkpoint). An older copy of the step is swapped out through the trash, as
+    :meth:`RenameCommit.commit` does: a crash at any point leaves the older copy or the new
+    one whole, and :meth:`recover` (run before a restore reads the node) puts a swapped-out
+    copy back where the new one never arrived.
+
+    As the strategy of the tier's saves (every rank's, ``leader``: this rank is its
+    node's lowest), each node's leader renames its node's recycle slot into the save's
+    write directory, not rank 0 alone."""
+
+    def __init__(self, storage: Storage, *, leader: bool = False) -> None:
+        super().__init__(storage)
+        self.leader = leader
+
+    def node_target(self, name: str) -> WriteTarget:
+        """This node's write directory of the newest save of ``name`` (a directory of its
+        own where this node's ranks were given nothing to write); older unfinished ones
+        are deleted."""
+        st = self.storage
+        prefix = f"{TMP_PREFIX}{name}-"
+        tmps = [d for d in st.list_dirs("") if d.startswith(prefix)]
+        if not tmps:
+            d = f"{prefix}{uuid.uuid4().hex[:12]}"
+            os.makedirs(st.local_path(d))
+            return WriteTarget(d)
+        tmps.sort(key=lambda d: os.stat(st.local_path(d)).st_mtime)
+        for old in tmps[:-1]:
+            st.delete_dir(old)
+        return WriteTarget(tmps[-1])
 
 
 class ManifestPutCommit(CommitStrategy):

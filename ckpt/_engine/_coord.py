@@ -4,6 +4,14 @@ A distributed job coordinates over a *side* gloo process group, created once per
 training group: never the training (NCCL) group, so a background commit never
 interleaves with the training's collectives, and gloo is safe to drive from the
 background thread that commits. A single process uses :class:`LocalCoordinator`.
+
+A side group serves one *purpose*, so that two threads never issue collectives on one
+group: ``""`` the engine's saves and loads (their background commit), ``"agree"`` the
+training thread's small agreements (the manager's and the memory tier's), ``"tier"`` the
+memory tier's thread. A group made for a purpose other than the engine's is its own side
+group: the tier's saves run over it, taking turns with the tier's thread (which waits for
+each save's handle before its next collective). That is three gloo groups per job with a
+memory tier, two without.
 """
 
 from __future__ import annotations
@@ -21,14 +29,24 @@ _lock = threading.Lock()
 class LocalCoordinator:
     rank = 0
     world_size = 1
+    group: Any = None
 
-    def broadcast(self, obj: Any) -> Any:
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
         return obj
+
+    def global_rank(self, rank: int) -> int:
+        return rank
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        return [obj]
 
     def barrier(self) -> None:
         pass
 
     def all_reduce_sum(self, values: list[int]) -> list[int]:
+        return list(values)
+
+    def all_reduce_max(self, values: list[int]) -> list[int]:
         return list(values)
 
     def gather_sparse(self, obj: Any) -> list[tuple[int, Any]] | None:
@@ -39,15 +57,16 @@ class LocalCoordinator:
 
 
 class DistCoordinator:
-    """Object collectives over the side gloo group of ``group`` (default: WORLD)."""
+    """Object collectives over the side gloo group of ``group`` (default: WORLD) for
+    ``purpose`` (see the module docstring)."""
 
-    def __init__(self, group: Any = None, timeout_s: float = 1800.0) -> None:
+    def __init__(self, group: Any = None, timeout_s: float = 1800.0, *, purpose: str = "") -> None:
         import torch.distributed as dist
 
         self._dist = dist
         base = group if group is not None else dist.group.WORLD
         with _lock:
-            side = _side_groups.get(base)
+            side = _side_groups.get((base, purpose))
             if side is None:
                 ranks = None if group is None else dist.get_process_group_ranks(group)
                 # Never the caller's group itself, even when it is gloo: the training thread
@@ -57,16 +76,32 @@ class DistCoordinator:
                 side = dist.new_group(ranks=ranks, backend="gloo",
                                       timeout=datetime.timedelta(seconds=timeout_s),
                                       use_local_synchronization=group is not None)
-                _side_groups[base] = side
+                _side_groups[(base, purpose)] = side
+                if purpose:
+                    _side_groups[(side, "")] = side  # its own: saves over it need no other
         self.group = side
         self.rank = dist.get_rank(side)
         self.world_size = dist.get_world_size(side)
         self._global_root = dist.get_global_rank(side, 0) if group is not None else 0  # type: ignore[arg-type]
 
-    def broadcast(self, obj: Any) -> Any:
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` of side-group rank ``src`` on every rank."""
         box = [obj]
-        self._dist.broadcast_object_list(box, src=self._global_root, group=self.group)
+        root = self._global_root if src == 0 else self.global_rank(src)
+        self._dist.broadcast_object_list(box, src=root, group=self.group)
         return box[0]
+
+    def global_rank(self, rank: int) -> int:
+        """The global rank of side-group rank ``rank`` (point-to-point messages name it)."""
+        return int(self._dist.get_global_rank(self.group, rank))
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``: its payload grows with the world, so only for values that
+        every rank needs from every other (the node topology) or that most ranks leave
+        None."""
+        out: list[Any] = [None] * self.world_size
+        self._dist.all_gather_object(out, obj, group=self.group)
+        return out
 
     def barrier(self) -> None:
         self._dist.barrier(group=self.group)
@@ -79,6 +114,14 @@ class DistCoordinator:
 
         t = torch.tensor(values, dtype=torch.int64)
         self._dist.all_reduce(t, group=self.group)
+        return [int(v) for v in t.tolist()]
+
+    def all_reduce_max(self, values: list[int]) -> list[int]:
+        """The element-wise maximum (of flags: any rank's True)."""
+        import torch
+
+        t = torch.tensor(values, dtype=torch.int64)
+        self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX, group=self.group)
         return [int(v) for v in t.tolist()]
 
     def gather_sparse(self, obj: Any) -> list[tuple[int, Any]] | None:
@@ -136,9 +179,10 @@ class DistCoordinator:
         return pickle.loads(buf.numpy().tobytes())
 
 
-def coordinator(process_group: Any = None) -> LocalCoordinator | DistCoordinator:
-    """The coordinator for this call: distributed when a process group is initialised
-    with more than one rank (or one is given), local otherwise."""
+def coordinator(process_group: Any = None, *, purpose: str = "") -> LocalCoordinator | DistCoordinator:
+    """The coordinator for this call (``purpose``: see the module docstring): distributed
+    when a process group is initialised with more than one rank (or one is given), local
+    otherwise."""
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover
@@ -147,7 +191,7 @@ def coordinator(process_group: Any = None) -> LocalCoordinator | DistCoordinator
         return LocalCoordinator()
     if process_group is None and dist.get_world_size() == 1:
         return LocalCoordinator()
-    return DistCoordinator(process_group)
+    return DistCoordinator(process_group, purpose=purpose)
 
 
 def rank_and_world(process_group: Any = None) -> tuple[int, int]:

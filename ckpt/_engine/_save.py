@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ckpt._engine._arrays import open_for_write
-from ckpt._engine._commit import WriteTarget, commit_strategy
+from ckpt._engine._commit import CommitStrategy, NodeCommit, WriteTarget, commit_strategy
 from ckpt._engine._coord import DistCoordinator, LocalCoordinator
 from ckpt._engine._direct_write import DirectWriter
 from ckpt._engine._globalplan import Assignment, PieceMeta
@@ -158,12 +158,9 @@ class SnapshotJob(Completion):
                  coord: LocalCoordinator | DistCoordinator, pool: HostPool, options: SaveOptions,
                  plan_cache: dict[str, Any], overwrite: bool, user_metadata: dict[str, Any],
                  streams: dict[Any, list[Any]], t_call: float, early_error: Exception | None = None,
-                 recycle_here: bool | None = None, nice: int = 0, mapped: MappedFiles | None = None) -> None:
+                 committer: CommitStrategy | None = None, nice: int = 0, mapped: MappedFiles | None = None) -> None:
         self.prep = prep
         self.mapped = mapped  # stage direct units into their files' pages (_mapped)
-        # None: rank 0 takes a recycle slot of the (shared) storage; a bool on every rank:
-        # each rank so marked takes one of its own storage (a storage per node: the tier's)
-        self.recycle_here = recycle_here
         self._early_error = early_error  # describing the state failed on this rank
         self.storage = storage
         self.name = name
@@ -175,7 +172,7 @@ class SnapshotJob(Completion):
         self.user_metadata = user_metadata
         self.t_call = t_call
         self.url = storage.describe(name)
-        self.committer = commit_strategy(storage)
+        self.committer = committer or commit_strategy(storage)
         self.shared = SnapshotState(storage, self.url, pool, t_call, streams, prep.ready_events, prep.versions,
                                     inline=inline_staging(options.cpu_staging, prep.tensors), nice=nice)
         if options.check_snapshot:  # debug: every tensor's checksum at the call (compared once staged)
@@ -261,7 +258,7 @@ class SnapshotJob(Completion):
                         hint="save under another step/name, or pass overwrite=True")
                 decision["target"] = self.committer.target(self.name)
                 decision["save_id"] = os.urandom(8).hex()
-                if self.storage.capabilities.atomic_rename and self.recycle_here is not False:
+                if self.storage.capabilities.atomic_rename:
                     # a tree retention retired becomes the write directory (files overwritten in place)
                     self._recycled = take_recycled(self.storage, decision["target"].dir)
                     decision["recycled"] = self._recycled is not None
@@ -273,8 +270,8 @@ class SnapshotJob(Completion):
             raise err if isinstance(err, BaseException) else CheckpointError(str(err), path=self.url)
         self.in_recycled = bool(decision.get("recycled"))
         self.save_id = decision["save_id"]
-        if self.recycle_here is not None:  # a storage per node: each node's marked rank takes its slot
-            if self.recycle_here and self.coord.rank != 0:
+        if isinstance(self.committer, NodeCommit):  # a storage per node: each node's leader takes its slot
+            if self.committer.leader and self.coord.rank != 0:
                 self._recycled = take_recycled(self.storage, decision["target"].dir)
             self.coord.barrier()  # nobody writes before its node's slot became the write directory
             self.in_recycled = True  # may be, on this node: a write must expect an older tree

@@ -8,38 +8,20 @@ holds or needs (never an all-gather of file lists):
 * :func:`all_to_all`: every leader sends one int64 array to every other leader (empty
   ones included: a length of 0 and no payload).
 
-The facts about nodes come as a :class:`Nodes` value, so this module knows nothing of
-the tier itself.
+The facts about nodes come as a :class:`~ckpt.elastic._group.NodeGroup` value, so this
+module knows nothing of the tier itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["Nodes", "all_to_all", "from_leader", "to_leader"]
+from ckpt.elastic._group import NodeGroup
 
-
-@dataclass(frozen=True)
-class Nodes:
-    """This rank's view of the job's nodes. Ranks are global ranks of ``group``."""
-
-    group: Any  # None: one process, no torch.distributed
-    node: int
-    leaders: tuple[int, ...]  # each node's leader
-    members: tuple[int, ...]  # the ranks of this node (its leader first)
-    rank: int
-
-    @property
-    def nnodes(self) -> int:
-        return len(self.leaders)
-
-    @property
-    def leader(self) -> bool:
-        return self.rank == self.leaders[self.node]
+__all__ = ["all_to_all", "from_leader", "to_leader"]
 
 
 def _wait(works: list[Any]) -> None:
@@ -66,35 +48,41 @@ def _send_recv(group: Any, out: dict[int, np.ndarray], peers: list[int]) -> dict
     return {p: t.numpy() for p, t in got.items()}
 
 
-def to_leader(nodes: Nodes, data: np.ndarray) -> list[np.ndarray] | None:
+def _members(nodes: NodeGroup) -> tuple[int, list[int]]:
+    """This node's leader and its other ranks, as global ranks."""
+    ranks = nodes.node_ranks[nodes.node]
+    return nodes.global_rank(ranks[0]), [nodes.global_rank(r) for r in ranks[1:]]
+
+
+def to_leader(nodes: NodeGroup, data: np.ndarray) -> list[np.ndarray] | None:
     """On a leader, every member's ``data`` (its own first); None elsewhere."""
-    if nodes.group is None or len(nodes.members) == 1:
+    if nodes.group is None or len(nodes.node_ranks[nodes.node]) == 1:
         return [data] if nodes.leader else None
-    lead = nodes.leaders[nodes.node]
+    lead, others = _members(nodes)
     if nodes.leader:
-        got = _send_recv(nodes.group, {}, [r for r in nodes.members if r != lead])
-        return [data, *(got[r] for r in nodes.members if r != lead)]
+        got = _send_recv(nodes.group, {}, others)
+        return [data, *(got[r] for r in others)]
     _send_recv(nodes.group, {lead: data}, [])
     return None
 
 
-def from_leader(nodes: Nodes, data: np.ndarray) -> np.ndarray:
+def from_leader(nodes: NodeGroup, data: np.ndarray) -> np.ndarray:
     """The leader's ``data`` on every rank of its node (an int64 array)."""
-    if nodes.group is None or len(nodes.members) == 1:
+    if nodes.group is None or len(nodes.node_ranks[nodes.node]) == 1:
         return data
-    lead = nodes.leaders[nodes.node]
+    lead, others = _members(nodes)
     if nodes.leader:
-        _send_recv(nodes.group, {r: data for r in nodes.members if r != lead}, [])
+        _send_recv(nodes.group, {r: data for r in others}, [])
         return data
     return _send_recv(nodes.group, {}, [lead])[lead]
 
 
-def all_to_all(nodes: Nodes, out: list[np.ndarray]) -> list[np.ndarray]:
+def all_to_all(nodes: NodeGroup, out: list[np.ndarray]) -> list[np.ndarray]:
     """Leaders only: send ``out[n]`` to node ``n``'s leader; returns what each node's
     leader sent this one (``out[self]`` for this node)."""
     me = nodes.node
     if nodes.group is None or nodes.nnodes == 1:
         return [out[me]]
-    peers = {n: r for n, r in enumerate(nodes.leaders) if n != me}
+    peers = {n: nodes.global_rank(r) for n, r in enumerate(nodes.leaders) if n != me}
     got = _send_recv(nodes.group, {r: out[n] for n, r in peers.items()}, list(peers.values()))
     return [out[me] if n == me else got[peers[n]] for n in range(nodes.nnodes)]

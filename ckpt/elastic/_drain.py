@@ -23,17 +23,15 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ckpt._engine._commit import WriteTarget, commit_strategy
 from ckpt._engine._manifest import manifest_under_prefix
 from ckpt._engine._snapstate import Completion, SaveStats
 from ckpt._format import MANIFEST, Manifest
+from ckpt.elastic._group import NodeGroup
 from ckpt.errors import DistributedSaveError
 from ckpt.storage import Storage, split_checkpoint_url
-
-if TYPE_CHECKING:
-    from ckpt.elastic._tier import MemoryTier
 
 __all__ = ["DrainJob", "drain"]
 
@@ -63,54 +61,56 @@ class DrainJob(Completion):
         self._complete(error)
 
 
-def drain(tier: MemoryTier, step_dir: Path, files: list[str], job: DrainJob, *, tier_key: str) -> None:
+def drain(nodes: NodeGroup, step_dir: Path, files: list[str], job: DrainJob, *, tier_key: str) -> None:
     """Make ``job``'s persistent checkpoint from the committed tier step ``step_dir``, of
     which this node wrote ``files`` (checkpoint-relative; only leaders copy). Every rank of
-    the tier calls it on the tier's thread; ``job`` is finished on every rank, with the
+    ``nodes`` calls it on the tier's thread; ``job`` is finished on every rank, with the
     error of any (the persistent checkpoint is committed or not at all). ``tier_key``: the
     tier's entry of the manifest's metadata, which the persistent checkpoint drops."""
     error: BaseException | None = None
     job.begin()  # from here on, interpreter exit waits for it
     try:
-        _drain(tier, step_dir, files, job, tier_key)
+        _drain(nodes, step_dir, files, job, tier_key)
     except BaseException as e:  # noqa: BLE001 - reported through the handle
         error = e
     job.finish(error)
 
 
-def _drain(tier: MemoryTier, step_dir: Path, files: list[str], job: DrainJob, tier_key: str) -> None:
+def _drain(nodes: NodeGroup, step_dir: Path, files: list[str], job: DrainJob, tier_key: str) -> None:
     store: Storage | None = None
     name = ""
     where: dict[str, Any] = {}
-    if tier.rank == 0:
+    if nodes.rank == 0:
         try:
             store, name = split_checkpoint_url(job.url, **job.storage_options)
             target = commit_strategy(store).target(name)
             where = {"dir": target.dir, "prefix": target.prefix}
         except Exception as e:  # noqa: BLE001 - every rank learns it
             where = {"error": repr(e)}
-    where = tier.broadcast(where)
+    where = nodes.broadcast(where)
     if "error" in where:
         raise DistributedSaveError(f"drained checkpoint of step {job.step}: no place to write ({where['error']})",
                                    path=job.url, hint="check the run's storage (path, permissions, credentials)")
     target = WriteTarget(where["dir"], where["prefix"])
     t0 = time.perf_counter()
     failure: str | None = None
-    if tier.leader:
+    if nodes.leader:
         try:
             if store is None:
                 store, name = split_checkpoint_url(job.url, **job.storage_options)
             job.stats.bytes = _copy(step_dir, files, store, target.dir)
             job.stats.objects = len(files)
         except Exception as e:  # noqa: BLE001 - reported through the agreement
-            failure = f"node {tier.node}: {e!r}"
+            failure = f"node {nodes.node}: {e!r}"
     job.stats.write_s = time.perf_counter() - t0
-    failed, job.stats.total_bytes = tier.sum_ints([failure is not None, job.stats.bytes])
-    # the failing nodes' words travel only when there are some
-    failures = [f for f in tier.all_gather(failure) if f is not None] if failed else []
+    failed, job.stats.total_bytes = nodes.sum_ints([failure is not None, job.stats.bytes])
+    failures: list[str] = []
+    if failed:  # the failing nodes' words travel only when there are some, and only theirs
+        got = nodes.coord.gather_sparse(failure)
+        failures = nodes.broadcast(None if got is None else [f for _r, f in got])
     t1 = time.perf_counter()
     outcome: str | None = None
-    if tier.rank == 0:
+    if nodes.rank == 0:
         assert store is not None
         committer = commit_strategy(store)
         try:
@@ -128,7 +128,7 @@ def _drain(tier: MemoryTier, step_dir: Path, files: list[str], job: DrainJob, ti
                 committer.discard(target, name)
             except Exception:  # noqa: BLE001 - gc removes it
                 pass
-    outcome = tier.broadcast(outcome)
+    outcome = nodes.broadcast(outcome)
     job.stats.commit_s = time.perf_counter() - t1
     if failures or outcome is not None:
         raise DistributedSaveError(f"drained checkpoint of step {job.step} not committed: "

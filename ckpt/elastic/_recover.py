@@ -34,22 +34,20 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ckpt._api import load
 from ckpt._engine._needs import Catalog, load_reads, runs_minus, runs_of
 from ckpt._format import MANIFEST, TMP_PREFIX, Manifest, parse_step_dirname
-from ckpt.elastic._agree import Nodes, all_to_all, from_leader, to_leader
+from ckpt.elastic._agree import all_to_all, from_leader, to_leader
+from ckpt.elastic._group import NodeGroup
 from ckpt.elastic._moves import plan_moves, split_by_directory
 from ckpt.elastic._names import FETCHED, add_received, received_files
 from ckpt.elastic._transfer import bundle_of, swap
 from ckpt.errors import CheckpointError, CorruptCheckpointError
 from ckpt.storage import open_storage
-
-if TYPE_CHECKING:
-    from ckpt.elastic._tier import MemoryTier
 
 __all__ = ["TierRestore", "restore_from_tier"]
 
@@ -79,14 +77,6 @@ class TierRestore:
         return dict(self.__dict__)
 
 
-def _nodes(tier: MemoryTier) -> Nodes:
-    if tier.group is None:
-        return Nodes(None, 0, (0,), (0,), 0)
-    g = tier.global_rank
-    return Nodes(tier.group, tier.node, tuple(g(r) for r in tier.leaders), tuple(g(r) for r in
-                 tier.node_ranks[tier.node]), g(tier.rank))
-
-
 def _step_info(root: Path, name: str, tier_job: str) -> dict[str, Any] | None:
     try:
         raw = (root / name / MANIFEST).read_bytes()
@@ -109,37 +99,41 @@ def _candidates(reports: list[list[dict[str, Any]] | None]) -> list[tuple[int, s
     return [(step, name, sha, nodes) for sha, (step, name, _c, nodes) in order]
 
 
-def restore_from_tier(tier: MemoryTier, state: dict[str, Any], *, min_step: int | None = None) -> TierRestore | None:
+def restore_from_tier(nodes: NodeGroup, root: Path, state: dict[str, Any], *, job: str, allow_pickle: bool = False,
+                      min_step: int | None = None) -> TierRestore | None:
+    """Load the newest step of job ``job``'s tier (``root`` on every node) that the nodes
+    can assemble, not older than ``min_step``, into ``state``; None where there is none.
+    Every rank of ``nodes`` calls it; the caller then drops the other steps."""
     t0 = time.perf_counter()
     mine: list[dict[str, Any]] = []
-    if tier.leader:
-        tier.clean_tmp()
-        for p in sorted(tier.root.iterdir()):
-            if p.is_dir() and p.name.startswith(TMP_PREFIX):
-                shutil.rmtree(p, ignore_errors=True)  # the retired step's pages: room for what is fetched
+    if nodes.leader:
+        for p in sorted(root.iterdir()):
+            if p.name.startswith(TMP_PREFIX):  # unfinished writes, the retired step's pages: room
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
             elif p.is_dir() and parse_step_dirname(p.name) is not None:
-                h = _step_info(tier.root, p.name, tier.job)
+                h = _step_info(root, p.name, job)
                 if h is not None:
                     mine.append(h)
-    everyone = tier.all_gather(mine if tier.leader else None)
-    reports = [everyone[r] for r in tier.leaders]  # per node of the current job
+    everyone = nodes.all_gather(mine if nodes.leader else None)
+    reports = [everyone[r] for r in nodes.leaders]  # per node of the current job
     skipped: list[str] = []
     for step, name, sha, holders in _candidates(reports):
         if min_step is not None and step < min_step:
             break
         src_node = holders[0]
-        manifest = (tier.root / name / MANIFEST).read_bytes() if tier.node == src_node and tier.leader else None
-        manifest = tier.broadcast(manifest, src=tier.leaders[src_node])
+        manifest = (root / name / MANIFEST).read_bytes() if nodes.node == src_node and nodes.leader else None
+        manifest = nodes.broadcast(manifest, src=nodes.leaders[src_node])
         if hashlib.sha256(manifest).hexdigest() != sha:
             continue
         holds = [any(h["sha"] == sha for h in rep or []) for rep in reports]
-        res = _restore_step(tier, state, step, name, Manifest.from_json(manifest, where=name), manifest, holds,
-                            skipped)
+        res = _restore_step(nodes, root / name, state, step, Manifest.from_json(manifest, where=name), manifest,
+                            holds, skipped, allow_pickle)
         if res is not None:
             res.seconds = time.perf_counter() - t0
-            tier.drop_steps(keep=name)
             return res
-    tier.drop_steps()
     if skipped:
         warnings.warn("ckpt memory tier: no tier step could be restored (" + "; ".join(skipped) + ")",
                       RuntimeWarning, stacklevel=3)
@@ -181,38 +175,38 @@ def _nbytes(cat: Catalog, runs: np.ndarray, d: Path | None = None) -> int:
     return total
 
 
-def _restore_step(tier: MemoryTier, state: dict[str, Any], step: int, name: str, m: Manifest, manifest: bytes,
-                  holds: list[bool], skipped: list[str], attempts: int = 3) -> TierRestore | None:
-    """Give every node what its ranks read of step ``name`` and load it; an object that
-    fails its checksum is dropped on the node that read it and on the node it came from,
-    then the step is planned again from the other holders (``attempts`` times at most)."""
-    nodes = _nodes(tier)
+def _restore_step(nodes: NodeGroup, d: Path, state: dict[str, Any], step: int, m: Manifest, manifest: bytes,
+                  holds: list[bool], skipped: list[str], allow_pickle: bool, attempts: int = 3) -> TierRestore | None:
+    """Give every node what its ranks read of step directory ``d`` and load it; an object
+    that fails its checksum is dropped on the node that read it and on the node it came
+    from, then the step is planned again from the other holders (``attempts`` times at
+    most)."""
+    name = d.name
     res = TierRestore(step=step, name=name, skipped=list(skipped))
     cat = Catalog(m)
-    d = tier.root / name
     t_plan = time.perf_counter()
     held = _NONE3
     ok, why = True, ""
     need: np.ndarray = _NONE3
     try:
-        if tier.leader:
-            if not holds[tier.node]:  # nothing of it here (a new node, or another timeline's copy)
+        if nodes.leader:
+            if not holds[nodes.node]:  # nothing of it here (a new node, or another timeline's copy)
                 if d.exists():
                     shutil.rmtree(d)
                 d.mkdir(parents=True)
                 (d / MANIFEST).write_bytes(manifest)
             held = _holdings(d, cat, res)
-        reads = load_reads(state, open_storage(os.fspath(tier.root)), name, m, allow_pickle=tier.allow_pickle,
-                           rank=tier.rank, world_size=tier.world_size)
+        reads = load_reads(state, open_storage(os.fspath(d.parent)), name, m, allow_pickle=allow_pickle,
+                           rank=nodes.rank, world_size=nodes.world_size)
         need = cat.objects_of(reads.reads, reads.pickles, reads.ranks)
     except Exception as e:  # noqa: BLE001 - agreed below; the load itself reports it again
-        ok, why = False, f"planning failed on rank {tier.rank}: {e!r}"
+        ok, why = False, f"planning failed on rank {nodes.rank}: {e!r}"
     gathered = to_leader(nodes, need)
     if gathered is not None:
         need = np.concatenate([g.reshape(-1, 3) for g in gathered])
         need = runs_minus(need, _NONE3)  # merged and sorted
         res.need_bytes = _nbytes(cat, need, d)
-    if not tier.all_ok(ok):
+    if not nodes.all_ok(ok):
         skipped.append(f"step {step}: {why or 'planning failed on another rank'}")
         return None
     res.plan_s += time.perf_counter() - t_plan
@@ -220,43 +214,43 @@ def _restore_step(tier: MemoryTier, state: dict[str, Any], step: int, name: str,
         t_plan = time.perf_counter()
         fetch = send = _NONE3
         ok, why = True, ""
-        if tier.leader:
+        if nodes.leader:
             lack = runs_minus(need, held)
             if attempt == 0:
                 res.lacked_bytes = _nbytes(cat, lack)
             try:
                 fetch, send, missing = _plan(nodes, cat, held, lack, res)
             except Exception as e:  # noqa: BLE001 - agreed below
-                ok, why = False, f"planning failed on node {tier.node}: {e!r}"
+                ok, why = False, f"planning failed on node {nodes.node}: {e!r}"
             else:
                 if len(missing):
                     u, lo, _hi = missing[0].tolist()
                     ok, why = False, f"{cat.object_path(u, lo)} is held by no surviving node"
-        flags = tier.any_flags([not ok])
+        flags = nodes.any_flags([not ok])
         res.plan_s += time.perf_counter() - t_plan
         if flags[0]:
             skipped.append(f"step {step}: {why or 'an object is held by no surviving node'}")
             return None
         t_asm = time.perf_counter()
-        if tier.leader:
+        if nodes.leader:
             try:
                 got = _move(nodes, cat, d, fetch, send, res)
                 held = np.concatenate([held, got]) if len(got) else held
             except Exception as e:  # noqa: BLE001 - agreed below
                 ok = False
-                skipped.append(f"step {step}: assembling failed on node {tier.node}: {e!r}")
-        if not tier.all_ok(ok):
+                skipped.append(f"step {step}: assembling failed on node {nodes.node}: {e!r}")
+        if not nodes.all_ok(ok):
             skipped.append(f"step {step}: could not be assembled on every node")
             return None
         res.assemble_s += time.perf_counter() - t_asm
         t_load = time.perf_counter()
         err: CheckpointError | None = None
         try:
-            load(state, os.fspath(d), allow_pickle=tier.allow_pickle, process_group=tier.process_group)
+            load(state, os.fspath(d), allow_pickle=allow_pickle, process_group=nodes.process_group)
         except CheckpointError as e:
             err = e
         res.load_s += time.perf_counter() - t_load
-        if tier.all_ok(err is None):  # the damaged objects are gathered only where a load failed
+        if nodes.all_ok(err is None):  # the damaged objects are gathered only where a load failed
             fields = ("own_bytes", "replica_bytes", "peer_bytes", "need_bytes", "lacked_bytes", "sent_bytes",
                       "agree_bytes")
             acct = from_leader(nodes, np.array([getattr(res, f) for f in fields], dtype=np.int64))
@@ -264,24 +258,24 @@ def _restore_step(tier: MemoryTier, state: dict[str, Any], step: int, name: str,
                 setattr(res, f, v)
             return res
         bad = _bad_runs(err, name, cat, need) if isinstance(err, CorruptCheckpointError) else _NONE3
-        outcomes = tier.all_gather((err is None, bad.tolist(), str(err) if err is not None else None))
+        outcomes = nodes.all_gather((err is None, bad.tolist(), str(err) if err is not None else None))
         hopeless = [o[2] for o in outcomes if not o[0] and not o[1]]
         if hopeless:
             skipped.append(f"step {step}: {hopeless[0]}")
             return None
         for rank, (_ok, runs, text) in enumerate(outcomes):
-            node = next(n for n, ranks in enumerate(tier.node_ranks) if rank in ranks)
+            node = nodes.node_of(rank)
             runs = np.array(runs, dtype=np.int64).reshape(-1, 3)
             if not len(runs):
                 continue
-            if node == tier.node:
+            if node == nodes.node:
                 held = runs_minus(held, runs)
-            elif tier.leader:  # a fetched copy is only as good as its source
+            elif nodes.leader:  # a fetched copy is only as good as its source
                 mine = send[send[:, 0] == node][:, 1:] if len(send) else _NONE3
                 held = runs_minus(held, _intersect(runs, mine))
-            if rank == tier.rank or (tier.leader and node == tier.node):
+            if rank == nodes.rank or (nodes.leader and node == nodes.node):
                 paths = sorted({cat.object_path(u, s) for u, lo, hi in runs.tolist() for s in range(lo, hi)})
-                if rank == tier.rank:
+                if rank == nodes.rank:
                     warnings.warn(f"ckpt memory tier: node {node}'s copy of {name}/{', '.join(paths[:8])} is "
                                   f"damaged ({text}): using another node's copy", RuntimeWarning, stacklevel=4)
     skipped.append(f"step {step}: still damaged after {attempts} attempts")
@@ -325,7 +319,7 @@ def _unpack(data: np.ndarray, n: int, widths: tuple[int, ...]) -> list[np.ndarra
     return out
 
 
-def _plan(nodes: Nodes, cat: Catalog, held: np.ndarray, lack: np.ndarray,
+def _plan(nodes: NodeGroup, cat: Catalog, held: np.ndarray, lack: np.ndarray,
           res: TierRestore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leaders: what this node fetches (src, unit, lo, hi), sends (dst, unit, lo, hi) and
     lacks that no node holds (unit, lo, hi), through the directories."""
@@ -352,7 +346,7 @@ def _paths(cat: Catalog, rows: np.ndarray) -> list[str]:
     return [cat.object_path(u, s) for u, lo, hi in rows.tolist() for s in range(lo, hi)]
 
 
-def _move(nodes: Nodes, cat: Catalog, d: Path, fetch: np.ndarray, send: np.ndarray, res: TierRestore) -> np.ndarray:
+def _move(nodes: NodeGroup, cat: Catalog, d: Path, fetch: np.ndarray, send: np.ndarray, res: TierRestore) -> np.ndarray:
     """Leaders: run this node's moves in rounds by ring distance; returns the runs
     received (each file checked to be one that was asked for)."""
     n, me = nodes.nnodes, nodes.node
@@ -365,8 +359,8 @@ def _move(nodes: Nodes, cat: Catalog, d: Path, fetch: np.ndarray, send: np.ndarr
         if not len(out_rows) and not len(in_rows):
             continue
         bundle = bundle_of(d, _paths(cat, out_rows)) if len(out_rows) else None
-        received = swap(nodes.group, bundle, nodes.leaders[to] if bundle else None,
-                        d if len(in_rows) else None, nodes.leaders[frm] if len(in_rows) else None)
+        received = swap(nodes.group, bundle, nodes.global_rank(nodes.leaders[to]) if bundle else None,
+                        d if len(in_rows) else None, nodes.global_rank(nodes.leaders[frm]) if len(in_rows) else None)
         if bundle is not None:
             res.sent_bytes += bundle.nbytes
         if len(in_rows):

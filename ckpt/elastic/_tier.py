@@ -24,11 +24,11 @@ Layout of a node directory (docs/format.md, "Memory tier")::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 import warnings
@@ -36,15 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ckpt import _config as config
 from ckpt._api import SaveHandle, Snapshotter
+from ckpt._engine._commit import NodeCommit
 from ckpt._engine._options import SaveOptions
 from ckpt._engine._recycle import RECYCLE_PREFIX, prune_stale, retiring, to_slot
 from ckpt._format import MANIFEST, TMP_PREFIX, parse_step_dirname, step_dirname
-from ckpt._policies import MemoryTierOptions
+from ckpt._policies import KeepLast, MemoryTierOptions, dropped_steps
 from ckpt.elastic._drain import DrainJob, drain
+from ckpt.elastic._group import agreement, any_flags, node_group
 from ckpt.elastic._names import (
     COMPLETE,
     JOB,
@@ -54,6 +54,7 @@ from ckpt.elastic._names import (
     received_lists,
     write_received,
 )
+from ckpt.elastic._recover import TierRestore, restore_from_tier
 from ckpt.elastic._transfer import bundle_of, swap
 
 __all__ = ["META_KEY", "MemoryTier", "MemoryTierWarning", "TierStats", "job_id", "own_files"]
@@ -128,13 +129,11 @@ class MemoryTier:
         self.root = self.node_dir / self.job
         self.root.mkdir(parents=True, exist_ok=True)
         self.stats = TierStats()
-        self.snapshotter = Snapshotter(options, background_nice=config.background_nice(), stage_in_files=True)
         self.process_group = process_group
-        self.group: Any = None  # the tier thread's collectives and transfers
-        self._agree_group: Any = None  # the training thread's agreement
-        self.rank, self.world_size = 0, 1
-        self._setup_groups()
-        self._topology()
+        self.nodes = node_group(self.node_dir, process_group)  # the tier thread's collectives and transfers
+        self.snapshotter = Snapshotter(options, background_nice=config.background_nice(), stage_in_files=True,
+                                       commit=functools.partial(NodeCommit, leader=self.nodes.leader))
+        self._agreement = agreement(process_group)  # the training thread's (the manager's group)
         (self.root / JOB).write_text(json.dumps({"run": run, "job": self.job,
                                                         "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}))
         self._thread: threading.Thread | None = None
@@ -144,78 +143,26 @@ class MemoryTier:
         self._last_time = time.monotonic()  # when the last step was taken (time-based schedules)
         self._reusable = 0  # bytes of the recycle slot and spare files (the next step's pages)
 
-    # -- topology --------------------------------------------------------------
-    def _setup_groups(self) -> None:
-        import torch.distributed as dist
+    # -- topology (the node group's) ---------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.nodes.rank
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        ranks = None if self.process_group is None else dist.get_process_group_ranks(self.process_group)
-        self.group = dist.new_group(ranks=ranks, backend="gloo")
-        self._agree_group = dist.new_group(ranks=ranks, backend="gloo")
-        self.rank, self.world_size = dist.get_rank(self.group), dist.get_world_size(self.group)
+    @property
+    def world_size(self) -> int:
+        return self.nodes.world_size
 
-    def all_gather(self, obj: Any) -> list[Any]:
-        if self.group is None:
-            return [obj]
-        import torch.distributed as dist
+    @property
+    def node(self) -> int:
+        return self.nodes.node
 
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+    @property
+    def nnodes(self) -> int:
+        return self.nodes.nnodes
 
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        """``obj`` of group rank ``src`` on every rank."""
-        if self.group is None:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, src), group=self.group)
-        return box[0]
-
-    def global_rank(self, group_rank: int) -> int:
-        import torch.distributed as dist
-
-        return dist.get_global_rank(self.group, group_rank)
-
-    def all_ok(self, ok: bool, *, training_thread: bool = False) -> bool:
-        return not self.any_flags([not ok], training_thread=training_thread)[0]
-
-    def any_flags(self, flags: list[bool], *, training_thread: bool = False) -> list[bool]:
-        if self.group is None:
-            return flags
-        import torch.distributed as dist
-
-        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._agree_group if training_thread else self.group)
-        return [bool(x) for x in t.tolist()]
-
-    def sum_ints(self, values: list[int], *, op: str = "sum") -> list[int]:
-        """A fixed-size all-reduce (``op``: "sum" or "max") over the tier's group: per-step
-        agreement whose traffic does not grow with the world."""
-        if self.group is None:
-            return list(values)
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
-        return [int(x) for x in t.tolist()]
-
-    def _topology(self) -> None:
-        """Nodes are the distinct (host, node directory) pairs, in order of their lowest
-        rank; that rank is the node's leader."""
-        key = f"{socket.gethostname()}:{os.path.realpath(self.node_dir)}"
-        keys = self.all_gather(key)
-        order: list[str] = []
-        for k in keys:
-            if k not in order:
-                order.append(k)
-        self.nnodes = len(order)
-        self.node = order.index(key)
-        self.leaders = [keys.index(k) for k in order]  # group ranks
-        self.node_ranks = [[r for r, k in enumerate(keys) if k == n] for n in order]
-        self.leader = self.leaders[self.node] == self.rank
+    @property
+    def leader(self) -> bool:
+        return self.nodes.leader
 
     # -- taking a step (training thread) -----------------------------------------
     def due(self, step: int, now: float | None = None) -> bool:
@@ -242,7 +189,7 @@ class MemoryTier:
         when the ranks agree to skip it. ``persist`` (every rank passes one, or none):
         once the step is held, drain it into that persistent checkpoint
         (:mod:`._drain`); a skipped step leaves it untouched, for the caller to save."""
-        busy, full = self.any_flags([self.busy(), not self._room()], training_thread=True)
+        busy, full = any_flags(self._agreement, [self.busy(), not self._room()])
         if busy:
             self.stats.skipped_busy += 1
             return None
@@ -256,7 +203,7 @@ class MemoryTier:
         t0 = time.perf_counter()
         handle = self.snapshotter.save_async(
             state, os.fspath(self.root / step_dirname(step)), step=step, overwrite=True,
-            allow_pickle=self.allow_pickle, process_group=self.group, recycle_here=self.leader,
+            allow_pickle=self.allow_pickle, process_group=self.nodes.group,
             metadata={META_KEY: {"job": self.job, "nodes": self.nnodes, "replicas": self.replicas}})
         self.stats.call_s.append(time.perf_counter() - t0)
         self.stats.taken += 1
@@ -295,7 +242,7 @@ class MemoryTier:
                 persist.finish(err)
             return
         manifest = (self.root / name / MANIFEST).read_bytes() if self.rank == 0 else None
-        manifest = self.broadcast(manifest)
+        manifest = self.nodes.broadcast(manifest)
         ok = True
         if self.leader and self.rank != 0:
             try:
@@ -304,7 +251,7 @@ class MemoryTier:
                 ok = False
                 warnings.warn(f"ckpt memory tier: step {step} not committed here: {e!r}", MemoryTierWarning,
                               stacklevel=1)
-        if not self.all_ok(ok):
+        if not self.nodes.all_ok(ok):
             self.stats.failed += 1
             if persist is not None:
                 persist.finish(RuntimeError(f"memory tier step {step} was not committed on every node"))
@@ -317,13 +264,13 @@ class MemoryTier:
                 ok = False
                 warnings.warn(f"ckpt memory tier: step {step} not replicated: {e!r}", MemoryTierWarning,
                               stacklevel=1)
-        if self.all_ok(ok):
+        if self.nodes.all_ok(ok):
             self._held(step, name)
         else:
             self.stats.failed += 1
         if persist is not None:  # the step is whole in the nodes' tiers, replicated or not
             t1 = time.perf_counter()
-            drain(self, self.root / name, mine, persist, tier_key=META_KEY)
+            drain(self.nodes, self.root / name, mine, persist, tier_key=META_KEY)
             self.stats.drained += persist.error is None
             self.stats.drain_s.append(time.perf_counter() - t1)
         self.stats.finish_s.append(time.perf_counter() - t0)
@@ -340,26 +287,24 @@ class MemoryTier:
             self._reusable = sum(tree_bytes(p) for p in self.root.glob(f"{TMP_PREFIX}*"))
             self._footprint = max(tree_bytes(self.root / name), self.stats.held_bytes - before)
             self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, self.stats.held_bytes)
-        self._footprint = self.sum_ints([self._footprint], op="max")[0]
+        self._footprint = self.nodes.sum_ints([self._footprint], op="max")[0]
         self.stats.completed += 1
         self.stats.last_complete = step
 
     def _commit_here(self, name: str, manifest: bytes) -> None:
         """On a node other than rank 0's: the same commit in this node's directory."""
-        tmps = sorted(self.root.glob(f"{TMP_PREFIX}{name}-*"), key=lambda p: p.stat().st_mtime)
-        final = self.root / name
-        if final.exists():
-            shutil.rmtree(final)
-        if tmps:
-            src = tmps[-1]
-            for old in tmps[:-1]:
-                shutil.rmtree(old, ignore_errors=True)
-        else:  # this node's ranks were given nothing to write
-            src = self.root / f"{TMP_PREFIX}{name}-empty"
-            src.mkdir()
-        prune_stale(os.fspath(src))  # a recycled slot's files this save did not rewrite
-        (src / MANIFEST).write_bytes(manifest)
-        os.rename(src, final)
+        committer = NodeCommit(self._node_storage())
+        target = committer.node_target(name)
+        prune_stale(os.fspath(self.root / target.dir))  # a recycled slot's files this save did not rewrite
+        committer.commit(target, name, manifest, overwrite=True)
+
+    def _node_storage(self) -> Any:
+        """This node's tier as a Storage (commits and recycling)."""
+        if self._storage is None:
+            from ckpt.storage import open_storage
+
+            self._storage = open_storage(os.fspath(self.root))
+        return self._storage
 
     def _replicate(self, name: str, files: list[str]) -> None:
         """Send this node's ``files`` of step ``name`` to the next nodes, receive theirs."""
@@ -374,11 +319,11 @@ class MemoryTier:
         t0 = time.perf_counter()
         step_dir = self.root / name
         mine = bundle_of(step_dir, files)
+        g = self.nodes
         for d in range(1, r + 1):
-            dst = self.global_rank(self.leaders[(self.node + d) % self.nnodes])
-            src_node = (self.node - d) % self.nnodes
-            got = swap(self.group, mine, dst, step_dir, self.global_rank(self.leaders[src_node]),
-                       spare=self.root / SPARE)
+            dst = g.global_rank(g.leaders[(g.node + d) % g.nnodes])
+            src_node = (g.node - d) % g.nnodes
+            got = swap(g.group, mine, dst, step_dir, g.global_rank(g.leaders[src_node]), spare=self.root / SPARE)
             write_received(step_dir, str(src_node), [p for p, _ in got])
             self.stats.replicated_bytes += mine.nbytes
         self.stats.replicate_s += time.perf_counter() - t0
@@ -389,17 +334,19 @@ class MemoryTier:
         older checkpoint, or its step numbers started again): deleted, or a restore would
         prefer it to the job's real newest step."""
         n = parse_step_dirname(newest) or 0
-        steps = sorted((p for p in self.root.iterdir() if parse_step_dirname(p.name) is not None),
-                       key=lambda p: parse_step_dirname(p.name) or 0)
-        later = [p for p in steps if (parse_step_dirname(p.name) or 0) > n]
-        steps = [p for p in steps if p not in later]
-        for p in later:
+        steps: dict[int, Path] = {}
+        for p in self.root.iterdir():
+            s = parse_step_dirname(p.name)
+            if s is not None:
+                steps[s] = p
+        for s in sorted(s for s in steps if s > n):
+            p = steps.pop(s)
             for f in (COMPLETE, MANIFEST):
                 (p / f).unlink(missing_ok=True)
             shutil.rmtree(p, ignore_errors=True)
-        complete = [p for p in steps if (p / COMPLETE).exists()]
-        keep = {p.name for p in complete[-(self.keep - 1):]} | {newest}
-        gone = [p for p in steps if p.name not in keep]
+        complete = [s for s, p in steps.items() if (p / COMPLETE).exists()]
+        dropped = set(dropped_steps(complete, [KeepLast(self.keep - 1)], pinned=[n]))
+        gone = [p for s, p in sorted(steps.items()) if s in dropped or s not in complete and s != n]
         self.clean_tmp()
         for i, p in enumerate(gone):
             if i < len(gone) - 1 or not self._retire(p):  # the newest of them is recycled
@@ -409,11 +356,7 @@ class MemoryTier:
         """Make a step that goes the node's recycle slot (its received replicas the spare
         files); False where it must be deleted instead (a reader holds it, or no slot)."""
         (step_dir / COMPLETE).unlink(missing_ok=True)  # no longer a step, first
-        if self._storage is None:
-            from ckpt.storage import open_storage
-
-            self._storage = open_storage(os.fspath(self.root))
-        with retiring(self._storage, step_dir.name) as free:
+        with retiring(self._node_storage(), step_dir.name) as free:
             if not free:
                 return False
             spare = self.root / SPARE
@@ -427,7 +370,7 @@ class MemoryTier:
                     except FileNotFoundError:
                         pass
                 listing.unlink()
-            return to_slot(self._storage, step_dir.name)
+            return to_slot(self._node_storage(), step_dir.name)
 
     def clean_tmp(self) -> None:
         """Delete unfinished writes (the recycle slot and the spare files stay)."""
@@ -455,14 +398,17 @@ class MemoryTier:
         self.wait()
         self.snapshotter.close()
         if remove:
-            self.all_ok(True)  # nobody deletes while a peer may still read from it
+            self.nodes.all_ok(True)  # nobody deletes while a peer may still read from it
             if self.leader:
                 shutil.rmtree(self.root, ignore_errors=True)
 
-    def restore(self, state: dict[str, Any], *, min_step: int | None = None) -> Any:
+    def restore(self, state: dict[str, Any], *, min_step: int | None = None) -> TierRestore | None:
         """Load the newest tier step the surviving nodes can assemble (and not older than
         ``min_step``) into ``state``; a :class:`~ckpt.elastic._recover.TierRestore` or
         None. Every rank calls it."""
-        from ckpt.elastic._recover import restore_from_tier
-
-        return restore_from_tier(self, state, min_step=min_step)
+        if self.leader:  # a commit cut short between its renames put the older copy aside
+            NodeCommit(self._node_storage()).recover()
+        res = restore_from_tier(self.nodes, self.root, state, job=self.job, allow_pickle=self.allow_pickle,
+                                min_step=min_step)
+        self.drop_steps(keep=None if res is None else res.name)
+        return res

@@ -276,3 +276,44 @@ def test_steps_of_a_timeline_the_job_left_are_dropped(tmp_path):
         assert held == ["step-000000003"]
     finally:
         tier.close()
+
+
+def _count_groups(run: str, node_dirs: list[str]) -> int:
+    """Gloo groups one job makes: a manager with a memory tier restores, saves, drains."""
+    import torch.distributed as dist
+
+    import ckpt
+
+    _node_env(node_dirs)
+    made = []
+    real = dist.new_group
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        made.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    dist.new_group = counting
+    try:
+        m, opt = _model()
+        state = {"model": m, "optim": opt}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mgr = ckpt.CheckpointManager(run, save=2, keep=1, memory=MemoryTierOptions(every=1, keep=2),
+                                         preemption=PreemptionOptions(signals=()))
+            mgr.restore(state)
+            for s in range(4):
+                _train_step(m, opt, s)
+                mgr.step(s, state)
+                assert mgr.tier is not None
+                mgr.tier.wait()
+            mgr.close()
+    finally:
+        dist.new_group = real
+    return len(made)
+
+
+def test_a_job_with_a_memory_tier_makes_three_gloo_groups(tmp_path):
+    """The engine's side group, the training thread's agreement (the manager's and the
+    tier's), the tier's own (its thread and its saves): no more, at any world size."""
+    made = launch(_count_groups, 2, str(tmp_path / "run"), _dirs(tmp_path, 2), timeout=240)
+    assert made == [3, 3]
