@@ -55,7 +55,7 @@ from bench.train_loop import (
     sweep_k,
     train,
 )
-from ckpt._engine._direct_write import crc32c_extend
+from ckpt._crc32c import crc32c_extend
 from ckpt._engine._pool import _anonymous
 from ckpt._engine._staging import copy_crc, staging_threads
 from ckpt.storage._file import fsync_dir

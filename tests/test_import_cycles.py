@@ -49,20 +49,10 @@ def imports_of(source: str, name: str, is_package: bool, mods: set[str]) -> set[
     return out
 
 
-# Temporary: removed by the node-group change (#37 item 2); delete when it lands.
-# The memory tier's two type-only back edges (_drain and _recover name MemoryTier under
-# TYPE_CHECKING), which close the cycles _tier <-> _drain and _tier <-> _recover.
-_ALLOWED_EDGES = frozenset({
-    ("ckpt.elastic._drain", "ckpt.elastic._tier"),
-    ("ckpt.elastic._recover", "ckpt.elastic._tier"),
-})
-
-
-def import_graph(allowed: frozenset[tuple[str, str]] = _ALLOWED_EDGES) -> dict[str, set[str]]:
-    """Module -> the ckpt modules it imports, less the ``allowed`` edges."""
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the ckpt modules it imports (type-only imports included)."""
     mods = _modules()
-    return {name: {t for t in imports_of(path.read_text(), name, path.name == "__init__.py", set(mods))
-                   if (name, t) not in allowed}
+    return {name: imports_of(path.read_text(), name, path.name == "__init__.py", set(mods))
             for name, path in mods.items()}
 
 

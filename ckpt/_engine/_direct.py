@@ -54,7 +54,7 @@ class DirectReader:
             return None
         if getattr(google_crc32c, "implementation", None) != "c":  # the pure-Python one is far too slow
             return None
-        from ckpt._engine._direct_write import crc32c_value
+        from ckpt._crc32c import crc32c_value
 
         # google_crc32c.value holds the GIL for the whole buffer; through ctypes, reads on
         # many threads check their chunks in parallel

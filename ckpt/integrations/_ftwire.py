@@ -26,7 +26,7 @@ import google_crc32c
 import numpy as np
 import torch
 
-from ckpt._engine._direct_write import crc32c_value
+from ckpt._crc32c import crc32c_value
 from ckpt.providers._dtensor import is_dtensor, local_box
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]
