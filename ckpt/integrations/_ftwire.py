@@ -144,15 +144,16 @@ def as_bytes(t: torch.Tensor) -> np.ndarray:
 
 
 class Client:
-    """Keep-alive HTTP connections to the source ranks; box bodies are read straight
-    into their destination's memory."""
+    """HTTP requests to the source ranks, one connection each (the server speaks
+    HTTP/1.0 and closes it after the response); box bodies are read straight into their
+    destination's memory."""
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._conns: dict[str, http.client.HTTPConnection] = {}
 
     def _request(self, url: str, path: str) -> http.client.HTTPResponse:
-        for attempt in (0, 1):  # a kept connection the server closed: once more on a new one
+        for attempt in (0, 1):  # a connection dropped before the response: once more
             conn = self._conns.get(url)
             if conn is None:
                 u = urlparse(url)
@@ -167,6 +168,7 @@ class Client:
                 continue
             if r.status != 200:
                 r.read()
+                self.drop(url)
                 raise OSError(f"HTTP {r.status} {r.reason}")
             return r
         raise AssertionError("unreachable")
@@ -174,7 +176,10 @@ class Client:
     def get(self, url: str, path: str) -> tuple[bytes, int | None]:
         r = self._request(url, path)
         value = r.headers.get("X-Crc32c")
-        return r.read(), int(value) if value is not None else None
+        try:
+            return r.read(), int(value) if value is not None else None
+        finally:
+            self.drop(url)
 
     def get_into(self, url: str, path: str, dest: np.ndarray) -> int | None:
         """Reads the body into ``dest`` (a contiguous uint8 array of exactly its length)."""
@@ -185,11 +190,14 @@ class Client:
             r.read()
             raise OSError(f"the body is {n} bytes, {dest.nbytes} expected")
         view, got = dest.data.cast("B"), 0
-        while got < n:
-            k = r.readinto(view[got:])
-            if not k:
-                raise OSError(f"the connection closed after {got} of {n} bytes")
-            got += k
+        try:
+            while got < n:
+                k = r.readinto(view[got:])
+                if not k:
+                    raise OSError(f"the connection closed after {got} of {n} bytes")
+                got += k
+        finally:
+            self.drop(url)
         return int(value) if value is not None else None
 
     def drop(self, url: str) -> None:
@@ -235,8 +243,6 @@ class Server:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive: a healer's requests share a connection
-
             def log_message(self, *a: Any) -> None:
                 pass
 
