@@ -238,6 +238,9 @@ class Server:
         self._served: Served | Callable[[], Served] | None = None
         self._active = 0
         self._reading = False  # a healer asked for the index and has not said done
+        # a healer may ask before torchft's ``send_checkpoint`` replaced the live state: the
+        # tensors are the same, but only the sent state's skeleton has torchft's own part
+        self.skeleton_wait = 10.0
         self.corrupt_once = corrupt_once if corrupt_once is not None else set()
         self.bytes_sent = 0
         outer = self
@@ -259,6 +262,7 @@ class Server:
         """Serve ``served`` (or what the callable builds, at the first request)."""
         with self._lock:
             self._served = served
+            self._lock.notify_all()
 
     def disallow(self, timeout: float) -> None:
         """Stop serving; returns once no response is being written and a healer that began
@@ -274,6 +278,9 @@ class Server:
         url = urlparse(h.path)
         parts = url.path.strip("/").split("/")
         with self._lock:
+            if len(parts) >= 2 and parts[1] == "skeleton":
+                self._lock.wait_for(lambda: not callable(self._served) and getattr(self._served, "step", 0)
+                                    is not None, timeout=self.skeleton_wait)
             if callable(self._served):
                 self._served = self._served()
             served = self._served

@@ -112,6 +112,7 @@ class CkptTransport(CheckpointTransport[dict[str, Any]]):
         self._chunk = max(1, chunk_bytes)
         self._store_addr, self._store_port, self._prefix = store_addr, store_port, prefix
         self.server = Server(host)
+        self.server.skeleton_wait = min(10.0, timeout.total_seconds())
         self.last_heal = HealStats()
         self._client = Client(timeout.total_seconds())
         store = TCPStore(store_addr, store_port, is_master=False, timeout=timeout, wait_for_workers=False)
