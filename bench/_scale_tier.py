@@ -41,7 +41,7 @@ __all__ = ["run_tier", "model_shapes"]
 
 RUN_BYTES = 24  # a run (unit, lo, hi) as three int64
 MOVE_BYTES = 32  # a planned move sent back: (peer, unit, lo, hi)
-STEP_REPORT_BYTES = 120  # one node's report of one held step (checksum, step, name, time)
+STEP_AGREE_BYTES = 3 * 2 * 8  # choosing the step: three all-reduces of one int64 (sent and received)
 
 
 Shapes = dict[str, tuple[tuple[int, ...], str, int]]  # class name -> (shape, dtype, how many tensors)
@@ -196,8 +196,9 @@ def run_one(n: int, *, ranks_per_node: int = 8, replicas: int = 1, model: str = 
     lost_share = int(own[gone])
     worst = int(np.argmax(recv))
     exact = _exact_lack(shapes, n, survivors, rpn, replicas)
-    # agreement bytes of a node, sent and received: the step reports (all-gathered), the
-    # runs to the directories, the moves back (all-to-all; lengths and headers per peer)
+    # agreement bytes of a node, sent and received: choosing the step (fixed-size
+    # all-reduces), the runs to the directories, the moves back (all-to-all; lengths and
+    # headers per peer)
     wt = np.asarray(weight, dtype=np.float64)
     runs_sent = np.array([wt[held[k][:, 0]].sum() + wt[lacks[k][:, 0]].sum() for k in range(m)]) * RUN_BYTES
     rows = np.zeros(m)
@@ -205,7 +206,7 @@ def run_one(n: int, *, ranks_per_node: int = 8, replicas: int = 1, model: str = 
         w = wt[mv.moves[:, 2]]
         rows += np.bincount(mv.moves[:, 0], weights=w, minlength=m) + np.bincount(mv.moves[:, 1], weights=w, minlength=m)
     per_peer = 2 * 2 * 24 * (m - 1)  # two all-to-alls, a length and a header to and from every peer
-    agree = STEP_REPORT_BYTES * m + per_peer + runs_sent + runs_sent.mean() + 2 * rows * MOVE_BYTES
+    agree = STEP_AGREE_BYTES + per_peer + runs_sent + runs_sent.mean() + 2 * rows * MOVE_BYTES
     old_moved = job - held_b  # the old rule: every node gets every object it does not hold
     share = job / n
     return {

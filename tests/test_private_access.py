@@ -15,8 +15,11 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "ckpt"
 # torch.Tensor._version: the in-place change counter; threading._register_atexit: the exit
-# hook concurrent.futures itself uses (a save in flight at exit must run before it)
-FOREIGN_OK = {"_version", "_register_atexit"}
+# hook concurrent.futures itself uses (a save in flight at exit must run before it);
+# torch.distributed's _get_process_group_store (_get_default_store on an older torch): a
+# side group's c10d store (torch has no public accessor), for the memory tier's exchanges
+# by key
+FOREIGN_OK = {"_version", "_register_atexit", "_get_process_group_store", "_get_default_store"}
 
 
 def _defined(tree: ast.AST) -> set[str]:

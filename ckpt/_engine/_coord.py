@@ -43,6 +43,9 @@ class LocalCoordinator:
     def barrier(self) -> None:
         pass
 
+    def store(self) -> Any:
+        return None
+
     def all_reduce_sum(self, values: list[int]) -> list[int]:
         return list(values)
 
@@ -96,15 +99,25 @@ class DistCoordinator:
         return int(self._dist.get_global_rank(self.group, rank))
 
     def all_gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj``: its payload grows with the world, so only for values that
-        every rank needs from every other (the node topology) or that most ranks leave
-        None."""
+        """Every rank's ``obj``: its payload grows with the world, so never at scale (the
+        memory tier finds its nodes through :meth:`store`; failures go to rank 0 with
+        :meth:`gather_sparse`)."""
         out: list[Any] = [None] * self.world_size
         self._dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def barrier(self) -> None:
         self._dist.barrier(group=self.group)
+
+    def store(self) -> Any:
+        """The c10d store of the side group (its keys under the group's own prefix): for
+        exchanges by key, where each rank reads only what concerns it."""
+        from torch.distributed import distributed_c10d
+
+        try:
+            return distributed_c10d._get_process_group_store(self.group)
+        except AttributeError:  # an older torch: the default group's store (callers' keys are their own)
+            return distributed_c10d._get_default_store()
 
     # Collectives whose size does not grow with the world (DESIGN.md, "Built for 16,384
     # ranks"): a fixed-size sum, and point-to-point messages between rank 0 and only the

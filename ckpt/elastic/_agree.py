@@ -9,7 +9,8 @@ holds or needs (never an all-gather of file lists):
   ones included: a length of 0 and no payload).
 
 The facts about nodes come as a :class:`~ckpt.elastic._group.NodeGroup` value, so this
-module knows nothing of the tier itself.
+module knows nothing of the tier itself: its own node's ranks, and the leaders of the
+nodes it talks to (read from the store the first time).
 """
 
 from __future__ import annotations
@@ -50,13 +51,13 @@ def _send_recv(group: Any, out: dict[int, np.ndarray], peers: list[int]) -> dict
 
 def _members(nodes: NodeGroup) -> tuple[int, list[int]]:
     """This node's leader and its other ranks, as global ranks."""
-    ranks = nodes.node_ranks[nodes.node]
+    ranks = nodes.members
     return nodes.global_rank(ranks[0]), [nodes.global_rank(r) for r in ranks[1:]]
 
 
 def to_leader(nodes: NodeGroup, data: np.ndarray) -> list[np.ndarray] | None:
     """On a leader, every member's ``data`` (its own first); None elsewhere."""
-    if nodes.group is None or len(nodes.node_ranks[nodes.node]) == 1:
+    if nodes.group is None or len(nodes.members) == 1:
         return [data] if nodes.leader else None
     lead, others = _members(nodes)
     if nodes.leader:
@@ -68,7 +69,7 @@ def to_leader(nodes: NodeGroup, data: np.ndarray) -> list[np.ndarray] | None:
 
 def from_leader(nodes: NodeGroup, data: np.ndarray) -> np.ndarray:
     """The leader's ``data`` on every rank of its node (an int64 array)."""
-    if nodes.group is None or len(nodes.node_ranks[nodes.node]) == 1:
+    if nodes.group is None or len(nodes.members) == 1:
         return data
     lead, others = _members(nodes)
     if nodes.leader:
@@ -83,6 +84,7 @@ def all_to_all(nodes: NodeGroup, out: list[np.ndarray]) -> list[np.ndarray]:
     me = nodes.node
     if nodes.group is None or nodes.nnodes == 1:
         return [out[me]]
-    peers = {n: nodes.global_rank(r) for n, r in enumerate(nodes.leaders) if n != me}
+    others = [n for n in range(nodes.nnodes) if n != me]  # every node: the leaders read once
+    peers = {n: nodes.global_rank(r) for n, r in zip(others, nodes.leaders_of(others))}
     got = _send_recv(nodes.group, {r: out[n] for n, r in peers.items()}, list(peers.values()))
     return [out[me] if n == me else got[peers[n]] for n in range(nodes.nnodes)]

@@ -106,8 +106,7 @@ def _drain(nodes: NodeGroup, step_dir: Path, files: list[str], job: DrainJob, ti
     failed, job.stats.total_bytes = nodes.sum_ints([failure is not None, job.stats.bytes])
     failures: list[str] = []
     if failed:  # the failing nodes' words travel only when there are some, and only theirs
-        got = nodes.coord.gather_sparse(failure)
-        failures = nodes.broadcast(None if got is None else [f for _r, f in got])
+        failures = nodes.decide(failure, lambda got: [f for _r, f in got])
     t1 = time.perf_counter()
     outcome: str | None = None
     if nodes.rank == 0:

@@ -1,8 +1,15 @@
 """Restoring from the memory tier onto the current (possibly changed) world size.
 
-1. Every node's leader reports the tier steps its node holds: the manifest's checksum,
-   step and time — a few values per step, all-gathered. The ranks try the newest step of
-   one timeline first (the manifest's checksum names the save).
+1. Every node's leader lists the tier steps its node holds (the manifest's step, time
+   and checksum), and the ranks agree on the newest one by fixed-size all-reduces: the
+   newest step, then the newest save time of that step, then the lowest rank holding that
+   (step, time), which broadcasts its manifest; a leader whose copy has that manifest's
+   checksum holds the step (the checksum names the save: another timeline's copy of the
+   same step is not held). No node needs the list of every node's holdings — only whether
+   its own node holds the candidate, and one holder to read the manifest from — so none is
+   exchanged: three all-reduces of one integer per step tried, whatever the number of
+   nodes, where an all-gather of every leader's holdings grew with the world. A step that
+   cannot be assembled gives way to the next older (step, time) over all the nodes.
 2. Every rank finds what its load of the *new* layout will read, without reading
    (:func:`ckpt._engine._needs.load_reads`: the providers schedule their boxes), as
    runs of the step's objects; a node's leader gathers its ranks' and lists what its
@@ -18,7 +25,11 @@
    crc32c of every chunk, per-rank values). An object that fails its checksum counts as
    not held by the node that read it and by the node it came from, and the step is
    planned again from the other holders; a step that cannot be loaded gives way to the
-   next older one, and the caller falls back to persistent storage.
+   next older one, and the caller falls back to persistent storage. Only the ranks whose
+   load failed report (their node and the objects they blame) to rank 0, which decides —
+   the step is hopeless, or these nodes' copies of these objects are damaged — and
+   broadcasts the decision (:meth:`~ckpt.elastic._group.NodeGroup.decide`, as a drain's
+   failures): traffic in proportion to the failures, not to the world.
 
 A node therefore receives only what its new ranks need and lack, and holds at most its
 tier's steps plus that: the retired step's pages (the recycle slot and spare files) are
@@ -83,20 +94,30 @@ def _step_info(root: Path, name: str, tier_job: str) -> dict[str, Any] | None:
         m = Manifest.from_json(raw, where=str(root / name))
     except (OSError, CheckpointError):
         return None
-    if (m.user_metadata.get("ckpt_tier") or {}).get("job") != tier_job:
+    if (m.user_metadata.get("ckpt_tier") or {}).get("job") != tier_job or not isinstance(m.step, int):
         return None  # another job's (never read)
-    return {"name": name, "step": m.step, "sha": hashlib.sha256(raw).hexdigest(), "created": m.created}
+    return {"name": name, "step": m.step, "sha": hashlib.sha256(raw).hexdigest(), "key": (m.step, _micros(m.created))}
 
 
-def _candidates(reports: list[list[dict[str, Any]] | None]) -> list[tuple[int, str, str, list[int]]]:
-    """(step, name, checksum, nodes holding part of it), newest first."""
-    seen: dict[str, tuple[int, str, float, list[int]]] = {}
-    for node, rep in enumerate(reports):
-        for h in rep or []:
-            s = seen.setdefault(h["sha"], (h["step"], h["name"], h["created"], []))
-            s[3].append(node)
-    order = sorted(seen.items(), key=lambda kv: (kv[1][0], kv[1][2]), reverse=True)
-    return [(step, name, sha, nodes) for sha, (step, name, _c, nodes) in order]
+_LOWEST = -(2**63)
+
+
+def _micros(t: float) -> int:
+    """A save time as an int64 (microseconds), for an all-reduce."""
+    return max(_LOWEST + 1, min(2**63 - 1, int(t * 1e6))) if t == t else _LOWEST + 1
+
+
+def _newest(nodes: NodeGroup, mine: list[dict[str, Any]], below: tuple[int, int] | None) -> tuple[int, int, int] | None:
+    """The newest (step, save time) any node holds below ``below`` (all when None), and
+    the lowest rank holding it; None where there is none. Three all-reduces of one
+    integer (``mine``: this leader's steps; a non-leader's is empty)."""
+    cands = [h["key"] for h in mine if below is None or h["key"] < below]
+    step = nodes.sum_ints([max((k[0] for k in cands), default=_LOWEST)], op="max")[0]
+    if step == _LOWEST:
+        return None
+    t = nodes.sum_ints([max((k[1] for k in cands if k[0] == step), default=_LOWEST)], op="max")[0]
+    src = -nodes.sum_ints([-nodes.rank if (step, t) in cands else -nodes.world_size], op="max")[0]
+    return step, t, src
 
 
 def restore_from_tier(nodes: NodeGroup, root: Path, state: dict[str, Any], *, job: str, allow_pickle: bool = False,
@@ -117,20 +138,30 @@ def restore_from_tier(nodes: NodeGroup, root: Path, state: dict[str, Any], *, jo
                 h = _step_info(root, p.name, job)
                 if h is not None:
                     mine.append(h)
-    everyone = nodes.all_gather(mine if nodes.leader else None)
-    reports = [everyone[r] for r in nodes.leaders]  # per node of the current job
     skipped: list[str] = []
-    for step, name, sha, holders in _candidates(reports):
+    below: tuple[int, int] | None = None
+    while (newest := _newest(nodes, mine, below)) is not None:
+        step, t, src = newest
+        below = (step, t)
         if min_step is not None and step < min_step:
             break
-        src_node = holders[0]
-        manifest = (root / name / MANIFEST).read_bytes() if nodes.node == src_node and nodes.leader else None
-        manifest = nodes.broadcast(manifest, src=nodes.leaders[src_node])
-        if hashlib.sha256(manifest).hexdigest() != sha:
+        offer = None
+        if nodes.rank == src:  # a leader of a node that holds it
+            h = next(h for h in mine if h["key"] == below)
+            try:
+                raw = (root / h["name"] / MANIFEST).read_bytes()
+            except OSError:
+                raw = b""
+            if hashlib.sha256(raw).hexdigest() == h["sha"]:  # not changed since it was listed
+                offer = (h["name"], raw)
+        offer = nodes.broadcast(offer, src=src)
+        if offer is None:
             continue
-        holds = [any(h["sha"] == sha for h in rep or []) for rep in reports]
+        name, manifest = offer
+        sha = hashlib.sha256(manifest).hexdigest()
+        held_here = any(h["sha"] == sha for h in mine)  # a leader's: its node holds this save
         res = _restore_step(nodes, root / name, state, step, Manifest.from_json(manifest, where=name), manifest,
-                            holds, skipped, allow_pickle)
+                            held_here, skipped, allow_pickle)
         if res is not None:
             res.seconds = time.perf_counter() - t0
             return res
@@ -176,7 +207,7 @@ def _nbytes(cat: Catalog, runs: np.ndarray, d: Path | None = None) -> int:
 
 
 def _restore_step(nodes: NodeGroup, d: Path, state: dict[str, Any], step: int, m: Manifest, manifest: bytes,
-                  holds: list[bool], skipped: list[str], allow_pickle: bool, attempts: int = 3) -> TierRestore | None:
+                  held_here: bool, skipped: list[str], allow_pickle: bool, attempts: int = 3) -> TierRestore | None:
     """Give every node what its ranks read of step directory ``d`` and load it; an object
     that fails its checksum is dropped on the node that read it and on the node it came
     from, then the step is planned again from the other holders (``attempts`` times at
@@ -190,7 +221,7 @@ def _restore_step(nodes: NodeGroup, d: Path, state: dict[str, Any], step: int, m
     need: np.ndarray = _NONE3
     try:
         if nodes.leader:
-            if not holds[nodes.node]:  # nothing of it here (a new node, or another timeline's copy)
+            if not held_here:  # nothing of it here (a new node, or another timeline's copy)
                 if d.exists():
                     shutil.rmtree(d)
                 d.mkdir(parents=True)
@@ -258,28 +289,31 @@ def _restore_step(nodes: NodeGroup, d: Path, state: dict[str, Any], step: int, m
                 setattr(res, f, v)
             return res
         bad = _bad_runs(err, name, cat, need) if isinstance(err, CorruptCheckpointError) else _NONE3
-        outcomes = nodes.all_gather((err is None, bad.tolist(), str(err) if err is not None else None))
-        hopeless = [o[2] for o in outcomes if not o[0] and not o[1]]
-        if hopeless:
-            skipped.append(f"step {step}: {hopeless[0]}")
+        verdict = nodes.decide(None if err is None else (nodes.node, bad.tolist(), str(err)), _verdict)
+        if isinstance(verdict, str):
+            skipped.append(f"step {step}: {verdict}")
             return None
-        for rank, (_ok, runs, text) in enumerate(outcomes):
-            node = nodes.node_of(rank)
+        if len(bad):
+            paths = sorted({cat.object_path(u, s) for u, lo, hi in bad.tolist() for s in range(lo, hi)})
+            warnings.warn(f"ckpt memory tier: node {nodes.node}'s copy of {name}/{', '.join(paths[:8])} is "
+                          f"damaged ({err}): using another node's copy", RuntimeWarning, stacklevel=4)
+        for node, runs in verdict:
             runs = np.array(runs, dtype=np.int64).reshape(-1, 3)
-            if not len(runs):
-                continue
             if node == nodes.node:
                 held = runs_minus(held, runs)
             elif nodes.leader:  # a fetched copy is only as good as its source
                 mine = send[send[:, 0] == node][:, 1:] if len(send) else _NONE3
                 held = runs_minus(held, _intersect(runs, mine))
-            if rank == nodes.rank or (nodes.leader and node == nodes.node):
-                paths = sorted({cat.object_path(u, s) for u, lo, hi in runs.tolist() for s in range(lo, hi)})
-                if rank == nodes.rank:
-                    warnings.warn(f"ckpt memory tier: node {node}'s copy of {name}/{', '.join(paths[:8])} is "
-                                  f"damaged ({text}): using another node's copy", RuntimeWarning, stacklevel=4)
     skipped.append(f"step {step}: still damaged after {attempts} attempts")
     return None
+
+
+def _verdict(reports: list[tuple[int, tuple[int, list[list[int]], str]]]) -> str | list[tuple[int, list[list[int]]]]:
+    """Rank 0's decision on the failed loads (``(rank, (node, damaged runs, error))``): the
+    error of one that blames no object (the step cannot be used), else every failed load's
+    node and damaged runs (dropped from that node's and from their sources' holdings)."""
+    hopeless = [text for _r, (_node, runs, text) in reports if not runs]
+    return hopeless[0] if hopeless else [(node, runs) for _r, (node, runs, _text) in reports if runs]
 
 
 def _intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -359,8 +393,9 @@ def _move(nodes: NodeGroup, cat: Catalog, d: Path, fetch: np.ndarray, send: np.n
         if not len(out_rows) and not len(in_rows):
             continue
         bundle = bundle_of(d, _paths(cat, out_rows)) if len(out_rows) else None
-        received = swap(nodes.group, bundle, nodes.global_rank(nodes.leaders[to]) if bundle else None,
-                        d if len(in_rows) else None, nodes.global_rank(nodes.leaders[frm]) if len(in_rows) else None)
+        dst = nodes.global_rank(nodes.leader_of(to)) if bundle else None  # the leaders it talks to alone
+        src = nodes.global_rank(nodes.leader_of(frm)) if len(in_rows) else None
+        received = swap(nodes.group, bundle, dst, d if len(in_rows) else None, src)
         if bundle is not None:
             res.sent_bytes += bundle.nbytes
         if len(in_rows):

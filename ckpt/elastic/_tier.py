@@ -131,6 +131,9 @@ class MemoryTier:
         self.stats = TierStats()
         self.process_group = process_group
         self.nodes = node_group(self.node_dir, process_group)  # the tier thread's collectives and transfers
+        if self.nodes.leader:  # the replication ring's peers, read now: the tier's thread never reads the store
+            r = min(self.replicas, self.nnodes - 1)
+            self.nodes.leaders_of([(self.node + d) % self.nnodes for d in range(-r, r + 1) if d])
         self.snapshotter = Snapshotter(options, background_nice=config.background_nice(), stage_in_files=True,
                                        commit=functools.partial(NodeCommit, leader=self.nodes.leader))
         self._agreement = agreement(process_group)  # the training thread's (the manager's group)
@@ -321,9 +324,9 @@ class MemoryTier:
         mine = bundle_of(step_dir, files)
         g = self.nodes
         for d in range(1, r + 1):
-            dst = g.global_rank(g.leaders[(g.node + d) % g.nnodes])
             src_node = (g.node - d) % g.nnodes
-            got = swap(g.group, mine, dst, step_dir, g.global_rank(g.leaders[src_node]), spare=self.root / SPARE)
+            dst, src = (g.global_rank(x) for x in g.leaders_of([(g.node + d) % g.nnodes, src_node]))
+            got = swap(g.group, mine, dst, step_dir, src, spare=self.root / SPARE)
             write_received(step_dir, str(src_node), [p for p, _ in got])
             self.stats.replicated_bytes += mine.nbytes
         self.stats.replicate_s += time.perf_counter() - t0
