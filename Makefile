@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.ckpt-installed
 
-.PHONY: setup test test-fast demo bench scale lint docs clean
+.PHONY: setup test test-fast demo demo-ft bench scale lint docs clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,9 @@ test: setup
 
 demo: setup
 	$(VPY) examples/demo.py
+
+demo-ft: setup  # survivors keep training under torchft; a group back on fewer ranks heals through ckpt
+	$(VPY) examples/demo_ft.py $(DEMO_FT_ARGS)
 
 bench: setup
 	$(VPY) -m bench $(BENCH_ARGS)

@@ -73,7 +73,7 @@ except ImportError as e:  # pragma: no cover - the extra is absent
     raise MissingDependencyError("ckpt.integrations.torchft needs torchft, which is not installed",
                                  hint="pip install 'ckpt-torch[ft]'") from e
 
-__all__ = ["CkptTransport", "HealStats"]
+__all__ = ["CkptTransport", "CommittedCheckpoints", "HealStats"]
 
 _RETRIES = 3
 log = logging.getLogger(__name__)
@@ -281,6 +281,56 @@ class CkptTransport(CheckpointTransport[dict[str, Any]]):
                                      key=mine.path, path=url + q,
                                      hint="the peer's memory or the network corrupts data; heal "
                                      "from another replica group or from persistent storage")
+
+
+class CommittedCheckpoints:
+    """A :class:`~ckpt.CheckpointManager` that follows torchft's committed steps.
+
+    ``step(committed, state)`` after ``manager.should_commit()`` and the optimizer step:
+    a step torchft did not commit is never saved (its update was not applied), and of the
+    replica groups that committed it only the lowest participating one (replica rank 0)
+    saves it — persistent checkpoints and memory-tier steps alike — while the others skip
+    it. The step saved is torchft's (``current_step() - 1`` once committed), with
+    torchft's own counters beside the state, so a whole-job restart resumes both:
+    ``restore(state)`` loads the newest checkpoint (on any world size, as
+    ``CheckpointManager.restore``) and sets torchft's step from it::
+
+        saves = CommittedCheckpoints(manager, ckpt.CheckpointManager("runs/a", save=500))
+        start = saves.restore({"model": model, "optim": opt})
+        ...
+        committed = manager.should_commit()
+        if committed:
+            opt.step()
+        saves.step(committed, {"model": model, "optim": opt})
+    """
+
+    KEY = "torchft"
+
+    def __init__(self, manager: Any, checkpoints: Any) -> None:
+        self.manager = manager
+        self.checkpoints = checkpoints
+
+    def writes(self) -> bool:
+        """Whether this replica group saves the step just committed (the lowest
+        participating group; every rank of a group gives the same answer)."""
+        return self.manager.participating_rank() == 0
+
+    def step(self, committed: bool, state: dict[str, Any]) -> Any:
+        if self.KEY in state:
+            raise ValueError(f"the state has a key {self.KEY!r}: CommittedCheckpoints keeps torchft's "
+                             "counters under it; rename that entry")
+        if not committed or not self.writes():
+            return None
+        return self.checkpoints.step(self.manager.current_step() - 1,
+                                     {**state, self.KEY: self.manager.state_dict()})
+
+    def restore(self, state: dict[str, Any]) -> int:
+        """The step to run next (0: nothing to restore, torchft untouched)."""
+        full = {**state, self.KEY: {"step": 0, "batches_committed": 0}}
+        start = self.checkpoints.restore(full)
+        if start:
+            self.manager.load_state_dict(full[self.KEY])
+        return int(start)
 
 
 def _served(step: int | None, state_dict: dict[str, Any]) -> Served:
