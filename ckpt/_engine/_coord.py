@@ -37,9 +37,6 @@ class LocalCoordinator:
     def global_rank(self, rank: int) -> int:
         return rank
 
-    def all_gather(self, obj: Any) -> list[Any]:
-        return [obj]
-
     def barrier(self) -> None:
         pass
 
@@ -97,14 +94,6 @@ class DistCoordinator:
     def global_rank(self, rank: int) -> int:
         """The global rank of side-group rank ``rank`` (point-to-point messages name it)."""
         return int(self._dist.get_global_rank(self.group, rank))
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj``: its payload grows with the world, so never at scale (the
-        memory tier finds its nodes through :meth:`store`; failures go to rank 0 with
-        :meth:`gather_sparse`)."""
-        out: list[Any] = [None] * self.world_size
-        self._dist.all_gather_object(out, obj, group=self.group)
-        return out
 
     def barrier(self) -> None:
         self._dist.barrier(group=self.group)

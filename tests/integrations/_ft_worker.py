@@ -21,13 +21,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-
-def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {f"model.{k}": v.full_tensor().clone() for k, v in model.state_dict().items()}
-    for pid, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            out[f"optim.{pid}.{k}"] = (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from ft_train import full_state  # noqa: E402  (the demo's worker: the same whole-state dump)
 
 
 def main() -> None:
