@@ -15,6 +15,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -144,20 +145,24 @@ def as_bytes(t: torch.Tensor) -> np.ndarray:
 
 
 class Client:
-    """HTTP requests to the source ranks, one connection each (the server speaks
-    HTTP/1.0 and closes it after the response); box bodies are read straight into their
-    destination's memory."""
+    """HTTP/1.1 requests to the source ranks, one kept-alive connection per source and
+    thread (threads fetch at once); box bodies are read straight into their destination's
+    memory."""
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self._conns: dict[str, http.client.HTTPConnection] = {}
+        self._conns: dict[tuple[str, int], http.client.HTTPConnection] = {}
 
     def _request(self, url: str, path: str) -> http.client.HTTPResponse:
-        for attempt in (0, 1):  # a connection dropped before the response: once more
-            conn = self._conns.get(url)
+        key = (url, threading.get_ident())
+        for attempt in (0, 1):  # a kept-alive connection the server had closed: once more
+            conn = self._conns.get(key)
             if conn is None:
                 u = urlparse(url)
-                conn = self._conns[url] = http.client.HTTPConnection(u.hostname or "", u.port, timeout=self.timeout)
+                conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=self.timeout)
+                conn.connect()
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._conns[key] = conn
             try:
                 conn.request("GET", path)
                 r = conn.getresponse()
@@ -178,36 +183,46 @@ class Client:
         value = r.headers.get("X-Crc32c")
         try:
             return r.read(), int(value) if value is not None else None
-        finally:
+        except BaseException:
             self.drop(url)
+            raise
 
-    def get_into(self, url: str, path: str, dest: np.ndarray) -> int | None:
-        """Reads the body into ``dest`` (a contiguous uint8 array of exactly its length)."""
-        r = self._request(url, path)
-        value = r.headers.get("X-Crc32c")
-        n = int(r.headers.get("Content-Length", -1))
-        if n != dest.nbytes:
-            r.read()
-            raise OSError(f"the body is {n} bytes, {dest.nbytes} expected")
-        view, got = dest.data.cast("B"), 0
+    def get_boxes(self, url: str, path: str, dests: list[np.ndarray]) -> list[tuple[int, int]]:
+        """Reads the bodies of a boxes request into ``dests`` (contiguous uint8 arrays of
+        exactly their lengths), in order; (the crc32c of what landed, the sender's) each."""
         try:
-            while got < n:
-                k = r.readinto(view[got:])
-                if not k:
-                    raise OSError(f"the connection closed after {got} of {n} bytes")
-                got += k
-        finally:
-            self.drop(url)
-        return int(value) if value is not None else None
+            r = self._request(url, path)
+            n = int(r.headers.get("Content-Length", -1))
+            want = sum(d.nbytes for d in dests) + 4 * len(dests)  # the bodies, then their crc32cs
+            if n != want:
+                raise OSError(f"the response is {n} bytes, {want} expected")
+            for dest in dests:
+                view, got = dest.data.cast("B"), 0
+                while got < dest.nbytes:
+                    k = r.readinto(view[got:])
+                    if not k:
+                        raise OSError(f"the connection closed after {got} of {dest.nbytes} bytes")
+                    got += k
+            trailer = r.read(4 * len(dests))
+            if len(trailer) != 4 * len(dests):
+                raise OSError("the connection closed before the bodies' crc32cs")
+            sent = np.frombuffer(trailer, dtype="<u4")
+            return [(crc(d), int(v)) for d, v in zip(dests, sent)]
+        except BaseException:
+            self.drop(url)  # a half-read response leaves the connection unusable
+            raise
 
     def drop(self, url: str) -> None:
-        conn = self._conns.pop(url, None)
+        """Closes this thread's connection to ``url``."""
+        conn = self._conns.pop((url, threading.get_ident()), None)
         if conn is not None:
             conn.close()
 
     def close(self) -> None:
-        for url in list(self._conns):
-            self.drop(url)
+        for key in list(self._conns):
+            conn = self._conns.pop(key, None)
+            if conn is not None:
+                conn.close()
 
 
 def sub_box(local: torch.Tensor, piece: Piece, want: Box) -> torch.Tensor:
@@ -237,7 +252,7 @@ class Server:
         self._lock = threading.Condition()
         self._served: Served | Callable[[], Served] | None = None
         self._active = 0
-        self._reading = False  # a healer asked for the index and has not said done
+        self._reading = 0  # healers that asked for the index and have not said done
         # a healer may ask before torchft's ``send_checkpoint`` replaced the live state: the
         # tensors are the same, but only the sent state's skeleton has torchft's own part
         self.skeleton_wait = 10.0
@@ -246,6 +261,12 @@ class Server:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # a healer keeps its connection for all its requests
+
+            def setup(self) -> None:
+                super().setup()
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
             def log_message(self, *a: Any) -> None:
                 pass
 
@@ -265,12 +286,12 @@ class Server:
             self._lock.notify_all()
 
     def disallow(self, timeout: float) -> None:
-        """Stop serving; returns once no response is being written and a healer that began
-        reading has said it is done (or ``timeout`` seconds passed: a healer that died)."""
+        """Stop serving; returns once no response is being written and each healer that began
+        reading has said it is done (or ``timeout`` seconds passed: a healer died)."""
         with self._lock:
             self._lock.wait_for(lambda: not self._reading, timeout=timeout)
             self._served = None
-            self._reading = False
+            self._reading = 0
             while self._active:
                 self._lock.wait()
 
@@ -289,42 +310,58 @@ class Server:
                 return
             self._active += 1
             if parts[1] == "index":
-                self._reading = True
+                self._reading += 1
             elif parts[1] == "done":
-                self._reading = False
+                self._reading = max(0, self._reading - 1)
                 self._lock.notify_all()
-        body: bytes | np.ndarray
         try:
-            if parts[1] == "done":
-                body = b""
-            elif parts[1] == "index":
-                body = json.dumps([p.to_json() for p in served.pieces]).encode()
-            elif parts[1] == "skeleton":
-                body = served.skeleton
-            else:
-                i = int(parts[2])
-                q = parse_qs(url.query, keep_blank_values=True)
-                want = (tuple(int(x) for x in q["o"][0].split(",") if x),
-                        tuple(int(x) for x in q["s"][0].split(",") if x))
-                # the served state does not change before ``disallow`` (which waits for
-                # this response): the body is the tensor's own memory, not a copy
-                body = as_bytes(sub_box(served.tensors[i], served.pieces[i], want).contiguous().cpu())
-            value = crc(body)
-            if parts[1] == "box" and int(parts[2]) in self.corrupt_once:
-                self.corrupt_once.discard(int(parts[2]))  # a test's flipped byte on the wire
-                body = np.array(body, dtype=np.uint8)  # a copy
-                body[0] ^= 0xFF
+            if parts[1] == "boxes":
+                self._send_boxes(h, served, url.query)
+                return
+            body = (b"" if parts[1] == "done" else served.skeleton if parts[1] == "skeleton"
+                    else json.dumps([p.to_json() for p in served.pieces]).encode())
             h.send_response(200)
             h.send_header("Content-Length", str(len(body)))
-            h.send_header("X-Crc32c", str(value))
+            h.send_header("X-Crc32c", str(crc(body)))
             h.end_headers()
-            h.wfile.write(body.data.cast("B") if isinstance(body, np.ndarray) else body)
-            self.bytes_sent += len(body)
+            h.wfile.write(body)
         finally:
             with self._lock:
                 self._active -= 1
                 self._lock.notify_all()
 
+    def _send_boxes(self, h: BaseHTTPRequestHandler, served: Served, query: str) -> None:
+        """The sub-boxes a query names (``b=i:offsets:sizes;...``), one after the other, then
+        their crc32cs (4 bytes each, little-endian). A body is one checksum call and one
+        write: each call gives up the GIL, and the training thread holds it, so every
+        extra call can wait a switch interval to get it back."""
+        bodies = []
+        for spec in parse_qs(query, keep_blank_values=True)["b"][0].split(";"):
+            index, offs, sizes = spec.split(":")
+            i = int(index)
+            want = (tuple(int(x) for x in offs.split(",") if x), tuple(int(x) for x in sizes.split(",") if x))
+            # the served state does not change before ``disallow`` (which waits for this
+            # response): a body is the tensor's own memory, not a copy
+            bodies.append((i, as_bytes(sub_box(served.tensors[i], served.pieces[i], want).contiguous().cpu())))
+        h.send_response(200)
+        h.send_header("Content-Length", str(sum(b.nbytes + 4 for _, b in bodies)))
+        h.end_headers()
+        crcs = np.empty(len(bodies), dtype="<u4")
+        for k, (i, body) in enumerate(bodies):
+            crcs[k] = crc(body)
+            if i in self.corrupt_once:  # a test's flipped byte on the wire
+                self.corrupt_once.discard(i)
+                body = body.copy()
+                body[0] ^= 0xFF
+            h.wfile.write(body.data.cast("B"))
+            self.bytes_sent += body.nbytes
+        h.wfile.write(crcs.tobytes())
+
     def close(self) -> None:
         self._http.shutdown()
         self._http.server_close()
+
+
+def box_query(parts: list[tuple[int, Box]]) -> str:
+    """The query of a boxes request for (piece index, box) parts."""
+    return "b=" + ";".join(f"{i}:{','.join(map(str, o))}:{','.join(map(str, z))}" for i, (o, z) in parts)

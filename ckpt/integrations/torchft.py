@@ -7,7 +7,7 @@ healing group must have the sharding of its source. :class:`CkptTransport` pulls
 each rank of the healing group, exactly the boxes of its own layout from the ranks of the
 source group — resharded when the shard count differs (an HSDP group that lost a node
 comes back with 3 FSDP ranks instead of 4) — each sub-box checked against its crc32c and
-fetched again when damaged, in requests of at most ``chunk_bytes``::
+fetched again when damaged, in parts of at most ``chunk_bytes`` (several to a request)::
 
     from ckpt.integrations.torchft import CkptTransport
     transport = CkptTransport(template=lambda: {"model": model.state_dict(),
@@ -36,33 +36,19 @@ error (no step commits) and the next quorum heals again, from a live peer.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
-import torch
-
-from ckpt.errors import CorruptCheckpointError, MissingDependencyError, ReshardError, StorageError
+from ckpt.errors import MissingDependencyError
+from ckpt.integrations._ftheal import Heal, HealStats
 from ckpt.integrations._ftwire import (
-    Box,
-    Client,
-    Piece,
     Served,
     Server,
-    as_bytes,
-    crc,
     dumps_skeleton,
-    fill,
     leaves,
-    loads_skeleton,
     local_piece,
-    skeleton_paths,
-    sub_box,
     user_prefix,
 )
 
@@ -75,25 +61,6 @@ except ImportError as e:  # pragma: no cover - the extra is absent
 
 __all__ = ["CkptTransport", "CommittedCheckpoints", "HealStats"]
 
-_RETRIES = 3
-log = logging.getLogger(__name__)
-
-
-class HealStats:
-    """What the last heal moved: bytes received, the requests, the crc failures refetched,
-    the seconds spent fetching and writing into the template, and the source ranks that
-    died mid-heal (their replicated parts came from the other ranks of their group)."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.requests = 0
-        self.refetched = 0
-        self.fetch_s = 0.0
-        self.share_bytes = 0  # the bytes of this rank's own layout (what it needed)
-        self.failed_over: dict[str, str] = {}  # source URL -> why it was given up mid-heal
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
 
 
 class CkptTransport(CheckpointTransport[dict[str, Any]]):
@@ -114,7 +81,6 @@ class CkptTransport(CheckpointTransport[dict[str, Any]]):
         self.server = Server(host)
         self.server.skeleton_wait = min(10.0, timeout.total_seconds())
         self.last_heal = HealStats()
-        self._client = Client(timeout.total_seconds())
         store = TCPStore(store_addr, store_port, is_master=False, timeout=timeout, wait_for_workers=False)
         store.set(f"{prefix}/addr/{group_rank}", self.server.url)
 
@@ -138,149 +104,13 @@ class CkptTransport(CheckpointTransport[dict[str, Any]]):
         return _served(None, {"user": {self._key: self._template()}})
 
     def recv_checkpoint(self, src_rank: int, metadata: str, step: int, timeout: timedelta) -> dict[str, Any]:
-        meta = json.loads(metadata)
-        urls = self._source_urls(meta, timeout)
-        stats = self.last_heal = HealStats()
-        t0 = time.perf_counter()
-        self._client = Client(timeout.total_seconds())
-        try:
-            return self._recv(urls, step, timeout, stats, t0)
-        finally:
-            for u in (u for u in urls if u not in stats.failed_over):  # they may change their state now
-                with contextlib.suppress(StorageError):
-                    self._get(u, f"/{step}/done", timeout)
-            self._client.close()
-
-    def _recv(self, urls: list[str], step: int, timeout: timedelta, stats: HealStats,
-              t0: float) -> dict[str, Any]:
-        template = self._template()
-        indices = [self._index(u, step, timeout, stats) for u in urls]
-        tensors: dict[str, torch.Tensor] = {}
-        for path, t in leaves(template):
-            mine, local = local_piece(self._user + path, t)
-            stats.share_bytes += local.numel() * local.element_size()
-            self._pull(mine, local, urls, indices, step, timeout, stats)
-            tensors[self._user + path] = t
-        # plain values: the source rank of the same group rank (rank 0 where we are more,
-        # the next live rank where that one died: the rule for a larger healer)
-        first = self._rank if self._rank < len(urls) else 0
-        skel = loads_skeleton(self._from_live(urls, first, f"/{step}/skeleton", timeout, stats))
-        have = set(skeleton_paths(skel))
-        missing = sorted(have - set(tensors))
-        if missing:
-            raise ReshardError(f"the source state has {len(missing)} tensors this rank's template lacks",
-                               key=missing[0], hint="build that state before healing (step a new "
-                               "optimizer once), or return it from the transport's template")
-        stats.fetch_s = time.perf_counter() - t0
-        return fill(skel, tensors)
+        heal = Heal(template=self._template, user=self._user, rank=self._rank, chunk=self._chunk,
+                    timeout=timeout)
+        self.last_heal = heal.stats
+        return heal.run(json.loads(metadata), step)
 
     def shutdown(self, wait: bool = True) -> None:
         self.server.close()
-
-    # --- the receiving side ---------------------------------------------------------
-
-    def _source_urls(self, meta: dict[str, Any], timeout: timedelta) -> list[str]:
-        host, port = meta["store"]
-        store = TCPStore(host, int(port), is_master=False, timeout=timeout, wait_for_workers=False)
-        return [store.get(f"{meta['prefix']}/addr/{r}").decode() for r in range(int(meta["ranks"]))]
-
-    def _from_live(self, urls: list[str], first: int, path: str, timeout: timedelta, stats: HealStats) -> bytes:
-        for k in range(len(urls)):
-            url = urls[(first + k) % len(urls)]
-            if url in stats.failed_over:
-                continue
-            try:
-                return self._get(url, path, timeout)[0]
-            except StorageError as e:
-                self._dead(url, e, stats)
-        raise StorageError(f"no rank of the source group served {path}: {', '.join(stats.failed_over)} died",
-                           path=path, hint="torchft heals again at the next quorum, from a live peer")
-
-    def _dead(self, url: str, e: StorageError, stats: HealStats) -> None:
-        stats.failed_over[url] = str(e)
-        log.warning("ckpt torchft heal: source rank at %s stopped answering (%s); going on with the "
-                    "other ranks of its group", url, e)
-
-    def _index(self, url: str, step: int, timeout: timedelta, stats: HealStats) -> list[Piece]:
-        try:
-            body, _ = self._get(url, f"/{step}/index", timeout)
-        except StorageError as e:
-            self._dead(url, e, stats)
-            return []
-        return [Piece.from_json(v) for v in json.loads(body)]
-
-    def _get(self, url: str, path: str, timeout: timedelta,
-             into: np.ndarray | None = None) -> tuple[bytes, int | None]:
-        """The body and its crc32c header; with ``into``, the body lands there instead."""
-        try:
-            if into is not None:
-                return b"", self._client.get_into(url, path, into)
-            return self._client.get(url, path)
-        except OSError as e:
-            self._client.drop(url)
-            raise StorageError(f"source rank at {url} did not serve {path}: {e}", path=url + path,
-                               hint="the peer died or moved on; torchft heals again at the next "
-                               "quorum, from a live peer") from e
-
-    def _pull(self, mine: Piece, local: torch.Tensor, urls: list[str], indices: list[list[Piece]],
-              step: int, timeout: timedelta, stats: HealStats) -> None:
-        covered = 0
-        need = local.numel()
-        # spread plain (replicated) tensors over the sources: start at our own rank
-        order = [(self._rank + k) % len(urls) for k in range(len(urls))]
-        done_full = False
-        for src in order:
-            if urls[src] in stats.failed_over:
-                continue
-            for i, p in enumerate(indices[src]):
-                if p.path != mine.path or done_full:
-                    continue
-                if p.shape != mine.shape or p.dtype != mine.dtype:
-                    raise ReshardError(f"source has {p.dtype}{list(p.shape)}, this rank "
-                                       f"{mine.dtype}{list(mine.shape)}", key=mine.path,
-                                       hint="heal only between replica groups of the same model")
-                box = _intersect((p.offsets, p.sizes), (mine.offsets, mine.sizes))
-                if box is None:
-                    continue
-                try:
-                    for part in _split(box, local.element_size(), self._chunk):
-                        self._fetch(urls[src], step, i, p, mine, part, local, timeout, stats)
-                except StorageError as e:  # the box counts only whole: another holder refetches it
-                    self._dead(urls[src], e, stats)
-                    break
-                covered += _numel(box)
-                if box == (mine.offsets, mine.sizes):
-                    done_full = True  # a replicated piece: one holder is enough
-        if covered < need and stats.failed_over:
-            raise StorageError(f"source ranks {', '.join(stats.failed_over)} died mid-heal and no other rank "
-                               f"of their group holds their part of {mine.path}", key=mine.path,
-                               hint="torchft heals again at the next quorum, from a live peer")
-        if covered < need:
-            raise ReshardError(f"the source group holds {covered} of the {need} elements this rank "
-                               "needs", key=mine.path, hint="the source's pieces do not tile the tensor")
-
-    def _fetch(self, url: str, step: int, i: int, p: Piece, mine: Piece, part: Box,
-               local: torch.Tensor, timeout: timedelta, stats: HealStats) -> None:
-        q = f"/{step}/box/{i}?o={','.join(map(str, part[0]))}&s={','.join(map(str, part[1]))}"
-        dest = sub_box(local, mine, part)
-        # a CPU destination that is one run of memory takes the body as it arrives (the
-        # socket's one copy); otherwise a buffer of the part's size, copied in once checked
-        direct = dest.device.type == "cpu" and dest.is_contiguous()
-        landing = dest if direct else torch.empty(part[1], dtype=local.dtype)
-        into = as_bytes(landing)
-        for _attempt in range(_RETRIES):
-            _, value = self._get(url, q, timeout, into=into)
-            stats.requests += 1
-            stats.bytes += into.nbytes
-            if value is not None and crc(into) == value:
-                if not direct:
-                    dest.copy_(landing)
-                return
-            stats.refetched += 1  # a damaged part is fetched again over what landed
-        raise CorruptCheckpointError(f"{_RETRIES} fetches of box {part} from {url} failed their crc32c",
-                                     key=mine.path, path=url + q,
-                                     hint="the peer's memory or the network corrupts data; heal "
-                                     "from another replica group or from persistent storage")
 
 
 class CommittedCheckpoints:
@@ -340,35 +170,3 @@ def _served(step: int | None, state_dict: dict[str, Any]) -> Served:
         pieces.append(piece)
         tensors.append(local)
     return Served(step, pieces, tensors, dumps_skeleton(state_dict))
-
-
-def _intersect(a: Box, b: Box) -> Box | None:
-    offs, sizes = [], []
-    for ao, asz, bo, bsz in zip(a[0], a[1], b[0], b[1]):
-        lo, hi = max(ao, bo), min(ao + asz, bo + bsz)
-        if hi <= lo:
-            return None
-        offs.append(lo)
-        sizes.append(hi - lo)
-    return tuple(offs), tuple(sizes)
-
-
-def _numel(box: Box) -> int:
-    n = 1
-    for s in box[1]:
-        n *= s
-    return n
-
-
-def _split(box: Box, itemsize: int, chunk: int) -> list[Box]:
-    """``box`` cut along its first dimension into parts of at most ``chunk`` bytes (a row
-    larger than ``chunk`` is one part: rows are the unit)."""
-    if not box[1]:
-        return [box]
-    row = itemsize * _numel(((), box[1][1:]))
-    rows = max(1, chunk // max(1, row))
-    out = []
-    for start in range(0, box[1][0], rows):
-        n = min(rows, box[1][0] - start)
-        out.append(((box[0][0] + start, *box[0][1:]), (n, *box[1][1:])))
-    return out

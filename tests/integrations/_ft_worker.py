@@ -62,6 +62,17 @@ def main() -> None:
                                store_addr="127.0.0.1", store_port=port_i, timeout=timeout,
                                chunk_bytes=int(os.environ.get("FT_CHUNK", "256")))
                  if kind == "ckpt" else HTTPTransport(timeout=timeout, num_chunks=0))
+    transfer_s = [0.0]
+    recv = transport.recv_checkpoint
+
+    def timed_recv(*a: object, **k: object) -> object:  # the transfer alone, either transport
+        t = time.perf_counter()
+        try:
+            return recv(*a, **k)
+        finally:
+            transfer_s[0] = time.perf_counter() - t
+
+    transport.recv_checkpoint = timed_recv  # type: ignore[method-assign]
     if kind == "ckpt" and role == "source" and os.environ.get("FT_TEST_CORRUPT"):
         transport.server.corrupt_once.update({0, 1})  # flip a byte of the first reply of pieces 0, 1
     manager = Manager(pg=ProcessGroupGloo(timeout=timeout), load_state_dict=load_state_dict,
@@ -78,7 +89,8 @@ def main() -> None:
         quorum_s = time.perf_counter() - t0
         step = manager.current_step()
         if role == "source":
-            torch.save(full_state(model, opt), outdir / f"src-{rank_i}-{step}.pt")
+            if manager.num_participants() > 1:  # the healer is in: the state it heals from
+                torch.save(full_state(model, opt), outdir / f"src-{rank_i}-{step}.pt")
             (outdir / f"src-step-{rank_i}").write_text(str(step))
         g = torch.Generator().manual_seed(1000 + step * 16 + rank_i)
         x = torch.randn(4, 16, generator=g)
@@ -92,6 +104,7 @@ def main() -> None:
                 torch.save(full_state(model, opt), outdir / f"healed-{rank_i}-{step}.pt")
                 stats = transport.last_heal.as_dict() if kind == "ckpt" else {}
                 (outdir / f"heal-{rank_i}.json").write_text(json.dumps({"step": step, "quorum_s": quorum_s,
+                                                                       "transfer_s": transfer_s[0],
                                                                        "apply_s": apply_s, **stats}))
                 dist.barrier()
                 if rank_i == 0:

@@ -97,6 +97,8 @@ def test_heal_through_ckpt_is_bit_exact(tmp_path: Path, source_world: int, heale
     for s in stats:
         assert 0 < s["bytes"] <= 1.1 * s["share_bytes"], s
         assert s["requests"] > 1  # chunked (chunk_bytes=256): never one whole-state response
+        # the same layout asks its own group rank's source alone; a reshard asks those it needs
+        assert s["sources"] == (1 if source_world == healer_world else source_world), s
 
 
 def test_torchft_http_transport_heals_same_shape(tmp_path: Path) -> None:

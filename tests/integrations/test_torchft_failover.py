@@ -36,7 +36,7 @@ def _dies_on_boxes(t: CkptTransport) -> None:
     real = t.server.handle
 
     def handle(h: Any) -> None:
-        if "/box/" in h.path:
+        if "/boxes?" in h.path:
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
             return
