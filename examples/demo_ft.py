@@ -39,6 +39,7 @@ from demo import free_port  # noqa: E402  (examples/demo.py, beside this file)
 import ckpt  # noqa: E402
 
 WORKER = str(ROOT / "examples" / "ft_train.py")
+SAMPLES = 200  # ft_train.py's dataset (its default --samples)
 
 
 class Job:
@@ -184,6 +185,21 @@ def same_shape_heal(out: Path, a: argparse.Namespace, transport: str) -> dict[st
         job.close()
 
 
+def exactly_once(job: Job, samples: int) -> tuple[bool, int, int]:
+    """Whether the committed steps' batches (group 0 commits every step; group 1's batch
+    counts where it took part) hold each sample of each finished epoch once and none of
+    the last epoch twice; the samples and the finished epochs."""
+    steps0 = committed(job, 0)
+    planned = [{r["step"]: r["samples"] for r in job.records(g, 0, "batch")} for g in (0, 1)]  # a retry: the last
+    seen: list[int] = []
+    for s in sorted(steps0):
+        seen += planned[0][s] + (planned[1][s] if steps0[s]["participants"] == 2 else [])
+    epochs = len(seen) // samples
+    tail = seen[epochs * samples:]
+    ok = all(sorted(seen[e * samples:(e + 1) * samples]) == list(range(samples)) for e in range(epochs))
+    return ok and len(set(tail)) == len(tail), len(seen), epochs
+
+
 def equal_states(x: Path, y: Path) -> tuple[bool, str]:
     a, b = torch.load(x), torch.load(y)
     if a.keys() != b.keys():
@@ -255,7 +271,8 @@ def main() -> None:
     restart_step, restart = whole_job_restart(job.out / "run", a.width)
     final0 = torch.load(job.out / "final-g0.pt")
     restart_ok = restart_step == a.steps - 1 and all(torch.equal(v, final0[k]) for k, v in restart.items())
-    ok = same_schedule and all(f[0] for f in finals) and healed_eq[0] and source_eq[0] and pids_ok and restart_ok \
+    once, n_seen, epochs = exactly_once(job, SAMPLES)
+    ok = once and same_schedule and all(f[0] for f in finals) and healed_eq[0] and source_eq[0] and pids_ok and restart_ok \
         and not saves[1] and set(on_disk) <= all_committed and on_disk
 
     print()
@@ -280,6 +297,9 @@ def main() -> None:
           f"{http['load_s']:.3f} s | ckpt: quorum+transfer {same['quorum_s']:.3f} s (transfer "
           f"{same['fetch_s']:.3f} s), load {same['load_s']:.3f} s, {same['bytes'] / 2**20:.1f} MiB = "
           f"{same['bytes'] / same['share_bytes']:.3f} x share")
+    print(f"exactly-once             {'PASS' if once else 'FAIL'} ({n_seen} samples of the committed steps, "
+          f"{epochs} whole epochs of {SAMPLES}: each once, the last epoch's so far none twice, across the "
+          "rollback, the quorum changes and the heal)")
     print(f"persistent checkpoints   steps {on_disk} on disk; saved by group 0 {saves[0]}, by group 1 {saves[1]} "
           f"({'PASS' if not saves[1] and set(on_disk) <= all_committed else 'FAIL'}: committed steps only, one writer)")
     print(f"whole-job restart        newest checkpoint (step {restart_step}) loads on 1 process without FSDP: "
@@ -299,7 +319,8 @@ def main() -> None:
             "ok": ok, "stall_s": stall, "heal_pause_s": heal_pause, "step_s": step_s, "survivors_restarted": not pids_ok,
             "heal": heal, "http": http, "same": same, "saves": saves, "on_disk": on_disk,
             "same_schedule": same_schedule, "finals": [f[0] for f in finals], "healed_eq": healed_eq[0], "source_eq": source_eq[0],
-            "restart_ok": restart_ok, "replicas_agree": replicas_eq[0]}, indent=1))
+            "restart_ok": restart_ok, "replicas_agree": replicas_eq[0],
+            "exactly_once": once, "samples_seen": n_seen}, indent=1))
     sys.exit(0 if ok else 1)
 
 

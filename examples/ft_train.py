@@ -46,6 +46,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--samples", type=int, default=200, help="the dataset's size (a multiple of ROWS)")
     ap.add_argument("--transport", choices=["ckpt", "http"], default="ckpt")
     ap.add_argument("--run", default="", help="persistent checkpoints (CommittedCheckpoints)")
     ap.add_argument("--save-every", type=int, default=5)
@@ -80,7 +81,8 @@ def main() -> None:
     from torchft.checkpointing.http_transport import HTTPTransport
     from torchft.process_group import ProcessGroupDummy, ProcessGroupGloo
 
-    from ckpt.integrations.torchft import CkptTransport, CommittedCheckpoints
+    from ckpt.elastic import ElasticSampler
+    from ckpt.integrations.torchft import CkptTransport, CommittedCheckpoints, group_batch
 
     out = Path(a.out)
     log = Log(out / f"g{a.group}r{a.rank}.jsonl")
@@ -100,14 +102,19 @@ def main() -> None:
     opt.step()  # Adam's state exists before any heal: the template names every tensor a heal fills
     opt.zero_grad(set_to_none=False)
     load_s: list[float] = []
+    data = torch.Generator().manual_seed(7)  # the same dataset in every group
+    xs, ys = torch.randn(a.samples, 16, generator=data), torch.randn(a.samples, 8, generator=data)
+    # one sampler rank per participating replica group: each sample once however the quorum changes
+    sampler = ElasticSampler(a.samples, ROWS, rank=0, world_size=1, seed=3)
 
     def state_dict() -> dict[str, Any]:
-        return {"model": model.state_dict(), "optim": opt.state_dict()}
+        return {"model": model.state_dict(), "optim": opt.state_dict(), "sampler": sampler.state_dict()}
 
     def load_state_dict(sd: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         model.load_state_dict(sd["model"])
         opt.load_state_dict(sd["optim"])
+        sampler.load_state_dict(sd["sampler"])
         load_s.append(time.perf_counter() - t0)
 
     timeout = timedelta(seconds=a.timeout)
@@ -157,10 +164,10 @@ def main() -> None:
             state = full_state(model, opt)
             if a.rank == 0:
                 torch.save(state, out / f"healed-g{a.group}.pt")
-        g = torch.Generator().manual_seed(10_000 * a.group + step)  # the group's batch of this step
-        x, y = torch.randn(ROWS, 16, generator=g), torch.randn(ROWS, 8, generator=g)
-        x, y = x.chunk(a.world)[a.rank], y.chunk(a.world)[a.rank]
-        (model(x) - y).square().mean().backward()  # FSDP averages over the group's ranks
+        samples = group_batch(sampler, manager)  # the group's batch of this step; its ranks split it
+        log("batch", step=step, samples=samples, participants=manager.num_participants())
+        mine = torch.tensor(samples[a.rank::a.world], dtype=torch.long)
+        (model(xs[mine]) - ys[mine]).square().sum().div(ROWS).backward()  # FSDP averages over the ranks
         with torch.no_grad():
             flat = torch.cat([p.grad.full_tensor().reshape(-1) for p in params])
             if a.rank == 0:
@@ -174,10 +181,11 @@ def main() -> None:
         committed = manager.should_commit()
         if committed:
             opt.step()
+            sampler.advance()
             log("step", step=step, participants=manager.num_participants(),
                 replica_rank=manager.participating_rank())
             if saves is not None:
-                handle = saves.step(committed, {"model": model, "optim": opt})
+                handle = saves.step(committed, {"model": model, "optim": opt, "sampler": sampler})
                 if handle is not None:
                     log("save", step=step)
         else:
@@ -190,7 +198,7 @@ def main() -> None:
     state = full_state(model, opt)
     if a.rank == 0:
         torch.save(state, out / f"final-g{a.group}.pt")
-    log("end", step=final)
+    log("end", step=final, sampler=sampler.state_dict())
     manager.shutdown(wait=False)
     dist.destroy_process_group()
     os._exit(0)

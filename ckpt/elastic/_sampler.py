@@ -36,6 +36,7 @@ class ElasticSampler:
         self.seed = seed
         self.epoch = 0
         self.consumed = 0  # samples of this epoch consumed by all ranks together
+        self._perm: tuple[int, torch.Tensor] | None = None  # batch()'s epoch and its permutation
         self.set_world(rank, world_size)
 
     def set_world(self, rank: int | None = None, world_size: int | None = None) -> None:
@@ -78,6 +79,27 @@ class ElasticSampler:
             yield perm[lo:hi].tolist()
         self.epoch += 1
         self.consumed = 0
+
+    def batch(self) -> list[int]:
+        """This rank's samples of the step at the current position, without moving it: for
+        a step that may roll back (torchft). Call ``advance()`` once the step commits; a
+        step that rolls back is served again, split over the world of the retry."""
+        remaining = self.dataset_len - self.consumed
+        if remaining <= 0:
+            return []
+        lo, hi = self._slice(self.consumed, remaining)
+        if self._perm is None or self._perm[0] != self.epoch:
+            self._perm = (self.epoch, self.permutation())
+        return self._perm[1][lo:hi].tolist()
+
+    def advance(self) -> None:
+        """The step ``batch()`` served committed: the whole world's block of it is consumed
+        (the last block of an epoch starts the next epoch)."""
+        remaining = self.dataset_len - self.consumed
+        self.consumed += max(0, min(remaining, self.world_size * self.batch_size))
+        if self.consumed >= self.dataset_len and self.dataset_len:
+            self.epoch += 1
+            self.consumed = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,

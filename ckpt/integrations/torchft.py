@@ -41,6 +41,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from ckpt.elastic import ElasticSampler
 from ckpt.errors import MissingDependencyError
 from ckpt.integrations._ftheal import Heal, HealStats
 from ckpt.integrations._ftwire import (
@@ -59,7 +60,7 @@ except ImportError as e:  # pragma: no cover - the extra is absent
     raise MissingDependencyError("ckpt.integrations.torchft needs torchft, which is not installed",
                                  hint="pip install 'ckpt-torch[ft]'") from e
 
-__all__ = ["CkptTransport", "CommittedCheckpoints", "HealStats"]
+__all__ = ["CkptTransport", "CommittedCheckpoints", "HealStats", "group_batch"]
 
 
 
@@ -161,6 +162,30 @@ class CommittedCheckpoints:
         if start:
             self.manager.load_state_dict(full[self.KEY])
         return int(start)
+
+
+def group_batch(sampler: ElasticSampler, manager: Any) -> list[int]:
+    """This replica group's samples for the step torchft's quorum just started, with an
+    :class:`~ckpt.elastic.ElasticSampler` whose world is the participating replica groups (one
+    sampler rank per group, ``batch_size`` samples per group; the group's ranks split the
+    list among themselves, so groups of different sizes take equal parts). After
+    ``should_commit()``, every group whose step committed calls ``sampler.advance()``; a
+    rolled-back step is served again, split over the groups of the retry, so each sample
+    is consumed once however the quorum changes. Keep the sampler's ``state_dict()`` in
+    the state torchft heals (a joining group takes the position from its peers) and in
+    the checkpoints. A group that does not take part in the step gets ``[]``::
+
+        sampler = ckpt.elastic.ElasticSampler(len(dataset), batch_size=group_batch_size)
+        manager.start_quorum()
+        samples = group_batch(sampler, manager)[group_rank::group_world]
+        ...
+        if manager.should_commit():
+            opt.step()
+            sampler.advance()
+    """
+    r = manager.participating_rank()
+    sampler.set_world(0 if r is None else int(r), max(1, int(manager.num_participants())))
+    return [] if r is None else sampler.batch()
 
 
 def _served(step: int | None, state_dict: dict[str, Any]) -> Served:

@@ -62,3 +62,39 @@ def test_other_dataset_is_refused():
     s = ElasticSampler(50, 4, rank=0, world_size=1)
     with pytest.raises(ReshardError, match="dataset"):
         ElasticSampler(60, 4, rank=0, world_size=1).load_state_dict(s.state_dict())
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 120), bs=st.integers(1, 7),
+       plan=st.lists(st.tuples(st.integers(1, 4), st.booleans()), min_size=1, max_size=60))
+def test_steps_that_roll_back_under_changing_quorums_consume_each_sample_once(n, bs, plan):
+    """torchft's pattern: each step has its own set of participating groups, and a step
+    that does not commit is served again to the groups of the retry."""
+    groups = [ElasticSampler(n, bs, rank=0, world_size=1, seed=5) for _ in range(4)]
+    seen: list[int] = []
+    epochs_done = 0
+    for world, commits in plan:
+        batches = []
+        for r in range(world):
+            groups[r].set_world(r, world)
+            batches += groups[r].batch()
+        if commits:
+            seen += batches
+            for g in groups:  # every group whose step committed, taking part or not
+                g.set_world(0, world)
+                g.advance()
+            if groups[0].epoch > epochs_done:  # an epoch ended: each sample exactly once
+                epochs_done = groups[0].epoch
+                assert sorted(seen) == list(range(n))
+                seen = []
+    assert len(set(seen)) == len(seen) and len({g.consumed for g in groups}) == 1
+    assert groups[0].consumed == len(seen)
+
+
+def test_batch_does_not_move_the_position_and_advance_rolls_the_epoch():
+    s = ElasticSampler(10, 4, rank=0, world_size=2, shuffle=False)
+    assert s.batch() == s.batch() == [0, 1, 2, 3] and s.consumed == 0
+    s.advance()
+    assert s.batch() == [8] and s.consumed == 8
+    s.advance()
+    assert (s.epoch, s.consumed) == (1, 0) and s.batch() == [0, 1, 2, 3]

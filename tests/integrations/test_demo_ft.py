@@ -26,6 +26,8 @@ def test_demo_ft_survivors_train_on_and_the_smaller_group_heals_bit_exact(tmp_pa
     r = json.loads(report.read_text())
     assert r["ok"] and not r["survivors_restarted"]
     assert r["same_schedule"] and r["finals"] == [True, True] and r["healed_eq"] and r["source_eq"]
+    # each sample once across the rollback at the kill, the quorum changes and the heal
+    assert r["exactly_once"] and r["samples_seen"] >= 200
     # one writer (the lowest participating group), committed steps only, and a whole-job
     # restart loads the newest checkpoint
     assert r["saves"]["1"] == [] and r["on_disk"] and r["restart_ok"]
