@@ -84,7 +84,6 @@ class MappedFiles:
     def __init__(self, saves: int = 2) -> None:
         self.saves = saves
         self._maps: dict[tuple[int, int, int], _Mapping] = {}
-        self._dirs: set[str] = set()
         self._lock = threading.Lock()
         self._save = 0
         self.new_maps = 0  # mappings made (not reused), for tests and the bench
@@ -93,7 +92,6 @@ class MappedFiles:
         """A save starts: drop the mappings no save of the last ``saves`` used."""
         with self._lock:
             self._save += 1
-            self._dirs.clear()
             for k in [k for k, m in self._maps.items() if m.used <= self._save - 1 - self.saves]:
                 self._maps.pop(k).drop()
 
@@ -104,15 +102,12 @@ class MappedFiles:
         if size <= 0:
             return None
         path = storage.local_path(img.file)
-        parent = os.path.dirname(path)
-        with self._lock:
-            known = parent in self._dirs
-        if not known:
-            os.makedirs(parent, exist_ok=True)
-            with self._lock:
-                self._dirs.add(parent)
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
-        fd = os.open(path, flags, 0o644)  # no O_TRUNC: a recycled file keeps its pages
+        try:  # no O_TRUNC: a recycled file keeps its pages
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:  # its directory is new (a recycled tree has them all: no mkdir per file)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, flags, 0o644)
         try:
             st = os.fstat(fd)
             key = (st.st_dev, st.st_ino, size)

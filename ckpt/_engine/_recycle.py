@@ -138,22 +138,48 @@ def take_recycled(storage: Storage, write_dir: str) -> set[str] | None:
     return None
 
 
+def _walk_tree(root: str, dirs: list[str] | None = None) -> Iterator[tuple[str, str]]:
+    """(path, root-relative path with ``/``) of every file under ``root``, in one
+    ``scandir`` per directory (no ``stat``: the files of a checkpoint are hundreds, and
+    every save into a recycled tree walks them twice). Directory links are not followed
+    (nor listed); ``dirs`` receives each directory below ``root``, parents first."""
+    stack = [(root, "")]
+    while stack:
+        d, rel = stack.pop()
+        try:
+            it = os.scandir(d)
+        except OSError:  # deleted meanwhile
+            continue
+        with it:
+            for e in it:
+                try:
+                    is_dir = e.is_dir()
+                    if is_dir and e.is_symlink():
+                        continue
+                except OSError:
+                    continue
+                if is_dir:
+                    stack.append((e.path, f"{rel}{e.name}/"))
+                    if dirs is not None:
+                        dirs.append(e.path)
+                else:
+                    yield e.path, f"{rel}{e.name}"
+
+
 def _mark_stale(root: str) -> set[str]:
     """Every file under ``root`` gets the epoch as its modification time (one that cannot
     be marked is deleted); the files (root-relative paths)."""
     out = set()
-    for dp, _dn, fn in os.walk(root):
-        for f in fn:
-            path = os.path.join(dp, f)
+    for path, rel in _walk_tree(root):
+        try:
+            os.utime(path, ns=(0, 0), follow_symlinks=False)
+        except OSError:
             try:
-                os.utime(path, ns=(0, 0), follow_symlinks=False)
+                os.unlink(path)
             except OSError:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-                continue
-            out.add(os.path.relpath(path, root).replace(os.sep, "/"))
+                pass
+            continue
+        out.add(rel)
     return out
 
 
@@ -161,21 +187,19 @@ def prune_stale(root: str) -> int:
     """Delete every file under ``root`` still at the epoch (not rewritten since its tree
     was taken as a slot), then empty directories. Returns how many files went."""
     gone = 0
-    for dp, _dn, fn in os.walk(root):
-        for f in fn:
-            path = os.path.join(dp, f)
-            try:
-                if os.lstat(path).st_mtime_ns == 0:
-                    os.unlink(path)
-                    gone += 1
-            except FileNotFoundError:
-                pass
-    for dp, _dn, _fn in sorted(os.walk(root), key=lambda w: -len(w[0])):
-        if dp != root:
-            try:
-                os.rmdir(dp)  # only an empty one goes
-            except OSError:
-                pass
+    dirs: list[str] = []
+    for path, _rel in _walk_tree(root, dirs):
+        try:
+            if os.lstat(path).st_mtime_ns == 0:
+                os.unlink(path)
+                gone += 1
+        except FileNotFoundError:
+            pass
+    for d in reversed(dirs):  # children before their parents
+        try:
+            os.rmdir(d)  # only an empty one goes
+        except OSError:
+            pass
     return gone
 
 

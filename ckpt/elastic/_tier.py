@@ -28,6 +28,7 @@ import functools
 import hashlib
 import json
 import os
+import queue
 import shutil
 import threading
 import time
@@ -99,14 +100,32 @@ def job_id(run: str) -> str:
 
 
 def tree_bytes(path: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for f in files:
+    return sum(tree_sizes(path).values())
+
+
+def tree_sizes(root: Path) -> dict[str, int]:
+    """Bytes of the files under each entry of ``root`` (a file directly in it: its own
+    size), by name, in one walk (the tier's bookkeeping after every step: one walk, not
+    one per figure). Links are not followed."""
+    sizes: dict[str, int] = {}
+    try:
+        top = list(os.scandir(root))
+    except OSError:
+        return sizes
+    for entry in top:
+        stack, total = [entry], 0
+        while stack:
+            e = stack.pop()
             try:
-                total += os.path.getsize(os.path.join(dirpath, f))
-            except OSError:
+                if e.is_dir(follow_symlinks=False):
+                    with os.scandir(e.path) as it:
+                        stack.extend(it)
+                else:
+                    total += e.stat(follow_symlinks=False).st_size
+            except OSError:  # deleted meanwhile
                 pass
-    return total
+        sizes[entry.name] = total
+    return sizes
 
 
 class MemoryTier:
@@ -139,7 +158,13 @@ class MemoryTier:
         self._agreement = agreement(process_group)  # the training thread's (the manager's group)
         (self.root / JOB).write_text(json.dumps({"run": run, "job": self.job,
                                                         "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}))
-        self._thread: threading.Thread | None = None
+        # one thread finishes the steps taken, one at a time (a step in flight: not idle); it
+        # lives as long as the tier: a thread started in every call would make the call wait
+        # for the new thread's first turn on the GIL, behind the save's own background work
+        self._worker: threading.Thread | None = None
+        self._steps: queue.Queue[tuple[int, SaveHandle, DrainJob | None] | None] = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
         self._footprint = 0  # bytes this node's tier grew by in the last complete step
         self._warned_single = False
         self._storage: Any = None  # this node's tier as a Storage (recycling)
@@ -175,7 +200,7 @@ class MemoryTier:
         return any(p.should_save(step, now, self._last_time) for p in self.schedule)
 
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return not self._idle.is_set()
 
     def _room(self) -> bool:
         """Room on this node for one more step like the last one."""
@@ -211,14 +236,26 @@ class MemoryTier:
         self.stats.call_s.append(time.perf_counter() - t0)
         self.stats.taken += 1
         self._last_time = time.monotonic()
-        self._thread = threading.Thread(target=self._finish_logged, args=(step, handle, persist),
-                                        name=f"ckpt-tier-{step}", daemon=True)
-        self._thread.start()
+        self._idle.clear()
+        self._steps.put((step, handle, persist))
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name="ckpt-tier", daemon=True)
+            self._worker.start()
         return handle
 
     # -- finishing a step (tier thread) ---------------------------------------------
-    def _finish_logged(self, step: int, handle: SaveHandle, persist: DrainJob | None) -> None:
+    def _work(self) -> None:
         config.lower_this_thread()  # replication yields to the training loop where cores are short
+        while True:
+            job = self._steps.get()
+            if job is None:
+                return
+            try:
+                self._finish_logged(*job)
+            finally:
+                self._idle.set()
+
+    def _finish_logged(self, step: int, handle: SaveHandle, persist: DrainJob | None) -> None:
         try:
             self._finish(step, handle, persist)
         except Exception as e:  # noqa: BLE001 - the tier never raises into training
@@ -286,9 +323,10 @@ class MemoryTier:
                                                                   "held_on": held, "t": time.time()}))
             before = self.stats.held_bytes
             self._retain(name)
-            self.stats.held_bytes = tree_bytes(self.root)  # the recycle slot and spare files included
-            self._reusable = sum(tree_bytes(p) for p in self.root.glob(f"{TMP_PREFIX}*"))
-            self._footprint = max(tree_bytes(self.root / name), self.stats.held_bytes - before)
+            sizes = tree_sizes(self.root)
+            self.stats.held_bytes = sum(sizes.values())  # the recycle slot and spare files included
+            self._reusable = sum(b for n, b in sizes.items() if n.startswith(TMP_PREFIX))
+            self._footprint = max(sizes.get(name, 0), self.stats.held_bytes - before)
             self.stats.peak_held_bytes = max(self.stats.peak_held_bytes, self.stats.held_bytes)
         self._footprint = self.nodes.sum_ints([self._footprint], op="max")[0]
         self.stats.completed += 1
@@ -383,8 +421,7 @@ class MemoryTier:
 
     # -- restore and the end ----------------------------------------------------
     def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
+        self._idle.wait()
 
     def drop_steps(self, keep: str | None = None) -> None:
         """Leaders delete this job's tier steps (all but ``keep``): after a restore, what
@@ -399,6 +436,10 @@ class MemoryTier:
         """Wait for the step in flight; with ``remove`` (a clean end of the job) every
         node's tier of this job is deleted once every rank is done with it."""
         self.wait()
+        if self._worker is not None:
+            self._steps.put(None)
+            self._worker.join()
+            self._worker = None
         self.snapshotter.close()
         if remove:
             self.nodes.all_ok(True)  # nobody deletes while a peer may still read from it

@@ -278,6 +278,35 @@ def test_steps_of_a_timeline_the_job_left_are_dropped(tmp_path):
         tier.close()
 
 
+def test_one_thread_finishes_every_tier_step_and_the_call_starts_none(tmp_path):
+    """A step taken hands its finishing to the tier's one thread: the call starts no
+    thread of its own (a new thread makes the call wait for its first turn on the GIL,
+    behind the save's background work), the thread is the same from step to step, and
+    ``busy``/``wait`` follow the step in flight; ``close`` ends it."""
+    import threading
+
+    from ckpt.elastic import MemoryTier
+    from ckpt.elastic._tier import tree_sizes
+
+    tier = MemoryTier(os.fspath(tmp_path / "run"), MemoryTierOptions(node_dir=os.fspath(tmp_path / "node"), replicas=0))
+    workers = set()
+    try:
+        for s in range(3):
+            tier.snapshot(s, {"m": {"w": torch.full((1000,), float(s))}})
+            workers.update(t.ident for t in threading.enumerate() if t.name.startswith("ckpt-tier"))
+            tier.wait()
+            assert not tier.busy()
+        assert len(workers) == 1
+        assert tier.stats.completed == 3 and tier.stats.last_complete == 2
+        sizes = tree_sizes(tier.root)  # the tier's bookkeeping: bytes by entry, in one walk
+        assert sizes["step-000000002"] == sum(p.stat().st_size for p in (tier.root / "step-000000002").rglob("*")
+                                              if p.is_file())
+        assert tier.stats.held_bytes == sum(sizes.values())
+    finally:
+        tier.close()
+    assert not any(t.name.startswith("ckpt-tier") for t in threading.enumerate())
+
+
 def _count_groups(run: str, node_dirs: list[str]) -> int:
     """Gloo groups one job makes: a manager with a memory tier restores, saves, drains."""
     import torch.distributed as dist
