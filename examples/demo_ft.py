@@ -39,7 +39,7 @@ from demo import free_port  # noqa: E402  (examples/demo.py, beside this file)
 import ckpt  # noqa: E402
 
 WORKER = str(ROOT / "examples" / "ft_train.py")
-SAMPLES = 200  # ft_train.py's dataset (its default --samples)
+SAMPLES = 200  # the workers' dataset (--samples), a multiple of their batch per group
 
 
 class Job:
@@ -63,7 +63,7 @@ class Job:
         procs = [subprocess.Popen(
             [sys.executable, WORKER, "--out", str(self.out), "--lighthouse", self.lighthouse, "--group", str(g),
              "--rank", str(r), "--world", str(world), "--port", str(port), "--steps", str(self.steps),
-             "--width", str(self.width), "--transport", self.transport,
+             "--width", str(self.width), "--samples", str(SAMPLES), "--transport", self.transport,
              *(["--run", str(self.out / "run")] if run else []), *extra],
             env=env, stdout=open(self.out / f"g{g}r{r}.log", "a"), stderr=subprocess.STDOUT, cwd=ROOT)
             for r in range(world)]

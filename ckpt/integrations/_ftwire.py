@@ -2,7 +2,7 @@
 
 A sender describes each tensor leaf of the state dict it was handed by its box in global
 coordinates (a DTensor's local shard by its placements, a plain tensor as the whole
-tensor) and serves sub-boxes of it, each response carrying the crc32c of its bytes. The
+tensor) and serves sub-boxes of it, several to a response, each with the crc32c of its bytes. The
 plain rest of the state dict (optimizer hyper-parameters, step counters, sampler
 positions) travels as a skeleton: the nested structure with every tensor replaced by a
 placeholder, serialized by ``torch.save`` and read back with ``weights_only=True`` (no

@@ -26,8 +26,9 @@ group rank, or from source rank 0 where the healing group is larger.
 
 How ranks find each other: each rank's transport writes its server's address into its
 replica group's TCPStore (the one torchft's manager uses, ``MASTER_ADDR``/``MASTER_PORT``);
-``metadata()`` names that store, so a healing rank reads the addresses of all ranks of its
-source group from it. A source rank that stops answering mid-heal is given up: what it
+``metadata()`` names that store, so a healing rank reads from it the address of its own
+group rank's source, and those of the other source ranks only where that one lacks some of
+its boxes or dies (``ckpt.integrations._ftheal``). A source rank that stops answering mid-heal is given up: what it
 held comes from another rank of its group that holds the same data (replicated state),
 and ``last_heal.failed_over`` and a warning say so; where no other rank holds it, the heal
 fails with a :class:`~ckpt.errors.StorageError` naming the dead ranks, torchft reports the
@@ -61,7 +62,6 @@ except ImportError as e:  # pragma: no cover - the extra is absent
                                  hint="pip install 'ckpt-torch[ft]'") from e
 
 __all__ = ["CkptTransport", "CommittedCheckpoints", "HealStats", "group_batch"]
-
 
 
 class CkptTransport(CheckpointTransport[dict[str, Any]]):
