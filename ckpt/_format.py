@@ -226,8 +226,7 @@ class Manifest:
             body["rank_objects"] = self.rank_objects
         canon = _canonical(body)
         body["checksum"] = "sha256:" + hashlib.sha256(canon).hexdigest()
-        # Not sorted: dict values keep their key order on load (the checksum is over the sorted form).
-        return json.dumps(body, indent=1, allow_nan=False).encode()
+        return _lines(body)
 
     @classmethod
     def from_json(cls, data: bytes, *, where: str) -> Manifest:
@@ -336,7 +335,33 @@ def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
+def _lines(body: dict[str, Any]) -> bytes:
+    """The manifest's file: one line per top-level key and one per entry, each value
+    compact JSON. Not sorted: dict values keep their key order on load (the checksum is
+    over the sorted form). Not ``indent=``: that is json's pure-Python encoder, which
+    holds the GIL for milliseconds in every save's background thread (the training
+    thread waits for it); a compact ``dumps`` per line is its C encoder."""
+    def dump(v: Any) -> str:
+        return json.dumps(v, allow_nan=False)
+
+    parts = []
+    for k, v in body.items():
+        if k == "entries" and isinstance(v, dict) and v:
+            rows = ",\n".join(f"  {dump(ek)}: {dump(ev)}" for ek, ev in v.items())
+            parts.append(f" {dump(k)}: {{\n{rows}\n }}")
+        else:
+            parts.append(f" {dump(k)}: {dump(v)}")
+    return ("{\n" + ",\n".join(parts) + "\n}\n").encode()
+
+
 def default_versions() -> dict[str, str]:
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    """Read once per process: the package metadata lookup scans ``sys.path`` (in every
+    save's background thread, holding the GIL)."""
     from ckpt._version import __version__
 
     out = {"ckpt": __version__, "torch": torch.__version__}

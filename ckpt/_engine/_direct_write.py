@@ -45,12 +45,18 @@ from ckpt.storage._file import fsync_dir
 class DirectWriter:
     """Writes objects of one save on local disk: a few threads, each object written with
     one pwrite and fsync'd; new directories are fsync'd before the save counts as
-    durable (:meth:`finish`)."""
+    durable (:meth:`finish`). ``durable=False`` (the memory tier's saves, whose
+    durability is the node's memory's): no fsync of files or directories, and a
+    directory is made only where a file's open finds none (a recycled tree has them all)
+    -- every system call releases and takes back the GIL, which the training thread
+    then waits for."""
 
     def __init__(self, storage: Storage, crc: Callable[[int, int, int], int], *, o_direct: bool,
-                 threads: int = 4, nice: int = 0) -> None:
+                 threads: int = 4, nice: int = 0, durable: bool = True) -> None:
         self.storage, self.crc = storage, crc
+        self.durable = durable
         self.o_direct = o_direct and hasattr(os, "O_DIRECT")
+        self.threads = threads
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-write",
                                                            initializer=lower_this_thread, initargs=(nice,))
         self._dirs: set[str] = set()
@@ -79,8 +85,13 @@ class DirectWriter:
     def write_json(self, rel: str, body: dict[str, Any]) -> None:
         """zarr.json of an array this rank creates (inside the save's own directory, so
         no temporary name is needed: the commit makes the whole directory visible)."""
-        data = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()  # as tensorstore writes it
-        self._write_file(rel, memoryview(data), len(data), key=None, o_direct=False)
+        self.write_jsons([(rel, encode_json(body))])
+
+    def write_jsons(self, items: list[tuple[str, bytes]]) -> None:
+        """Several zarr.json files (their encoded bytes), one after another in one task:
+        a task per file costs a future and a pool thread's wake-up each."""
+        for rel, data in items:
+            self._write_file(rel, memoryview(data), len(data), key=None, o_direct=False)
 
     def write_object(self, img: ObjectImage, block: np.ndarray, key: str, *, sealed: bool = False,
                      in_place: bool = False) -> None:
@@ -119,9 +130,16 @@ class DirectWriter:
         # allocated), then cut to its size below.
         flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
         try:
-            self._makedirs(parent)
+            if self.durable:
+                self._makedirs(parent)  # new directories are recorded, for finish's fsync
             try:
-                fd = os.open(path, flags | (os.O_DIRECT if o_direct else 0), 0o644)
+                try:
+                    fd = os.open(path, flags | (os.O_DIRECT if o_direct else 0), 0o644)
+                except FileNotFoundError:
+                    if self.durable:
+                        raise
+                    os.makedirs(parent, exist_ok=True)
+                    fd = os.open(path, flags | (os.O_DIRECT if o_direct else 0), 0o644)
             except OSError as e:
                 if not (o_direct and e.errno == errno.EINVAL):
                     raise
@@ -140,7 +158,8 @@ class DirectWriter:
                     _pwrite_full(fd, data, 0)
                 if len(data) != size or os.fstat(fd).st_size != size:
                     os.ftruncate(fd, size)
-                os.fsync(fd)
+                if self.durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         except OSError as e:
@@ -160,11 +179,17 @@ class DirectWriter:
     def finish(self) -> None:
         """Make the new directories' entries durable (deepest first); the commit's rename
         then makes the checkpoint visible."""
+        if not self.durable:
+            return
         for d in sorted(self._dirs, key=len, reverse=True):
             fsync_dir(Path(d))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def encode_json(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()  # as tensorstore writes it
 
 
 def _pwrite_full(fd: int, data: memoryview, offset: int) -> None:

@@ -36,7 +36,7 @@ import torch
 from ckpt._engine._arrays import open_for_write
 from ckpt._engine._commit import CommitStrategy, NodeCommit, WriteTarget, commit_strategy
 from ckpt._engine._coord import DistCoordinator, LocalCoordinator
-from ckpt._engine._direct_write import DirectWriter
+from ckpt._engine._direct_write import DirectWriter, encode_json
 from ckpt._engine._globalplan import Assignment, PieceMeta
 from ckpt._engine._layout import pack_image, shard_image
 from ckpt._engine._manifest import build_manifest
@@ -340,7 +340,8 @@ class SnapshotJob(Completion):
         return a.box
 
     def _stage_and_write(self, plan: RankPlan, write_dir: str) -> None:
-        direct = DirectWriter.for_storage(self.storage, nice=self.shared.nice)
+        # staged into its files' pages (the memory tier): the node's memory is its durability
+        direct = DirectWriter.for_storage(self.storage, nice=self.shared.nice, durable=self.mapped is None)
         self.shared.direct = direct
         if direct is not None and self.mapped is not None:
             self.mapped.begin()
@@ -378,27 +379,46 @@ class SnapshotJob(Completion):
         """Start opening every array/pack this rank writes (zarr.json by its owner only);
         returns futures, so staging does not wait for the metadata writes (the writer
         resolves each future before its first write). With direct writes the future is
-        the write of zarr.json itself (nothing to write for arrays another rank creates)."""
+        the write of zarr.json itself (nothing to write for arrays another rank creates):
+        the files' bytes are encoded once per plan, and written in one task per writer
+        thread."""
         futures: dict[str, Any] = {}
+        jsons: list[tuple[str, bytes]] = []  # direct writes: (array path, zarr.json bytes)
+        cached = self.plan_cache.get("zarr_json")
+        encoded: dict[str, bytes] = cached[1] if cached is not None and cached[0] is plan else {}
         for a in plan.assignments:
             if a.kind == "pack" or a.path in futures:
                 continue
             assert a.layout is not None
+            if direct is not None and direct_ok(a):
+                if a.create and a.path not in encoded:
+                    dt = plan.dtypes[a.key]
+                    encoded[a.path] = encode_json(zarr_metadata(a.layout, storage_dtype(dt),
+                                                                {"ckpt": {"key": a.key, "dtype": dt}}))
+                if a.create:
+                    jsons.append((a.path, encoded[a.path]))
+                continue
             dt = plan.dtypes[a.key]
             meta = zarr_metadata(a.layout, storage_dtype(dt), {"ckpt": {"key": a.key, "dtype": dt}})
-            if direct is not None and direct_ok(a):
-                if a.create:
-                    futures[a.path] = direct.submit(direct.write_json, f"{write_dir}/{a.path}/zarr.json", meta)
-                continue
             futures[a.path] = open_for_write(self.storage, f"{write_dir}/{a.path}", meta, create=a.create,
                                              reused=self.in_recycled)
         for path, nbytes, members in plan.packs:
-            meta = pack_metadata(nbytes, {"ckpt": {"pack": True, "keys": members}})
             if direct is not None:
-                futures[path] = direct.submit(direct.write_json, f"{write_dir}/{path}/zarr.json", meta)
+                if path not in encoded:
+                    encoded[path] = encode_json(pack_metadata(nbytes, {"ckpt": {"pack": True, "keys": members}}))
+                jsons.append((path, encoded[path]))
                 continue
+            meta = pack_metadata(nbytes, {"ckpt": {"pack": True, "keys": members}})
             futures[path] = open_for_write(self.storage, f"{write_dir}/{path}", meta, create=True,
                                            reused=self.in_recycled)
+        if direct is not None:
+            self.plan_cache["zarr_json"] = (plan, encoded)
+            jsons = list(dict(jsons).items())  # an array of several assignments: once
+            n = min(direct.threads, len(jsons))
+            for i in range(n):
+                batch = jsons[i::n]
+                fut = direct.submit(direct.write_jsons, [(f"{write_dir}/{p}/zarr.json", b) for p, b in batch])
+                futures.update((p, fut) for p, _ in batch)
         return futures
 
     def _commit(self, local_error: BaseException | None, target: WriteTarget | None) -> None:

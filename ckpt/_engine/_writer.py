@@ -141,12 +141,21 @@ class Writer(threading.Thread):
 
     def _write_direct(self, u: WriteUnit) -> None:
         assert u.block is not None and u.image is not None and self.direct is not None
+        if isinstance(u.block, MappedBlock):  # the file's own pages: at most a seal left, done here
+            try:  # (a pool task per object would cost a future and a thread's wake-up each)
+                self.direct.write_object(u.image, u.block.array, u.key, sealed=u.sealed, in_place=True)
+            except Exception as e:  # noqa: BLE001 - reported as the save's error, as a pool task's
+                if self.error is None:
+                    where = self.shared.storage.describe(f"{self.write_dir}/{u.path}")
+                    self.error = translate(e, key=u.key, where=where, reading=False)
+                self.shared.cancel.set()
+            self._release(u)
+            return
         with self._lock:
             self._outstanding += 1
         try:
             fut = self.direct.submit(functools.partial(self.direct.write_object, u.image, u.block.array, u.key,
-                                                       sealed=u.sealed,
-                                                       in_place=isinstance(u.block, MappedBlock)))
+                                                       sealed=u.sealed))
         except BaseException:
             self._finish(u, None)
             raise
