@@ -82,14 +82,11 @@ class DirectWriter:
         return self._pool.submit(fn, *args)
 
     # -- on the writer threads ------------------------------------------------
-    def write_json(self, rel: str, body: dict[str, Any]) -> None:
-        """zarr.json of an array this rank creates (inside the save's own directory, so
-        no temporary name is needed: the commit makes the whole directory visible)."""
-        self.write_jsons([(rel, encode_json(body))])
-
     def write_jsons(self, items: list[tuple[str, bytes]]) -> None:
-        """Several zarr.json files (their encoded bytes), one after another in one task:
-        a task per file costs a future and a pool thread's wake-up each."""
+        """zarr.json files of arrays this rank creates (their encoded bytes), one after
+        another in one task (a task per file costs a future and a pool thread's wake-up
+        each); inside the save's own directory, so no temporary name is needed: the
+        commit makes the whole directory visible."""
         for rel, data in items:
             self._write_file(rel, memoryview(data), len(data), key=None, o_direct=False)
 
@@ -133,13 +130,7 @@ class DirectWriter:
             if self.durable:
                 self._makedirs(parent)  # new directories are recorded, for finish's fsync
             try:
-                try:
-                    fd = os.open(path, flags | (os.O_DIRECT if o_direct else 0), 0o644)
-                except FileNotFoundError:
-                    if self.durable:
-                        raise
-                    os.makedirs(parent, exist_ok=True)
-                    fd = os.open(path, flags | (os.O_DIRECT if o_direct else 0), 0o644)
+                fd = self._open(path, parent, flags | (os.O_DIRECT if o_direct else 0))
             except OSError as e:
                 if not (o_direct and e.errno == errno.EINVAL):
                     raise
@@ -164,6 +155,15 @@ class DirectWriter:
                 os.close(fd)
         except OSError as e:
             raise translate(e, key=key, where=where, reading=False) from e
+
+    def _open(self, path: str | os.PathLike[str], parent: str, flags: int) -> int:
+        try:
+            return os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            if self.durable:  # its directory was made (and recorded) first
+                raise
+            os.makedirs(parent, exist_ok=True)  # not durable: made where it is missing
+            return os.open(path, flags, 0o644)
 
     def _makedirs(self, d: str) -> None:
         with self._dirs_lock:

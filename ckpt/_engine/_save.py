@@ -383,40 +383,42 @@ class SnapshotJob(Completion):
         the files' bytes are encoded once per plan, and written in one task per writer
         thread."""
         futures: dict[str, Any] = {}
-        jsons: list[tuple[str, bytes]] = []  # direct writes: (array path, zarr.json bytes)
         cached = self.plan_cache.get("zarr_json")
         encoded: dict[str, bytes] = cached[1] if cached is not None and cached[0] is plan else {}
+        jsons: dict[str, bytes] = {}  # direct writes: array path -> its zarr.json bytes
         for a in plan.assignments:
-            if a.kind == "pack" or a.path in futures:
+            if a.kind == "pack" or a.path in futures or a.path in jsons:
                 continue
             assert a.layout is not None
-            if direct is not None and direct_ok(a):
-                if a.create and a.path not in encoded:
-                    dt = plan.dtypes[a.key]
-                    encoded[a.path] = encode_json(zarr_metadata(a.layout, storage_dtype(dt),
-                                                                {"ckpt": {"key": a.key, "dtype": dt}}))
-                if a.create:
-                    jsons.append((a.path, encoded[a.path]))
+            direct_here = direct is not None and direct_ok(a)
+            if direct_here and not a.create:
+                continue  # another rank writes its zarr.json
+            if direct_here and a.path in encoded:
+                jsons[a.path] = encoded[a.path]
                 continue
             dt = plan.dtypes[a.key]
             meta = zarr_metadata(a.layout, storage_dtype(dt), {"ckpt": {"key": a.key, "dtype": dt}})
+            if direct_here:
+                jsons[a.path] = encoded[a.path] = encode_json(meta)
+                continue
             futures[a.path] = open_for_write(self.storage, f"{write_dir}/{a.path}", meta, create=a.create,
                                              reused=self.in_recycled)
         for path, nbytes, members in plan.packs:
-            if direct is not None:
-                if path not in encoded:
-                    encoded[path] = encode_json(pack_metadata(nbytes, {"ckpt": {"pack": True, "keys": members}}))
-                jsons.append((path, encoded[path]))
+            if direct is not None and path in encoded:
+                jsons[path] = encoded[path]
                 continue
             meta = pack_metadata(nbytes, {"ckpt": {"pack": True, "keys": members}})
+            if direct is not None:
+                jsons[path] = encoded[path] = encode_json(meta)
+                continue
             futures[path] = open_for_write(self.storage, f"{write_dir}/{path}", meta, create=True,
                                            reused=self.in_recycled)
         if direct is not None:
             self.plan_cache["zarr_json"] = (plan, encoded)
-            jsons = list(dict(jsons).items())  # an array of several assignments: once
-            n = min(direct.threads, len(jsons))
+            items = list(jsons.items())
+            n = min(direct.threads, len(items))
             for i in range(n):
-                batch = jsons[i::n]
+                batch = items[i::n]
                 fut = direct.submit(direct.write_jsons, [(f"{write_dir}/{p}/zarr.json", b) for p, b in batch])
                 futures.update((p, fut) for p, _ in batch)
         return futures

@@ -145,10 +145,7 @@ class Writer(threading.Thread):
             try:  # (a pool task per object would cost a future and a thread's wake-up each)
                 self.direct.write_object(u.image, u.block.array, u.key, sealed=u.sealed, in_place=True)
             except Exception as e:  # noqa: BLE001 - reported as the save's error, as a pool task's
-                if self.error is None:
-                    where = self.shared.storage.describe(f"{self.write_dir}/{u.path}")
-                    self.error = translate(e, key=u.key, where=where, reading=False)
-                self.shared.cancel.set()
+                self._fail(u, e)
             self._release(u)
             return
         with self._lock:
@@ -166,14 +163,17 @@ class Writer(threading.Thread):
             try:
                 fut.result()
             except BaseException as e:  # noqa: BLE001
-                if self.error is None:
-                    where = self.shared.storage.describe(f"{self.write_dir}/{u.path}")
-                    self.error = translate(e, key=u.key, where=where, reading=False)
-                self.shared.cancel.set()
+                self._fail(u, e)
         self._release(u)
         with self._all_done:
             self._outstanding -= 1
             self._all_done.notify_all()
+
+    def _fail(self, u: WriteUnit, e: BaseException) -> None:
+        if self.error is None:
+            where = self.shared.storage.describe(f"{self.write_dir}/{u.path}")
+            self.error = translate(e, key=u.key, where=where, reading=False)
+        self.shared.cancel.set()
 
     def _release(self, u: WriteUnit) -> None:
         if u.event is not None:  # a cancelled unit's copy may still be landing in the block
